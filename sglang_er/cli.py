@@ -1,0 +1,88 @@
+"""The ``sglang-er`` command: ``--version``, ``doctor``, ``model``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sglang_er import __version__
+
+
+def _doctor(_args) -> int:
+    import importlib.metadata as md
+
+    import torch
+
+    from sglang_er.platform import PLATFORM_NAME, accelerator_present
+
+    rows = [("sglang-er", __version__)]
+    for dist in ("sglang", "torch", "transformers"):
+        try:
+            rows.append((dist, md.version(dist)))
+        except md.PackageNotFoundError:
+            rows.append((dist, "NOT INSTALLED"))
+    acc = accelerator_present()
+    rows.append(("accelerator", acc or "none"))
+    try:
+        from sglang.srt.platforms import current_platform
+
+        name = type(current_platform).__name__
+        oot = " (out-of-tree)" if current_platform.is_out_of_tree() else ""
+        rows.append(("sglang platform", f"{name}{oot}"))
+    except Exception as e:  # doctor reports problems instead of dying on them
+        rows.append(("sglang platform", f"ERROR: {e}"))
+    ops = torch.ops.aten
+    rows.append(("int4 CPU matmul", "yes" if hasattr(ops, "_weight_int4pack_mm_for_cpu") else "MISSING"))
+    rows.append(("int4 CPU pack", "yes" if hasattr(ops, "_convert_weight_to_int4pack_for_cpu") else "MISSING"))
+    if acc == "cuda":
+        try:
+            from sgl_kernel import gptq_marlin_gemm  # noqa: F401
+
+            rows.append(("AWQ-Marlin (CUDA)", "yes"))
+        except Exception as e:
+            rows.append(("AWQ-Marlin (CUDA)", f"MISSING ({e})"))
+    rows.append(("portable CPU platform", f"SGLANG_PLATFORM={PLATFORM_NAME} or automatic without accelerator"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _model(args) -> int:
+    from sglang_er.models.factory import build_model
+
+    print(build_model(args.name, seed=args.seed))
+    return 0
+
+
+def _demo(args) -> int:
+    from sglang_er.demo import main as demo_main
+
+    return demo_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sglang-er", description=__doc__)
+    p.add_argument("--version", action="version", version=f"sglang-er {__version__}")
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser("doctor", help="versions, platform, accelerator, kernels").set_defaults(fn=_doctor)
+    m = sub.add_parser("model", help="build a model from code and print its directory")
+    m.add_argument("name", help="tiny | tiny-llama | qwen2-0.5b | smollm2-135m-instruct")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(fn=_model)
+    d = sub.add_parser("demo", help="start a server on a built-in model, run requests, report")
+    d.add_argument("rest", nargs=argparse.REMAINDER)
+    d.set_defaults(fn=_demo)
+    args = p.parse_args(argv)
+    if not getattr(args, "fn", None):
+        p.print_help()
+        return 2
+    try:
+        return args.fn(args)
+    except (ValueError, RuntimeError) as e:
+        print(f"sglang-er: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

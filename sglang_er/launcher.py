@@ -1,0 +1,148 @@
+"""Start and stop SGLang server processes: one place for tests, the demo and the benchmarks.
+
+A server runs in its own process group so that stopping it takes the scheduler and
+detokenizer children with it (SGLang does not always exit on SIGTERM within seconds).
+The KV pool is always capped: SGLang's default takes most of a small machine's RAM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+DEFAULT_MAX_TOTAL_TOKENS = 16384
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class Server:
+    """A ``python -m sglang.launch_server`` child process.
+
+    >>> with Server(model_path, ["--speculative-algorithm", "EFFROLLOUT"]) as srv:
+    ...     requests.post(srv.url + "/generate", json=...)
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        extra_args: list[str] | None = None,
+        *,
+        port: int | None = None,
+        max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
+        env: dict[str, str] | None = None,
+        log_path: str | Path | None = None,
+        startup_timeout: float = 300.0,
+    ):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        extra = list(extra_args or [])
+        self.args = [
+            sys.executable, "-m", "sglang.launch_server",
+            "--model-path", str(model_path),
+            "--host", "127.0.0.1", "--port", str(self.port),
+            *(["--device", "cpu"] if "--device" not in extra and _no_accelerator() else []),
+            *(["--max-total-tokens", str(max_total_tokens)] if "--max-total-tokens" not in extra else []),
+            *extra,
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="sglang-", suffix=".log")[1])
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+
+    def start(self) -> "Server":
+        t0 = time.monotonic()
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        while time.monotonic() - t0 < self.startup_timeout:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise ServerError(f"server exited with code {self.proc.returncode} during startup:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    self.startup_seconds = time.monotonic() - t0
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"server not healthy after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
+        if self.proc is None:
+            return
+        try:
+            pgid = os.getpgid(self.proc.pid)
+        except ProcessLookupError:
+            pgid = None
+        if pgid is not None:
+            _signal_group(pgid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(pgid, signal.SIGKILL)  # children (scheduler, detokenizer) too
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # Convenience wrappers over the HTTP API
+    def post(self, path: str, payload: dict, timeout: float = 300.0) -> dict:
+        r = requests.post(self.url + path, json=payload, timeout=timeout)
+        if r.status_code != 200:
+            raise ServerError(f"POST {path} -> {r.status_code}: {r.text[:500]}")
+        return r.json()
+
+    def generate(self, text=None, input_ids=None, timeout: float = 300.0, **sampling) -> dict:
+        payload: dict = {"sampling_params": sampling}
+        if text is not None:
+            payload["text"] = text
+        if input_ids is not None:
+            payload["input_ids"] = input_ids
+        return self.post("/generate", payload, timeout=timeout)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _no_accelerator() -> bool:
+    from sglang_er.platform import accelerator_present
+
+    return accelerator_present() is None
