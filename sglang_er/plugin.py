@@ -15,10 +15,13 @@ logger = logging.getLogger("sglang_er")
 
 
 def register() -> None:
+    from sglang_er import algorithm, weight_sync
     from sglang_er.platform import activate
 
     if activate() is not None:
         from sglang_er import cpu_ops
 
         cpu_ops.install()
-    logger.info("sglang-er %s loaded", __version__)
+    algorithm.register()
+    weight_sync.install()
+    logger.info("sglang-er %s loaded (speculative algorithm %s registered)", __version__, algorithm.NAME)

@@ -33,6 +33,8 @@ class PortableCpuPlatform(CpuSRTPlatform):
                 setattr(server_args, field, "torch_native")
         if getattr(server_args, "sampling_backend", None) in (None, "flashinfer"):
             server_args.sampling_backend = "pytorch"
+        # An idle scheduler busy-polls its sockets; on a CPU that core is the compute.
+        server_args.sleep_on_idle = True
 
     def supports_speculative_algorithm(self, algorithm: str) -> bool:
         return str(algorithm).upper() in SUPPORTED_SPECULATIVE_ALGORITHMS

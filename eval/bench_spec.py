@@ -1,0 +1,117 @@
+"""EFFROLLOUT vs plain decoding, side by side in one run (not a test).
+
+    python -m eval.bench_spec --model qwen2-0.5b --batches 1 2 4 8 16 32 --gammas 3 5 7 \
+        --temperatures 0 1 --new-tokens 128
+
+Servers run one at a time (they would share the 2 cores otherwise): the plain SGLang server,
+then EFFROLLOUT with γ fixed to 0 (plain decode through the worker: measures T_T), then each γ.
+For every batch size B and temperature, B concurrent requests of ``new_tokens`` tokens each
+(ignore_eos) are timed; the worker's phase timers on ``/metrics`` give T_D (one draft step),
+T_V (one verify) and T_T (one plain step), and its counters the acceptance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from sglang_er.launcher import Server
+from sglang_er.models.factory import build_model
+
+PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+          "How many clips did Natalia sell altogether in April and May? Let's think step by step.")
+
+_METRIC = re.compile(r'^(sglang_er:\w+?)(?:_total)?(?:\{([^}]*)\})? ([0-9.eE+-]+)$')
+
+
+def scrape(url: str) -> dict:
+    out: dict = {}
+    for line in requests.get(url + "/metrics", timeout=30).text.splitlines():
+        m = _METRIC.match(line)
+        if m:
+            out[(m.group(1), m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
+
+
+def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamma: int) -> dict:
+    def one(i):
+        return srv.generate(f"[{i}] {PROMPT}", max_new_tokens=new_tokens, temperature=temperature, ignore_eos=True)
+
+    before = scrape(srv.url)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(batch) as ex:
+        outs = list(ex.map(one, range(batch)))
+    dt = time.perf_counter() - t0
+    d = delta(scrape(srv.url), before)
+    toks = sum(o["meta_info"]["completion_tokens"] for o in outs)
+
+    def per_call(phase):
+        calls = d.get(("sglang_er:phase_calls", f'phase="{phase}"'), 0.0)
+        return d.get(("sglang_er:phase_seconds", f'phase="{phase}"'), 0.0) / calls if calls else None
+
+    drafted, accepted = d.get(("sglang_er:drafted_tokens", ""), 0.0), d.get(("sglang_er:accepted_tokens", ""), 0.0)
+    verified = drafted / gamma if gamma else 0.0  # request-iterations that were verified
+    return {
+        "tok_s": toks / dt,
+        "t_plain": per_call("plain"), "t_draft_step": per_call("draft_step"), "t_verify": per_call("verify"),
+        "accept_rate": accepted / drafted if drafted else None,
+        "accept_length": 1 + accepted / verified if verified else None,  # tokens per verify, bonus included
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen2-0.5b")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--gammas", nargs="+", type=int, default=[3, 5, 7])
+    p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    path = build_model(args.model)
+    gmax = max(args.gammas)
+    configs = [("plain", 0, [], {})] + [
+        (f"gamma={g}", g, ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(gmax)],
+         {"SGLANG_ER_GAMMA": str(g)}) for g in [0, *args.gammas]
+    ]
+    results: dict = {}
+    for name, gamma, extra, env in configs:
+        with Server(path, ["--dtype", args.dtype, "--enable-metrics", *extra], env=env, max_total_tokens=32768) as srv:
+            srv.generate(PROMPT, max_new_tokens=8, temperature=0)  # warm-up
+            for temp in args.temperatures:
+                for b in args.batches:
+                    r = run_batch(srv, b, args.new_tokens, temp, gamma)
+                    results[(name, temp, b)] = r
+                    print(f"{args.model} {name:>8} T={temp:g} B={b:3d}: {r['tok_s']:7.1f} tok/s  "
+                          + "  ".join(f"{k}={v:.4g}" for k, v in r.items() if k != "tok_s" and v is not None),
+                          flush=True)
+    print(f"\nratios vs plain ({args.model}, {args.new_tokens} new tokens, same run)")
+    for temp in args.temperatures:
+        for b in args.batches:
+            base = results[("plain", temp, b)]["tok_s"]
+            t_t = results[("gamma=0", temp, b)]["t_plain"]
+            cells = []
+            for g in args.gammas:
+                r = results[(f"gamma={g}", temp, b)]
+                rd = r["t_draft_step"] / t_t if r["t_draft_step"] and t_t else float("nan")
+                rv = r["t_verify"] / t_t if r["t_verify"] and t_t else float("nan")
+                cells.append(f"γ={g}: {r['tok_s'] / base:4.2f}x (T_D/T_T {rd:.2f}, T_V/T_T {rv:.2f}, "
+                             f"acc {r['accept_rate'] or 0:.2f})")
+            print(f"T={temp:g} B={b:3d}  " + "  ".join(cells), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

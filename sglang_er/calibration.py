@@ -1,0 +1,440 @@
+"""Hardware profiles for the EFFROLLOUT cost model: what the machine can do, as data.
+
+A :class:`HardwareProfile` holds the handful of numbers the roofline cost model in
+:mod:`sglang_er.policy` needs:
+
+* ``bandwidth_bytes_per_s``: effective peak memory bandwidth BW (bytes/s);
+* ``flops_per_s``: effective peak compute F (flop/s) per dtype class: ``bf16``, ``fp16``,
+  ``fp32`` and ``w4`` (a 4-bit weight-only matmul: dequantize + bf16 FMA);
+* per-forward fixed overheads (s): ``fixed_plain_s`` (one SGLang decode forward),
+  ``fixed_draft_step_s`` (one lean drafter step), ``fixed_verify_s`` (one SGLang verify forward);
+* per-sequence overheads (s per request per forward): ``per_seq_s`` for target forwards,
+  ``per_seq_draft_s`` for drafter steps;
+* metadata: ``name``, ``device``, ``measured_with``, ``attention_backend``, fit diagnostics.
+
+A phase's predicted time is ``max(bytes / BW, Σ_class flops_class / F_class) + per_seq · B +
+fixed`` (see :class:`sglang_er.policy.CostModel`).
+
+Profiles are JSON, read strictly as data (``json`` + pydantic, never ``eval``/``pickle``):
+unknown fields, wrong types, NaN/inf, out-of-range values, a different schema version or a
+profile measured on another device are refused with a ``ValueError`` that names the problem.
+
+:func:`fit_profile` estimates BW, F and the overheads from measured samples
+(phase, bytes, flops, batch, seconds) by non-negative least squares on that roofline form;
+a calibration command produces the samples with the cost model's own byte/flop accounting.
+
+This module does not import SGLang (nor torch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Literal, Optional, Sequence, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "COMPUTE_CLASSES",
+    "HardwareProfile",
+    "CalibrationSample",
+    "BUILTIN_PROFILES",
+    "builtin_profile",
+    "fit_profile",
+]
+
+SCHEMA_VERSION = 1
+ComputeClass = Literal["bf16", "fp16", "fp32", "w4"]
+COMPUTE_CLASSES: tuple[str, ...] = ("bf16", "fp16", "fp32", "w4")
+Phase = Literal["plain", "draft", "verify"]
+
+# Plausibility bounds: wide enough for a laptop CPU and a future accelerator, narrow enough to
+# catch unit mistakes (GB/s written as bytes/s, milliseconds written as seconds).
+_BW_RANGE = (1e8, 1e14)  # bytes/s: 100 MB/s .. 100 TB/s
+_F_RANGE = (1e8, 1e17)  # flop/s: 0.1 GFLOP/s .. 100 PFLOP/s
+_FIXED_MAX_S = 1.0  # a per-forward overhead above 1 s is a unit error, not a machine
+_PER_SEQ_MAX_S = 0.1
+_MAX_PROFILE_BYTES = 1 << 20  # a profile is a few hundred bytes; refuse to slurp huge files
+
+
+def _norm_device(name: str) -> str:
+    return " ".join(name.lower().split())
+
+
+class HardwareProfile(BaseModel):
+    """One machine's roofline parameters. Units: bytes, flop, seconds. Immutable.
+
+    Build with the constructor, :func:`builtin_profile`, :meth:`load` / :meth:`from_json`
+    or :func:`fit_profile`; persist with :meth:`save` / :meth:`to_json`.
+    """
+
+    # strict: "16e9" (a string) is not a number; forbid: a misspelt field is an error, not
+    # silently ignored; no inf/nan: JSON's Infinity/NaN extensions are refused.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(min_length=1, max_length=200)
+    device: str = Field(min_length=1, max_length=200)
+    measured_with: str = Field("", max_length=2000)
+
+    bandwidth_bytes_per_s: float = Field(ge=_BW_RANGE[0], le=_BW_RANGE[1])
+    flops_per_s: dict[ComputeClass, float]
+
+    fixed_plain_s: float = Field(ge=0.0, le=_FIXED_MAX_S)
+    fixed_draft_step_s: float = Field(ge=0.0, le=_FIXED_MAX_S)
+    fixed_verify_s: float = Field(ge=0.0, le=_FIXED_MAX_S)
+    per_seq_s: float = Field(0.0, ge=0.0, le=_PER_SEQ_MAX_S)
+    per_seq_draft_s: float = Field(0.0, ge=0.0, le=_PER_SEQ_MAX_S)
+
+    # The SGLang attention backend the overheads were measured with; the cost model derives
+    # its KV read rule from it (sglang_er.policy.KV_READ_RULE) unless told otherwise.
+    attention_backend: str = Field("torch_native", min_length=1, max_length=100)
+    # Filled by fit_profile: relative RMS error of the fit and which parameters the samples
+    # determined (the others were taken from the base profile).
+    fit_rel_rms: Optional[float] = Field(None, ge=0.0)
+    fitted: list[str] = Field(default_factory=list)
+
+    @field_validator("flops_per_s")
+    @classmethod
+    def _check_flops(cls, v: dict) -> dict:
+        if "bf16" not in v:
+            raise ValueError("must contain 'bf16' (the target's compute class)")
+        for k, f in v.items():
+            if not (_F_RANGE[0] <= f <= _F_RANGE[1]):
+                raise ValueError(f"{k}: {f:g} flop/s is outside the plausible range "
+                                 f"[{_F_RANGE[0]:g}, {_F_RANGE[1]:g}] (unit error?)")
+        return v
+
+    @model_validator(mode="after")
+    def _check_ridge(self):
+        # Ridge point F/BW in flop/byte: real devices sit between a few (CPUs: 2e11 / 16e9 = 12.5)
+        # and a few hundred (H100: 295). Below 0.5 or above 1e4, BW and F were almost certainly
+        # swapped or mis-scaled.
+        ridge = self.flops_per_s["bf16"] / self.bandwidth_bytes_per_s
+        if not 0.5 <= ridge <= 1e4:
+            raise ValueError(
+                f"bf16 flop/s ÷ bandwidth = {ridge:g} flop/byte is implausible (expected 0.5..1e4); "
+                "check the units of bandwidth_bytes_per_s (bytes/s) and flops_per_s (flop/s)"
+            )
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    def flops(self, compute_class: str) -> float:
+        """flop/s for ``compute_class``; a class the profile lacks falls back to ``bf16``."""
+        return self.flops_per_s.get(compute_class, self.flops_per_s["bf16"])
+
+    def check_device(self, device: str) -> None:
+        """Raise ValueError if this profile was measured on a different device than ``device``."""
+        if _norm_device(device) != _norm_device(self.device):
+            raise ValueError(
+                f"hardware profile {self.name!r} was measured on {self.device!r} but this machine is "
+                f"{device!r}; recalibrate on this machine or pass the profile that matches it"
+            )
+
+    # ------------------------------------------------------------------ JSON I/O
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: Union[str, bytes], *, source: str = "<string>",
+                  device: Optional[str] = None) -> "HardwareProfile":
+        """Parse a profile from JSON text (data only). ``device``: refuse a profile of another device."""
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"hardware profile {source}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"hardware profile {source}: expected a JSON object, got {type(raw).__name__}")
+        version = raw.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"hardware profile {source}: schema_version {version!r} is not supported "
+                f"(this sglang-er reads version {SCHEMA_VERSION}); recalibrate"
+            )
+        try:
+            prof = cls.model_validate(raw)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()
+            )
+            raise ValueError(f"hardware profile {source} is invalid: {problems}") from None
+        if device is not None:
+            prof.check_device(device)
+        return prof
+
+    @classmethod
+    def load(cls, path: Union[str, Path], *, device: Optional[str] = None) -> "HardwareProfile":
+        """Read a profile file. Raises ValueError (never executes anything in it)."""
+        p = Path(path)
+        try:
+            size = p.stat().st_size
+        except OSError as e:
+            raise ValueError(f"hardware profile {p}: cannot read ({e.strerror})") from None
+        if size > _MAX_PROFILE_BYTES:
+            raise ValueError(f"hardware profile {p}: {size} bytes is too large for a profile")
+        return cls.from_json(p.read_bytes(), source=str(p), device=device)
+
+    def save(self, path: Union[str, Path]) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(self.to_json() + "\n")
+        tmp.replace(p)  # atomic: a crash never leaves a half-written profile behind
+        return p
+
+
+# ---------------------------------------------------------------------- built-in defaults
+BUILTIN_PROFILES: dict[str, HardwareProfile] = {
+    # A 2-core CPU box running SGLang on the portable CPU platform (torch_native attention).
+    # BW is the *effective* streaming bandwidth a bf16 GEMV reaches, not the DIMM peak;
+    # 19 ms is the measured fixed cost of one SGLang decode forward (scheduler, metadata,
+    # Python per layer); the lean drafter loop skips most of that (~1 ms).
+    "cpu-2core": HardwareProfile(
+        name="cpu-2core",
+        device="cpu-2core",
+        measured_with="built-in default (SGLang 0.5.23 portable_cpu, torch_native, 2 cores)",
+        bandwidth_bytes_per_s=16e9,
+        flops_per_s={"bf16": 2e11, "fp16": 5e10, "fp32": 1e11, "w4": 1e11},  # w4: dequant ~halves FMA rate (assumed)
+        fixed_plain_s=19e-3,
+        fixed_draft_step_s=1e-3,
+        fixed_verify_s=20e-3,  # an extend-mode forward builds a little more metadata than decode
+        per_seq_s=0.3e-3,  # torch_native loops over requests in Python in every layer
+        per_seq_draft_s=0.02e-3,  # the drafter's attention is batched; only sampling is per request
+        attention_backend="torch_native",
+    ),
+    # Public peak numbers (dense, no sparsity): H100 SXM5 80 GB HBM3.
+    "h100-sxm": HardwareProfile(
+        name="h100-sxm",
+        device="NVIDIA H100 80GB HBM3",
+        measured_with="built-in default (public peak numbers, modest overheads)",
+        bandwidth_bytes_per_s=3.35e12,
+        flops_per_s={"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "w4": 700e12},
+        fixed_plain_s=1.0e-3,  # scheduler + CUDA-graph replay of one decode step
+        fixed_draft_step_s=0.15e-3,  # assumes a graph-captured draft step
+        fixed_verify_s=1.2e-3,
+        per_seq_s=2e-6,
+        per_seq_draft_s=0.5e-6,
+        attention_backend="flashinfer",
+    ),
+    # A100 SXM4 80 GB.
+    "a100-80gb": HardwareProfile(
+        name="a100-80gb",
+        device="NVIDIA A100-SXM4-80GB",
+        measured_with="built-in default (public peak numbers, modest overheads)",
+        bandwidth_bytes_per_s=2.039e12,
+        flops_per_s={"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12, "w4": 220e12},
+        fixed_plain_s=1.2e-3,
+        fixed_draft_step_s=0.2e-3,
+        fixed_verify_s=1.4e-3,
+        per_seq_s=2.5e-6,
+        per_seq_draft_s=0.6e-6,
+        attention_backend="flashinfer",
+    ),
+}
+_ALIASES = {"cpu": "cpu-2core", "h100": "h100-sxm", "a100": "a100-80gb"}
+
+
+def builtin_profile(name: str) -> HardwareProfile:
+    """A built-in profile by name (``cpu-2core``, ``h100-sxm``, ``a100-80gb``; aliases cpu/h100/a100)."""
+    key = _ALIASES.get(name, name)
+    if key not in BUILTIN_PROFILES:
+        raise ValueError(f"unknown built-in hardware profile {name!r}; choose one of "
+                         f"{', '.join([*BUILTIN_PROFILES, *_ALIASES])}")
+    return BUILTIN_PROFILES[key]
+
+
+# ---------------------------------------------------------------------- fitting
+class CalibrationSample(BaseModel):
+    """One timed forward (or ``forwards`` identical ones timed together).
+
+    bytes: total bytes moved (weights + KV + logits) over all ``forwards``;
+    flops: total flop per compute class (a bare number means ``bf16``);
+    batch: requests per forward; seconds: measured wall time of all ``forwards``.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    phase: Phase = "plain"
+    bytes: float = Field(ge=0.0)
+    flops: dict[ComputeClass, float]
+    batch: int = Field(ge=1)
+    seconds: float = Field(gt=0.0)
+    forwards: int = Field(1, ge=1)
+
+    @field_validator("flops", mode="before")
+    @classmethod
+    def _scalar_flops(cls, v):
+        if isinstance(v, (int, float)):
+            return {"bf16": float(v)}
+        return v
+
+    @field_validator("flops")
+    @classmethod
+    def _nonneg(cls, v):
+        if any(f < 0 for f in v.values()):
+            raise ValueError("flops must be non-negative")
+        return v
+
+
+SampleLike = Union[CalibrationSample, dict, Sequence]
+
+
+def _as_sample(s: SampleLike) -> CalibrationSample:
+    if isinstance(s, CalibrationSample):
+        return s
+    if isinstance(s, dict):
+        return CalibrationSample.model_validate(s)
+    s = tuple(s)
+    if len(s) == 4:  # (bytes, flops, batch, seconds): a plain decode forward
+        return CalibrationSample(bytes=s[0], flops=s[1], batch=s[2], seconds=s[3])
+    if len(s) == 5:  # (phase, bytes, flops, batch, seconds)
+        return CalibrationSample(phase=s[0], bytes=s[1], flops=s[2], batch=s[3], seconds=s[4])
+    raise ValueError(f"a calibration sample is (bytes, flops, batch, seconds) or "
+                     f"(phase, bytes, flops, batch, seconds), got {len(s)} values")
+
+
+def _nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 200) -> np.ndarray:
+    """Lawson–Hanson non-negative least squares: argmin_x≥0 ‖Ax − b‖₂. A [m, n], b [m]."""
+    m, n = A.shape
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    tol = 1e-12 * max(1.0, float(np.abs(A).max(initial=0.0))) * max(m, n)
+    for _ in range(max_iter):
+        w = A.T @ (b - A @ x)
+        cand = (~passive) & (w > tol)
+        if not cand.any():
+            break
+        passive[np.argmax(np.where(cand, w, -np.inf))] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(A[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            neg = passive & (z <= 0)
+            alpha = np.min(x[neg] / np.maximum(x[neg] - z[neg], 1e-300))
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+    return x
+
+
+_FIXED_COL = {"plain": "fixed_plain_s", "draft": "fixed_draft_step_s", "verify": "fixed_verify_s"}
+_SEQ_COL = {"plain": "per_seq_s", "draft": "per_seq_draft_s", "verify": "per_seq_s"}
+
+
+def fit_profile(
+    samples: Iterable[SampleLike],
+    *,
+    base: Optional[HardwareProfile] = None,
+    name: str = "calibrated",
+    device: Optional[str] = None,
+    measured_with: str = "fit_profile",
+    attention_backend: Optional[str] = None,
+) -> HardwareProfile:
+    """Fit BW, F (per compute class) and the overheads to measured samples.
+
+    Model per sample i (n_i forwards of batch B_i)::
+
+        seconds_i = max(bytes_i / BW, Σ_k flops_ik / F_k) + n_i·B_i·per_seq(phase) + n_i·fixed(phase)
+
+    Every unknown enters as a non-negative coefficient (1/BW, 1/F_k, overheads), so for a
+    fixed memory/compute classification of the samples the fit is linear NNLS. The roofline
+    classification is a threshold on arithmetic intensity (flop/byte vs the ridge F/BW), so we
+    try every intensity threshold (≤ 64 quantiles), refine each by re-classifying with the
+    fitted ridge, and keep the fit with the lowest error of the true max() model. Rows are
+    weighted by 1/seconds: relative errors, so a 1 ms forward counts as much as a 1 s one.
+
+    Parameters the samples cannot determine (a compute class never compute-bound, a phase
+    never measured) keep ``base``'s value (default: the ``cpu-2core`` built-in); the result's
+    ``fitted`` lists those that were determined, ``fit_rel_rms`` the relative RMS error.
+    Raises ValueError for fewer than 2 samples or an implausible result.
+    """
+    ss = [_as_sample(s) for s in samples]
+    if len(ss) < 2:
+        raise ValueError(f"fit_profile needs at least 2 samples, got {len(ss)}")
+    base = base or BUILTIN_PROFILES["cpu-2core"]
+    classes = sorted({k for s in ss for k, f in s.flops.items() if f > 0})
+    cols = ["inv_bw", *[f"inv_f:{k}" for k in classes], "per_seq_s", "per_seq_draft_s",
+            "fixed_plain_s", "fixed_draft_step_s", "fixed_verify_s"]
+    ci = {c: i for i, c in enumerate(cols)}
+    m, n = len(ss), len(cols)
+
+    t = np.array([s.seconds for s in ss])
+    wgt = 1.0 / t
+    byt = np.array([s.bytes for s in ss])
+    flo = np.zeros((m, len(classes)))
+    over = np.zeros((m, n))  # overhead columns, independent of the classification
+    for i, s in enumerate(ss):
+        for j, k in enumerate(classes):
+            flo[i, j] = s.flops.get(k, 0.0)
+        over[i, ci[_SEQ_COL[s.phase]]] = s.forwards * s.batch
+        over[i, ci[_FIXED_COL[s.phase]]] = s.forwards
+    intensity = flo.sum(1) / np.maximum(byt, 1e-30)
+
+    def solve(mem: np.ndarray) -> np.ndarray:
+        A = over.copy()
+        A[:, 0] = np.where(mem, byt, 0.0)
+        A[:, 1:1 + len(classes)] = np.where(mem[:, None], 0.0, flo)
+        A *= wgt[:, None]
+        scale = np.linalg.norm(A, axis=0)
+        scale[scale == 0] = 1.0  # an empty column stays 0: unidentified
+        return _nnls(A / scale, t * wgt) / scale
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return np.maximum(byt * x[0], flo @ x[1:1 + len(classes)]) + over @ x
+
+    def classify(x: np.ndarray) -> np.ndarray:
+        return byt * x[0] >= flo @ x[1:1 + len(classes)]
+
+    thresholds = np.unique(intensity)
+    if len(thresholds) > 64:
+        thresholds = np.quantile(intensity, np.linspace(0, 1, 64))
+    best_x, best_err = None, math.inf
+    for thr in [-math.inf, *thresholds.tolist()]:
+        mem = intensity <= thr  # at or below the threshold: memory-bound (-inf: all compute-bound)
+        for _ in range(20):
+            x = solve(mem)
+            new = classify(x)
+            if (new == mem).all():
+                break
+            mem = new
+        err = float(np.sqrt(np.mean(((predict(x) - t) / t) ** 2)))
+        if err < best_err - 1e-15:
+            best_x, best_err = x, err
+    x = best_x
+    used = np.zeros(n, dtype=bool)
+    mem = classify(x)
+    used[0] = bool((mem & (byt > 0)).any())
+    for j in range(len(classes)):
+        used[1 + j] = bool(((~mem) & (flo[:, j] > 0)).any())
+    used[1 + len(classes):] = (over != 0).any(0)[1 + len(classes):]
+
+    fitted: list[str] = []
+    fields = base.model_dump()
+    if used[0] and x[0] > 0:
+        fields["bandwidth_bytes_per_s"] = 1.0 / x[0]
+        fitted.append("bandwidth_bytes_per_s")
+    flops = dict(base.flops_per_s)
+    for j, k in enumerate(classes):
+        if used[1 + j] and x[1 + j] > 0:
+            flops[k] = float(1.0 / x[1 + j])
+            fitted.append(f"flops_per_s.{k}")
+    fields["flops_per_s"] = flops
+    for c in cols[1 + len(classes):]:
+        if used[ci[c]]:
+            fields[c] = float(x[ci[c]])
+            fitted.append(c)
+    fields.update(name=name, device=device or base.device, measured_with=measured_with,
+                  fit_rel_rms=best_err, fitted=fitted)
+    if attention_backend is not None:
+        fields["attention_backend"] = attention_backend
+    try:
+        return HardwareProfile.model_validate(fields)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"fit_profile produced an implausible profile ({problems}); "
+                         "the samples do not follow the roofline form") from None

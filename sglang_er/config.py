@@ -1,0 +1,70 @@
+"""EFFROLLOUT settings: parsed as data (pydantic), from server args and ``SGLANG_ER_*`` env vars.
+
+SGLang's CLI cannot be extended by a plugin without patching its parser, so the knobs that
+have no SGLang flag are environment variables, read in every SGLang process alike:
+
+- ``SGLANG_ER_GAMMA``: a fixed γ (``0`` = plain decoding) or a comma list cycled per
+  iteration (``"3,0,1"``; used to prove that switching γ costs nothing and stays lossless).
+  Unset: γ = the server's ``--speculative-num-draft-tokens`` − 1.
+- ``SGLANG_ER_MODE``: ``auto`` (default: γ chosen every iteration by the system-aware policy)
+  or ``fixed``; setting ``SGLANG_ER_GAMMA`` implies ``fixed``.
+- ``SGLANG_ER_INJECT_FAULT=accept_all``: test-only fault injection (accept every draft, which
+  is NOT lossless) so the distribution tests can prove they detect a wrong acceptance rule.
+"""
+
+from __future__ import annotations
+
+import os
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+MAX_GAMMA = 16
+DEFAULT_GAMMA = 4
+
+
+class EffRolloutConfig(BaseModel):
+    gamma_max: int = Field(DEFAULT_GAMMA, ge=1, le=MAX_GAMMA)
+    gamma_schedule: list[int] | None = None  # None: always gamma_max
+    mode: Literal["auto", "fixed"] = "auto"
+    inject_fault: Literal["accept_all"] | None = None
+
+    @field_validator("gamma_schedule")
+    @classmethod
+    def _nonempty(cls, v):
+        if v is not None and not v:
+            raise ValueError("empty γ schedule")
+        return v
+
+    def gamma_for_iteration(self, it: int) -> int:
+        if self.gamma_schedule is None:
+            return self.gamma_max
+        return self.gamma_schedule[it % len(self.gamma_schedule)]
+
+    @classmethod
+    def from_env(cls, gamma_max: int, environ=os.environ) -> "EffRolloutConfig":
+        raw = environ.get("SGLANG_ER_GAMMA", "").strip()
+        schedule = None
+        if raw:
+            try:
+                schedule = [int(x) for x in raw.split(",")]
+            except ValueError:
+                raise ValueError(
+                    f"SGLANG_ER_GAMMA={raw!r} is not an integer or a comma list of integers; "
+                    f"set e.g. SGLANG_ER_GAMMA=3 or SGLANG_ER_GAMMA=3,0,1"
+                ) from None
+            bad = [g for g in schedule if not 0 <= g <= gamma_max]
+            if bad:
+                raise ValueError(
+                    f"SGLANG_ER_GAMMA={raw!r}: γ must lie in 0..{gamma_max} (the server's "
+                    f"--speculative-num-draft-tokens − 1); raise --speculative-num-draft-tokens or lower γ"
+                )
+        try:
+            mode = environ.get("SGLANG_ER_MODE") or ("fixed" if schedule else "auto")
+            if mode == "auto" and schedule:
+                raise ValueError("SGLANG_ER_GAMMA fixes γ: drop it or set SGLANG_ER_MODE=fixed, not auto")
+            return cls(gamma_max=gamma_max, gamma_schedule=schedule, mode=mode,
+                       inject_fault=environ.get("SGLANG_ER_INJECT_FAULT") or None)
+        except ValidationError as e:
+            raise ValueError(f"invalid EFFROLLOUT settings: {e}") from None

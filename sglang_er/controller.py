@@ -1,0 +1,86 @@
+"""The thin adapter between the engine-free policy (:mod:`sglang_er.policy`) and the worker.
+
+Per decode iteration: read the batch's real sequence lengths, the prompt groups that share a
+radix-cached prefix (GRPO's n samples of one prompt), and the request ids; ask the policy for
+γ; afterwards feed it the measured phase times and the accepted lengths, so the cost model and
+the acceptance model follow this machine and this policy checkpoint.
+
+Modes (env ``SGLANG_ER_MODE``): ``auto`` (default) chooses γ ∈ {0} ∪ 1..γmax every iteration;
+``fixed`` uses ``SGLANG_ER_GAMMA`` (or γmax). A hardware profile comes from
+``SGLANG_ER_PROFILE=path.json`` (see ``sglang-er calibrate``) or the built-in one for the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+
+import torch
+
+from sglang_er.calibration import HardwareProfile, builtin_profile
+from sglang_er.policy import KV_READ_RULE, AcceptanceModel, CostModel, ModelCost, Policy
+
+logger = logging.getLogger(__name__)
+
+
+def default_profile(device: torch.device) -> HardwareProfile:
+    path = os.environ.get("SGLANG_ER_PROFILE")
+    if path:
+        return HardwareProfile.load(path)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return builtin_profile("a100" if "A100" in name else "h100")
+    return builtin_profile("cpu")
+
+
+class Controller:
+    def __init__(self, hf_config: dict, gamma_max: int, device: torch.device, attention_backend: str):
+        self.device = device
+        profile = default_profile(device)
+        # An unknown backend is modelled like the plain paged kernels: every request reads its own KV.
+        cost = CostModel(profile, ModelCost.from_config(hf_config), attention_backend=attention_backend,
+                         kv_read_rule=KV_READ_RULE.get(attention_backend, "per_request"))
+        self.acceptance = AcceptanceModel(gamma_max)
+        self.policy = Policy(cost, self.acceptance, ladder=list(range(1, gamma_max + 1)))
+        self.cost = cost
+        self._live_rids: set = set()
+        self.last_decision = None
+        logger.info("EFFROLLOUT auto mode: profile %s, γ ladder 1..%d", profile.name, gamma_max)
+
+    # ------------------------------------------------------------------ decision
+    def choose(self, batch) -> int:
+        seq_lens = batch.seq_lens_cpu.tolist() if batch.seq_lens_cpu is not None else batch.seq_lens.tolist()
+        rids = [r.rid for r in batch.reqs]
+        self._forget_departed(rids)
+        self._seq_lens, self._rids = seq_lens, rids
+        self.last_decision = self.policy.choose(seq_lens, _prefix_groups(batch.reqs), rids)
+        return self.last_decision.gamma
+
+    def _forget_departed(self, rids) -> None:
+        now = set(rids)
+        for rid in self._live_rids - now:
+            self.acceptance.forget(rid)
+        self._live_rids = now
+
+    # ------------------------------------------------------------------ measurements
+    def observe(self, gamma: int, phases: dict[str, float], accept_lens=None) -> None:
+        """Phase times (seconds) and accepted drafts [B] of the iteration ``choose`` decided."""
+        for phase, seconds in phases.items():
+            self.cost.observe(phase, self._seq_lens, gamma, seconds)
+        if gamma > 0 and accept_lens is not None:
+            self.acceptance.observe(gamma, accept_lens.tolist(), self._rids)
+
+
+def _prefix_groups(reqs) -> list[tuple[int, list[int]]] | None:
+    """Requests with the same prompt share its KV pages through the radix cache."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, r in enumerate(reqs):
+        key = getattr(r, "_er_prompt_key", None)
+        if key is None:
+            ids = r.origin_input_ids
+            key = (len(ids), hash(tuple(ids)))
+            r._er_prompt_key = key
+        groups[key].append(i)
+    shared = [(key[0], members) for key, members in groups.items() if len(members) > 1]
+    return shared or None

@@ -1,0 +1,105 @@
+"""Speculation counters kept by the worker (server-wide), exported on SGLang's ``/metrics``.
+
+With ``--enable-metrics`` SGLang sets ``PROMETHEUS_MULTIPROC_DIR`` before it spawns the
+scheduler, so prometheus_client metrics created here (in the scheduler process) are served by
+the main process's ``/metrics`` next to SGLang's own, under the ``sglang_er:`` prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+
+class _Prom:
+    def __init__(self, gamma_max: int):
+        from prometheus_client import Counter, Gauge  # after PROMETHEUS_MULTIPROC_DIR is set
+
+        self.iterations = Counter("sglang_er:iterations", "Decode iterations", ["mode"])
+        self.drafted = Counter("sglang_er:drafted_tokens", "Draft tokens proposed")
+        self.accepted = Counter("sglang_er:accepted_tokens", "Draft tokens accepted")
+        self.pos_proposed = Counter("sglang_er:position_proposed", "Drafts proposed at position", ["position"])
+        self.pos_accepted = Counter("sglang_er:position_accepted", "Drafts accepted at position", ["position"])
+        self.phase_seconds = Counter("sglang_er:phase_seconds", "Wall time per phase", ["phase"])
+        self.phase_calls = Counter("sglang_er:phase_calls", "Forwards per phase", ["phase"])
+        self.gamma = Gauge("sglang_er:gamma", "γ of the last decode iteration", multiprocess_mode="mostrecent")
+
+
+class SpecMetrics:
+    """Totals since start: iterations with and without speculation, drafted and accepted
+    tokens, per-position acceptance counts (position k accepted ⇔ accept_len > k), and wall
+    time per phase (plain decode, draft step, verify)."""
+
+    def __init__(self, gamma_max: int):
+        self.gamma_max = gamma_max
+        self._lock = threading.Lock()
+        self.iterations_spec = 0
+        self.iterations_plain = 0
+        self.drafted = 0
+        self.accepted = 0
+        self.verified_requests = 0
+        self.position_proposed = [0] * gamma_max
+        self.position_accepted = [0] * gamma_max
+        self.phase_seconds = {"plain": 0.0, "draft_step": 0.0, "verify": 0.0}
+        self.phase_calls = {"plain": 0, "draft_step": 0, "verify": 0}
+        self._prom = _Prom(gamma_max) if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
+
+    def record(self, gamma: int, accept_lens: torch.Tensor | None, bs: int,
+               phases: dict[str, tuple[float, int]] | None = None) -> None:
+        """One iteration: γ, accepted drafts per request [B] (None for γ = 0), and
+        ``phases`` = {name: (seconds, forwards)}."""
+        prom = self._prom
+        with self._lock:
+            for name, (sec, calls) in (phases or {}).items():
+                self.phase_seconds[name] += sec
+                self.phase_calls[name] += calls
+                if prom:
+                    prom.phase_seconds.labels(phase=name).inc(sec)
+                    prom.phase_calls.labels(phase=name).inc(calls)
+            if prom:
+                prom.gamma.set(gamma)
+            if gamma == 0 or accept_lens is None:
+                self.iterations_plain += 1
+                if prom:
+                    prom.iterations.labels(mode="plain").inc()
+                return
+            acc = accept_lens.to("cpu", torch.int64)
+            accepted_at = [int((acc > k).sum()) for k in range(gamma)]
+            self.iterations_spec += 1
+            self.verified_requests += bs
+            self.drafted += gamma * bs
+            self.accepted += int(acc.sum())
+            for k in range(gamma):
+                self.position_proposed[k] += bs
+                self.position_accepted[k] += accepted_at[k]
+            if prom:
+                prom.iterations.labels(mode="spec").inc()
+                prom.drafted.inc(gamma * bs)
+                prom.accepted.inc(int(acc.sum()))
+                for k in range(gamma):
+                    prom.pos_proposed.labels(position=str(k)).inc(bs)
+                    prom.pos_accepted.labels(position=str(k)).inc(accepted_at[k])
+
+    @property
+    def mean_accept_length(self) -> float:
+        """Tokens emitted per verified request-iteration (accepted drafts + 1)."""
+        return (self.accepted + self.verified_requests) / max(1, self.verified_requests)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "iterations_spec": self.iterations_spec,
+                "iterations_plain": self.iterations_plain,
+                "drafted": self.drafted,
+                "accepted": self.accepted,
+                "mean_accept_length": self.mean_accept_length,
+                "position_acceptance": [
+                    a / p if p else None for a, p in zip(self.position_accepted, self.position_proposed)
+                ],
+                "mean_phase_seconds": {
+                    k: self.phase_seconds[k] / self.phase_calls[k] if self.phase_calls[k] else None
+                    for k in self.phase_seconds
+                },
+            }

@@ -1,0 +1,49 @@
+"""Keep the drafter in step with the policy: re-quantize after every weight update.
+
+SGLang routes every weight operation through ``SchedulerWeightUpdaterManager`` in the
+scheduler process, between forward passes. AFTER hooks on the operations that finish an
+update re-quantize every live EFFROLLOUT drafter from the target's new weights before the
+scheduler runs its next iteration, so no request sees a half-updated drafter:
+
+- ``update_weights_from_disk`` (one call loads everything);
+- ``end_weight_update`` (closes a begin/end session of ``update_weights_from_tensor`` /
+  ``_distributed`` / ``_ipc`` chunks; re-quantizing per chunk would waste work);
+- ``resume_memory_occupation`` (weights restored after ``release_memory_occupation`` in
+  colocated RL; the drafter must never silently keep stale or released weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+logger = logging.getLogger(__name__)
+
+_TARGET = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager."
+UPDATE_OPS = ("update_weights_from_disk", "end_weight_update", "resume_memory_occupation")
+
+_workers: "weakref.WeakSet" = weakref.WeakSet()
+_installed = False
+
+
+def track(worker) -> None:
+    """Register a worker whose ``on_weights_updated()`` runs after each successful update."""
+    _workers.add(worker)
+
+
+def _after_update(result, *args, **kwargs):
+    if getattr(result, "success", True):
+        for worker in list(_workers):
+            worker.on_weights_updated()
+    return result
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for op in UPDATE_OPS:
+        HookRegistry.register(_TARGET + op, _after_update, HookType.AFTER)

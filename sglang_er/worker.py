@@ -1,0 +1,230 @@
+"""EFFROLLOUT speculative worker: draft γ tokens with the W4 self-drafter, verify losslessly.
+
+One decode iteration, for a batch whose committed prefix (tokens with KV) has length
+``seq_lens`` [B] and whose last sampled token x0 [B] has no KV yet:
+
+1. draft: γ drafter steps at positions seq_lens .. seq_lens+γ-1, each sampled with the
+   request's own sampling parameters, keeping q; draft K/V go only into the slots the
+   scheduler allocated for this iteration (``req_to_token[req, seq_lens + j]``);
+2. verify: one target forward over [x0, d1..dγ] writing the target's K/V into the same slots;
+3. accept: exact rejection sampling (:func:`sglang_er.sampler.verify`); the scheduler then
+   commits ``accept_len + 1`` tokens per request (``new_seq_lens``) and trims stop strings,
+   EOS and max_new_tokens inside the accepted run.
+
+γ = 0 is a plain SGLang decode step (its sampler, its logprobs); γ may change every iteration
+at no cost because the drafter holds no state between iterations.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+
+from sglang_er import _sglang, sampler, weight_sync
+from sglang_er.config import EffRolloutConfig
+from sglang_er.controller import Controller
+from sglang_er.drafter import Drafter
+from sglang_er.metrics import SpecMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class EffRolloutWorker(BaseSpecWorker):
+    def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
+        super().__init__()
+        self.server_args = server_args
+        self._target_worker = target_worker
+        self.model_runner = target_worker.model_runner
+        self.device = torch.device(self.model_runner.device)
+        self.speculative_num_steps, self.speculative_num_draft_tokens = _sglang.spec_settings()
+        self.topk = 1
+        self.config = EffRolloutConfig.from_env(self.speculative_num_steps)
+        self.metrics = SpecMetrics(self.speculative_num_steps)
+        self.iteration = 0
+        self._kv = None
+        self.drafter = Drafter(_sglang.model_view(self.model_runner.model))
+        self.requantizations = 0
+        weight_sync.track(self)
+        self.controller = None
+        if self.config.mode == "auto":
+            self.controller = Controller(
+                self.model_runner.model_config.hf_config.to_dict(), self.speculative_num_steps, self.device,
+                _sglang.attention_backend_name(self.model_runner),
+            )
+        logger.info(
+            "EFFROLLOUT drafter ready: %d layers, W4 weights %.1f MB, γ max %d, schedule %s",
+            len(self.drafter.layers), self.drafter.weight_bytes() / 2**20, self.speculative_num_steps,
+            self.config.gamma_schedule or "fixed",
+        )
+
+    @property
+    def draft_worker(self):
+        return None  # the drafter is not an SGLang model runner and owns no KV
+
+    def weight_update_runners(self):
+        return []
+
+    def on_weights_updated(self) -> None:
+        """Called by :mod:`sglang_er.weight_sync` after each completed weight update."""
+        t0 = time.perf_counter()
+        self.drafter.requantize(_sglang.model_view(self.model_runner.model))
+        self.requantizations += 1
+        self._kv = None  # a memory resume may have re-created the KV pool's buffers
+        logger.info("EFFROLLOUT drafter re-quantized from the updated policy in %.3f s (#%d)",
+                    time.perf_counter() - t0, self.requantizations)
+
+    def alloc_memory_pool(self, **kwargs):
+        self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
+
+    # ------------------------------------------------------------------ scheduling entry
+    def forward_batch_generation(self, batch, on_publish=None, pp_proxy_tensors=None):
+        if not batch.forward_mode.is_decode():
+            return self._prefill(batch)
+        gamma = self._choose_gamma(batch)
+        self.iteration += 1
+        result = self._plain_decode(batch) if gamma == 0 else self._speculate(batch, gamma)
+        if on_publish is not None:
+            on_publish(result.new_seq_lens)
+        return result
+
+    def _choose_gamma(self, batch) -> int:
+        info = batch.sampling_info
+        # Features applied to the logits by SGLang's sampler only: speculate without them would
+        # not be lossless, so such batches decode plainly.
+        if (
+            (info.penalizer_orchestrator is not None and info.penalizer_orchestrator.is_required)
+            or info.logit_bias is not None
+            or info.grammars is not None
+            or info.has_custom_logit_processor
+        ):
+            return 0
+        if self.controller is not None:
+            return self.controller.choose(batch)
+        return self.config.gamma_for_iteration(self.iteration)
+
+    def _prefill(self, batch):
+        res = self._target_worker.forward_batch_generation(batch)
+        bs = len(batch.reqs)
+        return _sglang.generation_result(
+            logits_output=res.logits_output,
+            next_token_ids=res.next_token_ids,
+            can_run_cuda_graph=res.can_run_cuda_graph,
+            accept_lens=torch.ones(bs, dtype=torch.int32, device=self.device),
+            new_seq_lens=batch.seq_lens,
+            next_draft_input=None,
+            speculative_num_draft_tokens=1,
+        )
+
+    def _last_tokens(self, batch) -> torch.Tensor:
+        # Synchronous scheduling: every request's output_ids already hold the token sampled
+        # last iteration, so no draft state has to travel through filter/merge.
+        return torch.tensor([r.output_ids[-1] for r in batch.reqs], dtype=torch.int64, device=self.device)
+
+    def _slots(self, batch, width: int) -> torch.Tensor:
+        """KV slots [B, width] pre-allocated by the scheduler for positions seq_lens .. +width-1."""
+        cols = batch.seq_lens[:, None].to(torch.int64) + torch.arange(width, device=self.device)
+        return self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], cols].to(torch.int64)
+
+    # ------------------------------------------------------------------ γ = 0
+    def _plain_decode(self, batch):
+        bs = len(batch.reqs)
+        seq_lens = batch.seq_lens
+        x0 = self._last_tokens(batch)
+        clock = _Clock(self.device)
+        res = _sglang.decode_forward(self._target_worker, batch, x0, self._slots(batch, 1)[:, 0], seq_lens)
+        t_plain = clock.lap()
+        if self.controller:
+            self.controller.observe(0, {"plain": t_plain})
+        self.metrics.record(0, None, bs, {"plain": (t_plain, 1)})
+        return _sglang.generation_result(
+            logits_output=res.logits_output,
+            next_token_ids=res.next_token_ids,
+            can_run_cuda_graph=res.can_run_cuda_graph,
+            accept_lens=torch.ones(bs, dtype=torch.int32, device=self.device),
+            new_seq_lens=seq_lens + 1,
+            next_draft_input=None,
+            speculative_num_draft_tokens=1,
+        )
+
+    # ------------------------------------------------------------------ γ ≥ 1
+    def _speculate(self, batch, gamma: int):
+        if self._kv is None:
+            self._kv = _sglang.kv_view(self.model_runner)
+        bs = len(batch.reqs)
+        width = gamma + 1
+        seq_lens = batch.seq_lens.to(torch.int64)
+        seq_dtype = batch.seq_lens.dtype
+        want_logprob = batch.return_logprob  # verify_forward clears it on the batch
+        params = sampler.SamplingParamsTensor.from_sampling_info(batch.sampling_info)
+        greedy = params.is_all_greedy
+
+        x0 = self._last_tokens(batch)
+        slots = self._slots(batch, width)  # [B, γ+1]
+        max_len = int(seq_lens.max()) + gamma
+        cols = torch.arange(max_len, device=self.device)
+        kv_index = self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], cols[None, :]].to(torch.int64)
+
+        clock = _Clock(self.device)
+        tokens, drafts, qs = x0, [], []
+        for j in range(gamma):
+            logits = self.drafter.step(tokens, seq_lens + j, slots[:, j], kv_index, seq_lens + j + 1, self._kv)
+            if greedy:
+                tokens = logits.argmax(-1)
+            else:
+                q = sampler.target_probs(logits, params)
+                tokens = sampler.sample(q)
+                qs.append(q)
+            drafts.append(tokens)
+        draft_tokens = torch.stack(drafts, 1)  # [B, γ]
+        t_draft = clock.lap()
+
+        verify_ids = torch.cat([x0[:, None], draft_tokens], 1)
+        logits_output = _sglang.verify_forward(
+            self._target_worker, batch, verify_ids.flatten(), slots.flatten(), seq_lens, width
+        )
+        target_logits = logits_output.next_token_logits.view(bs, width, -1)
+        t_verify = clock.lap()
+        if greedy:
+            accept_len, out_tokens = sampler.verify_greedy(draft_tokens, target_logits)
+        else:
+            p = sampler.target_probs(target_logits, params)
+            accept_len, out_tokens = sampler.verify(draft_tokens, torch.stack(qs, 1), p)
+        if self.config.inject_fault == "accept_all":  # test-only: NOT lossless
+            p = sampler.target_probs(target_logits, params)
+            accept_len = torch.full_like(accept_len, gamma)
+            out_tokens = torch.cat([draft_tokens, sampler.sample(p[:, gamma])[:, None]], 1)
+        next_token_ids = out_tokens.clamp_min(0).flatten()
+        if want_logprob:
+            _sglang.spec_logprobs(batch, logits_output, next_token_ids, width)
+        accept_lens = (accept_len + 1).to(torch.int32)
+        self.metrics.record(gamma, accept_len, bs, {"draft_step": (t_draft, gamma), "verify": (t_verify, 1)})
+        if self.controller:
+            self.controller.observe(gamma, {"draft": t_draft, "verify": t_verify}, accept_len)
+        return _sglang.generation_result(
+            logits_output=logits_output,
+            next_token_ids=next_token_ids,
+            can_run_cuda_graph=False,
+            accept_lens=accept_lens,
+            new_seq_lens=(seq_lens + accept_lens).to(seq_dtype),
+            next_draft_input=None,
+            speculative_num_draft_tokens=width,
+        )
+
+
+class _Clock:
+    """Phase timer; synchronises an accelerator so a lap measures the work, not its launch."""
+
+    def __init__(self, device: torch.device):
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._sync()
+        self._t = time.perf_counter()
+
+    def lap(self) -> float:
+        self._sync()
+        t = time.perf_counter()
+        dt, self._t = t - self._t, t
+        return dt

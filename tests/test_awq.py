@@ -1,0 +1,403 @@
+"""AWQ for the W4 drafter: activation statistics, the β search, norm folding. CPU only, fast."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sglang_er.awq import (
+    FOLD_TARGET,
+    LINEAR_GROUPS,
+    ActivationStats,
+    AWQQuantizer,
+    awq_scales,
+    fake_quant_f32,
+    fold_into_norm,
+    output_errors,
+    scale_weight,
+    search_scales,
+)
+from sglang_er.quantizer import fake_quant, quantize_rtn
+from sglang_er.w4linear import W4Linear
+
+
+def _acts(t, k, seed=0, n_outliers=6, factor=20.0):
+    """Activations [t, k] with a few input channels ``factor`` x larger (as in real LLMs)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=g)
+    idx = torch.randperm(k, generator=g)[:n_outliers]
+    x[:, idx] *= factor
+    return x
+
+
+def _weight(n, k, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * 0.02
+
+
+def _rel_err(x, w, s, group):
+    """Relative output error of the W4 layer (x/s) Q(W·diag(s))ᵀ on x."""
+    y = x @ w.t()
+    yq = (x / s) @ fake_quant(w * s[None, :], group).t()
+    return float((y - yq).pow(2).sum() / y.pow(2).sum())
+
+
+def _rms_norm(x, weight, eps=1e-6):
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.to(x.dtype) * weight
+
+
+# ============================================================================ search
+def test_awq_beats_rtn_with_outlier_channels():
+    k, n, group = 512, 384, 128
+    x = _acts(1536, k)
+    w = _weight(n, k)
+    st = ActivationStats(k, decay=1.0, max_tokens=256, reservoir_size=128)
+    for chunk in x[:1024].split(128):
+        st.update(chunk)
+    s, beta, err, grid, errs = search_scales(w, st.mean_abs(), st.sample(), group, return_all=True)
+    err_rtn = float(errs[grid.index(0.0)])
+    assert beta > 0
+    assert err <= 0.7 * err_rtn  # a clear margin on the sample (≈0.4x in practice)
+    assert err == pytest.approx(float(errs.min()))
+    # ... and on held-out rows the statistics never saw
+    held = x[1024:]
+    assert _rel_err(held, w, s, group) <= 0.75 * _rel_err(held, w, torch.ones(k), group)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_never_worse_than_rtn_on_the_sample(seed):
+    # no outliers: AWQ has little to gain, but the choice can never lose to RTN on the sample
+    k, n = 256, 128
+    x = _acts(200, k, seed=seed, n_outliers=0)
+    w = _weight(n, k, seed=seed + 10)
+    s, beta, err, grid, errs = search_scales([w[:64], w[64:]], x.abs().mean(0), x[:128], 64, return_all=True)
+    assert err <= float(errs[grid.index(0.0)])
+    assert 0.0 in grid and len(grid) == 11
+
+
+def test_beta_zero_is_rtn_exactly():
+    k, n, group = 256, 96, 64
+    x = _acts(64, k)
+    w = _weight(n, k)
+    m = x.abs().mean(0)
+    s0 = awq_scales(m, 0.0)
+    assert torch.equal(s0, torch.ones(k))
+    assert torch.equal(fake_quant(scale_weight(w, s0), group), fake_quant(w, group))
+    s, beta, err = search_scales(w, m, x, group, betas=[0.0])
+    assert beta == 0.0 and torch.equal(s, torch.ones(k))
+    rtn = float((x @ w.t() - x @ fake_quant(w, group).t()).pow(2).sum())
+    assert err == pytest.approx(rtn, rel=1e-5)
+    # 0 is always added to the grid
+    _, _, _, grid, _ = search_scales(w, m, x, group, betas=[0.5, 1.0], return_all=True)
+    assert grid == [0.0, 0.5, 1.0]
+    # a W4Linear with input_scale = ones stores exactly the RTN weight
+    lin = W4Linear.from_float(w, group_size=group, input_scale=s0)
+    assert torch.equal(lin.dequantize(), quantize_rtn(w, group).dequantize())
+
+
+def test_fake_quant_f32_is_bit_identical_to_quantizer():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 256, generator=g) * torch.logspace(-3, 2, 256)[None, :]
+    w[0, :64] = 0.3  # constant group
+    w[1, 64:128] = w[1, 64:128].abs() + 0.1  # all-positive: zero point clamps to 0
+    w[2, 128:192] = -w[2, 128:192].abs() - 0.1  # all-negative
+    w[3] = 0.0
+    for group in (32, 64, 128):
+        assert torch.equal(fake_quant_f32(w, group), fake_quant(w, group))
+    s = awq_scales(w.abs().mean(0), 0.7)
+    assert torch.equal(fake_quant_f32(w * s, 64), fake_quant(w * s, 64))
+
+
+def test_scales_normalised_like_autoawq():
+    m = torch.tensor([0.01, 0.1, 1.0, 10.0])
+    s = awq_scales(m, 1.0)
+    assert float(s.max() * s.min()) == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(s / s[0], m / m[0], rtol=1e-5)
+    assert bool((awq_scales(torch.zeros(4), 0.5) > 0).all())  # dead channels stay finite
+
+
+def test_output_errors_matches_layer_outputs():
+    k, n, group = 128, 64, 32
+    x = _acts(32, k)
+    w = _weight(n, k)
+    s = awq_scales(x.abs().mean(0), 0.5)
+    (err,) = output_errors(w, x, [s], group).tolist()
+    lin = W4Linear.from_float(w, group_size=group, input_scale=s)
+    direct = float((x @ w.t() - lin(x)).pow(2).sum())
+    assert err == pytest.approx(direct, rel=1e-4)
+
+
+def test_vectorised_large_k_is_fast():
+    # Qwen2-0.5B's down_proj input width; a per-channel Python loop would take minutes here
+    k, n = 4864, 256
+    x = _acts(128, k, n_outliers=20)
+    w = _weight(n, k)
+    st = ActivationStats(k, max_tokens=64)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        st.update(x)
+    t_update = (time.perf_counter() - t0) / 10
+    t0 = time.perf_counter()
+    s, beta, err = search_scales(w, st.mean_abs(), st.sample(), 128)
+    t_search = time.perf_counter() - t0
+    assert s.shape == (k,) and beta >= 0
+    assert t_update < 0.25, t_update
+    assert t_search < 10.0, t_search  # ~0.2 s on an idle 2-core machine
+
+
+# ============================================================================ folding
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fold_into_norm_equals_input_scale(dtype, tol):
+    k, n, group = 256, 192, 128
+    h = _acts(16, k, seed=3).to(dtype)
+    g = (1.0 + 0.3 * torch.randn(k, generator=torch.Generator().manual_seed(4))).to(dtype)
+    w = _weight(n, k).to(dtype)
+    s = awq_scales(_acts(256, k, seed=3).abs().mean(0), 0.5)
+
+    g_before = g.clone()
+    g_fold = fold_into_norm(g, s)
+    assert g_fold.dtype == dtype and torch.equal(g, g_before)  # the target's norm is untouched
+    folded = W4Linear.from_float(scale_weight(w, s), group_size=group, act_dtype=dtype)
+    scaled = W4Linear.from_float(w, group_size=group, input_scale=s, act_dtype=dtype)
+    assert torch.equal(folded.dequantize(), scaled.dequantize())  # same W4 weight
+    y_fold = folded(_rms_norm(h, g_fold))
+    y_scale = scaled(_rms_norm(h, g))
+    assert y_fold.dtype == y_scale.dtype == dtype
+    rel = float((y_fold.float() - y_scale.float()).norm() / y_scale.float().norm())
+    assert rel < tol
+    # both are the layer the search scored
+    x = _rms_norm(h, g).float()
+    ref = (x / s) @ fake_quant(w.float() * s[None, :], group).t()
+    assert float((y_scale.float() - ref).norm() / ref.norm()) < tol
+
+
+def test_requantize_with_input_scale():
+    k, n, group = 256, 64, 64
+    w = _weight(n, k)
+    s = awq_scales(_acts(64, k).abs().mean(0), 0.4)
+    lin = W4Linear.from_float(w, group_size=group, input_scale=torch.ones(k))
+    lin.requantize_(w, input_scale=s)
+    ref = W4Linear.from_float(w, group_size=group, input_scale=s)
+    assert torch.equal(lin.dequantize(), ref.dequantize())
+    assert torch.equal(lin.input_scale, ref.input_scale)
+
+
+def test_fold_targets_documented():
+    assert set(FOLD_TARGET) == set(LINEAR_GROUPS)
+    assert FOLD_TARGET["qkv"] == "input_layernorm"
+    assert FOLD_TARGET["gate_up"] == "post_attention_layernorm"
+    assert FOLD_TARGET["o"] is None and FOLD_TARGET["down"] is None
+
+
+# ============================================================================ statistics
+def test_stats_running_mean_matches_torch_mean():
+    k = 96
+    st = ActivationStats(k, decay=1.0, max_tokens=10_000, reservoir_size=32)
+    chunks = [_acts(t, k, seed=t) for t in (1, 7, 50, 3, 128)]
+    for c in chunks:
+        st.update(c.to(torch.bfloat16) if c.shape[0] == 3 else c)
+    full = torch.cat([c.to(torch.bfloat16).float() if c.shape[0] == 3 else c for c in chunks])
+    assert torch.allclose(st.mean_abs(), full.abs().mean(0), rtol=1e-5, atol=1e-6)
+    assert st.tokens_seen == st.tokens_used == full.shape[0]
+    assert st.num_updates == len(chunks)
+
+
+def test_stats_decay_weights_recent_updates():
+    k, d = 8, 0.5
+    st = ActivationStats(k, decay=d)
+    a, b = torch.full((4, k), 1.0), torch.full((2, k), 4.0)
+    st.update(a)
+    st.update(b)
+    expect = (d * 4 * 1.0 + 2 * 4.0) / (d * 4 + 2)
+    assert torch.allclose(st.mean_abs(), torch.full((k,), expect))
+
+
+def test_stats_sampling_bounds():
+    k, m, r = 32, 16, 24
+    st = ActivationStats(k, decay=1.0, sample_every=4, max_tokens=m, reservoir_size=r, reservoir_per_update=5)
+    assert [st.should_sample(i) for i in range(6)] == [True, False, False, False, True, False]
+    x = torch.arange(100 * k, dtype=torch.float32).reshape(100, k)  # distinct rows
+    st.update(x)
+    assert st.tokens_seen == 100 and st.tokens_used == m
+    assert st.reservoir_filled == m  # empty reservoir: fills with up to all sampled rows
+    st.update(x)
+    assert st.tokens_used == 2 * m
+    assert st.reservoir_filled == r  # then fills the rest, capped at R
+    for _ in range(5):
+        st.update(x)
+        assert st.reservoir_filled == r
+    assert st.tokens_used == 7 * m
+    rows = st.sample()
+    assert rows.shape == (r, k)
+    # every reservoir row is an input row, no zero (unwritten) rows remain
+    ids = rows[:, 0] / k
+    assert torch.equal(ids, ids.round()) and bool((rows[:, 1:] - rows[:, :1] == torch.arange(1, k)).all())
+    assert len(set(ids.tolist())) > 1  # a random subset, not always the first rows
+    assert st.maybe_update(x, iteration=3) is False and st.num_updates == 7
+    assert st.maybe_update(x, iteration=8) is True and st.num_updates == 8
+
+
+def test_stats_state_round_trip():
+    k = 48
+    a = ActivationStats(k, decay=0.9, max_tokens=8, reservoir_size=16, seed=5)
+    for i in range(4):
+        a.update(_acts(20, k, seed=i))
+    sd = a.state_dict()
+    b = ActivationStats(k)
+    b.load_state_dict(sd)
+    c = ActivationStats.from_state_dict(sd)
+    for o in (b, c):
+        assert torch.equal(o.mean_abs(), a.mean_abs())
+        assert torch.equal(o.sample(), a.sample())
+        assert (o.tokens_seen, o.tokens_used, o.num_updates, o.reservoir_ptr, o.decay, o.max_tokens) == (
+            a.tokens_seen, a.tokens_used, a.num_updates, a.reservoir_ptr, a.decay, a.max_tokens
+        )
+    # the random stream continues identically
+    nxt = _acts(20, k, seed=9)
+    a.update(nxt)
+    b.update(nxt)
+    assert torch.equal(a.mean_abs(), b.mean_abs()) and torch.equal(a.sample(), b.sample())
+    with pytest.raises(ValueError):
+        ActivationStats(k + 1).load_state_dict(sd)
+
+
+def test_stats_under_inference_mode_and_no_host_sync_types():
+    k = 16
+    with torch.inference_mode():
+        st = ActivationStats(k, max_tokens=4)
+        st.update(torch.randn(10, k))
+    st.update(torch.randn(3, 2, k))  # [..., K] inputs, outside inference mode afterwards
+    assert st.tokens_seen == 16 and st.tokens_used == 8
+    assert isinstance(st.mean_abs(), torch.Tensor) and st.weight.dim() == 0
+    with pytest.raises(ValueError):
+        st.update(torch.randn(2, k + 1))
+
+
+# ============================================================================ AWQQuantizer
+def _toy_layer(seed, d=64, inter=128):
+    return {
+        "qkv": [_weight(d, d, seed), _weight(64, d, seed + 1), _weight(64, d, seed + 2)],
+        "o": [_weight(d, d, seed + 3)],
+        "gate_up": [_weight(inter, d, seed + 4), _weight(inter, d, seed + 5)],
+        "down": [_weight(d, inter, seed + 6)],
+    }
+
+
+def test_quantizer_cold_start_then_search():
+    layers = [_toy_layer(0), _toy_layer(10)]
+    awq = AWQQuantizer(min_tokens=200, max_tokens=64, reservoir_size=64, betas=[0.25 * i for i in range(5)])
+    choices = awq.search(layers)
+    for lc in choices:
+        for group, c in lc.items():
+            assert c.fallback and c.beta == 0.0 and torch.equal(c.s, torch.ones_like(c.s))
+    widths = {"qkv": 64, "o": 64, "gate_up": 64, "down": 128}
+    for it in range(5):
+        for li in range(2):
+            for group, k in widths.items():
+                awq.observe(li, group, _acts(100, k, seed=100 * it + li))
+    assert awq.stats[(0, "qkv")].tokens_used == 5 * 64
+    choices = awq.search(layers)
+    assert [sorted(lc) for lc in choices] == [sorted(LINEAR_GROUPS)] * 2
+    for lc in choices:
+        for group, c in lc.items():
+            assert not c.fallback and c.tokens == 320
+            assert c.err <= c.err_rtn and c.rel_err <= c.rel_err_rtn < 1
+            assert c.s.shape == (widths[group],)
+    # outlier channels: AWQ wins clearly somewhere
+    assert min(c.err / c.err_rtn for lc in choices for c in lc.values()) < 0.8
+    assert all(c.candidates == 5 for lc in choices for c in lc.values())
+    # state round trip into a fresh quantizer gives the same choices
+    awq2 = AWQQuantizer(min_tokens=200, betas=awq.betas)
+    awq2.load_state_dict(awq.state_dict())
+    assert awq2.last == awq.last
+    c2 = awq2.choose(1, "down", layers[1]["down"], full=True)
+    assert c2.beta == choices[1]["down"].beta and torch.equal(c2.s, choices[1]["down"].s)
+    with pytest.raises(ValueError):
+        awq.observe(0, "lm_head", torch.randn(2, 64))
+
+
+class _Proj(torch.nn.Linear):
+    def __init__(self, k, n, seed):
+        super().__init__(k, n, bias=False)
+        self.weight.data = _weight(n, k, seed)
+
+
+class _ToyLlama(torch.nn.Module):
+    """The module layout of a transformers Llama (model.model.layers[i].self_attn.q_proj ...)."""
+
+    def __init__(self, d=64, inter=128, n_layers=2):
+        super().__init__()
+        layers = []
+        for i in range(n_layers):
+            layer = torch.nn.Module()
+            layer.self_attn = torch.nn.Module()
+            for j, (name, n) in enumerate((("q_proj", d), ("k_proj", 32), ("v_proj", 32), ("o_proj", d))):
+                setattr(layer.self_attn, name, _Proj(d, n, 10 * i + j))
+            layer.mlp = torch.nn.Module()
+            for j, (name, k, n) in enumerate((("gate_proj", d, inter), ("up_proj", d, inter), ("down_proj", inter, d))):
+                setattr(layer.mlp, name, _Proj(k, n, 10 * i + 5 + j))
+            layers.append(layer)
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, h):
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            q, v = a.q_proj(h), a.v_proj(h)
+            a.k_proj(h)
+            h = h + a.o_proj(q * v.repeat(1, 2))
+            h = h + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+        return h
+
+
+def test_quantizer_warm_start_local_search():
+    k = 128
+    w = [_weight(96, k)]
+    awq = AWQQuantizer(min_tokens=16, full_search_every=3)
+    awq.observe(0, "o", _acts(64, k))
+    n = []
+    for step in range(7):
+        w = [w[0] + 1e-4 * _weight(96, k, seed=step)]  # a small "RL update"
+        c = awq.choose(0, "o", w)
+        n.append(c.candidates)
+        assert c.err <= c.err_rtn
+    full_beta = awq.choose(0, "o", w, full=True)
+    assert n[0] == 11 and n[3] == 11 and n[6] == 11  # full grid every 3rd search
+    assert all(2 <= m <= 4 for i, m in enumerate(n) if i % 3)  # {0, β-0.1, β, β+0.1}
+    assert full_beta.candidates == 11 and abs(full_beta.beta - c.beta) <= 0.1 + 1e-9
+    always_full = AWQQuantizer(min_tokens=16, local_step=None)
+    always_full.observe(0, "o", _acts(64, k))
+    assert [always_full.choose(0, "o", w).candidates for _ in range(2)] == [11, 11]
+
+
+def test_hf_hooks_feed_every_group():
+    from sglang_er.awq import hf_llama_layer_weights, register_hf_llama_hooks
+
+    model = _ToyLlama()
+    awq = AWQQuantizer(min_tokens=8)
+    handles = register_hf_llama_hooks(model, awq)
+    with torch.no_grad():
+        model(_acts(24, 64, seed=7))
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        model(_acts(24, 64, seed=8))  # hooks removed: nothing more observed
+    assert sorted(awq.stats) == sorted((i, g) for i in range(2) for g in LINEAR_GROUPS)
+    assert all(st.tokens_seen == 24 for st in awq.stats.values())
+    weights = hf_llama_layer_weights(model)
+    assert [w.shape[0] for w in weights[0]["qkv"]] == [64, 32, 32]
+    choices = awq.search(weights)
+    for lc in choices:
+        for c in lc.values():
+            assert not c.fallback and c.err <= c.err_rtn
+    # the reported error is the output error of the fused qkv with the chosen s
+    c = choices[0]["qkv"]
+    x = awq.stats[(0, "qkv")].sample()
+    w = torch.cat(weights[0]["qkv"]).detach()
+    err = float((x @ w.t() - (x / c.s) @ fake_quant(scale_weight(w, c.s), 64).t()).pow(2).sum())
+    assert err == pytest.approx(c.err, rel=1e-4)

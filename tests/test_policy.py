@@ -1,0 +1,445 @@
+"""Cost model, acceptance model, γ policy and hardware profiles: fast, engine-free (no SGLang)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+
+from sglang_er.calibration import (
+    BUILTIN_PROFILES,
+    CalibrationSample,
+    HardwareProfile,
+    builtin_profile,
+    fit_profile,
+)
+from sglang_er.policy import (
+    KV_READ_RULE,
+    AcceptanceModel,
+    BatchStats,
+    CostModel,
+    ModelCost,
+    Policy,
+)
+
+QWEN2_05B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return ModelCost.from_config(QWEN2_05B)
+
+
+def _policy(profile: str, model: ModelCost, alpha: float = 0.8, gamma_max: int = 4, **kw) -> Policy:
+    cm = CostModel(builtin_profile(profile), model)
+    return Policy(cm, AcceptanceModel(gamma_max, prior_alpha=alpha), **kw)
+
+
+def test_policy_modules_do_not_import_sglang():
+    # The policy must be usable (and testable) without the engine, and light to import.
+    code = ("import sys, sglang_er.policy, sglang_er.calibration; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sglang', 'torch')); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------- model cost
+def test_model_cost_qwen2_05b(qwen):
+    assert qwen.head_dim == 64 and qwen.attention_bias and qwen.tie_word_embeddings
+    assert abs(qwen.num_params - 494e6) / 494e6 < 0.01
+    assert abs(qwen.target_weight_bytes - 2 * 494e6) / (2 * 494e6) < 0.02
+    # tied: the lm_head is the embedding, so one forward streams every weight once
+    assert qwen.target_read_bytes == pytest.approx(qwen.target_weight_bytes, rel=1e-9)
+    assert qwen.kv_bytes_per_token == 2 * 24 * 2 * 64 * 2  # K+V · layers · kv heads · hd · bf16
+    # W4 linears: 0.5 byte/param + (bf16 scale + bf16 zero) per group of 128 input channels
+    lin = 24 * qwen.layer_linear_params
+    assert qwen.drafter_layer_bytes == pytest.approx(lin * 0.5 + lin / 128 * 4.0)
+    assert qwen.head_bytes == 151936 * 896 * 2  # shared bf16 head
+    assert qwen.drafter_weight_bytes == qwen.drafter_layer_bytes  # the shared head costs no memory
+    assert qwen.draft_read_bytes < 0.5 * qwen.target_read_bytes
+    w4h = ModelCost.from_config(QWEN2_05B, w4_head=True)
+    assert w4h.head_bytes < qwen.head_bytes / 3.5
+    assert w4h.drafter_weight_bytes == pytest.approx(w4h.drafter_layer_bytes + w4h.head_bytes)
+    assert qwen.flops_per_token == pytest.approx(2 * (lin + 151936 * 896))
+    explicit = ModelCost(num_layers=24, hidden=896, intermediate=4864, num_heads=14, num_kv_heads=2,
+                         head_dim=64, vocab=151936, tie_word_embeddings=True, attention_bias=True)
+    assert explicit == qwen
+
+
+def test_model_cost_group_rule_matches_quantizer():
+    from sglang_er import policy
+    from sglang_er.quantizer import SUPPORTED_GROUP_SIZES, choose_group_size
+
+    assert policy._SUPPORTED_GROUPS == SUPPORTED_GROUP_SIZES
+    for k in (576, 896, 1536, 4864, 1152, 160):
+        assert policy._w4_group(k, 128) == choose_group_size(k, 128)
+
+
+def test_model_cost_config_errors():
+    bad = dict(QWEN2_05B)
+    del bad["intermediate_size"]
+    with pytest.raises(ValueError, match="intermediate_size"):
+        ModelCost.from_config(bad)
+    with pytest.raises(ValueError, match="dtype"):
+        ModelCost.from_config({**QWEN2_05B, "torch_dtype": "int8"})
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ModelCost.from_config({**QWEN2_05B, "num_key_value_heads": 3})
+
+
+# ---------------------------------------------------------------------- cost model
+def test_cost_uses_each_requests_length(qwen):
+    cm = CostModel(builtin_profile("cpu"), qwen)
+    # Attention traffic is linear in every length: the same total costs the same ...
+    assert cm.t_plain([100, 3900]) == pytest.approx(cm.t_plain([2000, 2000]))
+    assert cm.t_plain([1000] * 3 + [5000]) > cm.t_plain([1000] * 4)
+    # ... but the padded drafter streams max(L)+γ for every request: skew costs it
+    assert cm.t_draft([100, 3900], 2) > cm.t_draft([2000, 2000], 2)
+    torch = pytest.importorskip("torch")
+    assert cm.t_verify(torch.tensor([7, 300, 4000]), 3) == cm.t_verify([7, 300, 4000], 3)
+    # roofline: verifying γ+1 tokens at batch 1 costs about one plain forward, not γ+1
+    assert cm.t_verify([512], 4) < 1.2 * cm.t_plain([512])
+    with pytest.raises(ValueError, match="non-negative integers"):
+        cm.t_plain([10, -1])
+    with pytest.raises(ValueError, match="empty"):
+        cm.t_plain([])
+    with pytest.raises(ValueError, match="γ"):
+        cm.t_verify([10], 0)
+
+
+def test_kv_read_rule_per_request_vs_shared_once(qwen):
+    assert KV_READ_RULE == {"torch_native": "per_request", "flashinfer": "per_request",
+                            "flashinfer_cascade": "shared_once", "triton": "per_request"}
+    prof = builtin_profile("h100")
+    per_req = CostModel(prof, qwen, kv_read_rule="per_request")
+    shared = CostModel(prof, qwen, kv_read_rule="shared_once")
+    assert CostModel(prof, qwen, attention_backend="flashinfer_cascade").kv_read_rule == "shared_once"
+    assert CostModel(prof, qwen, attention_backend="triton").kv_read_rule == "per_request"
+    assert CostModel(builtin_profile("cpu"), qwen).kv_read_rule == "per_request"  # torch_native
+
+    lens = [600] * 8  # GRPO: 8 samples of one 500-token prompt, 100 tokens generated each
+    group = [(500, range(8))]
+    kv = qwen.kv_bytes_per_token
+    # per_request: shared pages are still read by every request -> groups change nothing
+    assert per_req.predicted_bytes("plain", lens, 0, group) == per_req.predicted_bytes("plain", lens)
+    assert per_req.t_plain(lens, group) == per_req.t_plain(lens)
+    # shared_once: the 500-token prefix is read once instead of 8 times
+    saved = shared.predicted_bytes("plain", lens) - shared.predicted_bytes("plain", lens, 0, group)
+    assert saved == pytest.approx(7 * 500 * kv * shared.kv_traffic_factor)
+    saved_v = shared.predicted_bytes("verify", lens, 3) - shared.predicted_bytes("verify", lens, 3, group)
+    assert saved_v == pytest.approx(saved)  # the verify reads each KV page once for its γ+1 queries
+    assert shared.t_plain(lens, group) < shared.t_plain(lens)
+    # the padded drafter gathers per request whatever the target backend does
+    assert shared.t_draft(lens, 3, group) == shared.t_draft(lens, 3)
+    # nested radix groups: 4 of them also share 550 tokens -> 3 more requests save 50 more each
+    nested = group + [(550, [4, 5, 6, 7])]
+    saved2 = shared.predicted_bytes("plain", lens) - shared.predicted_bytes("plain", lens, 0, nested)
+    assert saved2 == pytest.approx((7 * 500 + 3 * 50) * kv * shared.kv_traffic_factor)
+    with pytest.raises(ValueError, match="longer than request"):
+        shared.t_plain([600, 400], [(500, [0, 1])])
+    with pytest.raises(ValueError, match="not a request index"):
+        shared.t_plain([600, 600], [(500, [0, 2])])
+    with pytest.raises(ValueError, match="kv_read_rule"):
+        CostModel(prof, qwen, kv_read_rule="sometimes")
+    with pytest.raises(ValueError, match="no known KV read rule"):
+        CostModel(prof, qwen, attention_backend="my_backend")
+
+
+def _slow_twin(p: HardwareProfile, k: float) -> HardwareProfile:
+    """The same machine, k× slower in everything: every prediction scales by exactly k."""
+    return p.model_copy(update=dict(
+        bandwidth_bytes_per_s=p.bandwidth_bytes_per_s / k,
+        flops_per_s={c: f / k for c, f in p.flops_per_s.items()},
+        fixed_plain_s=p.fixed_plain_s * k, fixed_draft_step_s=p.fixed_draft_step_s * k,
+        fixed_verify_s=p.fixed_verify_s * k, per_seq_s=p.per_seq_s * k, per_seq_draft_s=p.per_seq_draft_s * k,
+    ))
+
+
+def test_live_correction_follows_a_2x_slower_machine(qwen):
+    prof = builtin_profile("cpu")
+    cm = CostModel(prof, qwen)
+    truth = CostModel(_slow_twin(prof, 2.0), qwen)
+    rng = random.Random(0)
+    for _ in range(20):
+        lens = [rng.randint(50, 3000) for _ in range(rng.randint(1, 24))]
+        g = rng.randint(1, 4)
+        noise = lambda: 1.0 + rng.uniform(-0.03, 0.03)  # noqa: E731
+        cm.observe("plain", lens, 0, truth.t_plain(lens) * noise())
+        cm.observe("draft", lens, g, truth.t_draft(lens, g) * noise())
+        obs = cm.observe("verify", lens, g, truth.t_verify(lens, g) * noise())
+    assert 0 < obs.bw_util < 1 and obs.rel_err_raw == pytest.approx(0.5, abs=0.03)
+    for phase in ("plain", "draft", "verify"):
+        assert cm.multiplier[phase] == pytest.approx(2.0, rel=0.05)
+    lens = [1234, 77, 2900]
+    assert cm.t_plain(lens) == pytest.approx(truth.t_plain(lens), rel=0.06)
+    assert cm.t_iteration(lens, 3) == pytest.approx(truth.t_iteration(lens, 3), rel=0.06)
+    assert cm.t_plain(lens, corrected=False) == pytest.approx(truth.t_plain(lens) / 2)
+
+    stats = cm.error_stats()
+    for phase in ("plain", "draft", "verify"):
+        s = stats[phase]
+        assert s["n"] == 20 and s["window"] == 20
+        assert s["mean_rel_err_raw"] == pytest.approx(0.5, abs=0.03)  # the profile alone: off by 2×
+        assert s["mean_rel_err_corrected"] < s["mean_rel_err_raw"]
+        assert cm.error_stats(last=5)[phase]["mean_rel_err_corrected"] < 0.06  # after convergence
+        assert 0 < s["bw_util"] < 1
+
+    # bounded: one absurd measurement (a GC pause) cannot push a multiplier outside [0.2, 5]
+    m_before = cm.multiplier["plain"]
+    cm.observe("plain", [100], 0, 1e3)
+    assert m_before < cm.multiplier["plain"] <= 5.0
+    for _ in range(100):
+        cm.observe("plain", [100], 0, 1e3)
+    assert cm.multiplier["plain"] == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="phase"):
+        cm.observe("prefill", [10], 0, 0.1)
+    with pytest.raises(ValueError, match="positive"):
+        cm.observe("plain", [10], 0, float("nan"))
+
+
+# ---------------------------------------------------------------------- acceptance
+def _geometric(rng, alphas, gamma):
+    a = 0
+    while a < gamma and rng.random() < alphas[a]:
+        a += 1
+    return a
+
+
+@pytest.mark.parametrize("alphas", [[0.8] * 4, [0.9, 0.8, 0.65, 0.5]])
+def test_acceptance_estimates_alpha(alphas):
+    rng = random.Random(1)
+    acc = AcceptanceModel(4, window=16384)
+    for _ in range(1000):  # batches of 8 at γ = 4
+        acc.observe(4, [_geometric(rng, alphas, 4) for _ in range(8)])
+    est = acc.alphas()
+    assert all(abs(e - a) < 0.03 for e, a in zip(est, alphas)), (est, alphas)
+    e_true = 1 + sum(math.prod(alphas[:k]) for k in range(1, 5))
+    assert acc.expected_tokens(4) == pytest.approx(e_true, abs=0.08)
+
+
+def test_acceptance_closed_form_and_cold_start():
+    for alpha in (0.3, 0.7, 0.95):
+        acc = AcceptanceModel(6, prior_alpha=alpha)  # cold start: every α_k is the prior
+        assert acc.alphas() == pytest.approx([alpha] * 6)
+        for g in range(7):
+            assert acc.expected_tokens(g) == pytest.approx((1 - alpha ** (g + 1)) / (1 - alpha))
+    acc = AcceptanceModel(4)
+    with pytest.raises(ValueError, match="accept_len"):
+        acc.observe(2, [3])
+    with pytest.raises(ValueError, match="outside"):
+        acc.observe(5, [1])
+
+
+def test_acceptance_window_and_unvisited_positions():
+    rng = random.Random(2)
+    acc = AcceptanceModel(4, window=2000, prior_alpha=0.7)
+    for _ in range(250):
+        acc.observe(1, [_geometric(rng, [0.9] * 4, 1) for _ in range(8)])
+    # only position 1 was ever tried (γ = 1): deeper positions follow the pooled rate, not 0.7
+    assert all(abs(a - 0.9) < 0.03 for a in acc.alphas())
+    for _ in range(250):  # the regime changes; the window forgets the old one
+        acc.observe(4, [_geometric(rng, [0.3] * 4, 4) for _ in range(8)])
+    assert acc.num_observations == 2000
+    assert abs(acc.alphas()[0] - 0.3) < 0.05
+
+
+def test_acceptance_per_request():
+    acc = AcceptanceModel(4, prior_alpha=0.8, request_min_obs=8)
+    rng = random.Random(3)
+    for _ in range(50):
+        acc.observe(4, [_geometric(rng, [0.8] * 4, 4) for _ in range(6)])
+    srv = acc.expected_tokens(4)
+    for i in range(7):
+        acc.observe_request("hard", 4, 0)  # a request whose drafts are always rejected
+    assert acc.expected_tokens(4, rid="hard") == srv  # not enough history yet
+    acc.observe_request("hard", 4, 0)
+    assert acc.expected_tokens(4, rid="hard") < srv - 1  # 8 records: shrunk halfway to the server's α
+    for i in range(32):
+        acc.observe_request("hard", 4, 0)
+    assert acc.expected_tokens(4, rid="hard") < 1.5 < srv
+    assert acc.expected_tokens(4) == srv  # observe_request leaves the server-wide window alone
+    acc.observe(4, [4, 0], rids=["easy", "hard"])  # observe(rids=) records both
+    assert acc.num_observations == 50 * 6 + 2
+    assert acc.expected_tokens(4, rid="hard") < 1.5
+    srv = acc.expected_tokens(4)
+    total = acc.batch_expected_tokens(3, ["hard", "x", "y"])
+    assert total[4] == pytest.approx(acc.expected_tokens(4, "hard") + 2 * srv)
+    assert total[0] == 3.0
+    acc.forget("hard")
+    assert acc.expected_tokens(4, rid="hard") == srv
+
+
+# ---------------------------------------------------------------------- policy
+def test_policy_switches_with_batch_and_hardware(qwen):
+    cpu = _policy("cpu", qwen)
+    d1 = cpu.evaluate([512])
+    assert d1.gamma > 0 and d1.speedup > 1.2
+    assert set(d1.predicted_tokens_per_s) == {0, 1, 2, 3, 4} and d1.reason
+    assert cpu.evaluate([512] * 256).gamma == 0
+    cross_cpu = cpu.crossover_batch(512)
+    h100 = _policy("h100", qwen)
+    assert h100.evaluate([512]).gamma > 0
+    cross_h100 = h100.crossover_batch(512)
+    assert cross_cpu is not None and cross_h100 is not None
+    assert 2 <= cross_cpu < cross_h100
+    # speculation at batch cross-1, none at cross
+    assert cpu.evaluate([512] * (cross_cpu - 1)).gamma > 0
+    assert cpu.evaluate([512] * cross_cpu).gamma == 0
+    # acceptance matters: a drafter that is always wrong is never worth running
+    assert _policy("cpu", qwen, alpha=0.05).evaluate([512]).gamma == 0
+
+
+def test_policy_deterministic_hysteresis_and_fixed(qwen):
+    lens = [random.Random(4).randint(10, 2000) for _ in range(5)]
+    a, b = _policy("cpu", qwen), _policy("cpu", qwen)
+    assert a.choose(lens) == b.choose(lens)
+    assert a.choose(lens) == a.choose(lens)
+
+    # Hysteresis: having chosen γ>0, a batch where plain is only slightly better keeps γ
+    pol = _policy("cpu", qwen, hysteresis=0.5)
+    g1 = pol.choose([512]).gamma
+    cross = pol.crossover_batch(512)
+    d = pol.evaluate([512] * cross)
+    assert d.gamma == 0 and d.predicted_tokens_per_s[0] < 1.5 * d.predicted_tokens_per_s[g1]
+    kept = pol.choose([512] * cross)
+    assert kept.gamma == g1 and "hysteresis" in kept.reason
+    assert pol.choose([512] * 512).gamma == 0  # a large change still switches
+
+    # min_gain: demand a 10× gain -> never speculate
+    assert _policy("cpu", qwen, min_gain=10.0).evaluate([512]).gamma == 0
+    # the ladder restricts γ
+    lad = _policy("cpu", qwen, ladder=[2])
+    assert lad.evaluate([512]).gamma == 2 and set(lad.evaluate([512]).predicted_tokens_per_s) == {0, 2}
+    with pytest.raises(ValueError, match="ladder"):
+        _policy("cpu", qwen, ladder=[1, 8])
+
+    # fixed mode, with and without models
+    assert Policy.fixed(3).choose([10] * 100).gamma == 3
+    assert Policy.fixed(0).choose([10]).gamma == 0
+    cm = CostModel(builtin_profile("cpu"), qwen)
+    fx = Policy.fixed(2, cm, AcceptanceModel(4))
+    d = fx.choose([512] * 256)
+    assert d.gamma == 2 and d.predicted_tokens_per_s[2] < d.predicted_tokens_per_s[0]
+
+    # per-request acceptance feeds the decision
+    acc = AcceptanceModel(4, prior_alpha=0.8)
+    for _ in range(10):
+        acc.observe_request("bad", 4, 0)
+    pol = Policy(cm, acc)
+    assert pol.evaluate([512], rids=["bad"]).gamma == 0
+    assert pol.evaluate([512], rids=["new"]).gamma > 0
+
+
+def test_policy_decision_is_cheap(qwen):
+    import time
+
+    pol = _policy("cpu", qwen)
+    lens = list(range(100, 100 + 256))
+    t = time.perf_counter()
+    for _ in range(20):
+        pol.choose(lens)
+    assert (time.perf_counter() - t) / 20 < 0.01  # well under a forward (generous for slow CI)
+
+
+# ---------------------------------------------------------------------- profiles
+def test_profile_json_round_trip(tmp_path):
+    for name, p in BUILTIN_PROFILES.items():
+        path = p.save(tmp_path / f"{name}.json")
+        q = HardwareProfile.load(path)
+        assert q == p
+        assert HardwareProfile.from_json(p.to_json()) == p
+    assert builtin_profile("cpu").bandwidth_bytes_per_s == 16e9
+    assert builtin_profile("cpu").fixed_plain_s == pytest.approx(19e-3)
+    with pytest.raises(ValueError, match="unknown built-in"):
+        builtin_profile("tpu")
+
+
+def _corrupt(tmp_path, text: str, name="p.json"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda d: d.update(bandwidth_bytes_per_s="16e9"), "bandwidth_bytes_per_s"),
+        (lambda d: d.update(bandwidth_bytes_per_s=-1.0), "bandwidth_bytes_per_s"),
+        (lambda d: d.update(bandwidth_bytes_per_s=16.0), "bandwidth_bytes_per_s"),  # GB/s written as bytes/s
+        (lambda d: d.update(fixed_plain_s=19.0), "fixed_plain_s"),  # ms written as s
+        (lambda d: d.update(flops_per_s={"fp32": 1e11}), "bf16"),
+        (lambda d: d.update(flops_per_s={"bf16": 2e11, "int3": 1e9}), "int3"),
+        (lambda d: d.update(bandwidth_bytes_per_s=2e11, flops_per_s={"bf16": 16e9}), "implausible"),  # swapped
+        (lambda d: d.update(bandwith=1.0), "bandwith"),  # misspelt field
+        (lambda d: d.pop("fixed_verify_s"), "fixed_verify_s"),
+        (lambda d: d.update(schema_version=2), "schema_version 2"),
+    ],
+)
+def test_profile_rejects_bad_fields(tmp_path, mutate, match):
+    d = json.loads(builtin_profile("cpu").to_json())
+    mutate(d)
+    path = _corrupt(tmp_path, json.dumps(d))
+    with pytest.raises(ValueError, match=match) as e:
+        HardwareProfile.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_profile_rejects_corrupt_or_mismatched(tmp_path):
+    good = builtin_profile("h100").to_json()
+    with pytest.raises(ValueError, match="not valid JSON"):
+        HardwareProfile.load(_corrupt(tmp_path, good[: len(good) // 2]))
+    with pytest.raises(ValueError, match="finite"):
+        HardwareProfile.load(_corrupt(tmp_path, good.replace("3350000000000.0", "NaN")))
+    with pytest.raises(ValueError, match="JSON object"):
+        HardwareProfile.load(_corrupt(tmp_path, "[1, 2]"))
+    with pytest.raises(ValueError, match="cannot read"):
+        HardwareProfile.load(tmp_path / "missing.json")
+    path = _corrupt(tmp_path, good)
+    assert HardwareProfile.load(path, device="nvidia  H100 80GB HBM3").name == "h100-sxm"
+    with pytest.raises(ValueError, match="measured on 'NVIDIA H100 80GB HBM3' but this machine is 'NVIDIA A100"):
+        HardwareProfile.load(path, device="NVIDIA A100-SXM4-80GB")
+
+
+def test_fit_profile_recovers_roofline(qwen):
+    true = builtin_profile("cpu").model_copy(update=dict(
+        bandwidth_bytes_per_s=11e9, flops_per_s={"bf16": 1.5e11, "w4": 0.8e11},
+        fixed_plain_s=25e-3, fixed_verify_s=30e-3, fixed_draft_step_s=2e-3, per_seq_s=0.5e-3,
+        per_seq_draft_s=0.1e-3,
+    ))
+    cm = CostModel(true, qwen)
+    samples = []
+    for B in (1, 2, 4, 8, 16, 32, 64, 128):
+        for L in (64, 512, 2048):
+            st = BatchStats.uniform(B, L)
+            w = cm.work_plain(st)
+            samples.append((w.bytes, w.flops["target"], B, cm.t_plain(st)))  # tuple form = plain
+            samples.append(cm.calibration_sample("verify", st, 3, cm.t_verify(st, 3)))
+            d = cm.calibration_sample("draft", st, 2, cm.t_draft(st, 2))
+            assert d.forwards == 2 and set(d.flops) == {"w4", "bf16"}  # W4 layers, bf16 head
+            samples.append(d.model_dump())  # dict form
+    fit = fit_profile(samples, name="fit", device="test-box", measured_with="synthetic")
+    assert fit.fit_rel_rms < 1e-3
+    assert fit.bandwidth_bytes_per_s == pytest.approx(11e9, rel=0.02)
+    assert fit.flops_per_s["bf16"] == pytest.approx(1.5e11, rel=0.02)
+    assert fit.flops_per_s["w4"] == pytest.approx(0.8e11, rel=0.05)
+    assert fit.flops_per_s["fp32"] == BUILTIN_PROFILES["cpu-2core"].flops_per_s["fp32"]  # not measured
+    for f in ("fixed_plain_s", "fixed_verify_s", "fixed_draft_step_s", "per_seq_s", "per_seq_draft_s"):
+        assert getattr(fit, f) == pytest.approx(getattr(true, f), rel=0.05, abs=2e-5), f
+    assert "bandwidth_bytes_per_s" in fit.fitted and "flops_per_s.fp32" not in fit.fitted
+    assert HardwareProfile.from_json(fit.to_json()) == fit
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_profile([(1e9, 1e9, 1, 0.1)])

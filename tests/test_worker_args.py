@@ -1,0 +1,76 @@
+"""EFFROLLOUT rejects settings it does not support, at startup, with a message naming the fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sglang_er.algorithm import resolve_gamma, validate_server_args
+from sglang_er.config import EffRolloutConfig
+from sglang_er.launcher import free_port
+
+
+class _Args:
+    """The fields validate_server_args reads, with SGLang's defaults."""
+
+    def __init__(self, **kw):
+        self.speculative_draft_model_path = None
+        self.speculative_eagle_topk = None
+        self.speculative_num_draft_tokens = None
+        self.speculative_num_steps = None
+        self.pp_size = self.tp_size = self.dp_size = self.page_size = 1
+        self.enable_dp_attention = False
+        self.kv_cache_dtype = "auto"
+        self.disable_overlap_schedule = False
+        self.__dict__.update(kw)
+
+
+def test_defaults_are_resolved():
+    a = _Args(speculative_num_draft_tokens=6)
+    validate_server_args(a)
+    assert (a.speculative_num_steps, a.speculative_num_draft_tokens, a.speculative_eagle_topk) == (5, 6, 1)
+    assert a.disable_overlap_schedule is True
+    b = _Args(speculative_num_steps=2)
+    validate_server_args(b)
+    assert b.speculative_num_draft_tokens == 3
+    assert resolve_gamma(None, None) >= 1
+
+
+@pytest.mark.parametrize("kw, fix", [
+    ({"speculative_draft_model_path": "/some/draft"}, "remove --speculative-draft-model-path"),
+    ({"speculative_eagle_topk": 4}, "--speculative-eagle-topk"),
+    ({"speculative_num_draft_tokens": 40}, "--speculative-num-draft-tokens between"),
+    ({"speculative_num_draft_tokens": 4, "speculative_num_steps": 5}, "pass only one"),
+    ({"tp_size": 2}, "remove --tp-size 2"),
+    ({"pp_size": 2}, "remove --pp-size 2"),
+    ({"enable_dp_attention": True}, "--enable-dp-attention"),
+    ({"kv_cache_dtype": "fp8_e5m2"}, "--kv-cache-dtype"),
+])
+def test_unsupported_settings_name_the_fix(kw, fix):
+    with pytest.raises(ValueError, match=fix):
+        validate_server_args(_Args(**kw))
+
+
+@pytest.mark.parametrize("env, fix", [("9", "lower"), ("abc", "SGLANG_ER_GAMMA=3"), ("", None), ("0,2", None)])
+def test_gamma_env(env, fix):
+    if fix is None:
+        EffRolloutConfig.from_env(4, {"SGLANG_ER_GAMMA": env})
+    else:
+        with pytest.raises(ValueError, match=fix):
+            EffRolloutConfig.from_env(4, {"SGLANG_ER_GAMMA": env})
+
+
+@pytest.mark.parametrize("args, env, fix", [
+    (["--speculative-eagle-topk", "4"], {}, "--speculative-eagle-topk"),
+    ([], {"SGLANG_ER_GAMMA": "99"}, "SGLANG_ER_GAMMA"),
+])
+def test_server_refuses_to_start_and_says_why(tiny_model, args, env, fix):
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_model), "--port", str(free_port()),
+           "--max-total-tokens", "2048", "--speculative-algorithm", "EFFROLLOUT", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **env},
+                         start_new_session=True)
+    assert out.returncode != 0
+    assert fix in out.stdout + out.stderr
