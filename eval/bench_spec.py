@@ -42,9 +42,23 @@ def delta(after: dict, before: dict) -> dict:
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
 
-def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamma: int) -> dict:
+def gsm8k_chat_prompts(model_path, k: int = 64) -> list[str]:
+    """GSM8K test questions in the model's chat template: realistic acceptance for a real model."""
+    from transformers import AutoTokenizer
+
+    from eval.math_data import load_problems
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    items = load_problems("gsm8k", limit=k)
+    return [tok.apply_chat_template([{"role": "user", "content": it.question + " Please reason step by step, and "
+                                      "put your final answer within \\boxed{}."}],
+                                    tokenize=False, add_generation_prompt=True) for it in items]
+
+
+def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamma: int, prompts=None) -> dict:
     def one(i):
-        return srv.generate(f"[{i}] {PROMPT}", max_new_tokens=new_tokens, temperature=temperature, ignore_eos=True)
+        text = prompts[i % len(prompts)] if prompts else f"[{i}] {PROMPT}"
+        return srv.generate(text, max_new_tokens=new_tokens, temperature=temperature, ignore_eos=True)
 
     before = scrape(srv.url)
     t0 = time.perf_counter()
@@ -76,13 +90,20 @@ def main() -> None:
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--draft-heads", nargs="+", default=["shared"], choices=["shared", "w4"],
+                   help="drafter lm_head: the target's (shared) and/or a W4 copy")
+    p.add_argument("--prompts", choices=["synthetic", "gsm8k"], default="synthetic",
+                   help="gsm8k: GSM8K questions in the model's chat template (for real models)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     path = build_model(args.model)
+    prompts = gsm8k_chat_prompts(path) if args.prompts == "gsm8k" else None
     gmax = max(args.gammas)
-    configs = [("plain", 0, [], {})] + [
-        (f"gamma={g}", g, ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(gmax)],
-         {"SGLANG_ER_GAMMA": str(g)}) for g in [0, *args.gammas]
+    spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(gmax)]
+    configs = [("plain", 0, [], {}), ("gamma=0", 0, spec, {"SGLANG_ER_GAMMA": "0"})] + [
+        (f"gamma={g}" + ("" if head == "shared" else f"/{head}"), g, spec,
+         {"SGLANG_ER_GAMMA": str(g), "SGLANG_ER_DRAFT_HEAD": head})
+        for head in args.draft_heads for g in args.gammas
     ]
     results: dict = {}
     for name, gamma, extra, env in configs:
@@ -90,7 +111,7 @@ def main() -> None:
             srv.generate(PROMPT, max_new_tokens=8, temperature=0)  # warm-up
             for temp in args.temperatures:
                 for b in args.batches:
-                    r = run_batch(srv, b, args.new_tokens, temp, gamma)
+                    r = run_batch(srv, b, args.new_tokens, temp, gamma, prompts)
                     results[(name, temp, b)] = r
                     print(f"{args.model} {name:>8} T={temp:g} B={b:3d}: {r['tok_s']:7.1f} tok/s  "
                           + "  ".join(f"{k}={v:.4g}" for k, v in r.items() if k != "tok_s" and v is not None),
@@ -101,13 +122,13 @@ def main() -> None:
             base = results[("plain", temp, b)]["tok_s"]
             t_t = results[("gamma=0", temp, b)]["t_plain"]
             cells = []
-            for g in args.gammas:
-                r = results[(f"gamma={g}", temp, b)]
+            for name in [c[0] for c in configs[2:]]:
+                r = results[(name, temp, b)]
                 rd = r["t_draft_step"] / t_t if r["t_draft_step"] and t_t else float("nan")
                 rv = r["t_verify"] / t_t if r["t_verify"] and t_t else float("nan")
-                cells.append(f"γ={g}: {r['tok_s'] / base:4.2f}x (T_D/T_T {rd:.2f}, T_V/T_T {rv:.2f}, "
-                             f"acc {r['accept_rate'] or 0:.2f})")
-            print(f"T={temp:g} B={b:3d}  " + "  ".join(cells), flush=True)
+                cells.append(f"{name}: {r['tok_s'] / base:4.2f}x (T_D/T_T {rd:.2f}, T_V/T_T {rv:.2f}, "
+                             f"α {r['accept_rate'] or 0:.2f}, L {r['accept_length'] or 0:.2f})")
+            print(f"T={temp:g} B={b:3d}  " + "\n              ".join(cells), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()}, f, indent=1)

@@ -8,6 +8,7 @@ have no SGLang flag are environment variables, read in every SGLang process alik
   Unset: γ = the server's ``--speculative-num-draft-tokens`` − 1.
 - ``SGLANG_ER_MODE``: ``auto`` (default: γ chosen every iteration by the system-aware policy)
   or ``fixed``; setting ``SGLANG_ER_GAMMA`` implies ``fixed``.
+- ``SGLANG_ER_DRAFT_HEAD``: ``shared`` (default: the target's lm_head) or ``w4`` (a 4-bit copy).
 - ``SGLANG_ER_INJECT_FAULT=accept_all``: test-only fault injection (accept every draft, which
   is NOT lossless) so the distribution tests can prove they detect a wrong acceptance rule.
 """
@@ -28,6 +29,7 @@ class EffRolloutConfig(BaseModel):
     gamma_max: int = Field(DEFAULT_GAMMA, ge=1, le=MAX_GAMMA)
     gamma_schedule: list[int] | None = None  # None: always gamma_max
     mode: Literal["auto", "fixed"] = "auto"
+    draft_head: Literal["shared", "w4"] = "shared"
     inject_fault: Literal["accept_all"] | None = None
 
     @field_validator("gamma_schedule")
@@ -65,6 +67,7 @@ class EffRolloutConfig(BaseModel):
             if mode == "auto" and schedule:
                 raise ValueError("SGLANG_ER_GAMMA fixes γ: drop it or set SGLANG_ER_MODE=fixed, not auto")
             return cls(gamma_max=gamma_max, gamma_schedule=schedule, mode=mode,
+                       draft_head=environ.get("SGLANG_ER_DRAFT_HEAD") or "shared",
                        inject_fault=environ.get("SGLANG_ER_INJECT_FAULT") or None)
         except ValidationError as e:
             raise ValueError(f"invalid EFFROLLOUT settings: {e}") from None

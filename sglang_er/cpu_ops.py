@@ -9,6 +9,7 @@ portable CPU platform is active.
 |---|---|---|
 | ``MHATokenToKVPool._init_kv_copy_and_warmup`` | any speculative algorithm is on: the pool warms a Triton KV-copy kernel at creation | no copy config (a chain drafter never moves KV between slots) |
 | ``allocation.assign_req_to_token_pool_func`` | speculative decode allocation writes new slots into ``req_to_token`` | :func:`assign_req_to_token_pool` |
+| ``utils.common.get_device`` (AROUND) | a server started without ``--device``: SGLang asks the out-of-tree platform for the device and gets a ``torch.device``, then calls ``.split(":")`` on it | the same device as a string |
 | ``TorchNativeAttnBackend._run_sdpa_forward_extend`` | every EXTEND forward under ``--attention-backend torch_native``: prefill, chunked prefill / radix hits, and our verify (γ+1 tokens after L committed, run as EXTEND then flipped to TARGET_VERIFY). SGLang pads each request's queries to the full KV length and runs an L×L causal SDPA, so a verify costs ~L/(γ+1) times the useful work | :func:`sdpa_forward_extend`: only the extend rows, a (γ+1)×L SDPA whose causal mask is offset by the prefix length (same math); non-causal / encoder-decoder calls go to SGLang's original |
 """
 
@@ -150,6 +151,12 @@ def sdpa_forward_extend(
     return output
 
 
+def device_as_str(original, *args, **kwargs):
+    """SGLang's ``get_device`` promises a string; an out-of-tree platform's answer is a torch.device."""
+    device = original(*args, **kwargs)
+    return str(device) if isinstance(device, torch.device) else device
+
+
 def install() -> None:
     """Register the replacements with SGLang's HookRegistry and apply them (idempotent)."""
     global _installed
@@ -168,4 +175,5 @@ def install() -> None:
     )
     sglang_sdpa_forward_extend()  # keep SGLang's original for the non-causal paths
     HookRegistry.register(_EXTEND_TARGET, sdpa_forward_extend, HookType.REPLACE)
+    HookRegistry.register("sglang.srt.utils.common.get_device", device_as_str, HookType.AROUND)
     HookRegistry.apply_hooks()

@@ -46,7 +46,7 @@ class EffRolloutWorker(BaseSpecWorker):
         self.metrics = SpecMetrics(self.speculative_num_steps)
         self.iteration = 0
         self._kv = None
-        self.drafter = Drafter(_sglang.model_view(self.model_runner.model))
+        self.drafter = Drafter(_sglang.model_view(self.model_runner.model), w4_head=self.config.draft_head == "w4")
         self.requantizations = 0
         weight_sync.track(self)
         self.controller = None

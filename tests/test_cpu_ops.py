@@ -116,3 +116,10 @@ def test_extend_attention_target_resolves_with_same_signature():
     # apply_hooks rebinds any module global that is the original to the wrapper; the fallback
     # must not be reachable that way (it would recurse into the replacement).
     assert all(value is not original for value in vars(cpu_ops).values())
+
+
+def test_device_as_str():
+    from sglang_er.cpu_ops import device_as_str
+
+    assert device_as_str(lambda: torch.device("cpu")) == "cpu"
+    assert device_as_str(lambda i=None: "cuda:1", 1) == "cuda:1"

@@ -1,0 +1,228 @@
+"""EFFROLLOUT through real SGLang servers: lossless greedy, exact sampling, logprobs, edge cases.
+
+Servers (float32 tiny model so greedy ties cannot decide a comparison), one per configuration:
+plain decoding; EFFROLLOUT with fixed γ=3; EFFROLLOUT with γ cycling 1,7,0,7,3,0 per iteration
+(γ max 7); EFFROLLOUT with a deliberately wrong acceptance rule (proves the distribution test
+can fail).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import start_server
+from sglang_er.models.corpus import math_corpus
+
+FP32 = ["--dtype", "float32"]
+EFF = ["--speculative-algorithm", "EFFROLLOUT"]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model):
+    srv = start_server(tiny_model, FP32)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def eff3(tiny_model):
+    srv = start_server(tiny_model, [*FP32, *EFF, "--speculative-num-draft-tokens", "4"], env={"SGLANG_ER_GAMMA": "3"})
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def eff_cycle(tiny_model):
+    srv = start_server(tiny_model, [*FP32, *EFF, "--speculative-num-steps", "7"],
+                       env={"SGLANG_ER_GAMMA": "1,7,0,7,3,0"})
+    yield srv
+    srv.stop()
+
+
+def _prompts(n=52):
+    docs = math_corpus(n, seed=7)
+    shared = docs[0][:120]
+    out = []
+    for i, d in enumerate(docs[:n]):
+        # varied lengths; every 4th prompt shares a long prefix (radix-cache hits)
+        out.append(shared + d[: 10 + 7 * i % 90] if i % 4 == 0 else d[: 5 + (13 * i) % 200])
+    return out
+
+
+def _greedy_all(srv, prompts):
+    def one(i):
+        # a few long generations (256 tokens), the rest short: the suite must stay fast on 2 cores
+        n = 256 if i % 13 == 0 else 40
+        return srv.generate(prompts[i], max_new_tokens=n, temperature=0, ignore_eos=True)["output_ids"]
+
+    with ThreadPoolExecutor(16) as ex:
+        return list(ex.map(one, range(len(prompts))))
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(plain):
+    prompts = _prompts()
+    return prompts, _greedy_all(plain, prompts)
+
+
+@pytest.mark.parametrize("which", ["eff3", "eff_cycle"])
+def test_greedy_identical_to_plain(which, request, plain_greedy):
+    srv = request.getfixturevalue(which)
+    prompts, expected = plain_greedy
+    got = _greedy_all(srv, prompts)
+    mismatched = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
+    assert not mismatched, f"{len(mismatched)} of {len(prompts)} prompts differ, e.g. #{mismatched[0]}"
+
+
+def test_speculation_really_happens_and_meta_info_adds_up(eff3):
+    r = eff3.generate("Alice has 12 apples. She buys", max_new_tokens=64, temperature=0, ignore_eos=True)
+    m = r["meta_info"]
+    assert m["completion_tokens"] == 64
+    assert m["spec_verify_ct"] < 64  # fewer target steps than tokens: drafts were accepted
+    assert m["spec_num_correct_drafts"] > 0
+    assert sum(m["spec_correct_drafts_histogram"]) == m["spec_verify_ct"]
+
+
+def _joint_first3(srv, prompt, n, **sampling):
+    def chunk(k):
+        r = requests.post(srv.url + "/generate", json={
+            "text": [prompt] * k, "sampling_params": {"max_new_tokens": 3, "ignore_eos": True, **sampling}},
+            timeout=600)
+        r.raise_for_status()
+        return [tuple(o["output_ids"][:3]) for o in r.json()]
+
+    with ThreadPoolExecutor(4) as ex:
+        outs = [t for part in ex.map(chunk, [n // 10] * 10) for t in part]
+    return Counter(outs)
+
+
+def _same_distribution_pvalue(a: Counter, b: Counter) -> float:
+    from scipy.stats import chi2_contingency
+
+    keys = sorted(set(a) | set(b), key=lambda k: -(a[k] + b[k]))
+    rows, other = [], [0, 0]
+    for k in keys:
+        if a[k] + b[k] >= 10:  # pool rare outcomes so the chi-square approximation holds
+            rows.append([a[k], b[k]])
+        else:
+            other[0] += a[k]
+            other[1] += b[k]
+    if sum(other):
+        rows.append(other)
+    return chi2_contingency(rows)[1]
+
+
+PROMPT = "Alice has 12 apples. She buys 7 more. How many"
+N_SAMPLES = 2000
+
+
+@pytest.mark.parametrize("sampling", [
+    {"temperature": 1.0}, {"temperature": 1.0, "top_p": 0.9}, {"temperature": 1.0, "top_k": 20},
+], ids=["t1", "top_p", "top_k"])
+def test_sampled_joint_distribution_matches_plain(sampling, plain, eff3):
+    p = _same_distribution_pvalue(_joint_first3(plain, PROMPT, N_SAMPLES, **sampling),
+                                  _joint_first3(eff3, PROMPT, N_SAMPLES, **sampling))
+    assert p > 0.01, f"EFFROLLOUT's first-3-token distribution differs from plain (p={p:.2e})"
+
+
+def test_distribution_test_detects_a_wrong_acceptance_rule(tiny_model, plain):
+    wrong = start_server(tiny_model, [*FP32, *EFF, "--speculative-num-draft-tokens", "4"],
+                         env={"SGLANG_ER_GAMMA": "3", "SGLANG_ER_INJECT_FAULT": "accept_all"})
+    try:
+        p = _same_distribution_pvalue(_joint_first3(plain, PROMPT, N_SAMPLES, temperature=1.0),
+                                      _joint_first3(wrong, PROMPT, N_SAMPLES, temperature=1.0))
+    finally:
+        wrong.stop()
+    assert p < 1e-4, f"accept-every-draft went undetected (p={p:.2e})"
+
+
+def test_logprobs_are_the_targets(plain, eff3):
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True},
+            "return_logprob": True, "top_logprobs_num": 3}
+    a = plain.post("/generate", body)
+    b = eff3.post("/generate", body)
+    assert a["output_ids"] == b["output_ids"]
+    for (la, ta, _), (lb, tb, _) in zip(a["meta_info"]["output_token_logprobs"], b["meta_info"]["output_token_logprobs"]):
+        assert ta == tb and abs(la - lb) < 1e-3
+    for ra, rb in zip(a["meta_info"]["output_top_logprobs"], b["meta_info"]["output_top_logprobs"]):
+        assert [t for _, t, _ in ra] == [t for _, t, _ in rb]
+        assert all(abs(x[0] - y[0]) < 1e-3 for x, y in zip(ra, rb))
+
+
+def test_max_new_tokens_below_gamma(plain, eff3):
+    for k in (1, 2, 3):
+        a = plain.generate(PROMPT, max_new_tokens=k, temperature=0, ignore_eos=True)
+        b = eff3.generate(PROMPT, max_new_tokens=k, temperature=0, ignore_eos=True)
+        assert b["output_ids"] == a["output_ids"] and len(b["output_ids"]) == k
+
+
+def test_stop_strings_and_stop_tokens_inside_accepted_runs(plain, eff3):
+    full = plain.generate(PROMPT, max_new_tokens=48, temperature=0, ignore_eos=True)
+    text, ids = full["text"], full["output_ids"]
+    for start in (3, 7, 12, 20):
+        stop = text[start : start + 3]
+        a = plain.generate(PROMPT, max_new_tokens=48, temperature=0, stop=[stop])
+        b = eff3.generate(PROMPT, max_new_tokens=48, temperature=0, stop=[stop])
+        assert b["text"] == a["text"] and b["output_ids"] == a["output_ids"]
+    for pos in (2, 5, 9):
+        a = plain.generate(PROMPT, max_new_tokens=48, temperature=0, stop_token_ids=[ids[pos]])
+        b = eff3.generate(PROMPT, max_new_tokens=48, temperature=0, stop_token_ids=[ids[pos]])
+        assert b["output_ids"] == a["output_ids"]
+        assert b["meta_info"]["finish_reason"] == a["meta_info"]["finish_reason"]
+
+
+def test_n8_sampling_and_mixed_batch(plain, eff3):
+    r = eff3.post("/v1/completions", {"model": "m", "prompt": PROMPT, "n": 8, "max_tokens": 16, "temperature": 1.0})
+    assert len(r["choices"]) == 8 and all(c["text"] is not None for c in r["choices"])
+
+    # greedy and sampled requests (different temperatures) decoded in the same iterations
+    greedy_expected = plain.generate(PROMPT, max_new_tokens=32, temperature=0, ignore_eos=True)["output_ids"]
+
+    def job(i):
+        if i % 3 == 0:
+            return eff3.generate(PROMPT, max_new_tokens=32, temperature=0, ignore_eos=True)["output_ids"]
+        return eff3.generate(PROMPT, max_new_tokens=32, temperature=0.5 + i / 10, ignore_eos=True)["output_ids"]
+
+    with ThreadPoolExecutor(9) as ex:
+        outs = list(ex.map(job, range(9)))
+    assert all(outs[i] == greedy_expected for i in range(0, 9, 3))
+    assert all(len(o) == 32 for o in outs)
+
+
+def test_streaming_equals_non_streaming(eff3):
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+    plain_text = eff3.post("/v1/completions", body)["choices"][0]["text"]
+    parts = []
+    with requests.post(eff3.url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                ch = json.loads(line[6:])["choices"]
+                if ch:
+                    parts.append(ch[0]["text"])
+    assert "".join(parts) == plain_text
+
+
+def test_abort_mid_generation_leaves_others_lossless(plain, eff3):
+    expected = plain.generate(PROMPT, max_new_tokens=200, temperature=0, ignore_eos=True)["output_ids"]
+    result = {}
+
+    def long_job():
+        r = requests.post(eff3.url + "/generate", json={
+            "text": "Solve for x: 3x + 5 = 20.", "rid": "to-abort",
+            "sampling_params": {"max_new_tokens": 3000, "temperature": 1.0, "ignore_eos": True}}, timeout=300)
+        result["long"] = r.json()
+
+    t = threading.Thread(target=long_job)
+    t.start()
+    other = eff3.generate(PROMPT, max_new_tokens=200, temperature=0, ignore_eos=True)
+    requests.post(eff3.url + "/abort_request", json={"rid": "to-abort"}, timeout=30)
+    t.join(timeout=120)
+    assert not t.is_alive()
+    assert result["long"]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert other["output_ids"] == expected
