@@ -226,3 +226,19 @@ def test_abort_mid_generation_leaves_others_lossless(plain, eff3):
     assert not t.is_alive()
     assert result["long"]["meta_info"]["finish_reason"]["type"] == "abort"
     assert other["output_ids"] == expected
+
+
+def test_auto_mode_is_lossless_and_reports_its_choices(tiny_model, plain, plain_greedy):
+    """Default mode: γ chosen per iteration by the policy; exported on /metrics."""
+    srv = start_server(tiny_model, [*FP32, *EFF, "--enable-metrics"])
+    try:
+        prompts, expected = plain_greedy
+        got = _greedy_all(srv, prompts[:12])
+        single = srv.generate(PROMPT, max_new_tokens=48, temperature=0, ignore_eos=True)
+        metrics = requests.get(srv.url + "/metrics", timeout=30).text
+    finally:
+        srv.stop()
+    assert got == expected[:12]
+    assert single["output_ids"] == plain.generate(PROMPT, max_new_tokens=48, temperature=0, ignore_eos=True)["output_ids"]
+    assert "sglang_er:iterations_total" in metrics and "sglang_er:gamma" in metrics
+    assert "sglang_er:phase_seconds_total" in metrics
