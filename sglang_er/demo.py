@@ -25,7 +25,7 @@ def _rollout(model_path, server_args: list[str], args, label: str):
     except ImportError as e:  # eval/ lives beside the package in the checkout
         raise RuntimeError(f"the demo needs the checkout's eval/ package (run it from the repo root): {e}") from None
     print(f"\n[demo] {label}: starting SGLang ({' '.join(server_args) or 'plain decoding'}) ...", flush=True)
-    with Server(model_path, server_args, max_total_tokens=32768) as srv:
+    with Server(model_path, [*server_args, "--enable-metrics"], max_total_tokens=32768) as srv:
         print(f"[demo] {label}: healthy after {srv.startup_seconds:.0f}s; rollout of {args.questions} GSM8K "
               f"questions x n={args.n}, temperature {args.temperature}, max {args.max_tokens} tokens", flush=True)
         summary = run_eval(
@@ -33,7 +33,23 @@ def _rollout(model_path, server_args: list[str], args, label: str):
             max_tokens=args.max_tokens, concurrency=args.questions * args.n, chat=True, out=args.out and f"{args.out}/{label}",
             progress=False,
         )
-    return summary
+        counters = _speculation_counters(srv.url) if server_args else None
+    return summary, counters
+
+
+def _speculation_counters(url: str) -> dict:
+    """Exact server-side counts from the worker (SGLang's per-request meta_info counts γ = 0
+    iterations of the auto policy as failed drafts)."""
+    from eval.bench_spec import scrape
+
+    m = scrape(url)
+    get = lambda name, labels="": m.get((name, labels), 0.0)  # noqa: E731
+    return {
+        "spec_iterations": get("sglang_er:iterations", 'mode="spec"'),
+        "plain_iterations": get("sglang_er:iterations", 'mode="plain"'),
+        "drafted": get("sglang_er:drafted_tokens"),
+        "accepted": get("sglang_er:accepted_tokens"),
+    }
 
 
 def _first_sample(summary) -> str:
@@ -52,8 +68,8 @@ def run(args) -> int:
     path = build_model(args.model)
     print(f"[demo] model at {path}")
     spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", str(args.gamma + 1)]
-    plain = _rollout(path, [], args, "plain")
-    eff = _rollout(path, spec, args, "effrollout")
+    plain, _ = _rollout(path, [], args, "plain")
+    eff, counters = _rollout(path, spec, args, "effrollout")
     print("\n[demo] a sample from the EFFROLLOUT rollout:\n" + textwrap.indent(_first_sample(eff), "    "))
     rows = [
         ("accuracy (mean@n)", f"{plain.accuracy:.3f}", f"{eff.accuracy:.3f}"),
@@ -62,10 +78,10 @@ def run(args) -> int:
         ("output tokens/s", f"{plain.output_tokens_per_s:.1f}", f"{eff.output_tokens_per_s:.1f}"),
         ("p50 latency (s)", f"{plain.latency_s.p50:.1f}", f"{eff.latency_s.p50:.1f}"),
     ]
-    acc = eff.acceptance
-    if acc is not None:
-        rows.append(("tokens per verify step", "-", f"{acc.accept_length:.2f}"))
-        rows.append(("draft acceptance rate", "-", f"{acc.accept_rate or 0:.3f}"))
+    if counters and counters["drafted"]:
+        spec_it, plain_it = counters["spec_iterations"], counters["plain_iterations"]
+        rows.append(("iterations spec / plain", "-", f"{spec_it:.0f} / {plain_it:.0f}"))
+        rows.append(("draft acceptance rate", "-", f"{counters['accepted'] / counters['drafted']:.3f}"))
     print("\n[demo] report (same prompts, same sampling settings, one server at a time)")
     print(f"    {'':<24}{'plain':>12}{'EFFROLLOUT':>14}")
     for name, a, b in rows:
