@@ -9,6 +9,9 @@ have no SGLang flag are environment variables, read in every SGLang process alik
 - ``SGLANG_ER_MODE``: ``auto`` (default: γ chosen every iteration by the system-aware policy)
   or ``fixed``; setting ``SGLANG_ER_GAMMA`` implies ``fixed``.
 - ``SGLANG_ER_DRAFT_HEAD``: ``shared`` (default: the target's lm_head) or ``w4`` (a 4-bit copy).
+- ``SGLANG_ER_TIMELINE``: iterations kept in the timeline ``/get_server_info`` returns (4096).
+- ``SGLANG_ER_REQUANTIZE=0``: test-only, leave the drafter on the weights it was built from
+  after a weight update (shows the acceptance a stale drafter would have).
 - ``SGLANG_ER_INJECT_FAULT=accept_all``: test-only fault injection (accept every draft, which
   is NOT lossless) so the distribution tests can prove they detect a wrong acceptance rule.
 """
@@ -31,6 +34,8 @@ class EffRolloutConfig(BaseModel):
     mode: Literal["auto", "fixed"] = "auto"
     draft_head: Literal["shared", "w4"] = "shared"
     inject_fault: Literal["accept_all"] | None = None
+    requantize: bool = True  # SGLANG_ER_REQUANTIZE=0: test-only, keep the drafter on its first weights
+    timeline_size: int = Field(4096, ge=0, le=1 << 20)
 
     @field_validator("gamma_schedule")
     @classmethod
@@ -68,6 +73,8 @@ class EffRolloutConfig(BaseModel):
                 raise ValueError("SGLANG_ER_GAMMA fixes γ: drop it or set SGLANG_ER_MODE=fixed, not auto")
             return cls(gamma_max=gamma_max, gamma_schedule=schedule, mode=mode,
                        draft_head=environ.get("SGLANG_ER_DRAFT_HEAD") or "shared",
-                       inject_fault=environ.get("SGLANG_ER_INJECT_FAULT") or None)
+                       inject_fault=environ.get("SGLANG_ER_INJECT_FAULT") or None,
+                       requantize=environ.get("SGLANG_ER_REQUANTIZE", "1"),
+                       timeline_size=environ.get("SGLANG_ER_TIMELINE", "4096"))
         except ValidationError as e:
             raise ValueError(f"invalid EFFROLLOUT settings: {e}") from None

@@ -72,6 +72,16 @@ class Controller:
             self.acceptance.observe(gamma, accept_lens.tolist(), self._rids)
 
 
+    def state(self) -> dict:
+        d = self.last_decision
+        return {
+            "profile": self.cost.profile.name,
+            "alphas": self.acceptance.alphas(),
+            "model_error": self.cost.error_stats(),
+            "last_decision": None if d is None else {"gamma": d.gamma, "reason": d.reason},
+        }
+
+
 def _prefix_groups(reqs) -> list[tuple[int, list[int]]] | None:
     """Requests with the same prompt share its KV pages through the radix cache."""
     groups: dict[tuple, list[int]] = defaultdict(list)

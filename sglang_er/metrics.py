@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections import deque
 
 import torch
 
@@ -25,6 +27,9 @@ class _Prom:
         self.phase_seconds = Counter("sglang_er:phase_seconds", "Wall time per phase", ["phase"])
         self.phase_calls = Counter("sglang_er:phase_calls", "Forwards per phase", ["phase"])
         self.gamma = Gauge("sglang_er:gamma", "γ of the last decode iteration", multiprocess_mode="mostrecent")
+        self.requantizations = Counter("sglang_er:requantizations", "Drafter re-quantizations after weight updates")
+        self.requantize_seconds = Gauge("sglang_er:last_requantize_seconds", "Wall time of the last re-quantization",
+                                        multiprocess_mode="mostrecent")
 
 
 class SpecMetrics:
@@ -82,6 +87,11 @@ class SpecMetrics:
                     prom.pos_proposed.labels(position=str(k)).inc(bs)
                     prom.pos_accepted.labels(position=str(k)).inc(accepted_at[k])
 
+    def record_requantize(self, seconds: float) -> None:
+        if self._prom:
+            self._prom.requantizations.inc()
+            self._prom.requantize_seconds.set(seconds)
+
     @property
     def mean_accept_length(self) -> float:
         """Tokens emitted per verified request-iteration (accepted drafts + 1)."""
@@ -103,3 +113,27 @@ class SpecMetrics:
                     for k in self.phase_seconds
                 },
             }
+
+
+class Timeline:
+    """The last ``capacity`` decode iterations, one dict each, for the eval harness's γ timeline
+    and for calibration sweeps (read through ``/get_server_info``; see :mod:`sglang_er.server_info`).
+
+    Record keys: iteration, time (unix s), gamma, batch_size, seq_lens (committed lengths [B]),
+    plain_s / draft_s (all γ steps) / verify_s (None where not run), accepted (Σ accepted drafts,
+    None at γ = 0), predicted_speedup (auto mode: predicted tokens/s at γ over γ = 0).
+    """
+
+    def __init__(self, capacity: int = 4096):
+        self._buf: deque = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+
+    def append(self, **record) -> None:
+        record["time"] = time.time()
+        with self._lock:
+            self._buf.append(record)
+
+    def snapshot(self, last: int | None = None) -> list[dict]:
+        with self._lock:
+            out = list(self._buf)
+        return out[-last:] if last else out

@@ -15,7 +15,7 @@ logger = logging.getLogger("sglang_er")
 
 
 def register() -> None:
-    from sglang_er import algorithm, weight_sync
+    from sglang_er import algorithm, server_info, spec_meta, weight_sync
     from sglang_er.platform import activate
 
     if activate() is not None:
@@ -24,4 +24,6 @@ def register() -> None:
         cpu_ops.install()
     algorithm.register()
     weight_sync.install()
+    server_info.install()
+    spec_meta.install()
     logger.info("sglang-er %s loaded (speculative algorithm %s registered)", __version__, algorithm.NAME)

@@ -15,25 +15,20 @@ scheduler runs its next iteration, so no request sees a half-updated drafter:
 from __future__ import annotations
 
 import logging
-import weakref
+
+from sglang_er import server_info
 
 logger = logging.getLogger(__name__)
 
 _TARGET = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager."
 UPDATE_OPS = ("update_weights_from_disk", "end_weight_update", "resume_memory_occupation")
 
-_workers: "weakref.WeakSet" = weakref.WeakSet()
 _installed = False
-
-
-def track(worker) -> None:
-    """Register a worker whose ``on_weights_updated()`` runs after each successful update."""
-    _workers.add(worker)
 
 
 def _after_update(result, *args, **kwargs):
     if getattr(result, "success", True):
-        for worker in list(_workers):
+        for worker in server_info.workers():
             worker.on_weights_updated()
     return result
 

@@ -24,11 +24,11 @@ import torch
 
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
-from sglang_er import _sglang, sampler, weight_sync
+from sglang_er import _sglang, sampler, server_info, spec_meta
 from sglang_er.config import EffRolloutConfig
 from sglang_er.controller import Controller
 from sglang_er.drafter import Drafter
-from sglang_er.metrics import SpecMetrics
+from sglang_er.metrics import SpecMetrics, Timeline
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,13 @@ class EffRolloutWorker(BaseSpecWorker):
         self.topk = 1
         self.config = EffRolloutConfig.from_env(self.speculative_num_steps)
         self.metrics = SpecMetrics(self.speculative_num_steps)
+        self.timeline = Timeline(self.config.timeline_size)
         self.iteration = 0
         self._kv = None
         self.drafter = Drafter(_sglang.model_view(self.model_runner.model), w4_head=self.config.draft_head == "w4")
         self.requantizations = 0
-        weight_sync.track(self)
+        self.last_requantize_s = None
+        server_info.track(self)
         self.controller = None
         if self.config.mode == "auto":
             self.controller = Controller(
@@ -70,12 +72,33 @@ class EffRolloutWorker(BaseSpecWorker):
 
     def on_weights_updated(self) -> None:
         """Called by :mod:`sglang_er.weight_sync` after each completed weight update."""
+        self._kv = None  # a memory resume may have re-created the KV pool's buffers
+        if not self.config.requantize:  # test-only switch: shows what a stale drafter costs
+            logger.warning("EFFROLLOUT drafter NOT re-quantized (SGLANG_ER_REQUANTIZE=0)")
+            return
         t0 = time.perf_counter()
         self.drafter.requantize(_sglang.model_view(self.model_runner.model))
         self.requantizations += 1
-        self._kv = None  # a memory resume may have re-created the KV pool's buffers
+        self.last_requantize_s = time.perf_counter() - t0
+        self.metrics.record_requantize(self.last_requantize_s)
         logger.info("EFFROLLOUT drafter re-quantized from the updated policy in %.3f s (#%d)",
-                    time.perf_counter() - t0, self.requantizations)
+                    self.last_requantize_s, self.requantizations)
+
+    def state(self) -> dict:
+        """What ``/get_server_info`` reports under ``internal_states[i]["effrollout"]``."""
+        out = {
+            "mode": self.config.mode,
+            "gamma_max": self.speculative_num_steps,
+            "draft_head": self.config.draft_head,
+            "drafter_weight_bytes": self.drafter.weight_bytes(),
+            "requantizations": self.requantizations,
+            "last_requantize_s": self.last_requantize_s,
+            "metrics": self.metrics.snapshot(),
+            "timeline": self.timeline.snapshot(),
+        }
+        if self.controller is not None:
+            out["policy"] = self.controller.state()
+        return out
 
     def alloc_memory_pool(self, **kwargs):
         self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
@@ -84,6 +107,8 @@ class EffRolloutWorker(BaseSpecWorker):
     def forward_batch_generation(self, batch, on_publish=None, pp_proxy_tensors=None):
         if not batch.forward_mode.is_decode():
             return self._prefill(batch)
+        # committed lengths before the forwards rebind batch.seq_lens (host copy: no device sync)
+        self._seq_list = (batch.seq_lens_cpu if batch.seq_lens_cpu is not None else batch.seq_lens).tolist()
         gamma = self._choose_gamma(batch)
         self.iteration += 1
         result = self._plain_decode(batch) if gamma == 0 else self._speculate(batch, gamma)
@@ -140,6 +165,7 @@ class EffRolloutWorker(BaseSpecWorker):
         if self.controller:
             self.controller.observe(0, {"plain": t_plain})
         self.metrics.record(0, None, bs, {"plain": (t_plain, 1)})
+        self._log_iteration(batch, res.logits_output, 0, plain_s=t_plain)
         return _sglang.generation_result(
             logits_output=res.logits_output,
             next_token_ids=res.next_token_ids,
@@ -204,6 +230,8 @@ class EffRolloutWorker(BaseSpecWorker):
         self.metrics.record(gamma, accept_len, bs, {"draft_step": (t_draft, gamma), "verify": (t_verify, 1)})
         if self.controller:
             self.controller.observe(gamma, {"draft": t_draft, "verify": t_verify}, accept_len)
+        self._log_iteration(batch, logits_output, gamma, draft_s=t_draft, verify_s=t_verify,
+                            accepted=int(accept_len.sum()))
         return _sglang.generation_result(
             logits_output=logits_output,
             next_token_ids=next_token_ids,
@@ -213,6 +241,27 @@ class EffRolloutWorker(BaseSpecWorker):
             next_draft_input=None,
             speculative_num_draft_tokens=width,
         )
+
+
+    def _log_iteration(self, batch, logits_output, gamma: int, **times) -> None:
+        bs = len(batch.reqs)
+        # Per-request γ of this iteration through SGLang's customized_info channel: it reaches
+        # meta_info["spec_gamma"], where sglang_er.spec_meta corrects SGLang's spec fields.
+        info = logits_output.customized_info if logits_output.customized_info is not None else {}
+        info[spec_meta.KEY] = [gamma] * bs
+        logits_output.customized_info = info
+        decision = self.controller.last_decision if self.controller is not None else None
+        self.timeline.append(
+            iteration=self.iteration, gamma=gamma, batch_size=bs,
+            seq_lens=self._seq_list,
+            plain_s=times.get("plain_s"), draft_s=times.get("draft_s"), verify_s=times.get("verify_s"),
+            accepted=times.get("accepted"),
+            predicted_speedup=None if decision is None else _finite(decision.speedup),
+        )
+
+
+def _finite(x: float):
+    return x if x == x and x not in (float("inf"), float("-inf")) else None
 
 
 class _Clock:

@@ -89,6 +89,39 @@ def test_speculation_really_happens_and_meta_info_adds_up(eff3):
     assert sum(m["spec_correct_drafts_histogram"]) == m["spec_verify_ct"]
 
 
+def test_meta_info_counts_plain_iterations_as_plain(eff_cycle):
+    """γ cycles 1,7,0,7,3,0: SGLang's own fields would count the γ = 0 iterations as failed
+    drafts of γmax = 7; sglang-er's fields count what was really proposed."""
+    r = eff_cycle.generate("Alice has 12 apples. She buys", max_new_tokens=64, temperature=0, ignore_eos=True)
+    m = r["meta_info"]
+    gammas = m["spec_gamma"]  # the request's γ timeline, one entry per decode iteration
+    assert set(gammas) <= {0, 1, 3, 7} and 0 in gammas
+    n_plain = gammas.count(0)
+    assert m["spec_plain_iterations"] == n_plain
+    assert m["spec_verify_ct"] == len(gammas) - n_plain
+    assert m["spec_num_proposed_drafts"] == sum(gammas)
+    assert 0 <= m["spec_num_correct_drafts"] <= sum(gammas)
+    assert m["spec_accept_rate"] == pytest.approx(m["spec_num_correct_drafts"] / sum(gammas))
+    assert m["spec_accept_length"] == pytest.approx((64 - n_plain) / m["spec_verify_ct"])
+    assert sum(m["spec_correct_drafts_histogram"]) == m["spec_verify_ct"]
+    # every committed token is accounted for: 1 from prefill, 1 per plain step, accepted+1 per draft round
+    assert 1 + n_plain + m["spec_verify_ct"] + m["spec_num_correct_drafts"] >= 64
+
+
+def test_kv_capacity_unchanged_and_state_reported(plain, eff3):
+    """The drafter owns no KV: the same pool size as the plain server; its state is in server info."""
+    a = requests.get(plain.url + "/get_server_info", timeout=30).json()
+    b = requests.get(eff3.url + "/get_server_info", timeout=30).json()
+    assert b["max_total_num_tokens"] == a["max_total_num_tokens"]
+    eff3.generate(PROMPT, max_new_tokens=16, temperature=0, ignore_eos=True)
+    st = requests.get(eff3.url + "/get_server_info", timeout=30).json()["internal_states"][0]["effrollout"]
+    assert st["mode"] == "fixed" and st["gamma_max"] == 3
+    assert 0 < st["drafter_weight_bytes"]
+    last = st["timeline"][-1]
+    assert last["gamma"] == 3 and last["batch_size"] >= 1 and last["verify_s"] > 0
+    assert st["metrics"]["iterations_spec"] > 0
+
+
 def _joint_first3(srv, prompt, n, **sampling):
     def chunk(k):
         r = requests.post(srv.url + "/generate", json={
