@@ -29,6 +29,7 @@ class LayerView:
     post_norm: torch.Tensor  # [D]
     post_norm_eps: float
     rotary_emb: torch.nn.Module  # rotary_emb(positions [T], q [T, H*hd], k [T, KVH*hd]) -> (q, k)
+    linears: dict[str, torch.nn.Module]  # "qkv" / "o" / "gate_up" / "down": the target's modules (for hooks)
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -69,6 +70,7 @@ def model_view(model: torch.nn.Module) -> ModelView:
             post_norm=layer.post_attention_layernorm.weight,
             post_norm_eps=layer.post_attention_layernorm.variance_epsilon,
             rotary_emb=attn.rotary_emb,
+            linears={"qkv": attn.qkv_proj, "o": attn.o_proj, "gate_up": mlp.gate_up_proj, "down": mlp.down_proj},
             num_heads=attn.num_heads,
             num_kv_heads=attn.num_kv_heads,
             head_dim=attn.head_dim,

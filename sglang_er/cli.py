@@ -1,4 +1,4 @@
-"""The ``sglang-er`` command: ``--version``, ``doctor``, ``model``, ``demo``."""
+"""The ``sglang-er`` command: ``--version``, ``doctor``, ``model``, ``demo``, ``calibrate``."""
 
 from __future__ import annotations
 
@@ -61,6 +61,12 @@ def _demo(args) -> int:
     return demo_main(args.rest)
 
 
+def _calibrate(args) -> int:
+    from sglang_er.calibrate import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sglang-er", description=__doc__)
     p.add_argument("--version", action="version", version=f"sglang-er {__version__}")
@@ -73,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="start a server on a built-in model, run requests, report")
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(fn=_demo)
+    from sglang_er.calibrate import add_arguments as _calibrate_arguments  # stdlib-only import
+
+    c = sub.add_parser("calibrate", help="measure T_T/T_D/T_V and fit a hardware profile, or validate one")
+    _calibrate_arguments(c)
+    c.set_defaults(fn=_calibrate)
     args = p.parse_args(argv)
     if not getattr(args, "fn", None):
         p.print_help()

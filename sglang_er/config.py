@@ -8,8 +8,13 @@ have no SGLang flag are environment variables, read in every SGLang process alik
   Unset: γ = the server's ``--speculative-num-draft-tokens`` − 1.
 - ``SGLANG_ER_MODE``: ``auto`` (default: γ chosen every iteration by the system-aware policy)
   or ``fixed``; setting ``SGLANG_ER_GAMMA`` implies ``fixed``.
-- ``SGLANG_ER_DRAFT_HEAD``: ``shared`` (default: the target's lm_head) or ``w4`` (a 4-bit copy).
-- ``SGLANG_ER_TIMELINE``: iterations kept in the timeline ``/get_server_info`` returns (4096).
+- ``SGLANG_ER_DRAFT_HEAD``: ``auto`` , ``shared``
+  (the target's lm_head), ``w8`` (an int8 copy) or ``w4`` (a 4-bit copy); ``auto`` means ``w8``
+  only where its kernel exists (CPU, bf16 model).
+- ``SGLANG_ER_QUANT``: ``awq`` (default: activation-aware scales from live traffic, RTN until
+  ``SGLANG_ER_AWQ_MIN_TOKENS`` tokens (512) were observed) or ``rtn``;
+  ``SGLANG_ER_AWQ_SAMPLE_EVERY``: observe every N-th prefill/verify forward (4).
+- ``SGLANG_ER_TIMELINE``: iterations kept in the timeline ``/get_server_info`` returns (2048).
 - ``SGLANG_ER_REQUANTIZE=0``: test-only, leave the drafter on the weights it was built from
   after a weight update (shows the acceptance a stale drafter would have).
 - ``SGLANG_ER_INJECT_FAULT=accept_all``: test-only fault injection (accept every draft, which
@@ -32,10 +37,13 @@ class EffRolloutConfig(BaseModel):
     gamma_max: int = Field(DEFAULT_GAMMA, ge=1, le=MAX_GAMMA)
     gamma_schedule: list[int] | None = None  # None: always gamma_max
     mode: Literal["auto", "fixed"] = "auto"
-    draft_head: Literal["shared", "w4"] = "shared"
+    draft_head: Literal["auto", "shared", "w8", "w4"] = "auto"
+    quant: Literal["awq", "rtn"] = "awq"
+    awq_min_tokens: int = Field(512, ge=1)
+    awq_sample_every: int = Field(4, ge=1)
     inject_fault: Literal["accept_all"] | None = None
     requantize: bool = True  # SGLANG_ER_REQUANTIZE=0: test-only, keep the drafter on its first weights
-    timeline_size: int = Field(4096, ge=0, le=1 << 20)
+    timeline_size: int = Field(2048, ge=0, le=1 << 20)
 
     @field_validator("gamma_schedule")
     @classmethod
@@ -43,6 +51,14 @@ class EffRolloutConfig(BaseModel):
         if v is not None and not v:
             raise ValueError("empty γ schedule")
         return v
+
+    def resolved_head(self, device_type: str, dtype) -> str:
+        """``auto``: the int8 head where its kernel exists (CPU, bf16), else the shared head."""
+        if self.draft_head != "auto":
+            return self.draft_head
+        import torch
+
+        return "w8" if device_type == "cpu" and dtype == torch.bfloat16 else "shared"
 
     def gamma_for_iteration(self, it: int) -> int:
         if self.gamma_schedule is None:
@@ -72,9 +88,12 @@ class EffRolloutConfig(BaseModel):
             if mode == "auto" and schedule:
                 raise ValueError("SGLANG_ER_GAMMA fixes γ: drop it or set SGLANG_ER_MODE=fixed, not auto")
             return cls(gamma_max=gamma_max, gamma_schedule=schedule, mode=mode,
-                       draft_head=environ.get("SGLANG_ER_DRAFT_HEAD") or "shared",
+                       draft_head=environ.get("SGLANG_ER_DRAFT_HEAD") or "auto",
+                       quant=environ.get("SGLANG_ER_QUANT") or "awq",
+                       awq_min_tokens=environ.get("SGLANG_ER_AWQ_MIN_TOKENS") or 512,
+                       awq_sample_every=environ.get("SGLANG_ER_AWQ_SAMPLE_EVERY") or 4,
                        inject_fault=environ.get("SGLANG_ER_INJECT_FAULT") or None,
                        requantize=environ.get("SGLANG_ER_REQUANTIZE", "1"),
-                       timeline_size=environ.get("SGLANG_ER_TIMELINE", "4096"))
+                       timeline_size=environ.get("SGLANG_ER_TIMELINE", "2048"))
         except ValidationError as e:
             raise ValueError(f"invalid EFFROLLOUT settings: {e}") from None

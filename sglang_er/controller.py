@@ -35,11 +35,13 @@ def default_profile(device: torch.device) -> HardwareProfile:
 
 
 class Controller:
-    def __init__(self, hf_config: dict, gamma_max: int, device: torch.device, attention_backend: str):
+    def __init__(self, hf_config: dict, gamma_max: int, device: torch.device, attention_backend: str,
+                 draft_head: str = "shared"):
         self.device = device
         profile = default_profile(device)
         # An unknown backend is modelled like the plain paged kernels: every request reads its own KV.
-        cost = CostModel(profile, ModelCost.from_config(hf_config), attention_backend=attention_backend,
+        cost = CostModel(profile, ModelCost.from_config(
+            hf_config, w4_head=draft_head == "w4", w8_head=draft_head == "w8"), attention_backend=attention_backend,
                          kv_read_rule=KV_READ_RULE.get(attention_backend, "per_request"))
         self.acceptance = AcceptanceModel(gamma_max)
         self.policy = Policy(cost, self.acceptance, ladder=list(range(1, gamma_max + 1)))

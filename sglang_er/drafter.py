@@ -10,6 +10,14 @@ verify pass then overwrites with the target's K/V.
 The step is a lean loop over the layers (gpt-fast style) rather than an SGLang forward: no
 ForwardBatch, no attention-backend metadata, so the per-token overhead that dominates a small
 model's decode step on a CPU is paid by the verify only.
+
+Quantization is RTN, or AWQ when an :class:`~sglang_er.awq.AWQQuantizer` with live activation
+statistics is given: ``1/s`` folds into the drafter's *own copies* of the two RMSNorm weights
+in front of qkv and gate_up (the target's norms are never touched) and is applied inside the
+W4 linear for o and down. Groups whose statistics are not ready yet stay RTN (s = 1).
+
+Draft head: ``shared`` (the target's lm_head), ``w8`` (int8 per-row copy, used up to
+:data:`W8_HEAD_MAX_BATCH` requests, where its CPU kernel beats bf16) or ``w4``.
 """
 
 from __future__ import annotations
@@ -18,7 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from sglang_er._sglang import KVView, LayerView, ModelView
+from sglang_er.awq import AWQQuantizer, fold_into_norm
 from sglang_er.w4linear import W4Linear
+from sglang_er.w8linear import W8Linear
+
+HEADS = ("shared", "w8", "w4")
+W8_HEAD_MAX_BATCH = 8  # measured: int8pack mm beats bf16 up to batch ~8 on this CPU, loses 2x at 16
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,19 +41,40 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 class DraftLayer:
-    def __init__(self, view: LayerView, quantize):
+    def __init__(self, view: LayerView, index: int, awq: AWQQuantizer | None):
         self.view = view
-        self.qkv = quantize(view.qkv_weight, view.qkv_bias)
-        self.o = quantize(view.o_weight, None)
-        self.gate_up = quantize(view.gate_up_weight, None)
-        self.down = quantize(view.down_weight, None)
+        self.index = index
+        self.awq = awq
+        # drafter-owned norm copies: AWQ folds 1/s into them (== the target's values under RTN)
+        self.input_norm = view.input_norm.detach().clone()
+        self.post_norm = view.post_norm.detach().clone()
+        ones = (lambda w: torch.ones(w.shape[1], device=w.device)) if awq is not None else (lambda w: None)
+        self.qkv = W4Linear.from_float(view.qkv_weight, view.qkv_bias)
+        self.o = W4Linear.from_float(view.o_weight, None, input_scale=ones(view.o_weight))
+        self.gate_up = W4Linear.from_float(view.gate_up_weight, None)
+        self.down = W4Linear.from_float(view.down_weight, None, input_scale=ones(view.down_weight))
+        self.betas: dict[str, float] = {}
 
     def requantize(self) -> None:
         v = self.view
-        self.qkv.requantize_(v.qkv_weight, bias=v.qkv_bias)
-        self.o.requantize_(v.o_weight)
-        self.gate_up.requantize_(v.gate_up_weight)
-        self.down.requantize_(v.down_weight)
+        if self.awq is None:
+            self.input_norm.copy_(v.input_norm)
+            self.post_norm.copy_(v.post_norm)
+            self.qkv.requantize_(v.qkv_weight, bias=v.qkv_bias)
+            self.o.requantize_(v.o_weight)
+            self.gate_up.requantize_(v.gate_up_weight)
+            self.down.requantize_(v.down_weight)
+            return
+        c = self.awq.search_layer(self.index, {"qkv": v.qkv_weight, "o": v.o_weight,
+                                               "gate_up": v.gate_up_weight, "down": v.down_weight})
+        self.betas = {g: ch.beta for g, ch in c.items()}
+        # qkv / gate_up: y = (norm(h) / s) Q(W diag(s)), with 1/s folded into the norm copy
+        self.input_norm.copy_(fold_into_norm(v.input_norm, c["qkv"].s))
+        self.qkv.requantize_(v.qkv_weight, bias=v.qkv_bias, weight_scale=c["qkv"].s)
+        self.post_norm.copy_(fold_into_norm(v.post_norm, c["gate_up"].s))
+        self.gate_up.requantize_(v.gate_up_weight, weight_scale=c["gate_up"].s)
+        self.o.requantize_(v.o_weight, input_scale=c["o"].s)
+        self.down.requantize_(v.down_weight, input_scale=c["down"].s)
 
     def linears(self) -> list[W4Linear]:
         return [self.qkv, self.o, self.gate_up, self.down]
@@ -52,14 +86,28 @@ class Drafter:
     Shapes: B requests, L = longest KV row read this step, D hidden, V vocab.
     """
 
-    def __init__(self, view: ModelView, quantize=None, w4_head: bool = False):
+    def __init__(self, view: ModelView, head: str = "shared", awq: AWQQuantizer | None = None):
+        if head not in HEADS:
+            raise ValueError(f"draft head must be one of {HEADS}, got {head!r}")
         self.view = view
-        quantize = quantize or (lambda w, b: W4Linear.from_float(w, b))
+        self.awq = awq
+        self.head_kind = head
         with torch.inference_mode():
-            self.layers = [DraftLayer(lv, quantize) for lv in view.layers]
+            self.layers = [DraftLayer(lv, i, awq) for i, lv in enumerate(view.layers)]
             # The bf16 head is the largest single read of a small model's draft step (Qwen2-0.5B:
-            # 272 MB of 462 MB); a W4 copy cuts it ~4x at a small cost in acceptance.
-            self.head = quantize(view.lm_head_weight, None) if w4_head else None
+            # 272 MB of ~400 MB); an int8 copy halves it at no measurable cost in acceptance, a
+            # W4 copy cuts it ~4x at a small cost.
+            self.head = None
+            if head == "w4":
+                self.head = W4Linear.from_float(view.lm_head_weight, None)
+            elif head == "w8":
+                self.head = W8Linear(view.lm_head_weight)
+
+    def head_for(self, batch: int):
+        """The head module for a step of ``batch`` requests (None: the target's shared head)."""
+        if self.head is None or (self.head_kind == "w8" and batch > W8_HEAD_MAX_BATCH):
+            return None
+        return self.head
 
     @torch.inference_mode()
     def requantize(self, view: ModelView | None = None) -> None:
@@ -77,11 +125,19 @@ class Drafter:
         if self.head is not None:
             self.head.requantize_(self.view.lm_head_weight)
 
+    def awq_summary(self) -> dict:
+        """How many linear groups run AWQ scales (β > 0) and their mean β."""
+        betas = [b for layer in self.layers for b in layer.betas.values()]
+        scaled = [b for b in betas if b > 0]
+        return {"groups": len(betas), "awq_groups": len(scaled),
+                "mean_beta": sum(scaled) / len(scaled) if scaled else 0.0}
+
     def weight_bytes(self) -> int:
-        """Bytes the drafter adds to the target's: its packed W4 weights, scales and zeros."""
+        """Bytes the drafter adds to the target's: packed weights, scales, zeros, norm copies."""
         lins = [lin for layer in self.layers for lin in layer.linears()] + ([self.head] if self.head else [])
-        return sum(b.numel() * b.element_size() for lin in lins for name, b in lin.named_buffers()
-                   if b is not None and name != "w_dequant")
+        norms = sum(2 * layer.input_norm.numel() * layer.input_norm.element_size() for layer in self.layers)
+        return norms + sum(b.numel() * b.element_size() for lin in lins for name, b in lin.named_buffers()
+                           if b is not None and name != "w_dequant")
 
     @torch.inference_mode()
     def step(
@@ -100,7 +156,7 @@ class Drafter:
         for i, layer in enumerate(self.layers):
             lv = layer.view
             H, KVH, hd = lv.num_heads, lv.num_kv_heads, lv.head_dim
-            x = _rms_norm(residual, lv.input_norm, lv.input_norm_eps)
+            x = _rms_norm(residual, layer.input_norm, lv.input_norm_eps)
             q, k, v = layer.qkv(x).split([H * hd, KVH * hd, KVH * hd], dim=-1)
             q, k = lv.rotary_emb(positions, q, k)
             kbuf, vbuf = kv.k[i], kv.v[i]
@@ -112,9 +168,10 @@ class Drafter:
                 q.reshape(B, H, 1, hd), keys, vals, attn_mask=mask, scale=lv.scaling, enable_gqa=H != KVH
             )
             residual = residual + layer.o(attn.reshape(B, H * hd))
-            x = _rms_norm(residual, lv.post_norm, lv.post_norm_eps)
+            x = _rms_norm(residual, layer.post_norm, lv.post_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             residual = residual + layer.down(F.silu(gate) * up)
         h = _rms_norm(residual, self.view.final_norm, self.view.final_norm_eps)
-        logits = self.head(h) if self.head is not None else F.linear(h, self.view.lm_head_weight)
+        head = self.head_for(B)
+        logits = head(h) if head is not None else F.linear(h, self.view.lm_head_weight)
         return logits[:, : self.view.vocab_size].float()

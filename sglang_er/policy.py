@@ -118,6 +118,7 @@ class ModelCost:
     group_size: int = 128
     w4_group_bytes: float = 4.0
     w4_head: bool = False
+    w8_head: bool = False  # the drafter's int8 per-row copy of the head (1 byte/param + a scale per row)
     logits_bytes: float = 4.0
 
     def __post_init__(self):
@@ -226,12 +227,14 @@ class ModelCost:
         """lm_head bytes one drafter step reads: the target's bf16 head, or its W4 copy."""
         if self.w4_head:
             return self._w4_bytes(self.vocab, self.hidden)
+        if self.w8_head:
+            return self.vocab * (self.hidden + self.dtype_bytes)
         return self.head_params * self.dtype_bytes
 
     @property
     def drafter_weight_bytes(self) -> float:
         """Extra memory the drafter owns: the W4 linears (+ the W4 head when not shared)."""
-        return self.drafter_layer_bytes + (self.head_bytes if self.w4_head else 0.0)
+        return self.drafter_layer_bytes + (self.head_bytes if self.w4_head or self.w8_head else 0.0)
 
     @property
     def draft_read_bytes(self) -> float:

@@ -46,9 +46,11 @@ SUPPORTED_GROUP_SIZES = (128, 64, 32)
 # AutoAWQ stores output column ``8*c + AWQ_PACK_ORDER[p]`` in nibble ``p`` of int32 ``c``
 # (SGLang undoes it with the reverse order [0, 4, 1, 5, 2, 6, 3, 7]).
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-# Quantizing an lm_head (151936 x 896) in one shot needs several fp32 copies of it; rows are
-# processed in blocks of about this many elements to bound the peak memory.
-_BLOCK_ELEMS = 1 << 24
+# Rows are processed in blocks of about this many elements: small enough that the several
+# elementwise passes of a block stay in cache (re-quantizing Qwen2-0.5B after every policy
+# update is memory-bound on a CPU: 3x faster than 64 MB blocks), and the peak memory stays
+# bounded for an lm_head (151936 x 896).
+_BLOCK_ELEMS = 1 << 18
 
 
 def choose_group_size(in_features: int, preferred: int = 128) -> int:
@@ -114,34 +116,37 @@ def _check_shape(w: torch.Tensor, group_size: int) -> None:
         )
 
 
-def _quantize_block(w: torch.Tensor, group_size: int):
+def _quantize_block(w: torch.Tensor, group_size: int, col_scale: torch.Tensor | None = None):
     n, k = w.shape
-    wg = w.to(torch.float32).reshape(n, k // group_size, group_size)
-    mn = wg.amin(dim=-1)
-    mx = wg.amax(dim=-1)
+    wf = w.to(torch.float32) if col_scale is None else w.float() * col_scale
+    wg = wf.reshape(n, k // group_size, group_size)
+    mn, mx = torch.aminmax(wg, dim=-1)
     s = (mx - mn).clamp_min(1e-5) / QMAX
     z = torch.round(-mn / s).clamp_(0, QMAX)
-    q = (torch.round(wg / s.unsqueeze(-1)) + z.unsqueeze(-1)).clamp_(0, QMAX)
+    q = wg.div(s.unsqueeze(-1)).round_().add_(z.unsqueeze(-1)).clamp_(0, QMAX)
     return q.to(torch.uint8).reshape(n, k), s, z.to(torch.uint8)
 
 
-def quantize_rtn(w: torch.Tensor, group_size: int) -> QuantizedTensor:
-    """Round-to-nearest asymmetric 4-bit quantization of ``w [N, K]`` (any float dtype).
+def quantize_rtn(w: torch.Tensor, group_size: int, col_scale: torch.Tensor | None = None) -> QuantizedTensor:
+    """Round-to-nearest asymmetric 4-bit quantization of ``w [N, K]`` (any float dtype), or of
+    ``w · diag(col_scale)`` (AWQ; scaled block by block, so no float32 copy of ``w`` is made).
 
-    Vectorised over all groups; rows are only split into large blocks to bound memory.
+    Vectorised over all groups; rows are only split into cache-sized blocks.
     Tensors are created on ``w.device``.
     """
     _check_shape(w, group_size)
     n, k = w.shape
+    if col_scale is not None:
+        col_scale = col_scale.to(w.device, torch.float32)
     rows = max(1, _BLOCK_ELEMS // k)
     if n <= rows:
-        q, s, z = _quantize_block(w, group_size)
+        q, s, z = _quantize_block(w, group_size, col_scale)
         return QuantizedTensor(q, s, z, group_size)
     q = torch.empty((n, k), dtype=torch.uint8, device=w.device)
     s = torch.empty((n, k // group_size), dtype=torch.float32, device=w.device)
     z = torch.empty((n, k // group_size), dtype=torch.uint8, device=w.device)
     for r in range(0, n, rows):
-        q[r : r + rows], s[r : r + rows], z[r : r + rows] = _quantize_block(w[r : r + rows], group_size)
+        q[r : r + rows], s[r : r + rows], z[r : r + rows] = _quantize_block(w[r : r + rows], group_size, col_scale)
     return QuantizedTensor(q, s, z, group_size)
 
 

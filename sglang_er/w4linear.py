@@ -113,6 +113,16 @@ def select_kernel(
     return "torch", f"no W4 kernel for device {device.type}"
 
 
+def _int4pack_cpu(q: torch.Tensor, rows: int = 2048) -> torch.Tensor:
+    """uint8 [N, K] -> the CPU int4pack layout, converted in row blocks (the op is row-wise) so
+    no int32 copy of the whole weight is made on every re-quantization."""
+    n, k = q.shape
+    out = torch.empty((n, k // 2), dtype=torch.uint8, device=q.device)
+    for r in range(0, n, rows):
+        out[r : r + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[r : r + rows].to(torch.int32), 1)
+    return out
+
+
 def _pack_rows_u4(q: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] (0..15) -> uint8 [N, K // 2]; even column in the low nibble."""
     return q[:, 0::2] | (q[:, 1::2] << 4)
@@ -248,7 +258,7 @@ class W4Linear(nn.Module):
         """Kernel-specific packed tensors for ``qt``; same shapes every call (for in-place reloads)."""
         g = self.group_size
         if self.kernel == "cpu_int4pack":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qt.q.to(torch.int32), 1)
+            packed = _int4pack_cpu(qt.q)
             s = qt.scales.to(self.act_dtype)
             # zero is applied in the activation dtype; derive it from the rounded scale so that
             # (q-8)*s + (8-z)*s stays (q-z)*s up to one rounding of the zero term.
@@ -311,10 +321,12 @@ class W4Linear(nn.Module):
         weight: torch.Tensor,
         input_scale: Optional[torch.Tensor] = None,
         bias: Optional[torch.Tensor] = None,
+        weight_scale: Optional[torch.Tensor] = None,
     ) -> None:
         """Re-quantize from ``weight [N, K]`` with this layer's quantizer, in place.
 
-        Every buffer keeps its storage (captured graphs stay valid). A layer built without an
+        ``weight_scale`` s [K]: quantize ``W · diag(s)`` with no run-time division (AWQ with
+        ``1/s`` folded into the preceding norm). Every buffer keeps its storage (captured graphs stay valid). A layer built without an
         input scale cannot gain one (the graph would not contain the division): build it with
         ``input_scale=torch.ones(K)`` to reserve one. ``input_scale=None`` on a layer that has
         one resets it to ones. Buffers created under ``torch.inference_mode`` can only be
@@ -326,8 +338,14 @@ class W4Linear(nn.Module):
             raise ValueError("this W4Linear was built without input_scale; rebuild it with input_scale=ones(K)")
         if input_scale is None and self.input_scale is not None:
             input_scale = torch.ones_like(self.input_scale)
+        if input_scale is not None and weight_scale is not None:
+            raise ValueError("pass input_scale (divided at run time) or weight_scale (folded elsewhere), not both")
         w = weight.detach().to(self.q_u4.device)
-        qt = self.quantizer(self._scaled(w, input_scale), self.group_size)
+        col = input_scale if input_scale is not None else weight_scale
+        if self.quantizer is quantize_rtn:
+            qt = quantize_rtn(w, self.group_size, col_scale=col)
+        else:
+            qt = self.quantizer(self._scaled(w, col), self.group_size)
         self.load_quantized_(qt, input_scale, bias)
 
     @torch.no_grad()

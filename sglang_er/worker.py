@@ -17,6 +17,7 @@ at no cost because the drafter holds no state between iterations.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -27,7 +28,9 @@ from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang_er import _sglang, sampler, server_info, spec_meta
 from sglang_er.config import EffRolloutConfig
 from sglang_er.controller import Controller
+from sglang_er.awq import AWQQuantizer
 from sglang_er.drafter import Drafter
+from sglang_er.live_stats import LiveStats
 from sglang_er.metrics import SpecMetrics, Timeline
 
 logger = logging.getLogger(__name__)
@@ -47,7 +50,13 @@ class EffRolloutWorker(BaseSpecWorker):
         self.timeline = Timeline(self.config.timeline_size)
         self.iteration = 0
         self._kv = None
-        self.drafter = Drafter(_sglang.model_view(self.model_runner.model), w4_head=self.config.draft_head == "w4")
+        view = _sglang.model_view(self.model_runner.model)
+        self.awq = self.live_stats = None
+        if self.config.quant == "awq":
+            self.awq = AWQQuantizer(min_tokens=self.config.awq_min_tokens, device=self.device)
+            self.live_stats = LiveStats(view, self.awq, self.config.awq_sample_every)
+        self.awq_active = False
+        self.drafter = Drafter(view, head=self.config.resolved_head(self.device.type, view.lm_head_weight.dtype), awq=self.awq)
         self.requantizations = 0
         self.last_requantize_s = None
         server_info.track(self)
@@ -55,7 +64,7 @@ class EffRolloutWorker(BaseSpecWorker):
         if self.config.mode == "auto":
             self.controller = Controller(
                 self.model_runner.model_config.hf_config.to_dict(), self.speculative_num_steps, self.device,
-                _sglang.attention_backend_name(self.model_runner),
+                _sglang.attention_backend_name(self.model_runner), self.drafter.head_kind,
             )
         logger.info(
             "EFFROLLOUT drafter ready: %d layers, W4 weights %.1f MB, γ max %d, schedule %s",
@@ -89,7 +98,8 @@ class EffRolloutWorker(BaseSpecWorker):
         out = {
             "mode": self.config.mode,
             "gamma_max": self.speculative_num_steps,
-            "draft_head": self.config.draft_head,
+            "draft_head": self.drafter.head_kind,
+            "quantizer": self._quantizer_state(),
             "drafter_weight_bytes": self.drafter.weight_bytes(),
             "requantizations": self.requantizations,
             "last_requantize_s": self.last_requantize_s,
@@ -100,6 +110,26 @@ class EffRolloutWorker(BaseSpecWorker):
             out["policy"] = self.controller.state()
         return out
 
+    def _quantizer_state(self) -> dict:
+        if self.awq is None:
+            return {"kind": "rtn"}
+        return {"kind": "awq", "active": self.awq_active, "tokens_observed": self.live_stats.tokens(),
+                "min_tokens": self.config.awq_min_tokens, "forwards_sampled": self.live_stats.sampled,
+                **self.drafter.awq_summary()}
+
+    def _maybe_activate_awq(self) -> None:
+        """Cold start ends: once every linear has enough live statistics, re-quantize with AWQ
+        (after that, every weight update re-runs the search against the same statistics)."""
+        if self.awq is None or self.awq_active or not self.live_stats.ready(len(self.drafter.layers)):
+            return
+        t0 = time.perf_counter()
+        self.drafter.requantize()
+        self.awq_active = True
+        s = self.drafter.awq_summary()
+        logger.info("EFFROLLOUT drafter switched from RTN to AWQ after %d observed tokens in %.3f s "
+                    "(%d of %d linear groups scaled, mean β %.2f)", self.live_stats.tokens(),
+                    time.perf_counter() - t0, s["awq_groups"], s["groups"], s["mean_beta"])
+
     def alloc_memory_pool(self, **kwargs):
         self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
 
@@ -107,6 +137,7 @@ class EffRolloutWorker(BaseSpecWorker):
     def forward_batch_generation(self, batch, on_publish=None, pp_proxy_tensors=None):
         if not batch.forward_mode.is_decode():
             return self._prefill(batch)
+        self._maybe_activate_awq()
         # committed lengths before the forwards rebind batch.seq_lens (host copy: no device sync)
         self._seq_list = (batch.seq_lens_cpu if batch.seq_lens_cpu is not None else batch.seq_lens).tolist()
         gamma = self._choose_gamma(batch)
@@ -132,7 +163,8 @@ class EffRolloutWorker(BaseSpecWorker):
         return self.config.gamma_for_iteration(self.iteration)
 
     def _prefill(self, batch):
-        res = self._target_worker.forward_batch_generation(batch)
+        with self._observed():
+            res = self._target_worker.forward_batch_generation(batch)
         bs = len(batch.reqs)
         return _sglang.generation_result(
             logits_output=res.logits_output,
@@ -143,6 +175,10 @@ class EffRolloutWorker(BaseSpecWorker):
             next_draft_input=None,
             speculative_num_draft_tokens=1,
         )
+
+    def _observed(self):
+        """A target forward whose linear inputs may feed the AWQ statistics."""
+        return self.live_stats.window() if self.live_stats is not None else contextlib.nullcontext()
 
     def _last_tokens(self, batch) -> torch.Tensor:
         # Synchronous scheduling: every request's output_ids already hold the token sampled
@@ -209,9 +245,10 @@ class EffRolloutWorker(BaseSpecWorker):
         t_draft = clock.lap()
 
         verify_ids = torch.cat([x0[:, None], draft_tokens], 1)
-        logits_output = _sglang.verify_forward(
-            self._target_worker, batch, verify_ids.flatten(), slots.flatten(), seq_lens, width
-        )
+        with self._observed():
+            logits_output = _sglang.verify_forward(
+                self._target_worker, batch, verify_ids.flatten(), slots.flatten(), seq_lens, width
+            )
         target_logits = logits_output.next_token_logits.view(bs, width, -1)
         t_verify = clock.lap()
         if greedy:

@@ -315,3 +315,46 @@ def test_input_scale_path():
     qt = quantize_rtn(w * s[None, :], g)
     mq = W4Linear.from_quantized(qt, b, input_scale=s, act_dtype=torch.float32)
     assert torch.equal(mq(x), ref)
+
+
+# ---------------------------------------------------------------------- W8 head, AWQ scaling
+def test_w8_head_matches_reference_and_requantizes_in_place():
+    from sglang_er.w8linear import W8Linear, quantize_int8_rows
+
+    torch.manual_seed(0)
+    w = torch.randn(1000, 256, dtype=torch.bfloat16)
+    q, s = quantize_int8_rows(w)
+    assert q.dtype == torch.int8 and (q.float() * s[:, None] - w.float()).abs().max() <= s.max() / 2 + 1e-6
+    lin = W8Linear(w)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    ref = x.float() @ lin.dequantize().t()
+    y = lin(x)
+    assert y.dtype == torch.bfloat16 and ((y.float() - ref).norm() / ref.norm()) < 1e-2
+    ptr = lin.q.data_ptr()
+    lin.requantize_(w * 2)
+    assert lin.q.data_ptr() == ptr and torch.allclose(lin(x).float(), 2 * y.float(), rtol=2e-2, atol=1e-1)
+
+
+def test_rtn_col_scale_equals_quantizing_the_scaled_weight():
+    from sglang_er.quantizer import quantize_rtn
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 256, dtype=torch.bfloat16)
+    s = torch.rand(256) + 0.5
+    a = quantize_rtn(w, 128, col_scale=s)
+    b = quantize_rtn(w.float() * s[None, :], 128)
+    assert torch.equal(a.q, b.q) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+
+
+def test_awq_search_on_a_row_subset_picks_the_same_scaling():
+    from sglang_er.awq import AWQQuantizer
+
+    torch.manual_seed(0)
+    w = torch.randn(4096, 256)
+    full, sub = AWQQuantizer(min_tokens=8, max_rows=None), AWQQuantizer(min_tokens=8, max_rows=256)
+    x = torch.randn(256, 256)
+    x[:, :4] *= 40  # outlier channels
+    for qz in (full, sub):
+        qz.observe(0, "qkv", x)
+    a, b = full.choose(0, "qkv", w), sub.choose(0, "qkv", w)
+    assert a.beta > 0 and abs(a.beta - b.beta) <= 0.1
