@@ -1,7 +1,7 @@
 """EFFROLLOUT vs plain decoding, side by side in one run (not a test).
 
     python -m eval.bench_spec --model qwen2-0.5b --batches 1 2 4 8 16 32 --gammas 3 5 7 \
-        --temperatures 0 1 --new-tokens 128
+        --temperatures 0 1 --new-tokens 128 [--auto] [--draft-heads shared w8 w4] [--quant awq rtn]
 
 Servers run one at a time (they would share the 2 cores otherwise): the plain SGLang server,
 then EFFROLLOUT with γ fixed to 0 (plain decode through the worker: measures T_T), then each γ.
@@ -74,7 +74,10 @@ def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamm
 
     drafted, accepted = d.get(("sglang_er:drafted_tokens", ""), 0.0), d.get(("sglang_er:accepted_tokens", ""), 0.0)
     verified = drafted / gamma if gamma else 0.0  # request-iterations that were verified
+    spec_it = d.get(("sglang_er:iterations", 'mode="spec"'), 0.0)
+    plain_it = d.get(("sglang_er:iterations", 'mode="plain"'), 0.0)
     return {
+        "spec_share": spec_it / (spec_it + plain_it) if spec_it + plain_it else None,
         "tok_s": toks / dt,
         "t_plain": per_call("plain"), "t_draft_step": per_call("draft_step"), "t_verify": per_call("verify"),
         "accept_rate": accepted / drafted if drafted else None,
@@ -90,8 +93,11 @@ def main() -> None:
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--draft-heads", nargs="+", default=["shared"], choices=["shared", "w4"],
-                   help="drafter lm_head: the target's (shared) and/or a W4 copy")
+    p.add_argument("--draft-heads", nargs="+", default=["shared"], choices=["shared", "w8", "w4"],
+                   help="drafter lm_head: the target's (shared), an int8 and/or a W4 copy")
+    p.add_argument("--quant", nargs="+", default=["awq"], choices=["awq", "rtn"],
+                   help="drafter quantizer(s); AWQ switches on after its live statistics are ready")
+    p.add_argument("--auto", action="store_true", help="also run the auto policy (γ chosen per iteration)")
     p.add_argument("--prompts", choices=["synthetic", "gsm8k"], default="synthetic",
                    help="gsm8k: GSM8K questions in the model's chat template (for real models)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -101,14 +107,18 @@ def main() -> None:
     gmax = max(args.gammas)
     spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(gmax)]
     configs = [("plain", 0, [], {}), ("gamma=0", 0, spec, {"SGLANG_ER_GAMMA": "0"})] + [
-        (f"gamma={g}" + ("" if head == "shared" else f"/{head}"), g, spec,
-         {"SGLANG_ER_GAMMA": str(g), "SGLANG_ER_DRAFT_HEAD": head})
-        for head in args.draft_heads for g in args.gammas
+        (f"gamma={g}" + ("" if head == "shared" else f"/{head}") + ("" if q == "awq" else f"/{q}"), g, spec,
+         {"SGLANG_ER_GAMMA": str(g), "SGLANG_ER_DRAFT_HEAD": head, "SGLANG_ER_QUANT": q})
+        for q in args.quant for head in args.draft_heads for g in args.gammas
     ]
+    if args.auto:
+        configs.append(("auto", 0, spec, {"SGLANG_ER_MODE": "auto", "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
+                                          "SGLANG_ER_QUANT": args.quant[0]}))
     results: dict = {}
     for name, gamma, extra, env in configs:
         with Server(path, ["--dtype", args.dtype, "--enable-metrics", *extra], env=env, max_total_tokens=32768) as srv:
-            srv.generate(PROMPT, max_new_tokens=8, temperature=0)  # warm-up
+            for i in range(4):  # warm-up; also feeds the AWQ statistics
+                srv.generate(prompts[i] if prompts else f"[{i}] {PROMPT}", max_new_tokens=8, temperature=0)
             for temp in args.temperatures:
                 for b in args.batches:
                     r = run_batch(srv, b, args.new_tokens, temp, gamma, prompts)
@@ -129,6 +139,20 @@ def main() -> None:
                 cells.append(f"{name}: {r['tok_s'] / base:4.2f}x (T_D/T_T {rd:.2f}, T_V/T_T {rv:.2f}, "
                              f"α {r['accept_rate'] or 0:.2f}, L {r['accept_length'] or 0:.2f})")
             print(f"T={temp:g} B={b:3d}  " + "\n              ".join(cells), flush=True)
+    if args.auto:
+        print("\nauto policy vs the best other configuration (same run)")
+        for temp in args.temperatures:
+            crossover = max((b for b in args.batches if any(
+                results[(c[0], temp, b)]["tok_s"] > results[("plain", temp, b)]["tok_s"]
+                for c in configs[2:-1])), default=None)
+            for b in args.batches:
+                others = {c[0]: results[(c[0], temp, b)]["tok_s"] for c in configs if c[0] not in ("auto", "gamma=0")}
+                best = max(others, key=others.get)
+                a = results[("auto", temp, b)]
+                print(f"T={temp:g} B={b:3d}  auto {a['tok_s']:7.1f} tok/s = {a['tok_s'] / others[best]:4.2f}x best "
+                      f"({best}), {a['tok_s'] / others['plain']:4.2f}x plain, speculating in "
+                      f"{(a['spec_share'] or 0) * 100:.0f}% of iterations", flush=True)
+            print(f"T={temp:g} crossover: fixed γ beats plain up to B = {crossover}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()}, f, indent=1)

@@ -224,17 +224,29 @@ def is_equiv(pred: str | None, ref: str | None) -> bool:
     return fallback_equiv(pred, ref)
 
 
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_last_number(response: str | None) -> str | None:
+    """The last number in ``response`` (lm-eval's "flexible extract" for GSM8K), commas dropped."""
+    nums = _NUMBER_RE.findall(response or "")
+    return nums[-1].replace(",", "").rstrip(".") if nums else None
+
+
 @dataclass
 class Grade:
     extracted: str | None
     correct: bool
+    correct_flexible: bool = False  # the box, else the last number: small models rarely box
 
 
 def grade(response: str | None, reference: str) -> Grade:
     """Extract the last box of ``response`` and compare it with ``reference``. Never raises."""
     try:
         ans = extract_answer(response)
-        return Grade(ans, is_equiv(ans, reference))
+        ok = is_equiv(ans, reference)
+        flex = ok if ans is not None else is_equiv(extract_last_number(response), reference)
+        return Grade(ans, ok, flex)
     except Exception:  # noqa: BLE001
         return Grade(None, False)
 

@@ -105,6 +105,7 @@ class SampleRecord(BaseModel):
     extracted: str | None
     correct: bool
     finish_reason: str | None = None
+    correct_flexible: bool = False
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     latency_s: float | None = None  # of the request that produced the sample
@@ -145,6 +146,7 @@ class Summary(BaseModel):
     num_errors: int
     num_extracted: int  # samples with a \boxed answer
     accuracy: float  # mean@n: mean correctness over all samples
+    accuracy_flexible: float  # mean@n with the last number standing in for a missing box
     pass_at_k: dict[str, float]  # "pass@k" -> unbiased estimate
     maj_at_k: dict[str, float]  # "maj@k" -> majority-vote accuracy
     latency_s: LatencyStats  # per request
@@ -476,7 +478,8 @@ def run_eval(config: EvalConfig | dict | None = None, /, **overrides) -> Summary
                         rec = SampleRecord(
                             problem_idx=p.idx, source_idx=p.source_idx, sample_idx=j0 + j, question=p.question,
                             reference=p.reference, response=c.text if c else "", extracted=g.extracted,
-                            correct=g.correct, finish_reason=c.finish_reason if c else None,
+                            correct=g.correct, correct_flexible=g.correct_flexible,
+                            finish_reason=c.finish_reason if c else None,
                             prompt_tokens=c.prompt_tokens if c else None,
                             completion_tokens=c.completion_tokens if c else None, latency_s=t1 - t0,
                             spec=c.spec if c else None, error=err,
@@ -503,7 +506,9 @@ def run_eval(config: EvalConfig | dict | None = None, /, **overrides) -> Summary
     summary = Summary(
         model=client.model, dataset=cfg.dataset, api=cfg.api, endpoint=client.endpoint,
         num_problems=len(problems), n=cfg.n, num_samples=len(records), num_errors=len(errors),
-        num_extracted=sum(r.extracted is not None for r in records), accuracy=acc, pass_at_k=pass_k,
+        num_extracted=sum(r.extracted is not None for r in records), accuracy=acc,
+        accuracy_flexible=sum(r.correct_flexible for r in records) / len(records) if records else 0.0,
+        pass_at_k=pass_k,
         maj_at_k=maj_k, latency_s=latency_stats(latencies), makespan_s=makespan, output_tokens=out_toks,
         output_tokens_per_s=out_toks / makespan if makespan > 0 else 0.0,
         mean_output_tokens=out_toks / len(ok) if ok else 0.0,
@@ -533,6 +538,7 @@ def format_table(s: Summary) -> str:
         ("problems x n", f"{s.num_problems} x {s.n} = {s.num_samples} samples"),
         ("errors", str(s.num_errors)), ("boxed answers", f"{s.num_extracted}/{s.num_samples}"),
         (f"accuracy (mean@{s.n})", _fmt(s.accuracy)),
+        ("accuracy, last number if no box", _fmt(s.accuracy_flexible)),
         *[(k, _fmt(v)) for k, v in s.pass_at_k.items()],
         *[(k, _fmt(v)) for k, v in s.maj_at_k.items()],
         ("latency p50/p90/p99 s",

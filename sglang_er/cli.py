@@ -67,6 +67,18 @@ def _calibrate(args) -> int:
     return run(args)
 
 
+def _checkout_tool(module: str, rest: list[str]) -> int:
+    """The eval tools live in the checkout's ``eval/`` package, beside ``sglang_er``."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise RuntimeError(f"{module} is part of the sglang-er checkout; run from its root "
+                           f"(python -m {module} ...): {e}") from None
+    return mod.main(rest) or 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sglang-er", description=__doc__)
     p.add_argument("--version", action="version", version=f"sglang-er {__version__}")
@@ -79,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="start a server on a built-in model, run requests, report")
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(fn=_demo)
+    for name, module, help_ in (("eval", "eval.math_eval", "math eval over the OpenAI API (GSM8K, MATH-500, jsonl, HF)"),
+                                ("bench", "eval.rollout_bench", "RL-shaped rollout benchmark: plain vs EFFROLLOUT")):
+        e = sub.add_parser(name, help=help_, add_help=False)
+        e.add_argument("rest", nargs=argparse.REMAINDER)
+        e.set_defaults(fn=lambda a, _m=module: _checkout_tool(_m, a.rest))
     from sglang_er.calibrate import add_arguments as _calibrate_arguments  # stdlib-only import
 
     c = sub.add_parser("calibrate", help="measure T_T/T_D/T_V and fit a hardware profile, or validate one")

@@ -73,6 +73,7 @@ def run(args) -> int:
     print("\n[demo] a sample from the EFFROLLOUT rollout:\n" + textwrap.indent(_first_sample(eff), "    "))
     rows = [
         ("accuracy (mean@n)", f"{plain.accuracy:.3f}", f"{eff.accuracy:.3f}"),
+        ("  last number if no box", f"{plain.accuracy_flexible:.3f}", f"{eff.accuracy_flexible:.3f}"),
         ("makespan (s)", f"{plain.makespan_s:.1f}", f"{eff.makespan_s:.1f}"),
         ("output tokens", str(plain.output_tokens), str(eff.output_tokens)),
         ("output tokens/s", f"{plain.output_tokens_per_s:.1f}", f"{eff.output_tokens_per_s:.1f}"),

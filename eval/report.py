@@ -1,0 +1,126 @@
+"""Reports a person would rather look at than read: markdown tables with ratios, PNG plots.
+
+:func:`write_rollout_report` takes the rollouts of :mod:`eval.rollout_bench` (plain first) and
+writes ``report.md`` plus ``throughput.png`` (makespan and tokens/s side by side with ratios),
+``timeline.png`` (active requests and γ over time, per config), ``latency_cdf.png`` and
+``acceptance.png`` (acceptance by draft position).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on a server
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def active_over_time(requests: list[dict], t0: float, points: int = 400) -> tuple[list[float], list[int]]:
+    """Number of requests in flight at evenly spaced times since ``t0``."""
+    end = max(r["t_done"] for r in requests) - t0
+    ts = [end * i / (points - 1) for i in range(points)]
+    return ts, [sum(1 for r in requests if r["t_send"] - t0 <= t < r["t_done"] - t0) for t in ts]
+
+
+def _first_steps(rollouts):
+    """One rollout per config (step 0), in run order."""
+    seen, out = set(), []
+    for r in rollouts:
+        if r.config not in seen:
+            seen.add(r.config)
+            out.append(r)
+    return out
+
+
+def write_rollout_report(rollouts, out: Path, workload: str) -> str:
+    out = Path(out)
+    plt = _plt()
+    firsts = _first_steps(rollouts)
+    base = firsts[0]
+    labels = [r.config for r in firsts]
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "makespan_s", "makespan (s, lower is better)"),
+                           (axes[1], "tokens_per_s", "output tokens/s (higher is better)")):
+        vals = [getattr(r, key) for r in firsts]
+        bars = ax.bar(labels, vals, color=["#888888"] + ["#1f77b4"] * (len(vals) - 1))
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v / getattr(base, key):.2f}x", (b.get_x() + b.get_width() / 2, v), ha="center",
+                        va="bottom")
+        ax.set_title(title)
+    fig.suptitle(workload, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(len(firsts), 1, figsize=(10, 2.6 * len(firsts)), sharex=True, squeeze=False)
+    for ax, r in zip(axes[:, 0], firsts):
+        t0 = min(q["t_send"] for q in r.requests)
+        ts, active = active_over_time(r.requests, t0)
+        ax.plot(ts, active, color="#444444", label="active requests")
+        ax.set_ylabel("active")
+        ax.set_title(f"{r.config}: makespan {r.makespan_s:.1f}s", fontsize=9)
+        if r.timeline:
+            ax2 = ax.twinx()
+            ax2.step([x["time"] - t0 for x in r.timeline], [x["gamma"] for x in r.timeline], where="post",
+                     color="#d62728", alpha=0.7, label="γ")
+            ax2.set_ylabel("γ", color="#d62728")
+    axes[-1, 0].set_xlabel("seconds since the rollout started")
+    fig.tight_layout()
+    fig.savefig(out / "timeline.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in firsts:
+        lat = sorted(q["t_done"] - q["t_send"] for q in r.requests)
+        ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], label=r.config)
+    ax.set_xlabel("request latency (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency_cdf.png", dpi=110)
+    plt.close(fig)
+
+    # per config, its last rollout that speculated at all (cumulative counters of its server)
+    with_acc = list({r.config: r for r in rollouts if r.position_acceptance}.values())
+    if with_acc:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in with_acc:
+            pa = [a for a in r.position_acceptance if a is not None]
+            ax.plot(range(1, len(pa) + 1), pa, marker="o", label=r.config)
+        ax.set_xlabel("draft position k")
+        ax.set_ylabel("P(draft k accepted)")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "acceptance.png", dpi=110)
+        plt.close(fig)
+
+    lines = [f"# Rollout benchmark\n\nWorkload: {workload}. One server at a time, same prompts and seeds.\n",
+             "| config | makespan s | vs plain | tokens | tokens/s | vs plain | acceptance | iterations speculating |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in firsts:
+        spec = [x for x in r.timeline if x["gamma"] > 0]
+        share = f"{len(spec) / len(r.timeline):.0%}" if r.timeline else "-"
+        acc = f"{r.accept_rate:.3f}" if r.accept_rate is not None else "-"
+        lines.append(f"| {r.config} | {r.makespan_s:.1f} | {base.makespan_s / r.makespan_s:.2f}x faster | "
+                     f"{r.output_tokens} | {r.tokens_per_s:.1f} | {r.tokens_per_s / base.tokens_per_s:.2f}x | "
+                     f"{acc} | {share} |")
+    steps = [r for r in rollouts if r.step > 0]
+    if steps:
+        lines += ["\n## Policy steps (perturbed weights pushed with update_weights_from_tensor)\n",
+                  "| config | step | re-quantization s | acceptance | makespan s |", "|---|---|---|---|---|"]
+        for r in rollouts:
+            rq = f"{r.requantize_s:.2f}" if r.requantize_s else "-"
+            acc = f"{r.accept_rate:.3f}" if r.accept_rate is not None else "-"
+            lines.append(f"| {r.config} | {r.step} | {rq} | {acc} | {r.makespan_s:.1f} |")
+    lines.append("\nPlots: throughput.png, timeline.png (active requests and γ), latency_cdf.png"
+                 + (", acceptance.png" if with_acc else "") + ".")
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text

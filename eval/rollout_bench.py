@@ -1,0 +1,210 @@
+"""RL-shaped rollout benchmark: the same GRPO-style workload on plain SGLang and on EFFROLLOUT.
+
+    python -m eval.rollout_bench --model smollm2-135m-instruct --prompts 16 --n 4 --max-tokens 256 \\
+        [--configs plain fixed:3 auto] [--policy-steps 2] [--out eval/out/rollout]
+
+Each configuration gets its own server (one at a time, so they do not share the cores) and the
+same workload, sent the way an RL framework sends a rollout: all P prompts × n samples at once,
+temperature 1.0, natural EOS with a max-tokens cap -- lengths are long-tailed, so the batch
+shrinks from P·n to a few stragglers and the tail dominates the makespan. Recorded per request:
+send / finish time and tokens; per server iteration (EFFROLLOUT): γ and batch size from the
+worker's timeline in ``/get_server_info``. ``--policy-steps K`` runs K rollouts per config and,
+between them, pushes perturbed weights with ``update_weights_from_tensor`` (simulated policy
+drift), reporting the drafter's re-quantization time and the acceptance per step.
+
+Writes ``report.md``, ``results.json`` and PNG plots (see :mod:`eval.report`) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import requests
+
+from sglang_er.launcher import Server
+from sglang_er.models.factory import build_model
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass
+class Rollout:
+    config: str
+    step: int
+    makespan_s: float
+    output_tokens: int
+    requests: list[dict]  # {t_send, t_done, tokens, finish}
+    timeline: list[dict]  # worker iterations: {time, gamma, batch_size, ...}
+    accept_rate: float | None = None
+    position_acceptance: list | None = None
+    requantize_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.makespan_s if self.makespan_s else 0.0
+
+
+def parse_config(spec: str) -> tuple[str, list[str], dict]:
+    """``plain`` | ``fixed:G`` | ``auto`` -> (label, server args, env)."""
+    if spec == "plain":
+        return "plain", [], {}
+    eff = ["--speculative-algorithm", "EFFROLLOUT"]
+    if spec == "auto":
+        return "auto", [*eff, "--speculative-num-steps", "7"], {"SGLANG_ER_MODE": "auto"}
+    if spec.startswith("fixed:") and spec[6:].isdigit() and 1 <= int(spec[6:]) <= 16:
+        g = int(spec[6:])
+        return f"fixed γ={g}", [*eff, "--speculative-num-steps", str(g)], {"SGLANG_ER_GAMMA": str(g)}
+    raise ValueError(f"unknown config {spec!r}: use plain, auto or fixed:G with 1 <= G <= 16")
+
+
+def chat_prompts(model_path, k: int) -> list[list[dict]]:
+    from eval.math_data import load_problems
+
+    return [[{"role": "user", "content": f"{p.question} {INSTRUCTION}"}] for p in load_problems("gsm8k", limit=k)]
+
+
+class TimelinePoller:
+    """Collects the worker's per-iteration records while a rollout runs (deduplicated)."""
+
+    def __init__(self, url: str, every_s: float = 1.0):
+        self.url, self.every_s = url, every_s
+        self.records: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _poll(self) -> dict | None:
+        try:
+            states = requests.get(self.url + "/get_server_info", timeout=30).json().get("internal_states") or [{}]
+        except requests.RequestException:
+            return None
+        st = states[0].get("effrollout")
+        for r in (st or {}).get("timeline", []):
+            self.records[r["iteration"]] = r
+        return st
+
+    def _run(self):
+        while not self._stop.wait(self.every_s):
+            self._poll()
+
+    def __enter__(self):
+        self.start_state = self._poll()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.end_state = self._poll()
+
+
+def run_rollout(srv: Server, label: str, step: int, prompts, n: int, max_tokens: int, temperature: float,
+                seed: int) -> Rollout:
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+
+    def one(job):
+        i, j = job
+        t0 = time.time()
+        body = {"model": "m", "messages": prompts[i], "max_tokens": max_tokens, "temperature": temperature,
+                "seed": seed + 1000 * i + j}
+        r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=3600)
+        r.raise_for_status()
+        out = r.json()
+        return {"t_send": t0, "t_done": time.time(), "tokens": out["usage"]["completion_tokens"],
+                "finish": out["choices"][0]["finish_reason"]}
+
+    with TimelinePoller(srv.url) as poll, ThreadPoolExecutor(len(jobs)) as ex:
+        t0 = time.time()
+        reqs = list(ex.map(one, jobs))
+        makespan = max(r["t_done"] for r in reqs) - t0
+    timeline = [r for _, r in sorted(poll.records.items()) if r["time"] >= t0]
+    ro = Rollout(label, step, makespan, sum(r["tokens"] for r in reqs), reqs, timeline)
+    before, after = (poll.start_state or {}).get("metrics"), (poll.end_state or {}).get("metrics")
+    if before and after and after["drafted"] > before["drafted"]:
+        ro.accept_rate = (after["accepted"] - before["accepted"]) / (after["drafted"] - before["drafted"])
+        ro.position_acceptance = after["position_acceptance"]
+    return ro
+
+
+def perturb_policy(srv: Server, model_path: Path, step: int, scale: float) -> float | None:
+    """Simulated policy update: W ← W + scale·std(W)·noise on every decoder linear, pushed with
+    SGLang's update_weights_from_tensor session; returns the drafter's re-quantization time."""
+    import torch
+    import torch.multiprocessing
+    from safetensors.torch import load_file
+    from sglang.srt.utils import MultiprocessingSerializer
+
+    torch.multiprocessing.set_sharing_strategy("file_system")  # CPU tensors as shared-memory files
+    gen = torch.Generator().manual_seed(step)
+    named = []
+    for name, w in load_file(str(model_path / "model.safetensors")).items():
+        if w.dim() == 2 and ".layers." in name:
+            noise = torch.randn(w.shape, generator=gen) * (scale * float(w.float().std()))
+            w = (w.float() + noise).to(w.dtype)
+        named.append((name, w))
+    payload = MultiprocessingSerializer.serialize(named, output_str=True)
+    for path, body in (("/begin_weight_update", {}), ("/update_weights_from_tensor",
+                                                     {"serialized_named_tensors": [payload]}),
+                       ("/end_weight_update", {})):
+        r = requests.post(srv.url + path, json=body, timeout=600)
+        if r.status_code != 200 or not r.json().get("success", True):
+            raise RuntimeError(f"{path} failed: {r.text[:300]}")
+    st = requests.get(srv.url + "/get_server_info", timeout=30).json()["internal_states"][0].get("effrollout")
+    return st and st["last_requantize_s"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="built-in model name")
+    p.add_argument("--model-path", default=None, help="a local HF model directory (overrides --model)")
+    p.add_argument("--prompts", type=int, default=16, help="GSM8K prompts P")
+    p.add_argument("--n", type=int, default=4, help="samples per prompt")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--configs", nargs="+", default=["plain", "fixed:3", "auto"])
+    p.add_argument("--policy-steps", type=int, default=1, help="rollouts per config, perturbed weights in between")
+    p.add_argument("--perturb", type=float, default=0.02, help="policy-step noise, relative to each weight's std")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-args", default="", help="extra SGLang args, e.g. '--dtype bfloat16'")
+    p.add_argument("--out", default="eval/out/rollout")
+    args = p.parse_args(argv)
+    configs = [parse_config(c) for c in args.configs]
+    if args.policy_steps < 1:
+        raise SystemExit("--policy-steps must be >= 1")
+    model_path = Path(args.model_path) if args.model_path else build_model(args.model)
+    if not (model_path / "config.json").exists():
+        raise SystemExit(f"{model_path} is not a model directory (no config.json); pass --model-path DIR")
+    prompts = chat_prompts(model_path, args.prompts)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rollouts: list[Rollout] = []
+    for label, server_args, env in configs:
+        with Server(model_path, [*server_args, *args.server_args.split()], env=env, max_total_tokens=32768) as srv:
+            print(f"[rollout] {label}: server up in {srv.startup_seconds:.0f}s", flush=True)
+            for step in range(args.policy_steps):
+                req_s = perturb_policy(srv, model_path, step + 1, args.perturb) if step else None
+                ro = run_rollout(srv, label, step, prompts, args.n, args.max_tokens, args.temperature, args.seed)
+                ro.requantize_s = req_s
+                rollouts.append(ro)
+                print(f"[rollout] {label} step {step}: makespan {ro.makespan_s:.1f}s, {ro.output_tokens} tokens, "
+                      f"{ro.tokens_per_s:.1f} tok/s, acceptance {ro.accept_rate if ro.accept_rate is not None else '-'}"
+                      + (f", re-quantized in {req_s:.2f}s" if req_s else ""), flush=True)
+    from eval.report import write_rollout_report
+
+    workload = (f"{args.prompts} GSM8K prompts × n={args.n}, temperature {args.temperature}, max {args.max_tokens} "
+                f"tokens, natural EOS, model {model_path.name}")
+    (out / "results.json").write_text(json.dumps({"workload": workload, "rollouts": [asdict(r) for r in rollouts]}))
+    report = write_rollout_report(rollouts, out, workload)
+    print(report)
+    print(f"[rollout] report, plots and results in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""The rollout benchmark end to end on the tiny model: two real servers (plain, EFFROLLOUT auto),
+the same GRPO-shaped workload, a policy step pushed with update_weights_from_tensor, and a report
+with plots whose numbers add up. Timing is not asserted (benchmarks, not tests, measure speed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eval.report import active_over_time
+from eval.rollout_bench import main, parse_config
+
+
+def test_rollout_bench_writes_a_consistent_report(tmp_path, tiny_model):
+    out = tmp_path / "rollout"
+    rc = main(["--model-path", str(tiny_model), "--prompts", "3", "--n", "2", "--max-tokens", "24",
+               "--configs", "plain", "auto", "--policy-steps", "2", "--out", str(out)])
+    assert rc == 0
+    for f in ("report.md", "results.json", "throughput.png", "timeline.png", "latency_cdf.png"):
+        assert (out / f).stat().st_size > 0, f
+    res = json.loads((out / "results.json").read_text())
+    rolls = res["rollouts"]
+    assert [(r["config"], r["step"]) for r in rolls] == [("plain", 0), ("plain", 1), ("auto", 0), ("auto", 1)]
+    for r in rolls:
+        assert len(r["requests"]) == 6
+        assert r["output_tokens"] == sum(q["tokens"] for q in r["requests"]) and 0 < r["output_tokens"] <= 6 * 24
+        assert r["makespan_s"] > 0
+    auto = [r for r in rolls if r["config"] == "auto"]
+    assert auto[0]["timeline"] and all(x["gamma"] >= 0 for x in auto[0]["timeline"])
+    assert auto[1]["requantize_s"] > 0  # the policy step re-quantized the drafter
+    if any(r["position_acceptance"] for r in auto):
+        assert (out / "acceptance.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "| plain |" in report and "| auto |" in report and "re-quantization" in report
+
+
+def test_active_requests_curve():
+    reqs = [{"t_send": 0.0, "t_done": 10.0}, {"t_send": 0.0, "t_done": 2.0}, {"t_send": 1.0, "t_done": 5.0}]
+    ts, active = active_over_time(reqs, 0.0, points=11)
+    assert active[0] == 2 and max(active) == 3 and active[-1] == 0 and active[ts.index(6.0)] == 1
+
+
+@pytest.mark.parametrize("bad", ["fixed:0", "fixed:x", "speculate", "fixed:99"])
+def test_bad_config_names_the_fix(bad):
+    with pytest.raises(ValueError, match="use plain, auto or fixed:G"):
+        parse_config(bad)
