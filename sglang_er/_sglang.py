@@ -14,6 +14,20 @@ import torch
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
+_hooked: set = set()
+
+
+def hook_after(target: str, fn) -> None:
+    """Run ``fn(result, *args, **kwargs)`` after SGLang's ``target`` (dotted path), once per
+    process, through SGLang's plugin HookRegistry (applied by ``load_plugins``)."""
+    if target in _hooked:
+        return
+    _hooked.add(target)
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(target, fn, HookType.AFTER)
+
+
 @dataclass
 class LayerView:
     """The target's tensors and modules of one decoder layer, shared by reference."""

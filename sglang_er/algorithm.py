@@ -7,6 +7,8 @@ rejects what it does not support with one message each that names the fix.
 
 from __future__ import annotations
 
+import os
+
 from sglang.srt.speculative.spec_registry import CustomSpecAlgo
 
 from sglang_er.config import DEFAULT_GAMMA, MAX_GAMMA, EffRolloutConfig
@@ -72,6 +74,15 @@ def validate_server_args(args) -> None:
         )
     gamma = resolve_gamma(args.speculative_num_draft_tokens, args.speculative_num_steps)
     EffRolloutConfig.from_env(gamma)  # a bad SGLANG_ER_* setting fails at startup, not mid-serving
+    profile = os.environ.get("SGLANG_ER_PROFILE")
+    if profile:
+        from sglang_er.calibration import HardwareProfile
+
+        try:
+            HardwareProfile.load(profile)
+        except ValueError as e:
+            raise ValueError(f"SGLANG_ER_PROFILE={profile}: {e}; fix the file, re-create it with "
+                             "`sglang-er calibrate`, or unset SGLANG_ER_PROFILE") from None
     args.speculative_num_draft_tokens = gamma + 1
     args.speculative_num_steps = gamma
     args.speculative_eagle_topk = 1

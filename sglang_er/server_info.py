@@ -14,7 +14,6 @@ import weakref
 _TARGET = ("sglang.srt.managers.scheduler_components.internal_state."
            "SchedulerInternalStateController._add_speculative")
 _workers: "weakref.WeakSet" = weakref.WeakSet()
-_installed = False
 
 
 def track(worker) -> None:
@@ -34,10 +33,6 @@ def _add_effrollout(_result, _controller, state, *args, **kwargs):
 
 
 def install() -> None:
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang_er._sglang import hook_after
 
-    HookRegistry.register(_TARGET, _add_effrollout, HookType.AFTER)
+    hook_after(_TARGET, _add_effrollout)

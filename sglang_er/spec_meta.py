@@ -17,7 +17,6 @@ from __future__ import annotations
 
 KEY = "spec_gamma"
 _TARGET = "sglang.srt.managers.tokenizer_manager.TokenizerManager._calculate_spec_decoding_metrics"
-_installed = False
 
 
 def correct(meta_info: dict) -> None:
@@ -51,10 +50,6 @@ def _after(result, _tm, meta_info, *args, **kwargs):
 
 
 def install() -> None:
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang_er._sglang import hook_after
 
-    HookRegistry.register(_TARGET, _after, HookType.AFTER)
+    hook_after(_TARGET, _after)

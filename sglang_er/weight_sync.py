@@ -23,8 +23,6 @@ logger = logging.getLogger(__name__)
 _TARGET = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager."
 UPDATE_OPS = ("update_weights_from_disk", "end_weight_update", "resume_memory_occupation")
 
-_installed = False
-
 
 def _after_update(result, *args, **kwargs):
     if getattr(result, "success", True):
@@ -34,11 +32,7 @@ def _after_update(result, *args, **kwargs):
 
 
 def install() -> None:
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang_er._sglang import hook_after
 
     for op in UPDATE_OPS:
-        HookRegistry.register(_TARGET + op, _after_update, HookType.AFTER)
+        hook_after(_TARGET + op, _after_update)

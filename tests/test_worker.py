@@ -280,3 +280,44 @@ def test_auto_mode_is_lossless_and_reports_its_choices(tiny_model, plain, plain_
     assert single["output_ids"] == plain.generate(PROMPT, max_new_tokens=48, temperature=0, ignore_eos=True)["output_ids"]
     assert "sglang_er:iterations_total" in metrics and "sglang_er:gamma" in metrics
     assert "sglang_er:phase_seconds_total" in metrics
+
+
+def test_auto_policy_speculates_alone_and_not_in_a_compute_bound_batch(tiny_model, plain, plain_greedy, tmp_path):
+    """A profile whose ridge point puts batch 1 in the memory-bound regime and batch ≥ 4 in the
+    compute-bound one: a lone request speculates, a batch of 24 decodes plainly (both ways within
+    one server, decided per iteration) (asserted on the
+    worker's recorded decisions, not on time), and every output stays the plain server's."""
+    from sglang_er.calibration import builtin_profile
+
+    base = builtin_profile("cpu")
+    profile = base.model_copy(update=dict(
+        name="test-ridge", bandwidth_bytes_per_s=1e9, flops_per_s={k: 4e9 for k in base.flops_per_s},
+        fixed_plain_s=1e-4, fixed_draft_step_s=1e-4, fixed_verify_s=1e-4, per_seq_s=0.0, per_seq_draft_s=0.0))
+    path = profile.save(tmp_path / "profile.json")
+    srv = start_server(tiny_model, [*FP32, *EFF, "--speculative-num-steps", "7"],
+                       env={"SGLANG_ER_MODE": "auto", "SGLANG_ER_PROFILE": str(path)})
+    try:
+        alone = srv.generate(PROMPT, max_new_tokens=48, temperature=0, ignore_eos=True)
+        t_alone = _timeline(srv)
+        prompts, expected = plain_greedy
+        with ThreadPoolExecutor(24) as ex:
+            batch = list(ex.map(lambda p: srv.generate(p, max_new_tokens=40, temperature=0, ignore_eos=True),
+                                prompts[:24]))
+        t_all = _timeline(srv)
+    finally:
+        srv.stop()
+    assert alone["output_ids"] == plain.generate(PROMPT, max_new_tokens=48, temperature=0, ignore_eos=True)["output_ids"]
+    for i, r in enumerate(batch):
+        assert r["output_ids"] == expected[i][:40]
+    # alone: speculation predicted to pay (live correction may still veto some iterations)
+    lone = [x["gamma"] for x in t_alone if x["batch_size"] == 1]
+    assert sum(g > 0 for g in lone) >= 0.25 * len(lone), lone
+    big = [x["gamma"] for x in t_all if x["batch_size"] >= 16]
+    assert big and sum(g == 0 for g in big) > 0.8 * len(big), big
+    assert alone["meta_info"]["spec_verify_ct"] > 0
+
+
+def _timeline(srv):
+    st = requests.get(srv.url + "/get_server_info", timeout=30).json()["internal_states"][0]["effrollout"]
+    assert st["mode"] == "auto" and st["policy"]["profile"] == "test-ridge"
+    return st["timeline"]
