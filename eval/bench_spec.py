@@ -38,6 +38,15 @@ def scrape(url: str) -> dict:
     return out
 
 
+# Benchmarks measure the steady state: AWQ switches on after the warm-up, not mid-measurement.
+AWQ_WARM = {"SGLANG_ER_AWQ_MIN_TOKENS": "256", "SGLANG_ER_AWQ_SAMPLE_EVERY": "1"}
+
+
+def server_state(srv: Server) -> dict | None:
+    states = requests.get(srv.url + "/get_server_info", timeout=30).json().get("internal_states") or [{}]
+    return states[0].get("effrollout")
+
+
 def delta(after: dict, before: dict) -> dict:
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
@@ -108,17 +117,20 @@ def main() -> None:
     spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(gmax)]
     configs = [("plain", 0, [], {}), ("gamma=0", 0, spec, {"SGLANG_ER_GAMMA": "0"})] + [
         (f"gamma={g}" + ("" if head == "shared" else f"/{head}") + ("" if q == "awq" else f"/{q}"), g, spec,
-         {"SGLANG_ER_GAMMA": str(g), "SGLANG_ER_DRAFT_HEAD": head, "SGLANG_ER_QUANT": q})
+         {"SGLANG_ER_GAMMA": str(g), "SGLANG_ER_DRAFT_HEAD": head, "SGLANG_ER_QUANT": q, **AWQ_WARM})
         for q in args.quant for head in args.draft_heads for g in args.gammas
     ]
     if args.auto:
         configs.append(("auto", 0, spec, {"SGLANG_ER_MODE": "auto", "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
-                                          "SGLANG_ER_QUANT": args.quant[0]}))
+                                          "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM}))
     results: dict = {}
     for name, gamma, extra, env in configs:
         with Server(path, ["--dtype", args.dtype, "--enable-metrics", *extra], env=env, max_total_tokens=32768) as srv:
-            for i in range(4):  # warm-up; also feeds the AWQ statistics
-                srv.generate(prompts[i] if prompts else f"[{i}] {PROMPT}", max_new_tokens=8, temperature=0)
+            for i in range(8):  # warm-up; also the traffic the AWQ statistics start from
+                srv.generate(prompts[-1 - i] if prompts else f"[{i}] {PROMPT}", max_new_tokens=16, temperature=0)
+            state = server_state(srv)
+            if state:
+                print(f"{name}: drafter {state['quantizer']}, head {state['draft_head']}", flush=True)
             for temp in args.temperatures:
                 for b in args.batches:
                     r = run_batch(srv, b, args.new_tokens, temp, gamma, prompts)

@@ -30,7 +30,7 @@ def _rollout(model_path, server_args: list[str], args, label: str):
               f"questions x n={args.n}, temperature {args.temperature}, max {args.max_tokens} tokens", flush=True)
         summary = run_eval(
             base_url=srv.url, dataset="gsm8k", limit=args.questions, n=args.n, temperature=args.temperature,
-            max_tokens=args.max_tokens, concurrency=args.questions * args.n, chat=True, out=args.out and f"{args.out}/{label}",
+            max_tokens=args.max_tokens, concurrency=args.concurrency or args.questions * args.n, chat=True, out=args.out and f"{args.out}/{label}",
             progress=False,
         )
         counters = _speculation_counters(srv.url) if server_args else None
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=192)
     p.add_argument("--gamma", type=int, default=4, help="draft length γ")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="requests in flight (default: all, like an RL rollout; torch_native attention on a "
+                        "CPU slows down past ~64)")
     p.add_argument("--out", default="eval/out/demo", help="where samples.jsonl and summary.json go")
     return run(p.parse_args(argv))
 

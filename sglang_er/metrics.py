@@ -17,7 +17,7 @@ import torch
 
 class _Prom:
     def __init__(self, gamma_max: int):
-        from prometheus_client import Counter, Gauge  # after PROMETHEUS_MULTIPROC_DIR is set
+        from prometheus_client import Counter, Gauge, Histogram  # after PROMETHEUS_MULTIPROC_DIR is set
 
         self.iterations = Counter("sglang_er:iterations", "Decode iterations", ["mode"])
         self.drafted = Counter("sglang_er:drafted_tokens", "Draft tokens proposed")
@@ -27,6 +27,14 @@ class _Prom:
         self.phase_seconds = Counter("sglang_er:phase_seconds", "Wall time per phase", ["phase"])
         self.phase_calls = Counter("sglang_er:phase_calls", "Forwards per phase", ["phase"])
         self.gamma = Gauge("sglang_er:gamma", "γ of the last decode iteration", multiprocess_mode="mostrecent")
+        self.gamma_hist = Histogram("sglang_er:gamma_chosen", "γ per decode iteration",
+                                    buckets=[g + 0.5 for g in range(gamma_max)] + [float("inf")])
+        self.bw_util = Gauge("sglang_er:bandwidth_utilisation", "Achieved fraction of the profile's peak "
+                             "bandwidth (auto mode, recent window)", ["phase"], multiprocess_mode="mostrecent")
+        self.model_error = Gauge("sglang_er:model_rel_error", "Mean |predicted - measured| / measured phase "
+                                 "time after live correction (auto mode)", ["phase"], multiprocess_mode="mostrecent")
+        self.alpha = Gauge("sglang_er:alpha", "Acceptance α_k at draft position k (auto mode)", ["position"],
+                           multiprocess_mode="mostrecent")
         self.requantizations = Counter("sglang_er:requantizations", "Drafter re-quantizations after weight updates")
         self.requantize_seconds = Gauge("sglang_er:last_requantize_seconds", "Wall time of the last re-quantization",
                                         multiprocess_mode="mostrecent")
@@ -65,6 +73,7 @@ class SpecMetrics:
                     prom.phase_calls.labels(phase=name).inc(calls)
             if prom:
                 prom.gamma.set(gamma)
+                prom.gamma_hist.observe(gamma)
             if gamma == 0 or accept_lens is None:
                 self.iterations_plain += 1
                 if prom:
@@ -86,6 +95,18 @@ class SpecMetrics:
                 for k in range(gamma):
                     prom.pos_proposed.labels(position=str(k)).inc(bs)
                     prom.pos_accepted.labels(position=str(k)).inc(accepted_at[k])
+
+    def record_policy(self, policy_state: dict) -> None:
+        """Export the auto policy's live estimates (called every few iterations)."""
+        prom = self._prom
+        if not prom:
+            return
+        for phase, e in policy_state["model_error"].items():
+            if e["window"]:
+                prom.bw_util.labels(phase=phase).set(e["bw_util"])
+                prom.model_error.labels(phase=phase).set(e["mean_rel_err_corrected"])
+        for k, a in enumerate(policy_state["alphas"], start=1):
+            prom.alpha.labels(position=str(k)).set(a)
 
     def record_requantize(self, seconds: float) -> None:
         if self._prom:

@@ -282,6 +282,14 @@ class EffRolloutWorker(BaseSpecWorker):
 
     def _log_iteration(self, batch, logits_output, gamma: int, **times) -> None:
         bs = len(batch.reqs)
+        if self.controller is not None and self.iteration % 64 == 0:
+            state = self.controller.state()
+            self.metrics.record_policy(state)
+            logger.info("EFFROLLOUT auto: %s speculating so far, α %s, phase error %s",
+                        f"{self.metrics.iterations_spec / max(1, self.iteration):.0%}",
+                        [round(a, 2) for a in state["alphas"]],
+                        {p: round(e["mean_rel_err_corrected"], 2) for p, e in state["model_error"].items()
+                         if e["window"]})
         # Per-request γ of this iteration through SGLang's customized_info channel: it reaches
         # meta_info["spec_gamma"], where sglang_er.spec_meta corrects SGLang's spec fields.
         info = logits_output.customized_info if logits_output.customized_info is not None else {}

@@ -280,6 +280,8 @@ def test_auto_mode_is_lossless_and_reports_its_choices(tiny_model, plain, plain_
     assert single["output_ids"] == plain.generate(PROMPT, max_new_tokens=48, temperature=0, ignore_eos=True)["output_ids"]
     assert "sglang_er:iterations_total" in metrics and "sglang_er:gamma" in metrics
     assert "sglang_er:phase_seconds_total" in metrics
+    for name in ("sglang_er:gamma_chosen_bucket", "sglang_er:model_rel_error", "sglang_er:alpha"):
+        assert name in metrics, name
 
 
 def test_auto_policy_speculates_alone_and_not_in_a_compute_bound_batch(tiny_model, plain, plain_greedy, tmp_path):
