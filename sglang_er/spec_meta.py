@@ -2,10 +2,11 @@
 
 SGLang's tokenizer computes a request's speculative fields from ``spec_verify_ct`` alone
 (proposed drafts = verify_ct × (num_draft_tokens − 1)), which assumes every iteration drafted
-the same γ. EFFROLLOUT chooses γ per iteration, 0 included, so the worker tags each decode
-iteration with its γ through SGLang's ``customized_info`` channel (it arrives in
-``meta_info["spec_gamma"]``, one entry per iteration: the request's γ timeline), and an AFTER
-hook on the tokenizer's metric computation rewrites SGLang's fields from it:
+the same γ. EFFROLLOUT chooses γ per iteration, 0 included, so the worker tags every token it commits with
+``(iteration, γ)`` in the request's ``customized_info`` (SGLang streams that channel sliced by
+token offsets, so it must hold one entry per output token), and an AFTER hook on the
+tokenizer's metric computation turns it back into one γ per iteration -- the request's γ
+timeline, returned as ``meta_info["spec_gamma"]`` -- and rewrites SGLang's fields from it:
 
 - ``spec_verify_ct``: iterations that drafted (γ ≥ 1); ``spec_plain_iterations``: those that did not;
 - ``spec_num_proposed_drafts``: Σ γ; ``spec_accept_rate`` = correct / proposed;
@@ -19,8 +20,34 @@ KEY = "spec_gamma"
 _TARGET = "sglang.srt.managers.tokenizer_manager.TokenizerManager._calculate_spec_decoding_metrics"
 
 
+def tag(reqs, iteration: int, gamma: int, new_tokens: list[int]) -> None:
+    """Record ``(iteration, γ)`` once per token each request commits in this iteration."""
+    for req, n in zip(reqs, new_tokens):
+        if req.customized_info is None:
+            req.customized_info = {}
+        req.customized_info.setdefault(KEY, []).extend([(iteration, gamma)] * n)
+
+
+def per_iteration(tagged) -> list[int]:
+    """``[(iteration, γ)]`` per token -> γ per iteration (consecutive tokens of one iteration merge)."""
+    out, last = [], None
+    for entry in tagged:
+        if entry is None:
+            continue
+        it, g = entry
+        if it != last:
+            out.append(g)
+            last = it
+    return out
+
+
 def correct(meta_info: dict) -> None:
-    gammas = meta_info.get(KEY)
+    tagged = meta_info.get(KEY)
+    if not tagged:
+        return
+    if isinstance(tagged[0], (list, tuple)) or tagged[0] is None:
+        meta_info[KEY] = per_iteration(tagged)
+    gammas = meta_info[KEY]
     if not gammas:
         return
     n_plain = sum(1 for g in gammas if g == 0)

@@ -201,7 +201,7 @@ class EffRolloutWorker(BaseSpecWorker):
         if self.controller:
             self.controller.observe(0, {"plain": t_plain})
         self.metrics.record(0, None, bs, {"plain": (t_plain, 1)})
-        self._log_iteration(batch, res.logits_output, 0, plain_s=t_plain)
+        self._log_iteration(batch, res.logits_output, 0, [1] * bs, plain_s=t_plain)
         return _sglang.generation_result(
             logits_output=res.logits_output,
             next_token_ids=res.next_token_ids,
@@ -267,8 +267,8 @@ class EffRolloutWorker(BaseSpecWorker):
         self.metrics.record(gamma, accept_len, bs, {"draft_step": (t_draft, gamma), "verify": (t_verify, 1)})
         if self.controller:
             self.controller.observe(gamma, {"draft": t_draft, "verify": t_verify}, accept_len)
-        self._log_iteration(batch, logits_output, gamma, draft_s=t_draft, verify_s=t_verify,
-                            accepted=int(accept_len.sum()))
+        self._log_iteration(batch, logits_output, gamma, accept_lens.tolist(), draft_s=t_draft,
+                            verify_s=t_verify, accepted=int(accept_len.sum()))
         return _sglang.generation_result(
             logits_output=logits_output,
             next_token_ids=next_token_ids,
@@ -280,7 +280,7 @@ class EffRolloutWorker(BaseSpecWorker):
         )
 
 
-    def _log_iteration(self, batch, logits_output, gamma: int, **times) -> None:
+    def _log_iteration(self, batch, logits_output, gamma: int, new_tokens: list[int], **times) -> None:
         bs = len(batch.reqs)
         if self.controller is not None and self.iteration % 64 == 0:
             state = self.controller.state()
@@ -290,11 +290,7 @@ class EffRolloutWorker(BaseSpecWorker):
                         [round(a, 2) for a in state["alphas"]],
                         {p: round(e["mean_rel_err_corrected"], 2) for p, e in state["model_error"].items()
                          if e["window"]})
-        # Per-request γ of this iteration through SGLang's customized_info channel: it reaches
-        # meta_info["spec_gamma"], where sglang_er.spec_meta corrects SGLang's spec fields.
-        info = logits_output.customized_info if logits_output.customized_info is not None else {}
-        info[spec_meta.KEY] = [gamma] * bs
-        logits_output.customized_info = info
+        spec_meta.tag(batch.reqs, self.iteration, gamma, new_tokens)
         decision = self.controller.last_decision if self.controller is not None else None
         self.timeline.append(
             iteration=self.iteration, gamma=gamma, batch_size=bs,
