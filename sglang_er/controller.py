@@ -79,7 +79,9 @@ class Controller:
         return {
             "profile": self.cost.profile.name,
             "alphas": self.acceptance.alphas(),
-            "model_error": self.cost.error_stats(),
+            # JSON has no NaN (an empty window): report it as null
+            "model_error": {p: {k: (v if v == v else None) for k, v in e.items()}
+                            for p, e in self.cost.error_stats().items()},
             "last_decision": None if d is None else {"gamma": d.gamma, "reason": d.reason},
         }
 

@@ -102,7 +102,7 @@ class SpecMetrics:
         if not prom:
             return
         for phase, e in policy_state["model_error"].items():
-            if e["window"]:
+            if e["window"] and e["bw_util"] is not None:
                 prom.bw_util.labels(phase=phase).set(e["bw_util"])
                 prom.model_error.labels(phase=phase).set(e["mean_rel_err_corrected"])
         for k, a in enumerate(policy_state["alphas"], start=1):

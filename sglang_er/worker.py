@@ -289,7 +289,7 @@ class EffRolloutWorker(BaseSpecWorker):
                         f"{self.metrics.iterations_spec / max(1, self.iteration):.0%}",
                         [round(a, 2) for a in state["alphas"]],
                         {p: round(e["mean_rel_err_corrected"], 2) for p, e in state["model_error"].items()
-                         if e["window"]})
+                         if e["window"] and e["mean_rel_err_corrected"] is not None})
         spec_meta.tag(batch.reqs, self.iteration, gamma, new_tokens)
         decision = self.controller.last_decision if self.controller is not None else None
         self.timeline.append(
