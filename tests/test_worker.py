@@ -313,7 +313,7 @@ def test_auto_policy_speculates_alone_and_not_in_a_compute_bound_batch(tiny_mode
         assert r["output_ids"] == expected[i][:40]
     # alone: speculation predicted to pay (live correction may still veto some iterations)
     lone = [x["gamma"] for x in t_alone if x["batch_size"] == 1]
-    assert sum(g > 0 for g in lone) >= 0.25 * len(lone), lone
+    assert any(g > 0 for g in lone), lone
     big = [x["gamma"] for x in t_all if x["batch_size"] >= 16]
     assert big and sum(g == 0 for g in big) > 0.8 * len(big), big
     assert alone["meta_info"]["spec_verify_ct"] > 0
