@@ -42,11 +42,6 @@ def scrape(url: str) -> dict:
 AWQ_WARM = {"SGLANG_ER_AWQ_MIN_TOKENS": "256", "SGLANG_ER_AWQ_SAMPLE_EVERY": "1"}
 
 
-def server_state(srv: Server) -> dict | None:
-    states = requests.get(srv.url + "/get_server_info", timeout=30).json().get("internal_states") or [{}]
-    return states[0].get("effrollout")
-
-
 def delta(after: dict, before: dict) -> dict:
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
@@ -85,12 +80,18 @@ def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamm
     verified = drafted / gamma if gamma else 0.0  # request-iterations that were verified
     spec_it = d.get(("sglang_er:iterations", 'mode="spec"'), 0.0)
     plain_it = d.get(("sglang_er:iterations", 'mode="plain"'), 0.0)
+    pos = [(d.get(("sglang_er:position_accepted", f'position="{k}"'), 0.0),
+            d.get(("sglang_er:position_proposed", f'position="{k}"'), 0.0)) for k in range(gamma)]
     return {
         "spec_share": spec_it / (spec_it + plain_it) if spec_it + plain_it else None,
         "tok_s": toks / dt,
         "t_plain": per_call("plain"), "t_draft_step": per_call("draft_step"), "t_verify": per_call("verify"),
         "accept_rate": accepted / drafted if drafted else None,
         "accept_length": 1 + accepted / verified if verified else None,  # tokens per verify, bonus included
+        # α_k = P(draft k accepted | drafts 0..k-1 accepted); the counters hold P(accept_len > k)
+        "position_acceptance": [round(a / prev, 3) if prev else None
+                                for (a, _), prev in zip(pos, [p for _, p in pos[:1]] + [a for a, _ in pos[:-1]])]
+                               or None,
     }
 
 
@@ -128,7 +129,7 @@ def main() -> None:
         with Server(path, ["--dtype", args.dtype, "--enable-metrics", *extra], env=env, max_total_tokens=32768) as srv:
             for i in range(8):  # warm-up; also the traffic the AWQ statistics start from
                 srv.generate(prompts[-1 - i] if prompts else f"[{i}] {PROMPT}", max_new_tokens=16, temperature=0)
-            state = server_state(srv)
+            state = srv.effrollout_state()
             if state:
                 print(f"{name}: drafter {state['quantizer']}, head {state['draft_head']}", flush=True)
             for temp in args.temperatures:
@@ -136,7 +137,8 @@ def main() -> None:
                     r = run_batch(srv, b, args.new_tokens, temp, gamma, prompts)
                     results[(name, temp, b)] = r
                     print(f"{args.model} {name:>8} T={temp:g} B={b:3d}: {r['tok_s']:7.1f} tok/s  "
-                          + "  ".join(f"{k}={v:.4g}" for k, v in r.items() if k != "tok_s" and v is not None),
+                          + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in r.items() if k != "tok_s" and v is not None),
                           flush=True)
     print(f"\nratios vs plain ({args.model}, {args.new_tokens} new tokens, same run)")
     for temp in args.temperatures:

@@ -109,6 +109,7 @@ class SampleRecord(BaseModel):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     latency_s: float | None = None  # of the request that produced the sample
+    t_send: float | None = None  # wall-clock (epoch s) when that request was sent: timelines and plots
     spec: dict[str, Any] | None = None  # spec_* fields of SGLang's meta_info, when present
     error: str | None = None
 
@@ -439,6 +440,7 @@ def run_eval(config: EvalConfig | dict | None = None, /, **overrides) -> Summary
         samples_f = open(out_dir / "samples.jsonl", "w", encoding="utf-8")
 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    wall_offset = time.time() - time.perf_counter()  # perf_counter stamps -> epoch seconds
     records: list[SampleRecord] = []
     latencies: list[float] = []
     t_sent: list[float] = []
@@ -482,7 +484,7 @@ def run_eval(config: EvalConfig | dict | None = None, /, **overrides) -> Summary
                             finish_reason=c.finish_reason if c else None,
                             prompt_tokens=c.prompt_tokens if c else None,
                             completion_tokens=c.completion_tokens if c else None, latency_s=t1 - t0,
-                            spec=c.spec if c else None, error=err,
+                            t_send=wall_offset + t0, spec=c.spec if c else None, error=err,
                         )
                         records.append(rec)
                         n_correct += rec.correct

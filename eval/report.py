@@ -119,6 +119,20 @@ def write_rollout_report(rollouts, out: Path, workload: str) -> str:
             rq = f"{r.requantize_s:.2f}" if r.requantize_s else "-"
             acc = f"{r.accept_rate:.3f}" if r.accept_rate is not None else "-"
             lines.append(f"| {r.config} | {r.step} | {rq} | {acc} | {r.makespan_s:.1f} |")
+    sourced = [r for r in rollouts if r.extra.get("by_source")]
+    if sourced:
+        lines += ["\n## Drafts by source (history drafts: group, prompt, self)\n",
+                  "| config | step | source | drafted | accepted | acceptance |", "|---|---|---|---|---|---|"]
+        for r in sourced:
+            for src, c in sorted(r.extra["by_source"].items()):
+                if c["drafted"]:
+                    lines.append(f"| {r.config} | {r.step} | {src} | {c['drafted']} | {c['accepted']} | "
+                                 f"{c['accepted'] / c['drafted']:.3f} |")
+        for r in sourced:
+            if r.extra.get("history_index"):
+                h = r.extra["history_index"]
+                lines.append(f"\n{r.config} step {r.step}: history index {h['groups']} prompts, "
+                             f"{h['indexed_tokens']} tokens, hit rate {h['hits'] / max(1, h['lookups']):.2f}")
     lines.append("\nPlots: throughput.png, timeline.png (active requests and γ), latency_cdf.png"
                  + (", acceptance.png" if with_acc else "") + ".")
     text = "\n".join(lines) + "\n"

@@ -52,16 +52,19 @@ class Rollout:
 
 
 def parse_config(spec: str) -> tuple[str, list[str], dict]:
-    """``plain`` | ``fixed:G`` | ``auto`` -> (label, server args, env)."""
+    """``plain`` | ``fixed:G`` | ``auto`` | ``hybrid[:group]`` -> (label, server args, env)."""
     if spec == "plain":
         return "plain", [], {}
     eff = ["--speculative-algorithm", "EFFROLLOUT"]
     if spec == "auto":
         return "auto", [*eff, "--speculative-num-steps", "7"], {"SGLANG_ER_MODE": "auto"}
+    if spec in ("hybrid", "hybrid:group"):  # auto W4 + history drafts (earlier epochs too, unless :group)
+        return spec, [*eff, "--speculative-num-steps", "7"], {
+            "SGLANG_ER_MODE": "auto", "SGLANG_ER_HISTORY": "group" if spec.endswith(":group") else "all"}
     if spec.startswith("fixed:") and spec[6:].isdigit() and 1 <= int(spec[6:]) <= 16:
         g = int(spec[6:])
         return f"fixed γ={g}", [*eff, "--speculative-num-steps", str(g)], {"SGLANG_ER_GAMMA": str(g)}
-    raise ValueError(f"unknown config {spec!r}: use plain, auto or fixed:G with 1 <= G <= 16")
+    raise ValueError(f"unknown config {spec!r}: use plain, auto, hybrid, hybrid:group or fixed:G with 1 <= G <= 16")
 
 
 def chat_prompts(model_path, k: int) -> list[list[dict]]:
@@ -129,6 +132,12 @@ def run_rollout(srv: Server, label: str, step: int, prompts, n: int, max_tokens:
     if before and after and after["drafted"] > before["drafted"]:
         ro.accept_rate = (after["accepted"] - before["accepted"]) / (after["drafted"] - before["drafted"])
         ro.position_acceptance = after["position_acceptance"]
+        b0 = before.get("by_source", {})
+        ro.extra["by_source"] = {k: {f: v[f] - b0.get(k, {}).get(f, 0) for f in ("drafted", "accepted")}
+                                 for k, v in after.get("by_source", {}).items()}
+    hist = (poll.end_state or {}).get("history")
+    if hist:
+        ro.extra["history_index"] = {k: hist[k] for k in ("groups", "indexed_tokens", "lookups", "hits")}
     return ro
 
 
@@ -136,11 +145,8 @@ def perturb_policy(srv: Server, model_path: Path, step: int, scale: float) -> fl
     """Simulated policy update: W ← W + scale·std(W)·noise on every decoder linear, pushed with
     SGLang's update_weights_from_tensor session; returns the drafter's re-quantization time."""
     import torch
-    import torch.multiprocessing
     from safetensors.torch import load_file
-    from sglang.srt.utils import MultiprocessingSerializer
 
-    torch.multiprocessing.set_sharing_strategy("file_system")  # CPU tensors as shared-memory files
     gen = torch.Generator().manual_seed(step)
     named = []
     for name, w in load_file(str(model_path / "model.safetensors")).items():
@@ -148,14 +154,8 @@ def perturb_policy(srv: Server, model_path: Path, step: int, scale: float) -> fl
             noise = torch.randn(w.shape, generator=gen) * (scale * float(w.float().std()))
             w = (w.float() + noise).to(w.dtype)
         named.append((name, w))
-    payload = MultiprocessingSerializer.serialize(named, output_str=True)
-    for path, body in (("/begin_weight_update", {}), ("/update_weights_from_tensor",
-                                                     {"serialized_named_tensors": [payload]}),
-                       ("/end_weight_update", {})):
-        r = requests.post(srv.url + path, json=body, timeout=600)
-        if r.status_code != 200 or not r.json().get("success", True):
-            raise RuntimeError(f"{path} failed: {r.text[:300]}")
-    st = requests.get(srv.url + "/get_server_info", timeout=30).json()["internal_states"][0].get("effrollout")
+    srv.update_weights_from_tensor(named)
+    st = srv.effrollout_state()
     return st and st["last_requantize_s"]
 
 

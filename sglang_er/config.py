@@ -14,6 +14,11 @@ have no SGLang flag are environment variables, read in every SGLang process alik
 - ``SGLANG_ER_QUANT``: ``awq`` (default: activation-aware scales from live traffic, RTN until
   ``SGLANG_ER_AWQ_MIN_TOKENS`` tokens (512) were observed) or ``rtn``;
   ``SGLANG_ER_AWQ_SAMPLE_EVERY``: observe every N-th prefill/verify forward (4).
+- ``SGLANG_ER_HISTORY``: history drafts next to the W4 drafter (:mod:`sglang_er.history_drafts`):
+  ``off`` (default), ``group`` (the prompt and its in-flight samples) or ``all`` (also finished
+  requests with the same prompt: earlier epochs); ``SGLANG_ER_HISTORY_MIN_MATCH`` (3) tokens a
+  match needs, ``SGLANG_ER_HISTORY_BUDGET`` (4,000,000) indexed tokens before the least recently
+  used prompt is dropped.
 - ``SGLANG_ER_TIMELINE``: iterations kept in the timeline ``/get_server_info`` returns (2048).
 - ``SGLANG_ER_REQUANTIZE=0``: test-only, leave the drafter on the weights it was built from
   after a weight update (shows the acceptance a stale drafter would have).
@@ -41,9 +46,12 @@ class EffRolloutConfig(BaseModel):
     quant: Literal["awq", "rtn"] = "awq"
     awq_min_tokens: int = Field(512, ge=1)
     awq_sample_every: int = Field(4, ge=1)
-    inject_fault: Literal["accept_all"] | None = None
+    inject_fault: Literal["accept_all", "accept_all_history"] | None = None
     requantize: bool = True  # SGLANG_ER_REQUANTIZE=0: test-only, keep the drafter on its first weights
     timeline_size: int = Field(2048, ge=0, le=1 << 20)
+    history: Literal["off", "group", "all"] = "off"
+    history_min_match: int = Field(3, ge=1, le=64)
+    history_budget: int = Field(4_000_000, ge=1000)
 
     @field_validator("gamma_schedule")
     @classmethod
@@ -94,6 +102,9 @@ class EffRolloutConfig(BaseModel):
                        awq_sample_every=environ.get("SGLANG_ER_AWQ_SAMPLE_EVERY") or 4,
                        inject_fault=environ.get("SGLANG_ER_INJECT_FAULT") or None,
                        requantize=environ.get("SGLANG_ER_REQUANTIZE", "1"),
-                       timeline_size=environ.get("SGLANG_ER_TIMELINE", "2048"))
+                       timeline_size=environ.get("SGLANG_ER_TIMELINE", "2048"),
+                       history=environ.get("SGLANG_ER_HISTORY") or "off",
+                       history_min_match=environ.get("SGLANG_ER_HISTORY_MIN_MATCH") or 3,
+                       history_budget=environ.get("SGLANG_ER_HISTORY_BUDGET") or 4_000_000)
         except ValidationError as e:
             raise ValueError(f"invalid EFFROLLOUT settings: {e}") from None

@@ -66,12 +66,28 @@ class Controller:
         self._live_rids = now
 
     # ------------------------------------------------------------------ measurements
-    def observe(self, gamma: int, phases: dict[str, float], accept_lens=None) -> None:
-        """Phase times (seconds) and accepted drafts [B] of the iteration ``choose`` decided."""
+    def observe(self, gamma: int, phases: dict[str, float], accept_lens=None, rows: list[int] | None = None) -> None:
+        """Phase times (seconds) and accepted drafts [B] of the iteration ``choose`` decided;
+        ``rows``: the requests whose drafts came from the W4 drafter (default: all)."""
         for phase, seconds in phases.items():
             self.cost.observe(phase, self._seq_lens, gamma, seconds)
         if gamma > 0 and accept_lens is not None:
-            self.acceptance.observe(gamma, accept_lens.tolist(), self._rids)
+            lens, rids = accept_lens.tolist(), self._rids
+            if rows is not None:
+                lens, rids = [lens[i] for i in rows], [rids[i] for i in rows]
+            if lens:
+                self.acceptance.observe(gamma, lens, rids)
+
+    def w4_expected_tokens(self) -> list[float]:
+        """E[L | W4, γ] for γ = 0..γmax (server-wide acceptance)."""
+        return self.acceptance.expected_tokens_table()
+
+    def verify_only_pays(self, gamma: int, expected_tokens: float, min_gain: float = 1.05) -> bool:
+        """Would a verify-only iteration (drafts that cost no forward) of width γ+1 beat a plain
+        decode step for the batch ``choose`` last saw, by ``min_gain``?"""
+        t_v = self.cost.t_verify(self._seq_lens, gamma)
+        t_t = self.cost.t_plain(self._seq_lens)
+        return expected_tokens / t_v > min_gain * len(self._seq_lens) / t_t
 
 
     def state(self) -> dict:

@@ -22,19 +22,41 @@ from sglang_er.models.factory import build_model
 def _rollout(model_path, server_args: list[str], args, label: str):
     try:
         from eval.math_eval import run_eval
+        from eval.rollout_bench import TimelinePoller
     except ImportError as e:  # eval/ lives beside the package in the checkout
         raise RuntimeError(f"the demo needs the checkout's eval/ package (run it from the repo root): {e}") from None
     print(f"\n[demo] {label}: starting SGLang ({' '.join(server_args) or 'plain decoding'}) ...", flush=True)
     with Server(model_path, [*server_args, "--enable-metrics"], max_total_tokens=32768) as srv:
         print(f"[demo] {label}: healthy after {srv.startup_seconds:.0f}s; rollout of {args.questions} GSM8K "
               f"questions x n={args.n}, temperature {args.temperature}, max {args.max_tokens} tokens", flush=True)
-        summary = run_eval(
-            base_url=srv.url, dataset="gsm8k", limit=args.questions, n=args.n, temperature=args.temperature,
-            max_tokens=args.max_tokens, concurrency=args.concurrency or args.questions * args.n, chat=True, out=args.out and f"{args.out}/{label}",
-            progress=False,
-        )
+        with TimelinePoller(srv.url) as poll:
+            summary = run_eval(
+                base_url=srv.url, dataset="gsm8k", limit=args.questions, n=args.n, temperature=args.temperature,
+                max_tokens=args.max_tokens, concurrency=args.concurrency or args.questions * args.n, chat=True,
+                out=f"{args.out}/{label}", progress=False,
+            )
         counters = _speculation_counters(srv.url) if server_args else None
-    return summary, counters
+    return summary, counters, _as_rollout(label, summary, poll)
+
+
+def _as_rollout(label: str, summary, poll):
+    """The eval's samples and the worker's timeline in the rollout benchmark's shape (for plots)."""
+    import json
+    from pathlib import Path
+
+    from eval.rollout_bench import Rollout
+
+    recs = [json.loads(line) for line in (Path(summary.out_dir) / "samples.jsonl").read_text().splitlines()]
+    reqs = [{"t_send": r["t_send"], "t_done": r["t_send"] + r["latency_s"], "tokens": r["completion_tokens"] or 0,
+             "finish": r["finish_reason"]} for r in recs if r.get("t_send") is not None]
+    t0 = min(r["t_send"] for r in reqs)
+    ro = Rollout(label, 0, summary.makespan_s, summary.output_tokens, reqs,
+                 [x for _, x in sorted(poll.records.items()) if x["time"] >= t0])
+    before, after = (poll.start_state or {}).get("metrics"), (poll.end_state or {}).get("metrics")
+    if before and after and after["drafted"] > before["drafted"]:
+        ro.accept_rate = (after["accepted"] - before["accepted"]) / (after["drafted"] - before["drafted"])
+        ro.position_acceptance = after["position_acceptance"]
+    return ro
 
 
 def _speculation_counters(url: str) -> dict:
@@ -68,8 +90,8 @@ def run(args) -> int:
     path = build_model(args.model)
     print(f"[demo] model at {path}")
     spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", str(args.gamma + 1)]
-    plain, _ = _rollout(path, [], args, "plain")
-    eff, counters = _rollout(path, spec, args, "effrollout")
+    plain, _, plain_ro = _rollout(path, [], args, "plain")
+    eff, counters, eff_ro = _rollout(path, spec, args, "effrollout")
     print("\n[demo] a sample from the EFFROLLOUT rollout:\n" + textwrap.indent(_first_sample(eff), "    "))
     rows = [
         ("accuracy (mean@n)", f"{plain.accuracy:.3f}", f"{eff.accuracy:.3f}"),
@@ -89,7 +111,20 @@ def run(args) -> int:
         print(f"    {name:<24}{a:>12}{b:>14}")
     speedup = eff.output_tokens_per_s / max(plain.output_tokens_per_s, 1e-9)
     print(f"    {'throughput ratio':<24}{'':>12}{speedup:>13.2f}x")
-    print("\n[demo] servers stopped cleanly")
+    from pathlib import Path
+
+    from eval.report import write_rollout_report
+
+    workload = (f"{args.questions} GSM8K questions x n={args.n}, temperature {args.temperature}, "
+                f"max {args.max_tokens} tokens, model {Path(path).name}")
+    write_rollout_report([plain_ro, eff_ro], Path(args.out), workload)
+    table = ["\n## Accuracy and speed, side by side\n", "| | plain | EFFROLLOUT |", "|---|---|---|",
+             *(f"| {name.strip()} | {a} | {b} |" for name, a, b in rows), f"| throughput ratio | | {speedup:.2f}x |"]
+    with open(Path(args.out) / "report.md", "a") as f:
+        f.write("\n".join(table) + "\n")
+    print(f"\n[demo] report and plots: {args.out}/report.md, throughput.png, timeline.png (active requests "
+          f"and γ over time), latency_cdf.png, acceptance.png; samples in {args.out}/<config>/samples.jsonl")
+    print("[demo] servers stopped cleanly")
     return 0
 
 
@@ -105,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=None,
                    help="requests in flight (default: all, like an RL rollout; torch_native attention on a "
                         "CPU slows down past ~64)")
-    p.add_argument("--out", default="eval/out/demo", help="where samples.jsonl and summary.json go")
+    p.add_argument("--out", default="eval/out/demo", help="where the report, plots, samples and summaries go")
     return run(p.parse_args(argv))
 
 

@@ -1,12 +1,15 @@
 """Start and stop SGLang server processes: one place for tests, the demo and the benchmarks.
 
 A server runs in its own process group so that stopping it takes the scheduler and
-detokenizer children with it (SGLang does not always exit on SIGTERM within seconds).
+detokenizer children with it (SGLang does not always exit on SIGTERM within seconds), and
+it gets SIGTERM from the kernel if the process that started it dies (PR_SET_PDEATHSIG on
+Linux): a killed benchmark or demo leaves no server behind.
 The KV pool is always capped: SGLang's default takes most of a small machine's RAM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -70,7 +73,8 @@ class Server:
         t0 = time.monotonic()
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         while time.monotonic() - t0 < self.startup_timeout:
             if self.proc.poll() is not None:
@@ -133,6 +137,65 @@ class Server:
         if input_ids is not None:
             payload["input_ids"] = input_ids
         return self.post("/generate", payload, timeout=timeout)
+
+    def effrollout_state(self) -> dict | None:
+        """The EFFROLLOUT worker's state from SGLang's server info (None on a plain server)."""
+        r = requests.get(self.url + "/get_server_info", timeout=30)
+        r.raise_for_status()
+        return (r.json().get("internal_states") or [{}])[0].get("effrollout")
+
+    def loads(self) -> dict:
+        """SGLang's own load snapshot (``/v1/loads``): running/waiting requests, used KV tokens."""
+        r = requests.get(self.url + "/v1/loads", timeout=30)
+        r.raise_for_status()
+        return r.json()["loads"][0]
+
+    @contextlib.contextmanager
+    def generation_paused(self, mode: str = "retract", timeout: float = 600.0):
+        """What RL frameworks do around a weight update under load: SGLang retracts running
+        requests to its waiting queue (``/pause_generation``), the update flushes the KV cache,
+        and on ``/continue_generation`` they are re-prefilled with the new weights."""
+        self.post("/pause_generation", {"mode": mode}, timeout=timeout)
+        try:
+            yield self
+        finally:
+            self.post("/continue_generation", {}, timeout=timeout)
+
+    def update_weights_from_disk(self, model_path: str | Path, timeout: float = 600.0) -> dict:
+        return self._checked("/update_weights_from_disk", {"model_path": str(model_path)}, timeout)
+
+    def update_weights_from_tensor(self, named_tensors: list, timeout: float = 600.0) -> None:
+        """The RL-framework path (SGLang 0.5.23): begin a session, push named tensors, end it.
+
+        CPU tensors travel as shared-memory files: torch's default fd-passing strategy needs
+        the receiver to share this process's multiprocessing authkey, which a server does not.
+        """
+        import torch.multiprocessing
+        from sglang.srt.utils import MultiprocessingSerializer
+
+        torch.multiprocessing.set_sharing_strategy("file_system")
+        payload = MultiprocessingSerializer.serialize(list(named_tensors), output_str=True)
+        self._checked("/begin_weight_update", {}, timeout)
+        try:
+            self._checked("/update_weights_from_tensor", {"serialized_named_tensors": [payload]}, timeout)
+        finally:
+            self._checked("/end_weight_update", {}, timeout)  # never leave the session open
+
+    def _checked(self, path: str, body: dict, timeout: float) -> dict:
+        out = self.post(path, body, timeout=timeout)
+        if not out.get("success", True):
+            raise ServerError(f"POST {path} failed: {out.get('message', out)}")
+        return out
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask the kernel for SIGTERM when the parent dies (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -35,6 +35,10 @@ class _Prom:
                                  "time after live correction (auto mode)", ["phase"], multiprocess_mode="mostrecent")
         self.alpha = Gauge("sglang_er:alpha", "Acceptance α_k at draft position k (auto mode)", ["position"],
                            multiprocess_mode="mostrecent")
+        self.source_drafted = Counter("sglang_er:source_drafted_tokens", "Draft tokens proposed, by source "
+                                      "(w4; group, prompt, self: history drafts; none: verify-only padding)", ["source"])
+        self.source_accepted = Counter("sglang_er:source_accepted_tokens", "Draft tokens accepted, by source",
+                                       ["source"])
         self.requantizations = Counter("sglang_er:requantizations", "Drafter re-quantizations after weight updates")
         self.requantize_seconds = Gauge("sglang_er:last_requantize_seconds", "Wall time of the last re-quantization",
                                         multiprocess_mode="mostrecent")
@@ -55,14 +59,16 @@ class SpecMetrics:
         self.verified_requests = 0
         self.position_proposed = [0] * gamma_max
         self.position_accepted = [0] * gamma_max
+        self.source_counts: dict[str, list[int]] = {}  # source -> [drafted, accepted]
         self.phase_seconds = {"plain": 0.0, "draft_step": 0.0, "verify": 0.0}
         self.phase_calls = {"plain": 0, "draft_step": 0, "verify": 0}
         self._prom = _Prom(gamma_max) if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
 
     def record(self, gamma: int, accept_lens: torch.Tensor | None, bs: int,
-               phases: dict[str, tuple[float, int]] | None = None) -> None:
-        """One iteration: γ, accepted drafts per request [B] (None for γ = 0), and
-        ``phases`` = {name: (seconds, forwards)}."""
+               phases: dict[str, tuple[float, int]] | None = None, sources: list[str] | None = None) -> None:
+        """One iteration: γ, accepted drafts per request [B] (None for γ = 0),
+        ``phases`` = {name: (seconds, forwards)}, and where each request's drafts came from
+        (``sources`` [B]; None: all from the W4 drafter)."""
         prom = self._prom
         with self._lock:
             for name, (sec, calls) in (phases or {}).items():
@@ -88,6 +94,18 @@ class SpecMetrics:
             for k in range(gamma):
                 self.position_proposed[k] += bs
                 self.position_accepted[k] += accepted_at[k]
+            by_source: dict[str, list[int]] = {}
+            for i, src in enumerate(sources or ["w4"] * bs):
+                d = by_source.setdefault(src, [0, 0])
+                d[0] += gamma
+                d[1] += int(acc[i])
+            for src, (d, a) in by_source.items():
+                tot = self.source_counts.setdefault(src, [0, 0])
+                tot[0] += d
+                tot[1] += a
+                if prom:
+                    prom.source_drafted.labels(source=src).inc(d)
+                    prom.source_accepted.labels(source=src).inc(a)
             if prom:
                 prom.iterations.labels(mode="spec").inc()
                 prom.drafted.inc(gamma * bs)
@@ -126,6 +144,7 @@ class SpecMetrics:
                 "drafted": self.drafted,
                 "accepted": self.accepted,
                 "mean_accept_length": self.mean_accept_length,
+                "by_source": {k: {"drafted": d, "accepted": a} for k, (d, a) in self.source_counts.items()},
                 "position_acceptance": [
                     a / p if p else None for a, p in zip(self.position_accepted, self.position_proposed)
                 ],

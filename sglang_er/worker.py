@@ -25,7 +25,7 @@ import torch
 
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
-from sglang_er import _sglang, sampler, server_info, spec_meta
+from sglang_er import _sglang, history_drafts, sampler, server_info, spec_meta
 from sglang_er.config import EffRolloutConfig
 from sglang_er.controller import Controller
 from sglang_er.awq import AWQQuantizer
@@ -60,6 +60,11 @@ class EffRolloutWorker(BaseSpecWorker):
         self.requantizations = 0
         self.last_requantize_s = None
         server_info.track(self)
+        self.history = None
+        if self.config.history != "off":
+            self.history = history_drafts.HistoryDrafts(
+                self.speculative_num_steps, self.config.history_min_match, self.config.history_budget,
+                include_finished=self.config.history == "all")
         self.controller = None
         if self.config.mode == "auto":
             self.controller = Controller(
@@ -108,6 +113,8 @@ class EffRolloutWorker(BaseSpecWorker):
         }
         if self.controller is not None:
             out["policy"] = self.controller.state()
+        if self.history is not None:
+            out["history"] = {"mode": self.config.history, **self.history.state()}
         return out
 
     def _quantizer_state(self) -> dict:
@@ -141,26 +148,45 @@ class EffRolloutWorker(BaseSpecWorker):
         # committed lengths before the forwards rebind batch.seq_lens (host copy: no device sync)
         self._seq_list = (batch.seq_lens_cpu if batch.seq_lens_cpu is not None else batch.seq_lens).tolist()
         gamma = self._choose_gamma(batch)
+        plan = self._history_plan(batch, gamma)
         self.iteration += 1
-        result = self._plain_decode(batch) if gamma == 0 else self._speculate(batch, gamma)
+        if plan is not None:
+            result = self._speculate(batch, plan.gamma, plan)
+        else:
+            result = self._plain_decode(batch) if gamma == 0 else self._speculate(batch, gamma)
         if on_publish is not None:
             on_publish(result.new_seq_lens)
         return result
 
     def _choose_gamma(self, batch) -> int:
-        info = batch.sampling_info
-        # Features applied to the logits by SGLang's sampler only: speculate without them would
-        # not be lossless, so such batches decode plainly.
-        if (
-            (info.penalizer_orchestrator is not None and info.penalizer_orchestrator.is_required)
-            or info.logit_bias is not None
-            or info.grammars is not None
-            or info.has_custom_logit_processor
-        ):
+        if self._logits_only_features(batch):
             return 0
         if self.controller is not None:
             return self.controller.choose(batch)
         return self.config.gamma_for_iteration(self.iteration)
+
+    @staticmethod
+    def _logits_only_features(batch) -> bool:
+        """Features SGLang's sampler applies to the logits only: speculating without them would
+        not be lossless, so such batches decode plainly."""
+        info = batch.sampling_info
+        return bool(
+            (info.penalizer_orchestrator is not None and info.penalizer_orchestrator.is_required)
+            or info.logit_bias is not None
+            or info.grammars is not None
+            or info.has_custom_logit_processor
+        )
+
+    def _history_plan(self, batch, gamma: int):
+        """History drafts for this iteration (see :mod:`sglang_er.history_drafts`), or None."""
+        if self.history is None:
+            return None
+        self.history.sync(batch.reqs)  # every iteration, so the index never misses tokens
+        if self._logits_only_features(batch) or (self.controller is None and gamma == 0):
+            return None
+        ctl = self.controller
+        return self.history.plan(batch.reqs, gamma, ctl.w4_expected_tokens() if ctl else None,
+                                 ctl.verify_only_pays if ctl else None)
 
     def _prefill(self, batch):
         with self._observed():
@@ -213,7 +239,8 @@ class EffRolloutWorker(BaseSpecWorker):
         )
 
     # ------------------------------------------------------------------ γ ≥ 1
-    def _speculate(self, batch, gamma: int):
+    def _speculate(self, batch, gamma: int, plan=None):
+        """One draft-verify iteration; ``plan``: history drafts for some or all rows."""
         if self._kv is None:
             self._kv = _sglang.kv_view(self.model_runner)
         bs = len(batch.reqs)
@@ -232,7 +259,8 @@ class EffRolloutWorker(BaseSpecWorker):
 
         clock = _Clock(self.device)
         tokens, drafts, qs = x0, [], []
-        for j in range(gamma):
+        run_drafter = plan is None or plan.run_drafter
+        for j in range(gamma if run_drafter else 0):
             logits = self.drafter.step(tokens, seq_lens + j, slots[:, j], kv_index, seq_lens + j + 1, self._kv)
             if greedy:
                 tokens = logits.argmax(-1)
@@ -241,7 +269,9 @@ class EffRolloutWorker(BaseSpecWorker):
                 tokens = sampler.sample(q)
                 qs.append(q)
             drafts.append(tokens)
-        draft_tokens = torch.stack(drafts, 1)  # [B, γ]
+        draft_tokens = torch.stack(drafts, 1) if drafts else None  # [B, γ]
+        if plan is not None:
+            draft_tokens = history_drafts.merge_tokens(plan, x0, draft_tokens)
         t_draft = clock.lap()
 
         verify_ids = torch.cat([x0[:, None], draft_tokens], 1)
@@ -255,20 +285,32 @@ class EffRolloutWorker(BaseSpecWorker):
             accept_len, out_tokens = sampler.verify_greedy(draft_tokens, target_logits)
         else:
             p = sampler.target_probs(target_logits, params)
-            accept_len, out_tokens = sampler.verify(draft_tokens, torch.stack(qs, 1), p)
-        if self.config.inject_fault == "accept_all":  # test-only: NOT lossless
-            p = sampler.target_probs(target_logits, params)
-            accept_len = torch.full_like(accept_len, gamma)
-            out_tokens = torch.cat([draft_tokens, sampler.sample(p[:, gamma])[:, None]], 1)
+            q = torch.stack(qs, 1) if qs else None
+            if plan is not None:
+                q = history_drafts.merge_q(plan, draft_tokens, q, p.shape[-1])
+            accept_len, out_tokens = sampler.verify(draft_tokens, q, p)
+        if self.config.inject_fault is not None:
+            accept_len, out_tokens = self._inject_fault(plan, draft_tokens, target_logits, params, accept_len,
+                                                        out_tokens)
         next_token_ids = out_tokens.clamp_min(0).flatten()
         if want_logprob:
             _sglang.spec_logprobs(batch, logits_output, next_token_ids, width)
         accept_lens = (accept_len + 1).to(torch.int32)
-        self.metrics.record(gamma, accept_len, bs, {"draft_step": (t_draft, gamma), "verify": (t_verify, 1)})
+        # one host copy per iteration feeds metrics, policy and per-request tags (one sync on GPU)
+        accepted_host = accept_len.to("cpu", torch.int64)
+        phases = {"verify": (t_verify, 1)}
+        if run_drafter:
+            phases["draft_step"] = (t_draft, gamma)
+        self.metrics.record(gamma, accepted_host, bs, phases, sources=plan.source if plan else None)
+        if plan is not None:
+            self.history.observe(plan, accepted_host.tolist())
         if self.controller:
-            self.controller.observe(gamma, {"draft": t_draft, "verify": t_verify}, accept_len)
-        self._log_iteration(batch, logits_output, gamma, accept_lens.tolist(), draft_s=t_draft,
-                            verify_s=t_verify, accepted=int(accept_len.sum()))
+            timed = {"draft": t_draft, "verify": t_verify} if run_drafter else {"verify": t_verify}
+            self.controller.observe(gamma, timed, accepted_host, rows=plan.w4_rows if plan else None)
+        self._log_iteration(batch, logits_output, gamma, (accepted_host + 1).tolist(),
+                            draft_s=t_draft if run_drafter else None, verify_s=t_verify,
+                            accepted=int(accepted_host.sum()),
+                            history_rows=len(plan.history_rows) if plan else 0)
         return _sglang.generation_result(
             logits_output=logits_output,
             next_token_ids=next_token_ids,
@@ -279,6 +321,18 @@ class EffRolloutWorker(BaseSpecWorker):
             speculative_num_draft_tokens=width,
         )
 
+    def _inject_fault(self, plan, draft_tokens, target_logits, params, accept_len, out_tokens):
+        """Test-only, NOT lossless: accept every draft (``accept_all``) or every history draft
+        (``accept_all_history``), so the distribution tests can prove they detect a wrong rule."""
+        gamma = draft_tokens.shape[1]
+        rows = torch.ones_like(accept_len, dtype=torch.bool)
+        if self.config.inject_fault == "accept_all_history":
+            rows = torch.tensor([s in history_drafts.HISTORY_SOURCES for s in plan.source], device=self.device) \
+                if plan is not None else torch.zeros_like(rows)
+        p = sampler.target_probs(target_logits, params)
+        forced = torch.cat([draft_tokens, sampler.sample(p[:, gamma])[:, None]], 1)
+        return (torch.where(rows, torch.full_like(accept_len, gamma), accept_len),
+                torch.where(rows[:, None], forced, out_tokens))
 
     def _log_iteration(self, batch, logits_output, gamma: int, new_tokens: list[int], **times) -> None:
         bs = len(batch.reqs)
@@ -296,7 +350,7 @@ class EffRolloutWorker(BaseSpecWorker):
             iteration=self.iteration, gamma=gamma, batch_size=bs,
             seq_lens=self._seq_list,
             plain_s=times.get("plain_s"), draft_s=times.get("draft_s"), verify_s=times.get("verify_s"),
-            accepted=times.get("accepted"),
+            accepted=times.get("accepted"), history_rows=times.get("history_rows", 0),
             predicted_speedup=None if decision is None else _finite(decision.speedup),
         )
 

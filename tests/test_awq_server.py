@@ -13,7 +13,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import requests
 
 from conftest import start_server
 from sglang_er.models.corpus import math_corpus
@@ -63,7 +62,7 @@ def _run(model, quant):
             r = srv.generate(d[:80], max_new_tokens=48, temperature=0, ignore_eos=True)
             correct += r["meta_info"]["spec_num_correct_drafts"]
             outputs.append(r["output_ids"])
-        state = requests.get(srv.url + "/get_server_info", timeout=30).json()["internal_states"][0]["effrollout"]
+        state = srv.effrollout_state()
     finally:
         srv.stop()
     return correct, outputs, state["quantizer"]

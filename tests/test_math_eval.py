@@ -225,12 +225,8 @@ def test_config_validation():
 # End to end: a real tiny server, the CLI, the OpenAI chat endpoint
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tiny_model):
-    from conftest import start_server
-
-    srv = start_server(tiny_model, ["--dtype", "float32"], max_total_tokens=8192)
-    yield srv
-    srv.stop(grace=1.0)  # a test server: no need to wait for a graceful SGLang exit
+def server(plain):
+    return plain  # the session's float32 plain server (conftest)
 
 
 def test_end_to_end(server, tmp_path, capsys):

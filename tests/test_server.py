@@ -1,6 +1,6 @@
 """A real SGLang server on the portable CPU platform, driven over real HTTP (plain decoding).
 
-One float32 server for the whole module: float32 so that greedy ties cannot decide the
+The session's float32 plain server (conftest): float32 so that greedy ties cannot decide the
 comparison against transformers.
 """
 
@@ -11,16 +11,13 @@ import json
 import pytest
 import requests
 
-from conftest import start_server
 
 PROMPT = "Alice has 12 apples. She buys 7 more. How many"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model):
-    srv = start_server(tiny_model, ["--dtype", "float32"], max_total_tokens=8192)
-    yield srv
-    srv.stop()
+def server(plain):
+    return plain  # the session's float32 plain server (conftest)
 
 
 def test_health(server):

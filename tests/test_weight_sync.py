@@ -9,8 +9,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import requests
-
 from conftest import start_server
 
 PROMPT = "Alice has 12 apples. She buys 7 more. How many"
@@ -51,30 +49,17 @@ def _greedy(server):
 
 
 def _state(server):
-    return requests.get(server.url + "/get_server_info", timeout=30).json()["internal_states"][0]["effrollout"]
+    return server.effrollout_state()
 
 
 def _update_from_disk(server, path):
-    r = requests.post(server.url + "/update_weights_from_disk", json={"model_path": str(path)}, timeout=300)
-    assert r.status_code == 200 and r.json()["success"], r.text
+    server.update_weights_from_disk(path)
 
 
 def _update_from_tensor(server, path):
-    """The RL-framework path: begin, push named tensors, end (SGLang 0.5.23's session protocol)."""
-    import torch.multiprocessing
     from safetensors.torch import load_file
-    from sglang.srt.utils import MultiprocessingSerializer
 
-    # CPU tensors travel as shared-memory files: the default fd-passing strategy needs the
-    # receiver to share this process's multiprocessing authkey, which a server does not.
-    torch.multiprocessing.set_sharing_strategy("file_system")
-    named = list(load_file(str(path / "model.safetensors")).items())
-    payload = MultiprocessingSerializer.serialize(named, output_str=True)
-    for path_, body in (("/begin_weight_update", {}),
-                        ("/update_weights_from_tensor", {"serialized_named_tensors": [payload]}),
-                        ("/end_weight_update", {})):
-        r = requests.post(server.url + path_, json=body, timeout=300)
-        assert r.status_code == 200 and r.json().get("success", True), (path_, r.text)
+    server.update_weights_from_tensor(load_file(str(path / "model.safetensors")).items())
 
 
 def test_update_from_disk_then_tensor_requantizes_the_drafter(srv, policies):
@@ -135,3 +120,46 @@ def test_update_while_requests_are_in_flight(srv, policies):
     assert not errors and results == [120] * 6
     out, rate = _greedy(srv)
     assert out == policies["greedy1"] and rate > 0.2
+
+
+def test_updates_every_few_seconds_under_load(srv, policies):
+    """RL-style churn: weights pushed every ~2 s, alternating disk and tensor updates, while
+    greedy and sampled requests keep arriving. Each update runs the way RL frameworks drive
+    SGLang under load (pause with retraction, update, continue: the KV cache can be flushed and
+    retracted requests are re-prefilled on the new weights). No error, no hang, the drafter is
+    re-quantized each time, and right after each update the output is the new policy's."""
+    import itertools
+    import time
+
+    stop, errors, served = threading.Event(), [], []
+
+    def load(i):
+        while not stop.is_set():
+            try:
+                r = srv.generate(f"{PROMPT} {i}", max_new_tokens=60, temperature=1.0 if i % 2 else 0,
+                                 ignore_eos=True, timeout=120)
+                served.append(len(r["output_ids"]))
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(repr(e))
+
+    workers = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in workers:
+        t.start()
+    n0 = _state(srv)["requantizations"]
+    try:
+        for k, (push, w) in enumerate(itertools.islice(itertools.cycle(
+                [(_update_from_tensor, "1"), (_update_from_disk, "0"), (_update_from_disk, "1"),
+                 (_update_from_tensor, "0")]), 4)):
+            time.sleep(2.0)
+            with srv.generation_paused():
+                push(srv, policies["w" + w])
+            out, _ = _greedy(srv)
+            assert out == policies["greedy" + w], f"update {k}: output is not the new policy's"
+            assert _state(srv)["requantizations"] == n0 + k + 1
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(timeout=300)
+    assert not any(t.is_alive() for t in workers)
+    assert not errors, errors[:3]
+    assert served and all(n == 60 for n in served)

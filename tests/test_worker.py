@@ -10,24 +10,14 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from conftest import start_server
-from sglang_er.models.corpus import math_corpus
+from conftest import FP32, greedy_all as _greedy_all, joint_first3, same_distribution_pvalue, start_server
 
-FP32 = ["--dtype", "float32"]
 EFF = ["--speculative-algorithm", "EFFROLLOUT"]
-
-
-@pytest.fixture(scope="module")
-def plain(tiny_model):
-    srv = start_server(tiny_model, FP32)
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -43,32 +33,6 @@ def eff_cycle(tiny_model):
                        env={"SGLANG_ER_GAMMA": "1,7,0,7,3,0"})
     yield srv
     srv.stop()
-
-
-def _prompts(n=52):
-    docs = math_corpus(n, seed=7)
-    shared = docs[0][:120]
-    out = []
-    for i, d in enumerate(docs[:n]):
-        # varied lengths; every 4th prompt shares a long prefix (radix-cache hits)
-        out.append(shared + d[: 10 + 7 * i % 90] if i % 4 == 0 else d[: 5 + (13 * i) % 200])
-    return out
-
-
-def _greedy_all(srv, prompts):
-    def one(i):
-        # a few long generations (256 tokens), the rest short: the suite must stay fast on 2 cores
-        n = 256 if i % 13 == 0 else 40
-        return srv.generate(prompts[i], max_new_tokens=n, temperature=0, ignore_eos=True)["output_ids"]
-
-    with ThreadPoolExecutor(16) as ex:
-        return list(ex.map(one, range(len(prompts))))
-
-
-@pytest.fixture(scope="module")
-def plain_greedy(plain):
-    prompts = _prompts()
-    return prompts, _greedy_all(plain, prompts)
 
 
 @pytest.mark.parametrize("which", ["eff3", "eff_cycle"])
@@ -114,41 +78,12 @@ def test_kv_capacity_unchanged_and_state_reported(plain, eff3):
     b = requests.get(eff3.url + "/get_server_info", timeout=30).json()
     assert b["max_total_num_tokens"] == a["max_total_num_tokens"]
     eff3.generate(PROMPT, max_new_tokens=16, temperature=0, ignore_eos=True)
-    st = requests.get(eff3.url + "/get_server_info", timeout=30).json()["internal_states"][0]["effrollout"]
+    st = eff3.effrollout_state()
     assert st["mode"] == "fixed" and st["gamma_max"] == 3
     assert 0 < st["drafter_weight_bytes"]
     last = st["timeline"][-1]
     assert last["gamma"] == 3 and last["batch_size"] >= 1 and last["verify_s"] > 0
     assert st["metrics"]["iterations_spec"] > 0
-
-
-def _joint_first3(srv, prompt, n, **sampling):
-    def chunk(k):
-        r = requests.post(srv.url + "/generate", json={
-            "text": [prompt] * k, "sampling_params": {"max_new_tokens": 3, "ignore_eos": True, **sampling}},
-            timeout=600)
-        r.raise_for_status()
-        return [tuple(o["output_ids"][:3]) for o in r.json()]
-
-    with ThreadPoolExecutor(4) as ex:
-        outs = [t for part in ex.map(chunk, [n // 10] * 10) for t in part]
-    return Counter(outs)
-
-
-def _same_distribution_pvalue(a: Counter, b: Counter) -> float:
-    from scipy.stats import chi2_contingency
-
-    keys = sorted(set(a) | set(b), key=lambda k: -(a[k] + b[k]))
-    rows, other = [], [0, 0]
-    for k in keys:
-        if a[k] + b[k] >= 10:  # pool rare outcomes so the chi-square approximation holds
-            rows.append([a[k], b[k]])
-        else:
-            other[0] += a[k]
-            other[1] += b[k]
-    if sum(other):
-        rows.append(other)
-    return chi2_contingency(rows)[1]
 
 
 PROMPT = "Alice has 12 apples. She buys 7 more. How many"
@@ -160,8 +95,8 @@ N_SAMPLES = 2000
 ], ids=["t1", "top_p", "top_k"])
 def test_sampled_joint_distribution_matches_plain(sampling, plain, eff3):
     def pvalue():
-        return _same_distribution_pvalue(_joint_first3(plain, PROMPT, N_SAMPLES, **sampling),
-                                         _joint_first3(eff3, PROMPT, N_SAMPLES, **sampling))
+        return same_distribution_pvalue(joint_first3(plain, PROMPT, N_SAMPLES, **sampling),
+                                         joint_first3(eff3, PROMPT, N_SAMPLES, **sampling))
 
     p = pvalue()
     if p <= 0.01:  # a correct sampler lands here 1% of the time: one fresh draw decides
@@ -173,8 +108,8 @@ def test_distribution_test_detects_a_wrong_acceptance_rule(tiny_model, plain):
     wrong = start_server(tiny_model, [*FP32, *EFF, "--speculative-num-draft-tokens", "4"],
                          env={"SGLANG_ER_GAMMA": "3", "SGLANG_ER_INJECT_FAULT": "accept_all"})
     try:
-        p = _same_distribution_pvalue(_joint_first3(plain, PROMPT, N_SAMPLES, temperature=1.0),
-                                      _joint_first3(wrong, PROMPT, N_SAMPLES, temperature=1.0))
+        p = same_distribution_pvalue(joint_first3(plain, PROMPT, N_SAMPLES, temperature=1.0),
+                                      joint_first3(wrong, PROMPT, N_SAMPLES, temperature=1.0))
     finally:
         wrong.stop()
     assert p < 1e-4, f"accept-every-draft went undetected (p={p:.2e})"
@@ -266,24 +201,6 @@ def test_abort_mid_generation_leaves_others_lossless(plain, eff3):
     assert other["output_ids"] == expected
 
 
-def test_auto_mode_is_lossless_and_reports_its_choices(tiny_model, plain, plain_greedy):
-    """Default mode: γ chosen per iteration by the policy; exported on /metrics."""
-    srv = start_server(tiny_model, [*FP32, *EFF, "--enable-metrics"])
-    try:
-        prompts, expected = plain_greedy
-        got = _greedy_all(srv, prompts[:12])
-        single = srv.generate(PROMPT, max_new_tokens=48, temperature=0, ignore_eos=True)
-        metrics = requests.get(srv.url + "/metrics", timeout=30).text
-    finally:
-        srv.stop()
-    assert got == expected[:12]
-    assert single["output_ids"] == plain.generate(PROMPT, max_new_tokens=48, temperature=0, ignore_eos=True)["output_ids"]
-    assert "sglang_er:iterations_total" in metrics and "sglang_er:gamma" in metrics
-    assert "sglang_er:phase_seconds_total" in metrics
-    for name in ("sglang_er:gamma_chosen_bucket", "sglang_er:model_rel_error", "sglang_er:alpha"):
-        assert name in metrics, name
-
-
 def test_auto_policy_speculates_alone_and_not_in_a_compute_bound_batch(tiny_model, plain, plain_greedy, tmp_path):
     """A profile whose ridge point puts batch 1 in the memory-bound regime and batch ≥ 4 in the
     compute-bound one: a lone request speculates, a batch of 24 decodes plainly (both ways within
@@ -320,6 +237,6 @@ def test_auto_policy_speculates_alone_and_not_in_a_compute_bound_batch(tiny_mode
 
 
 def _timeline(srv):
-    st = requests.get(srv.url + "/get_server_info", timeout=30).json()["internal_states"][0]["effrollout"]
+    st = srv.effrollout_state()
     assert st["mode"] == "auto" and st["policy"]["profile"] == "test-ridge"
     return st["timeline"]

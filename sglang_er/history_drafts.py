@@ -1,0 +1,181 @@
+"""History drafts in the worker: keep the :class:`~sglang_er.history.HistoryIndex` in step with
+the requests SGLang decodes, and decide per request and per iteration where drafts come from.
+
+Sources: ``group`` (another sample of the same prompt or an earlier request with it),
+``prompt`` (copied from the prompt), ``self`` (the request's own earlier tokens: n-gram lookup),
+``w4`` (the self-drafter), ``none`` (padding rows of a verify-only iteration).
+A history proposal costs no forward: only its share of the verify. Acceptance stays exact: a
+proposal x is one-hot q, so the rejection sampler accepts it with probability p(x) and on a
+rejection resamples from p with x removed (greedy: argmax match). Each source keeps its own
+per-position acceptance (:class:`~sglang_er.policy.AcceptanceModel`), and the choice compares
+expected committed tokens: a request takes its history proposal where E[L | history, length]
+beats E[L | W4, γ]; an iteration the W4 policy would decode plainly runs a verify-only
+iteration when the cost model predicts more tokens/s from the history proposals alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sglang_er.history import HistoryIndex
+from sglang_er.policy import AcceptanceModel
+
+HISTORY_SOURCES = ("group", "prompt", "self")
+CONTEXT_TAIL = 64  # tokens of a request's text a match may span (bounds a lookup's cost)
+EXPLORE = 64  # history-draft records before their measured acceptance decides against W4
+
+
+@dataclass
+class Plan:
+    """Where this iteration's drafts come from.
+
+    gamma: drafts per request verified this iteration (uniform width γ+1 in the verify);
+    run_drafter: whether the W4 drafter runs (some request takes W4 drafts);
+    tokens [B, γ] (history rows filled; others -1) and lengths [B] (proposal length per row,
+    0 = W4 or padding); source per row: "group" | "prompt" | "self" | "w4" | "none".
+    """
+
+    gamma: int
+    run_drafter: bool
+    tokens: list[list[int]]
+    lengths: list[int]
+    source: list[str]
+
+    @property
+    def history_rows(self) -> list[int]:
+        return [i for i, s in enumerate(self.source) if s in HISTORY_SOURCES]
+
+    @property
+    def w4_rows(self) -> list[int]:
+        return [i for i, s in enumerate(self.source) if s == "w4"]
+
+
+class HistoryDrafts:
+    def __init__(self, gamma_max: int, min_match: int = 3, budget_tokens: int = 4_000_000,
+                 include_finished: bool = True):
+        self.gamma_max = gamma_max
+        self.index = HistoryIndex(min_match=min_match, budget_tokens=budget_tokens)
+        self.include_finished = include_finished
+        self.acceptance = AcceptanceModel(gamma_max, prior_alpha=0.5)
+        self.lookups = 0
+        self.hits = 0
+        self._live: dict = {}  # rid -> Req decoded last iteration
+
+    # ------------------------------------------------------------------ index upkeep
+    def sync(self, reqs) -> None:
+        """Append every request's newly committed output tokens to its group's index.
+
+        Requests that left the batch since the last call (finished, aborted, retracted) get
+        their last committed tokens appended too: the iteration that finished them committed
+        tokens after the previous sync."""
+        live = {r.rid: r for r in reqs}
+        for rid, r in self._live.items():
+            if rid not in live:
+                self._append(r)
+        if not self.include_finished:  # group only: a group goes once none of its requests decodes
+            for key in {r._er_hkey for r in self._live.values()} - {self._key(r) for r in reqs}:
+                self.index.drop_group(key)
+        for r in reqs:
+            self._append(r)
+        self._live = live
+
+    def _key(self, r):
+        key = getattr(r, "_er_hkey", None)
+        if key is None:
+            key = r._er_hkey = self.index.group_key(r.origin_input_ids)
+        return key
+
+    def _append(self, r) -> None:
+        key = self._key(r)
+        self.index.group(key, r.origin_input_ids)
+        have = self.index.stream_len(key, r.rid)
+        if len(r.output_ids) > have:
+            self.index.extend(key, r.rid, r.output_ids[have:])
+
+    # ------------------------------------------------------------------ the choice
+    def plan(self, reqs, gamma_w4: int, w4_expected: list[float] | None, verify_only_pays=None) -> Plan | None:
+        """The drafts of this iteration, or None to keep the W4 choice as it is.
+
+        gamma_w4: the W4 policy's γ (0 = it would decode plainly); w4_expected: E[L | W4, γ]
+        for γ = 0..γmax; verify_only_pays(γ, expected_tokens) -> bool: the cost model's verdict
+        on a verify-only iteration (None: never run one, e.g. fixed mode).
+        """
+        props = []
+        for r in reqs:
+            self.lookups += 1
+            out = r.output_ids
+            ctx = out[-CONTEXT_TAIL:] if len(out) >= CONTEXT_TAIL else r.origin_input_ids[len(out) - CONTEXT_TAIL:] + out
+            p = self.index.propose(r._er_hkey, r.rid, ctx, self.gamma_max)
+            self.hits += p is not None
+            props.append(p)
+        if not any(props):
+            return None
+        table = self.acceptance.expected_tokens_table()
+        bs = len(reqs)
+        if gamma_w4 == 0:
+            if verify_only_pays is None:
+                return None
+            gamma = max(len(p.tokens) for p in props if p)
+            expected = sum(table[len(p.tokens)] if p else 1.0 for p in props)
+            if not verify_only_pays(gamma, expected):
+                return None
+            use = [p is not None for p in props]
+        else:
+            gamma = gamma_w4
+            # a shorter proposal is padded (verified, rarely accepted); cold start: until history
+            # drafts have a measured acceptance, try every proposal
+            explore = self.acceptance.num_observations < EXPLORE
+            e_w4 = (w4_expected or table)[gamma]
+            use = [p is not None and (explore or table[min(len(p.tokens), gamma)] >= e_w4) for p in props]
+            if not any(use):
+                return None
+        tokens, lengths, source = [], [], []
+        for p, u in zip(props, use):
+            if u:
+                toks = p.tokens[:gamma]
+                tokens.append(toks + [toks[-1]] * (gamma - len(toks)))  # padding: verified, rarely accepted
+                lengths.append(len(toks))
+                source.append(p.source)
+            else:
+                tokens.append([-1] * gamma)
+                lengths.append(0)
+                source.append("w4" if gamma_w4 else "none")
+        assert len(tokens) == bs
+        return Plan(gamma, gamma_w4 > 0 and not all(use), tokens, lengths, source)
+
+    def observe(self, plan: Plan, accept_len: list[int]) -> None:
+        """Per-position acceptance of the history proposals (only over their own length)."""
+        for i in plan.history_rows:
+            n = plan.lengths[i]
+            self.acceptance.observe(n, [min(accept_len[i], n)])
+
+    def state(self) -> dict:
+        return {"groups": self.index.num_groups, "indexed_tokens": self.index.tokens,
+                "evicted_groups": self.index.evicted_groups, "lookups": self.lookups, "hits": self.hits,
+                "alphas": [round(a, 4) for a in self.acceptance.alphas()]}
+
+
+def merge_tokens(plan: Plan, x0: torch.Tensor, w4_tokens: torch.Tensor | None) -> torch.Tensor:
+    """Drafts [B, γ]: history rows from the index, W4 rows from the drafter; rows with no
+    proposal in a verify-only iteration propose their last token x0 [B] (any proposal whose q
+    is known is lossless; this one is merely rarely accepted)."""
+    hist = torch.tensor(plan.tokens, dtype=torch.int64, device=x0.device)
+    hist = torch.where(hist < 0, x0[:, None], hist)
+    if w4_tokens is None:
+        return hist
+    return torch.where(_history_mask(plan, x0.device)[:, None], hist, w4_tokens)
+
+
+def merge_q(plan: Plan, tokens: torch.Tensor, w4_q: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """q [B, γ, V] for the rejection sampler: one-hot at every non-W4 row, the drafter's q at W4 rows."""
+    one_hot = torch.zeros(*tokens.shape, vocab, device=tokens.device)
+    one_hot.scatter_(2, tokens[:, :, None], 1.0)
+    if w4_q is None:
+        return one_hot
+    return torch.where(_history_mask(plan, tokens.device)[:, None, None], one_hot, w4_q.float())
+
+
+def _history_mask(plan: Plan, device) -> torch.Tensor:
+    return torch.tensor([s != "w4" for s in plan.source], device=device)

@@ -1,0 +1,151 @@
+"""The group/history index against a brute-force reference, its memory bound, its sources."""
+
+from __future__ import annotations
+
+import random
+import tracemalloc
+from collections import Counter
+
+import pytest
+
+from sglang_er.history import PROMPT_STREAM, HistoryIndex
+
+
+def brute_force_match_len(streams: dict, context: list[int], m: int) -> int:
+    """Longest suffix match (>= m, else 0) of context over every indexed position of every
+    stream (a sample's text is the prompt followed by its output)."""
+    best = 0
+    for s_id, s in streams.items():
+        full = s if s_id == PROMPT_STREAM else streams[PROMPT_STREAM] + s
+        off = len(full) - len(s)
+        for end in range(m if s_id == PROMPT_STREAM else 1, len(s)):  # something must follow the match
+            n = 0
+            while n < min(end + off, len(context)) and full[end + off - n - 1] == context[-n - 1]:
+                n += 1
+            best = max(best, n if n >= m else 0)
+    return best
+
+
+def _positions(streams, context, m, length):
+    out = []
+    for s_id, s in streams.items():
+        full = s if s_id == PROMPT_STREAM else streams[PROMPT_STREAM] + s
+        off = len(full) - len(s)
+        for end in range(m if s_id == PROMPT_STREAM else 1, len(s)):
+            n = 0
+            while n < min(end + off, len(context)) and full[end + off - n - 1] == context[-n - 1]:
+                n += 1
+            if n == length:
+                out.append((s_id, end))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_incremental_index_matches_brute_force(seed):
+    rng = random.Random(seed)
+    vocab, m, gamma = rng.choice([3, 5, 8]), rng.choice([2, 3]), 5
+    idx = HistoryIndex(min_match=m, max_candidates=10**9)
+    prompt = [rng.randrange(vocab) for _ in range(12)]
+    key = idx.group_key(prompt)
+    idx.group(key, prompt)
+    streams = {PROMPT_STREAM: list(prompt)}
+    sids = [f"r{i}" for i in range(4)]
+    for step in range(300):  # interleaved commits of 1-3 tokens, as decode iterations would
+        sid = rng.choice(sids)
+        toks = [rng.randrange(vocab) for _ in range(rng.randint(1, 3))]
+        idx.extend(key, sid, toks)
+        streams.setdefault(sid, []).extend(toks)
+        if step % 7:
+            continue
+        who = rng.choice(sids)
+        context = prompt + streams.get(who, [])
+        got = idx.propose(key, who, context, gamma)
+        want_len = brute_force_match_len(streams, context, m)
+        if want_len == 0:
+            assert got is None
+            continue
+        assert got is not None and got.match_len == want_len
+        # replay the vote with the index's own choices: every choice is a most-voted token
+        live = None
+        for j, (tok, votes) in enumerate(zip(got.tokens, got.votes)):
+            if live is None:
+                live = _positions(streams, context, m, want_len)
+                assert got.support == len(live)
+            c = Counter(streams[s][e + j] for s, e in live if e + j < len(streams[s]))
+            assert votes == c[tok] == max(c.values()), (j, tok, c)
+            live = [(s, e) for s, e in live if e + j < len(streams[s]) and streams[s][e + j] == tok]
+        # it stops only when no agreeing position continues
+        if len(got.tokens) < gamma:
+            j = len(got.tokens)
+            assert not any(e + j < len(streams[s]) for s, e in live)
+
+
+def test_sources_group_and_self():
+    idx = HistoryIndex(min_match=3)
+    prompt = [1, 2, 3, 4]
+    key = idx.group_key(prompt)
+    idx.group(key, prompt)
+    idx.extend(key, "a", [10, 11, 12, 13, 14, 15])
+    # b starts writing what a wrote: proposals come from a's stream (another sample: "group")
+    idx.extend(key, "b", [10, 11, 12])
+    p = idx.propose(key, "b", prompt + [10, 11, 12], 3)
+    assert p.tokens == [13, 14, 15] and p.source == "group" and p.match_len == 7
+    # a repeats itself: the only match is in its own earlier tokens ("self", n-gram lookup)
+    idx.extend(key, "c", [20, 21, 22, 23, 20, 21, 22])
+    p = idx.propose(key, "c", prompt + [20, 21, 22, 23, 20, 21, 22], 2)
+    assert p.tokens == [23, 20] and p.source == "self"
+    # the prompt's own tokens are indexed: answers copy its numbers and phrases
+    idx.extend(key, "d", [7, 1, 2, 3])
+    p = idx.propose(key, "d", prompt + [7, 1, 2, 3], 1)
+    assert p.tokens == [4] and p.source == "prompt"
+    # never seen before: nothing to propose
+    assert idx.propose(key, "e", [90, 91, 92], 3) is None
+    assert idx.propose(idx.group_key([5]), "x", [1, 2, 3], 3) is None
+
+
+def test_most_frequent_continuation_wins():
+    idx = HistoryIndex(min_match=2)
+    key = idx.group_key([0])
+    idx.group(key, [0])
+    for i, tail in enumerate([[5, 6], [5, 6], [7, 8]]):
+        idx.extend(key, f"s{i}", [1, 2, *tail])
+    p = idx.propose(key, "new", [0, 1, 2], 2)
+    assert p.tokens == [5, 6] and p.votes == [2, 2] and p.support == 3
+
+
+def test_same_prompt_is_one_group_across_requests_and_samples():
+    idx = HistoryIndex()
+    a, b = idx.group_key([3, 1, 4, 1, 5]), idx.group_key([3, 1, 4, 1, 5])
+    assert a == b and a != idx.group_key([3, 1, 4, 1, 6])
+
+
+def test_eviction_keeps_memory_within_budget_over_10000_requests():
+    rng = random.Random(0)
+    idx = HistoryIndex(min_match=3, budget_tokens=20_000)
+    prompts = [[rng.randrange(500) for _ in range(30)] for _ in range(400)]
+    peak = 0
+    for r in range(10_000):
+        p = prompts[rng.randrange(len(prompts))]
+        key = idx.group_key(p)
+        idx.group(key, p)
+        idx.extend(key, r, [rng.randrange(500) for _ in range(40)])
+        peak = max(peak, idx.tokens)
+    assert peak <= 20_000 + 70  # one group's prompt + one commit above the budget at most, transiently
+    assert idx.tokens <= 20_000 and idx.evicted_groups > 0
+    assert sum(g.tokens for g in idx._groups.values()) == idx.tokens
+
+
+def test_memory_per_indexed_token_is_bounded():
+    """The measured figure the README states (Python objects; a GRPO group of 8 × 1000 tokens)."""
+    rng = random.Random(1)
+    idx = HistoryIndex(min_match=3)
+    prompt = [rng.randrange(32000) for _ in range(100)]
+    key = idx.group_key(prompt)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    idx.group(key, prompt)
+    for s in range(8):
+        idx.extend(key, s, [rng.randrange(32000) for _ in range(1000)])
+    per_token = (tracemalloc.get_traced_memory()[0] - before) / idx.tokens
+    tracemalloc.stop()
+    assert per_token < 400, per_token
