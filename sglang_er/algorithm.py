@@ -79,15 +79,29 @@ def validate_server_args(args) -> None:
         from sglang_er.calibration import HardwareProfile
 
         try:
-            HardwareProfile.load(profile)
+            prof = HardwareProfile.load(profile)
         except ValueError as e:
             raise ValueError(f"SGLANG_ER_PROFILE={profile}: {e}; fix the file, re-create it with "
                              "`sglang-er calibrate`, or unset SGLANG_ER_PROFILE") from None
+        _check_profile_device(prof, profile, args.device)
     args.speculative_num_draft_tokens = gamma + 1
     args.speculative_num_steps = gamma
     args.speculative_eagle_topk = 1
     # The worker runs synchronously on SGLang's V2 speculative schema.
     args.disable_overlap_schedule = True
+
+
+def _check_profile_device(prof, path: str, device: str | None) -> None:
+    """A profile measured on a CPU drives a GPU server into wrong decisions (and vice versa)."""
+    from sglang_er.platform import accelerator_present
+
+    server = (device or ("cpu" if accelerator_present() is None else "cuda")).split(":")[0].lower()
+    measured = "cpu" if prof.device.lower().startswith("cpu") else "gpu"
+    if (server == "cpu") != (measured == "cpu"):
+        raise ValueError(
+            f"SGLANG_ER_PROFILE={path}: profile {prof.name!r} was measured on {prof.device!r} but this server "
+            f"runs on {server}; calibrate this machine (`sglang-er calibrate --model-path M --out profile.json`) "
+            f"or unset SGLANG_ER_PROFILE")
 
 
 def register() -> None:

@@ -68,12 +68,18 @@ def test_gamma_env(env, fix):
     ([], {"SGLANG_ER_GAMMA": "99"}, "SGLANG_ER_GAMMA"),
     ([], {"SGLANG_ER_MODE": "sometimes"}, "mode"),
     ([], {"SGLANG_ER_PROFILE": "CORRUPT"}, "SGLANG_ER_PROFILE"),
+    ([], {"SGLANG_ER_PROFILE": "GPU"}, "was measured on 'NVIDIA H100"),
+    ([], {"SGLANG_ER_HISTORY": "sometimes"}, "history"),
 ])
 def test_server_refuses_to_start_and_says_why(tiny_model, tmp_path, args, env, fix):
     if env.get("SGLANG_ER_PROFILE") == "CORRUPT":
         bad = tmp_path / "profile.json"
         bad.write_text('{"schema_version": 1, "name": "x", "bandwidth_bytes_per_s": "fast"')
         env = {"SGLANG_ER_PROFILE": str(bad)}
+    if env.get("SGLANG_ER_PROFILE") == "GPU":  # a valid profile, measured on another kind of machine
+        from sglang_er.calibration import builtin_profile
+
+        env = {"SGLANG_ER_PROFILE": str(builtin_profile("h100").save(tmp_path / "h100.json"))}
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_model), "--port", str(free_port()),
            "--max-total-tokens", "2048", "--speculative-algorithm", "EFFROLLOUT", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **env},
