@@ -694,6 +694,14 @@ class AcceptanceModel:
         self._srv_alphas: Optional[list[float]] = None
         self._srv_table: Optional[list[float]] = None
 
+    def reset(self) -> None:
+        """Forget every record: the drafter changed (RTN → AWQ, re-quantized after a policy
+        update), so what the old one achieved no longer predicts the new one."""
+        self._srv = _Counts(self.gamma_max)
+        self._recent.clear()
+        self._req.clear()
+        self._srv_alphas = self._srv_table = None
+
     def _check(self, gamma: int, a: int) -> tuple[int, int]:
         gamma, a = int(gamma), int(a)
         if not 1 <= gamma <= self.gamma_max:
@@ -829,7 +837,7 @@ class Policy:
 
     def __init__(self, cost_model: Optional[CostModel], acceptance: Optional[AcceptanceModel],
                  ladder: Optional[Iterable[int]] = None, min_gain: float = 1.0, hysteresis: float = 0.02,
-                 fixed_gamma: Optional[int] = None):
+                 fixed_gamma: Optional[int] = None, explore_every: int = 32, explore_floor: float = 0.7):
         self.cost_model = cost_model
         self.acceptance = acceptance
         gmax = acceptance.gamma_max if acceptance is not None else None
@@ -855,7 +863,12 @@ class Policy:
         self.min_gain = float(min_gain)
         self.hysteresis = float(hysteresis)
         self.fixed_gamma = fixed_gamma
+        if explore_every < 0 or not 0.0 <= explore_floor <= 1.0:
+            raise ValueError("explore_every must be >= 0 and explore_floor in [0, 1]")
+        self.explore_every = int(explore_every)
+        self.explore_floor = float(explore_floor)
         self.last_gamma: Optional[int] = None
+        self._plain_streak = 0
 
     @classmethod
     def fixed(cls, gamma: int, cost_model: Optional[CostModel] = None,
@@ -892,7 +905,27 @@ class Policy:
         (shared_prefix_len, member indices); rids [B]: request ids for per-request acceptance.
         """
         d = self._decide(seq_lens, prefix_groups, rids, prev=self.last_gamma)
+        d = self._explore(d)
         self.last_gamma = d.gamma
+        return d
+
+    def _explore(self, d: Decision) -> Decision:
+        """While γ = 0 is chosen, acceptance is never measured, so an estimate that was low once
+        (a cold start, the RTN drafter before AWQ, an old policy) would keep speculation off for
+        good. Every ``explore_every``-th consecutive plain iteration, speculate once with the best
+        γ if it is predicted within ``explore_floor`` of plain (never in a clearly compute-bound
+        batch): at most 1/explore_every of the iterations, each losing at most 1 − floor."""
+        if d.gamma or self.fixed_gamma is not None or not self.explore_every or not self.ladder:
+            self._plain_streak = 0
+            return d
+        self._plain_streak += 1
+        tps = d.predicted_tokens_per_s
+        best = max(self.ladder, key=lambda g: (tps.get(g, 0.0), -g))
+        if self._plain_streak >= self.explore_every and tps.get(best, 0.0) >= self.explore_floor * tps[0]:
+            self._plain_streak = 0
+            return Decision(best, tps, f"explore γ={best}: refresh acceptance after {self.explore_every} plain "
+                            f"iterations (predicted {tps[best] / tps[0]:.3f}× plain)",
+                            d.predicted_iter_s, d.expected_tokens)
         return d
 
     def _decide(self, seq_lens, prefix_groups, rids, prev) -> Decision:

@@ -94,6 +94,8 @@ class EffRolloutWorker(BaseSpecWorker):
         self.drafter.requantize(_sglang.model_view(self.model_runner.model))
         self.requantizations += 1
         self.last_requantize_s = time.perf_counter() - t0
+        if self.controller is not None:
+            self.controller.acceptance.reset()  # measured on the drafter of the old policy
         self.metrics.record_requantize(self.last_requantize_s)
         logger.info("EFFROLLOUT drafter re-quantized from the updated policy in %.3f s (#%d)",
                     self.last_requantize_s, self.requantizations)
@@ -132,6 +134,8 @@ class EffRolloutWorker(BaseSpecWorker):
         t0 = time.perf_counter()
         self.drafter.requantize()
         self.awq_active = True
+        if self.controller is not None:
+            self.controller.acceptance.reset()  # measured on the RTN drafter
         s = self.drafter.awq_summary()
         logger.info("EFFROLLOUT drafter switched from RTN to AWQ after %d observed tokens in %.3f s "
                     "(%d of %d linear groups scaled, mean β %.2f)", self.live_stats.tokens(),

@@ -443,3 +443,23 @@ def test_fit_profile_recovers_roofline(qwen):
     assert HardwareProfile.from_json(fit.to_json()) == fit
     with pytest.raises(ValueError, match="at least 2"):
         fit_profile([(1e9, 1e9, 1, 0.1)])
+
+
+def test_policy_explores_when_a_low_acceptance_estimate_keeps_it_plain(qwen):
+    """A stale low α would keep γ = 0 for good (no speculation, no new measurement): every
+    explore_every-th plain iteration speculates once, unless clearly compute-bound; a better
+    measured α then turns speculation back on."""
+    acc = AcceptanceModel(4, prior_alpha=0.05)  # the estimate after a bad start
+    pol = Policy(CostModel(builtin_profile("cpu"), qwen), acc, explore_every=8, explore_floor=0.5)
+    picks = [pol.choose([512]).gamma for _ in range(32)]
+    explored = [i for i, g in enumerate(picks) if g > 0]
+    assert explored == [7, 15, 23, 31], picks
+    assert pol.choose([512] * 4096).gamma == 0 and all(
+        pol.choose([512] * 4096).gamma == 0 for _ in range(16))  # compute-bound: never explores
+    for _ in range(64):  # the exploratory iterations measured a good drafter
+        acc.observe(4, [4])
+    assert pol.choose([512]).gamma > 0
+    assert Policy(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.05),
+                  explore_every=0).choose([512]).gamma == 0
+    acc.reset()  # a new drafter: back to the prior
+    assert acc.num_observations == 0 and acc.alphas() == pytest.approx([0.05] * 4)
