@@ -113,7 +113,6 @@ class HistoryDrafts:
         if not any(props):
             return None
         table = self.acceptance.expected_tokens_table()
-        bs = len(reqs)
         if gamma_w4 == 0:
             if verify_only_pays is None:
                 return None
@@ -142,7 +141,6 @@ class HistoryDrafts:
                 tokens.append([-1] * gamma)
                 lengths.append(0)
                 source.append("w4" if gamma_w4 else "none")
-        assert len(tokens) == bs
         return Plan(gamma, gamma_w4 > 0 and not all(use), tokens, lengths, source)
 
     def observe(self, plan: Plan, accept_len: list[int]) -> None:

@@ -85,12 +85,13 @@ class SpecMetrics:
                 if prom:
                     prom.iterations.labels(mode="plain").inc()
                 return
-            acc = accept_lens.to("cpu", torch.int64)
-            accepted_at = [int((acc > k).sum()) for k in range(gamma)]
+            acc = accept_lens.to("cpu", torch.int64).tolist()  # one transfer, then plain ints
+            accepted_at = [sum(1 for a in acc if a > k) for k in range(gamma)]
             self.iterations_spec += 1
             self.verified_requests += bs
             self.drafted += gamma * bs
-            self.accepted += int(acc.sum())
+            total = sum(acc)
+            self.accepted += total
             for k in range(gamma):
                 self.position_proposed[k] += bs
                 self.position_accepted[k] += accepted_at[k]
@@ -98,7 +99,7 @@ class SpecMetrics:
             for i, src in enumerate(sources or ["w4"] * bs):
                 d = by_source.setdefault(src, [0, 0])
                 d[0] += gamma
-                d[1] += int(acc[i])
+                d[1] += acc[i]
             for src, (d, a) in by_source.items():
                 tot = self.source_counts.setdefault(src, [0, 0])
                 tot[0] += d
@@ -109,7 +110,7 @@ class SpecMetrics:
             if prom:
                 prom.iterations.labels(mode="spec").inc()
                 prom.drafted.inc(gamma * bs)
-                prom.accepted.inc(int(acc.sum()))
+                prom.accepted.inc(total)
                 for k in range(gamma):
                     prom.pos_proposed.labels(position=str(k)).inc(bs)
                     prom.pos_accepted.labels(position=str(k)).inc(accepted_at[k])

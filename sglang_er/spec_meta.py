@@ -12,6 +12,10 @@ timeline, returned as ``meta_info["spec_gamma"]`` -- and rewrites SGLang's field
 - ``spec_num_proposed_drafts``: Σ γ; ``spec_accept_rate`` = correct / proposed;
 - ``spec_accept_length``: tokens per drafting iteration, (completion − plain iterations) / verify_ct;
 - ``spec_correct_drafts_histogram``: γ = 0 iterations removed from bucket 0.
+
+Where the iteration mixed sources (history drafts, issue 9) the tag also names the request's
+source, and ``meta_info["spec_sources"]`` splits the request's drafts by it:
+``{source: {"iterations", "proposed", "accepted"}}`` with source ∈ w4 | group | prompt | self | none.
 """
 
 from __future__ import annotations
@@ -20,24 +24,47 @@ KEY = "spec_gamma"
 _TARGET = "sglang.srt.managers.tokenizer_manager.TokenizerManager._calculate_spec_decoding_metrics"
 
 
-def tag(reqs, iteration: int, gamma: int, new_tokens: list[int]) -> None:
-    """Record ``(iteration, γ)`` once per token each request commits in this iteration."""
-    for req, n in zip(reqs, new_tokens):
+SOURCES_KEY = "spec_sources"
+
+
+def tag(reqs, iteration: int, gamma: int, new_tokens: list[int], sources: list[str] | None = None) -> None:
+    """Record ``(iteration, γ[, source])`` once per token each request commits in this iteration."""
+    for i, (req, n) in enumerate(zip(reqs, new_tokens)):
         if req.customized_info is None:
             req.customized_info = {}
-        req.customized_info.setdefault(KEY, []).extend([(iteration, gamma)] * n)
+        entry = (iteration, gamma) if sources is None else (iteration, gamma, sources[i])
+        req.customized_info.setdefault(KEY, []).extend([entry] * n)
 
 
-def per_iteration(tagged) -> list[int]:
-    """``[(iteration, γ)]`` per token -> γ per iteration (consecutive tokens of one iteration merge)."""
+def iterations(tagged) -> list[tuple[int, str, int]]:
+    """``[(iteration, γ[, source])]`` per token -> ``(γ, source, tokens committed)`` per iteration."""
     out, last = [], None
     for entry in tagged:
         if entry is None:
             continue
-        it, g = entry
+        it, g = entry[0], entry[1]
         if it != last:
-            out.append(g)
+            src = entry[2] if len(entry) > 2 else ("w4" if g else "none")
+            out.append([g, src, 0])
             last = it
+        out[-1][2] += 1
+    return [tuple(x) for x in out]
+
+
+def per_iteration(tagged) -> list[int]:
+    """γ per iteration (consecutive tokens of one iteration merge)."""
+    return [g for g, _, _ in iterations(tagged)]
+
+
+def by_source(its) -> dict:
+    out: dict[str, dict[str, int]] = {}
+    for g, src, n in its:
+        if g == 0:
+            continue
+        d = out.setdefault(src, {"iterations": 0, "proposed": 0, "accepted": 0})
+        d["iterations"] += 1
+        d["proposed"] += g if src != "none" else 0
+        d["accepted"] += n - 1
     return out
 
 
@@ -46,7 +73,9 @@ def correct(meta_info: dict) -> None:
     if not tagged:
         return
     if isinstance(tagged[0], (list, tuple)) or tagged[0] is None:
-        meta_info[KEY] = per_iteration(tagged)
+        its = iterations(tagged)
+        meta_info[KEY] = [g for g, _, _ in its]
+        meta_info[SOURCES_KEY] = by_source(its)
     gammas = meta_info[KEY]
     if not gammas:
         return

@@ -151,8 +151,9 @@ class EffRolloutWorker(BaseSpecWorker):
         self._maybe_activate_awq()
         # committed lengths before the forwards rebind batch.seq_lens (host copy: no device sync)
         self._seq_list = (batch.seq_lens_cpu if batch.seq_lens_cpu is not None else batch.seq_lens).tolist()
-        gamma = self._choose_gamma(batch)
-        plan = self._history_plan(batch, gamma)
+        logits_only = self._logits_only_features(batch)
+        gamma = self._choose_gamma(batch, logits_only)
+        plan = self._history_plan(batch, gamma, logits_only)
         self.iteration += 1
         if plan is not None:
             result = self._speculate(batch, plan.gamma, plan)
@@ -162,8 +163,8 @@ class EffRolloutWorker(BaseSpecWorker):
             on_publish(result.new_seq_lens)
         return result
 
-    def _choose_gamma(self, batch) -> int:
-        if self._logits_only_features(batch):
+    def _choose_gamma(self, batch, logits_only: bool) -> int:
+        if logits_only:
             return 0
         if self.controller is not None:
             return self.controller.choose(batch)
@@ -181,12 +182,12 @@ class EffRolloutWorker(BaseSpecWorker):
             or info.has_custom_logit_processor
         )
 
-    def _history_plan(self, batch, gamma: int):
+    def _history_plan(self, batch, gamma: int, logits_only: bool):
         """History drafts for this iteration (see :mod:`sglang_er.history_drafts`), or None."""
         if self.history is None:
             return None
         self.history.sync(batch.reqs)  # every iteration, so the index never misses tokens
-        if self._logits_only_features(batch) or (self.controller is None and gamma == 0):
+        if logits_only or (self.controller is None and gamma == 0):
             return None
         ctl = self.controller
         return self.history.plan(batch.reqs, gamma, ctl.w4_expected_tokens() if ctl else None,
@@ -314,7 +315,8 @@ class EffRolloutWorker(BaseSpecWorker):
         self._log_iteration(batch, logits_output, gamma, (accepted_host + 1).tolist(),
                             draft_s=t_draft if run_drafter else None, verify_s=t_verify,
                             accepted=int(accepted_host.sum()),
-                            history_rows=len(plan.history_rows) if plan else 0)
+                            history_rows=len(plan.history_rows) if plan else 0,
+                            sources=plan.source if plan else None)
         return _sglang.generation_result(
             logits_output=logits_output,
             next_token_ids=next_token_ids,
@@ -348,7 +350,7 @@ class EffRolloutWorker(BaseSpecWorker):
                         [round(a, 2) for a in state["alphas"]],
                         {p: round(e["mean_rel_err_corrected"], 2) for p, e in state["model_error"].items()
                          if e["window"] and e["mean_rel_err_corrected"] is not None})
-        spec_meta.tag(batch.reqs, self.iteration, gamma, new_tokens)
+        spec_meta.tag(batch.reqs, self.iteration, gamma, new_tokens, times.get("sources"))
         decision = self.controller.last_decision if self.controller is not None else None
         self.timeline.append(
             iteration=self.iteration, gamma=gamma, batch_size=bs,

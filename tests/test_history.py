@@ -149,3 +149,15 @@ def test_memory_per_indexed_token_is_bounded():
     per_token = (tracemalloc.get_traced_memory()[0] - before) / idx.tokens
     tracemalloc.stop()
     assert per_token < 400, per_token
+
+
+def test_meta_info_splits_a_requests_drafts_by_source():
+    from sglang_er import spec_meta
+
+    tagged = ([(1, 0)] + [(2, 3, "group")] * 4 + [(3, 3, "w4")] * 2 + [(4, 2, "none")] * 1)
+    meta = {spec_meta.KEY: tagged, "completion_tokens": 8, "spec_num_correct_drafts": 4}
+    spec_meta.correct(meta)
+    assert meta["spec_gamma"] == [0, 3, 3, 2]
+    assert meta["spec_sources"] == {"group": {"iterations": 1, "proposed": 3, "accepted": 3},
+                                    "w4": {"iterations": 1, "proposed": 3, "accepted": 1},
+                                    "none": {"iterations": 1, "proposed": 0, "accepted": 0}}

@@ -81,10 +81,15 @@ def test_sampled_distribution_matches_plain(hist, plain, sampling):
 def test_history_proposed_for_seen_prompts_only(hist):
     fresh = "Zebra quilt 913 xylophone ruby 47 lantern"
     before = _by_source(hist).get("group", (0.0, 0.0))[0]
-    hist.generate(fresh, max_new_tokens=24, temperature=0, ignore_eos=True)
+    first = hist.generate(fresh, max_new_tokens=24, temperature=0, ignore_eos=True)["meta_info"]
     assert _by_source(hist).get("group", (0.0, 0.0))[0] == before, "group drafts for a prompt never seen"
-    hist.generate(fresh, max_new_tokens=24, temperature=0, ignore_eos=True)  # an earlier epoch now exists
+    assert "group" not in first["spec_sources"]
+    again = hist.generate(fresh, max_new_tokens=24, temperature=0, ignore_eos=True)["meta_info"]  # an earlier epoch now exists
     assert _by_source(hist)["group"][0] > before
+    # the request's own meta_info splits its drafts by source; greedy repeats its earlier epoch
+    group = again["spec_sources"]["group"]
+    assert group["proposed"] > 0 and group["accepted"] > 0.5 * group["proposed"], again["spec_sources"]
+    assert sum(1 for g in again["spec_gamma"] if g) == sum(d["iterations"] for d in again["spec_sources"].values())
 
 
 def test_wrong_history_acceptance_rule_is_detected(tiny_model, plain):
