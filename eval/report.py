@@ -37,6 +37,24 @@ def _first_steps(rollouts):
     return out
 
 
+def config_totals(rollouts) -> dict[str, dict]:
+    """Per config (run order): makespan and tokens summed over its rollouts, drafted/accepted
+    tokens, iterations (speculating ones too) from the worker's timeline."""
+    out: dict[str, dict] = {}
+    for r in rollouts:
+        t = out.setdefault(r.config, {"makespan_s": 0.0, "tokens": 0, "drafted": 0, "accepted": 0,
+                                      "iterations": 0, "spec_iterations": 0})
+        t["makespan_s"] += r.makespan_s
+        t["tokens"] += r.output_tokens
+        t["drafted"] += r.extra.get("drafted", 0)
+        t["accepted"] += r.extra.get("accepted", 0)
+        t["iterations"] += len(r.timeline)
+        t["spec_iterations"] += sum(1 for x in r.timeline if x["gamma"] > 0)
+    for t in out.values():
+        t["tokens_per_s"] = t["tokens"] / t["makespan_s"] if t["makespan_s"] else 0.0
+    return out
+
+
 def write_rollout_report(rollouts, out: Path, workload: str) -> str:
     out = Path(out)
     plt = _plt()
@@ -101,24 +119,29 @@ def write_rollout_report(rollouts, out: Path, workload: str) -> str:
         fig.savefig(out / "acceptance.png", dpi=110)
         plt.close(fig)
 
-    lines = [f"# Rollout benchmark\n\nWorkload: {workload}. One server at a time, same prompts and seeds.\n",
+    totals = config_totals(rollouts)
+    b = totals[base.config]
+    many = len(rollouts) > len(firsts)
+    lines = [f"# Rollout benchmark\n\nWorkload: {workload}. One server at a time, same prompts and seeds."
+             + (" Figures are totals over every rollout of a config (table below)." if many else "") + "\n",
              "| config | makespan s | vs plain | tokens | tokens/s | vs plain | acceptance | iterations speculating |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in firsts:
-        spec = [x for x in r.timeline if x["gamma"] > 0]
-        share = f"{len(spec) / len(r.timeline):.0%}" if r.timeline else "-"
-        acc = f"{r.accept_rate:.3f}" if r.accept_rate is not None else "-"
-        lines.append(f"| {r.config} | {r.makespan_s:.1f} | {base.makespan_s / r.makespan_s:.2f}x faster | "
-                     f"{r.output_tokens} | {r.tokens_per_s:.1f} | {r.tokens_per_s / base.tokens_per_s:.2f}x | "
+    for label, t in totals.items():
+        acc = f"{t['accepted'] / t['drafted']:.3f}" if t["drafted"] else "-"
+        share = f"{t['spec_iterations'] / t['iterations']:.0%}" if t["iterations"] else "-"
+        lines.append(f"| {label} | {t['makespan_s']:.1f} | {b['makespan_s'] / t['makespan_s']:.2f}x faster | "
+                     f"{t['tokens']} | {t['tokens_per_s']:.1f} | {t['tokens_per_s'] / b['tokens_per_s']:.2f}x | "
                      f"{acc} | {share} |")
-    steps = [r for r in rollouts if r.step > 0]
-    if steps:
-        lines += ["\n## Policy steps (perturbed weights pushed with update_weights_from_tensor)\n",
-                  "| config | step | re-quantization s | acceptance | makespan s |", "|---|---|---|---|---|"]
+    if many:
+        lines += ["\n## Every rollout (steps: perturbed weights pushed with update_weights_from_tensor; "
+                  "epochs: the same prompts again)\n",
+                  "| config | step | epoch | re-quantization s | acceptance | makespan s | tokens/s |",
+                  "|---|---|---|---|---|---|---|"]
         for r in rollouts:
             rq = f"{r.requantize_s:.2f}" if r.requantize_s else "-"
             acc = f"{r.accept_rate:.3f}" if r.accept_rate is not None else "-"
-            lines.append(f"| {r.config} | {r.step} | {rq} | {acc} | {r.makespan_s:.1f} |")
+            lines.append(f"| {r.config} | {r.step} | {r.epoch} | {rq} | {acc} | {r.makespan_s:.1f} | "
+                         f"{r.tokens_per_s:.1f} |")
     sourced = [r for r in rollouts if r.extra.get("by_source")]
     if sourced:
         lines += ["\n## Drafts by source (history drafts: group, prompt, self)\n",
@@ -126,12 +149,12 @@ def write_rollout_report(rollouts, out: Path, workload: str) -> str:
         for r in sourced:
             for src, c in sorted(r.extra["by_source"].items()):
                 if c["drafted"]:
-                    lines.append(f"| {r.config} | {r.step} | {src} | {c['drafted']} | {c['accepted']} | "
+                    lines.append(f"| {r.config} | {r.step}.{r.epoch} | {src} | {c['drafted']} | {c['accepted']} | "
                                  f"{c['accepted'] / c['drafted']:.3f} |")
         for r in sourced:
             if r.extra.get("history_index"):
                 h = r.extra["history_index"]
-                lines.append(f"\n{r.config} step {r.step}: history index {h['groups']} prompts, "
+                lines.append(f"\n{r.config} step {r.step} epoch {r.epoch}: history index {h['groups']} prompts, "
                              f"{h['indexed_tokens']} tokens, hit rate {h['hits'] / max(1, h['lookups']):.2f}")
     lines.append("\nPlots: throughput.png, timeline.png (active requests and γ), latency_cdf.png"
                  + (", acceptance.png" if with_acc else "") + ".")

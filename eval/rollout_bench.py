@@ -1,7 +1,7 @@
 """RL-shaped rollout benchmark: the same GRPO-style workload on plain SGLang and on EFFROLLOUT.
 
-    python -m eval.rollout_bench --model smollm2-135m-instruct --prompts 16 --n 4 --max-tokens 256 \\
-        [--configs plain fixed:3 auto] [--policy-steps 2] [--out eval/out/rollout]
+    python -m eval.rollout_bench --model gsm8k-lm --prompts 16 --n 8 --max-tokens 512 \\
+        [--configs plain fixed:3 auto hybrid] [--epochs 2] [--policy-steps 2] [--out eval/out/rollout]
 
 Each configuration gets its own server (one at a time, so they do not share the cores) and the
 same workload, sent the way an RL framework sends a rollout: all P prompts × n samples at once,
@@ -10,7 +10,9 @@ shrinks from P·n to a few stragglers and the tail dominates the makespan. Recor
 send / finish time and tokens; per server iteration (EFFROLLOUT): γ and batch size from the
 worker's timeline in ``/get_server_info``. ``--policy-steps K`` runs K rollouts per config and,
 between them, pushes perturbed weights with ``update_weights_from_tensor`` (simulated policy
-drift), reporting the drafter's re-quantization time and the acceptance per step.
+drift), reporting the drafter's re-quantization time and the acceptance per step. ``--epochs E``
+sends the same prompts E times per step (GRPO's epochs: what history drafts feed on); the
+headline figures are totals over all rollouts of a config.
 
 Writes ``report.md``, ``results.json`` and PNG plots (see :mod:`eval.report`) to ``--out``.
 """
@@ -45,6 +47,7 @@ class Rollout:
     position_acceptance: list | None = None
     requantize_s: float | None = None
     extra: dict = field(default_factory=dict)
+    epoch: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -70,7 +73,8 @@ def parse_config(spec: str) -> tuple[str, list[str], dict]:
 def chat_prompts(model_path, k: int) -> list[list[dict]]:
     from eval.math_data import load_problems
 
-    return [[{"role": "user", "content": f"{p.question} {INSTRUCTION}"}] for p in load_problems("gsm8k", limit=k)]
+    # the eval harness's prompt: question, newline, instruction (what gsm8k-lm was trained on)
+    return [[{"role": "user", "content": f"{p.question.strip()}\n{INSTRUCTION}"}] for p in load_problems("gsm8k", limit=k)]
 
 
 class TimelinePoller:
@@ -130,7 +134,9 @@ def run_rollout(srv: Server, label: str, step: int, prompts, n: int, max_tokens:
     ro = Rollout(label, step, makespan, sum(r["tokens"] for r in reqs), reqs, timeline)
     before, after = (poll.start_state or {}).get("metrics"), (poll.end_state or {}).get("metrics")
     if before and after and after["drafted"] > before["drafted"]:
-        ro.accept_rate = (after["accepted"] - before["accepted"]) / (after["drafted"] - before["drafted"])
+        ro.extra["drafted"] = after["drafted"] - before["drafted"]
+        ro.extra["accepted"] = after["accepted"] - before["accepted"]
+        ro.accept_rate = ro.extra["accepted"] / ro.extra["drafted"]
         ro.position_acceptance = after["position_acceptance"]
         b0 = before.get("by_source", {})
         ro.extra["by_source"] = {k: {f: v[f] - b0.get(k, {}).get(f, 0) for f in ("drafted", "accepted")}
@@ -169,14 +175,15 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--configs", nargs="+", default=["plain", "fixed:3", "auto"])
     p.add_argument("--policy-steps", type=int, default=1, help="rollouts per config, perturbed weights in between")
+    p.add_argument("--epochs", type=int, default=1, help="rollouts of the same prompts per policy step")
     p.add_argument("--perturb", type=float, default=0.02, help="policy-step noise, relative to each weight's std")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-args", default="", help="extra SGLang args, e.g. '--dtype bfloat16'")
     p.add_argument("--out", default="eval/out/rollout")
     args = p.parse_args(argv)
     configs = [parse_config(c) for c in args.configs]
-    if args.policy_steps < 1:
-        raise SystemExit("--policy-steps must be >= 1")
+    if args.policy_steps < 1 or args.epochs < 1:
+        raise SystemExit("--policy-steps and --epochs must be >= 1")
     model_path = Path(args.model_path) if args.model_path else build_model(args.model)
     if not (model_path / "config.json").exists():
         raise SystemExit(f"{model_path} is not a model directory (no config.json); pass --model-path DIR")
@@ -189,16 +196,19 @@ def main(argv=None) -> int:
             print(f"[rollout] {label}: server up in {srv.startup_seconds:.0f}s", flush=True)
             for step in range(args.policy_steps):
                 req_s = perturb_policy(srv, model_path, step + 1, args.perturb) if step else None
-                ro = run_rollout(srv, label, step, prompts, args.n, args.max_tokens, args.temperature, args.seed)
-                ro.requantize_s = req_s
-                rollouts.append(ro)
-                print(f"[rollout] {label} step {step}: makespan {ro.makespan_s:.1f}s, {ro.output_tokens} tokens, "
-                      f"{ro.tokens_per_s:.1f} tok/s, acceptance {ro.accept_rate if ro.accept_rate is not None else '-'}"
-                      + (f", re-quantized in {req_s:.2f}s" if req_s else ""), flush=True)
+                for epoch in range(args.epochs):
+                    ro = run_rollout(srv, label, step, prompts, args.n, args.max_tokens, args.temperature,
+                                     args.seed + 7919 * epoch)
+                    ro.requantize_s, ro.epoch = (req_s if epoch == 0 else None), epoch
+                    rollouts.append(ro)
+                    print(f"[rollout] {label} step {step} epoch {epoch}: makespan {ro.makespan_s:.1f}s, {ro.output_tokens} tokens, "
+                          f"{ro.tokens_per_s:.1f} tok/s, acceptance {ro.accept_rate if ro.accept_rate is not None else '-'}"
+                          + (f", re-quantized in {req_s:.2f}s" if ro.requantize_s else ""), flush=True)
     from eval.report import write_rollout_report
 
     workload = (f"{args.prompts} GSM8K prompts × n={args.n}, temperature {args.temperature}, max {args.max_tokens} "
-                f"tokens, natural EOS, model {model_path.name}")
+                f"tokens, natural EOS, model {model_path.name}"
+                + (f", {args.epochs} epochs of the same prompts" if args.epochs > 1 else ""))
     (out / "results.json").write_text(json.dumps({"workload": workload, "rollouts": [asdict(r) for r in rollouts]}))
     report = write_rollout_report(rollouts, out, workload)
     print(report)

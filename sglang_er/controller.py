@@ -78,6 +78,10 @@ class Controller:
             if lens:
                 self.acceptance.observe(gamma, lens, rids)
 
+    def observe_outside(self, gamma: int, batch: int, seconds: float) -> None:
+        """Scheduler time around the last iteration's forwards (see :meth:`CostModel.observe_outside`)."""
+        self.cost.observe_outside(gamma, batch, seconds)
+
     def w4_expected_tokens(self) -> list[float]:
         """E[L | W4, γ] for γ = 0..γmax (server-wide acceptance)."""
         return self.acceptance.expected_tokens_table()
@@ -85,8 +89,9 @@ class Controller:
     def verify_only_pays(self, gamma: int, expected_tokens: float, min_gain: float = 1.05) -> bool:
         """Would a verify-only iteration (drafts that cost no forward) of width γ+1 beat a plain
         decode step for the batch ``choose`` last saw, by ``min_gain``?"""
-        t_v = self.cost.t_verify(self._seq_lens, gamma)
-        t_t = self.cost.t_plain(self._seq_lens)
+        b = len(self._seq_lens)
+        t_v = self.cost.t_verify(self._seq_lens, gamma) + self.cost.t_outside(gamma, b)
+        t_t = self.cost.t_plain(self._seq_lens) + self.cost.t_outside(0, b)
         return expected_tokens / t_v > min_gain * len(self._seq_lens) / t_t
 
 
@@ -99,6 +104,7 @@ class Controller:
             "model_error": {p: {k: (v if v == v else None) for k, v in e.items()}
                             for p, e in self.cost.error_stats().items()},
             "last_decision": None if d is None else {"gamma": d.gamma, "reason": d.reason},
+            "outside_s_per_request": dict(self.cost.outside_per_seq),
         }
 
 

@@ -40,6 +40,21 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return xf.to(x.dtype) * weight
 
 
+def _decode_attention(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, kv_index: torch.Tensor,
+                      bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per request over its KV rows, grouped-query heads batched as matmuls.
+
+    q [B, KVH, G, hd] (query head h = kv·G + g), kbuf/vbuf [slots, KVH, hd] (the target's pool),
+    kv_index [B, L], bias [B, 1, 1, L] -> [B, KVH, G, hd]. On CPU this is 2-4x faster than
+    ``scaled_dot_product_attention`` with ``enable_gqa`` and a mask (which takes the math path and
+    expands the KV heads); the softmax runs in float32.
+    """
+    keys = kbuf[kv_index].to(q.dtype).permute(0, 2, 3, 1)  # [B, KVH, hd, L]
+    vals = vbuf[kv_index].to(q.dtype).transpose(1, 2)  # [B, KVH, L, hd]
+    probs = torch.softmax(torch.matmul(q, keys).float() * scale + bias, dim=-1)  # [B, KVH, G, L]
+    return torch.matmul(probs.to(q.dtype), vals)
+
+
 class DraftLayer:
     def __init__(self, view: LayerView, index: int, awq: AWQQuantizer | None):
         self.view = view
@@ -151,8 +166,11 @@ class Drafter:
     ) -> torch.Tensor:
         """Logits [B, V] (float32) of the next token after ``tokens``."""
         B, L = kv_index.shape
-        mask = (torch.arange(L, device=kv_index.device)[None, :] < kv_len[:, None]).view(B, 1, 1, L)
         residual = self.view.embed(tokens)
+        # additive mask [B, 1, 1, L]: 0 on each request's own KV, -inf on the padding past it
+        bias = torch.zeros(B, 1, 1, L, device=kv_index.device)
+        bias.masked_fill_((torch.arange(L, device=kv_index.device)[None, :] >= kv_len[:, None]).view(B, 1, 1, L),
+                          float("-inf"))
         for i, layer in enumerate(self.layers):
             lv = layer.view
             H, KVH, hd = lv.num_heads, lv.num_kv_heads, lv.head_dim
@@ -162,11 +180,7 @@ class Drafter:
             kbuf, vbuf = kv.k[i], kv.v[i]
             kbuf[out_loc] = k.reshape(B, KVH, hd).to(kbuf.dtype)
             vbuf[out_loc] = v.reshape(B, KVH, hd).to(vbuf.dtype)
-            keys = kbuf[kv_index].transpose(1, 2).to(q.dtype)  # [B, KVH, L, hd]
-            vals = vbuf[kv_index].transpose(1, 2).to(q.dtype)
-            attn = F.scaled_dot_product_attention(
-                q.reshape(B, H, 1, hd), keys, vals, attn_mask=mask, scale=lv.scaling, enable_gqa=H != KVH
-            )
+            attn = _decode_attention(q.reshape(B, KVH, H // KVH, hd), kbuf, vbuf, kv_index, bias, lv.scaling)
             residual = residual + layer.o(attn.reshape(B, H * hd))
             x = _rms_norm(residual, layer.post_norm, lv.post_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)

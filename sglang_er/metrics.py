@@ -162,17 +162,20 @@ class Timeline:
 
     Record keys: iteration, time (unix s), gamma, batch_size, seq_lens (committed lengths [B]),
     plain_s / draft_s (all γ steps) / verify_s (None where not run), accepted (Σ accepted drafts,
-    None at γ = 0), predicted_speedup (auto mode: predicted tokens/s at γ over γ = 0).
+    None at γ = 0), predicted_speedup (auto mode: predicted tokens/s at γ over γ = 0), wall_s
+    (entry of this decode iteration to entry of the next, scheduler work included; absent when
+    a prefill or an idle spell came between).
     """
 
     def __init__(self, capacity: int = 4096):
         self._buf: deque = deque(maxlen=capacity)
         self._lock = threading.Lock()
 
-    def append(self, **record) -> None:
+    def append(self, **record) -> dict:
         record["time"] = time.time()
         with self._lock:
             self._buf.append(record)
+        return record
 
     def snapshot(self, last: int | None = None) -> list[dict]:
         with self._lock:

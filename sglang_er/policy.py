@@ -455,6 +455,8 @@ class CostModel:
         self.multiplier = {p: 1.0 for p in PHASES}
         self._hist = {p: deque(maxlen=window) for p in PHASES}
         self._count = {p: 0 for p in PHASES}
+        # seconds per request the scheduler spends around an iteration's forwards (EMA per mode)
+        self.outside_per_seq: dict[str, Optional[float]] = {"plain": None, "spec": None}
 
     # ------------------------------------------------------------------ work accounting
     def batch_stats(self, seq_lens, prefix_groups: PrefixGroups = None) -> BatchStats:
@@ -537,11 +539,33 @@ class CostModel:
         return t * self.multiplier["verify"] if corrected else t
 
     def t_iteration(self, seq_lens, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True) -> float:
-        """Seconds of one decode iteration at γ (γ = 0: plain; else draft + verify)."""
+        """Seconds of one decode iteration at γ (γ = 0: plain; else draft + verify), and when
+        ``corrected`` the measured scheduler time around the forwards."""
         st = batch_stats(seq_lens, prefix_groups)
         if gamma == 0:
-            return self.t_plain(st, corrected=corrected)
-        return self.t_draft(st, gamma, corrected=corrected) + self.t_verify(st, gamma, corrected=corrected)
+            t = self.t_plain(st, corrected=corrected)
+        else:
+            t = self.t_draft(st, gamma, corrected=corrected) + self.t_verify(st, gamma, corrected=corrected)
+        return t + self.t_outside(gamma, st.batch) if corrected else t
+
+    # ------------------------------------------------------------------ time outside the forwards
+    def observe_outside(self, gamma: int, batch: int, seconds: float) -> None:
+        """Wall time of an iteration minus its forwards: the scheduler's result processing,
+        streaming and KV bookkeeping. A speculative iteration commits more tokens per request,
+        so its share differs from a plain one's; both are learnt per request (EMA)."""
+        if batch < 1 or not (seconds >= 0 and math.isfinite(seconds)):
+            return
+        mode = "spec" if gamma else "plain"
+        x, old = seconds / batch, self.outside_per_seq[mode]
+        self.outside_per_seq[mode] = x if old is None else (1.0 - self.ema) * old + self.ema * x
+
+    def t_outside(self, gamma: int, batch: int) -> float:
+        """Predicted scheduler seconds around an iteration's forwards; a mode not yet seen
+        borrows the other's estimate (so an unmeasured mode is neither favoured nor penalised)."""
+        o = self.outside_per_seq
+        mine, other = (o["spec"], o["plain"]) if gamma else (o["plain"], o["spec"])
+        per = mine if mine is not None else other
+        return 0.0 if per is None else per * batch
 
     def predicted_bytes(self, phase: str, seq_lens, gamma: int = 0, prefix_groups: PrefixGroups = None) -> float:
         """Bytes the phase moves (draft: all γ steps)."""
@@ -635,6 +659,7 @@ class CostModel:
 
     def reset_correction(self) -> None:
         self.multiplier = {p: 1.0 for p in PHASES}
+        self.outside_per_seq = {"plain": None, "spec": None}
         for p in PHASES:
             self._hist[p].clear()
             self._count[p] = 0
@@ -890,6 +915,7 @@ class Policy:
         tps, secs, toks = {}, {}, {}
         for g in cands:
             t = cm.t_plain(st) if g == 0 else cm.t_draft(st, g) + cm.t_verify(st, g)
+            t += cm.t_outside(g, st.batch)
             secs[g], toks[g] = t, exp[g]
             tps[g] = exp[g] / t
         return tps, secs, toks

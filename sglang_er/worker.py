@@ -34,6 +34,7 @@ from sglang_er.live_stats import LiveStats
 from sglang_er.metrics import SpecMetrics, Timeline
 
 logger = logging.getLogger(__name__)
+IDLE_GAP_S = 0.25  # time outside the forwards beyond this (and beyond the forwards') is idling
 
 
 class EffRolloutWorker(BaseSpecWorker):
@@ -49,6 +50,7 @@ class EffRolloutWorker(BaseSpecWorker):
         self.metrics = SpecMetrics(self.speculative_num_steps)
         self.timeline = Timeline(self.config.timeline_size)
         self.iteration = 0
+        self._last_record, self._entered = None, 0.0
         self._kv = None
         view = _sglang.model_view(self.model_runner.model)
         self.awq = self.live_stats = None
@@ -146,8 +148,12 @@ class EffRolloutWorker(BaseSpecWorker):
 
     # ------------------------------------------------------------------ scheduling entry
     def forward_batch_generation(self, batch, on_publish=None, pp_proxy_tensors=None):
+        entered = time.perf_counter()
         if not batch.forward_mode.is_decode():
+            self._last_record = None
             return self._prefill(batch)
+        self._close_iteration(entered)
+        self._entered = entered
         self._maybe_activate_awq()
         # committed lengths before the forwards rebind batch.seq_lens (host copy: no device sync)
         self._seq_list = (batch.seq_lens_cpu if batch.seq_lens_cpu is not None else batch.seq_lens).tolist()
@@ -162,6 +168,21 @@ class EffRolloutWorker(BaseSpecWorker):
         if on_publish is not None:
             on_publish(result.new_seq_lens)
         return result
+
+    def _close_iteration(self, now: float) -> None:
+        """The previous decode iteration's wall time, entry to entry: its forwards plus what the
+        scheduler spent around them (result processing, token streaming, KV bookkeeping), which
+        grows with the tokens an iteration commits and so is part of speculation's price."""
+        rec, self._last_record = self._last_record, None
+        if rec is None:
+            return
+        wall = now - self._entered
+        forwards = rec["plain_s"] if rec["gamma"] == 0 else (rec["draft_s"] or 0.0) + rec["verify_s"]
+        if wall - forwards > max(IDLE_GAP_S, forwards):  # the scheduler idled: not an iteration's cost
+            return
+        rec["wall_s"] = wall
+        if self.controller is not None:
+            self.controller.observe_outside(rec["gamma"], rec["batch_size"], max(0.0, wall - forwards))
 
     def _choose_gamma(self, batch, logits_only: bool) -> int:
         if logits_only:
@@ -285,7 +306,6 @@ class EffRolloutWorker(BaseSpecWorker):
                 self._target_worker, batch, verify_ids.flatten(), slots.flatten(), seq_lens, width
             )
         target_logits = logits_output.next_token_logits.view(bs, width, -1)
-        t_verify = clock.lap()
         if greedy:
             accept_len, out_tokens = sampler.verify_greedy(draft_tokens, target_logits)
         else:
@@ -294,6 +314,8 @@ class EffRolloutWorker(BaseSpecWorker):
             if plan is not None:
                 q = history_drafts.merge_q(plan, draft_tokens, q, p.shape[-1])
             accept_len, out_tokens = sampler.verify(draft_tokens, q, p)
+        # the acceptance test belongs to the verify phase, as sampling belongs to the plain step
+        t_verify = clock.lap()
         if self.config.inject_fault is not None:
             accept_len, out_tokens = self._inject_fault(plan, draft_tokens, target_logits, params, accept_len,
                                                         out_tokens)
@@ -352,7 +374,7 @@ class EffRolloutWorker(BaseSpecWorker):
                          if e["window"] and e["mean_rel_err_corrected"] is not None})
         spec_meta.tag(batch.reqs, self.iteration, gamma, new_tokens, times.get("sources"))
         decision = self.controller.last_decision if self.controller is not None else None
-        self.timeline.append(
+        self._last_record = self.timeline.append(
             iteration=self.iteration, gamma=gamma, batch_size=bs,
             seq_lens=self._seq_list,
             plain_s=times.get("plain_s"), draft_s=times.get("draft_s"), verify_s=times.get("verify_s"),

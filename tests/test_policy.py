@@ -463,3 +463,25 @@ def test_policy_explores_when_a_low_acceptance_estimate_keeps_it_plain(qwen):
                   explore_every=0).choose([512]).gamma == 0
     acc.reset()  # a new drafter: back to the prior
     assert acc.num_observations == 0 and acc.alphas() == pytest.approx([0.05] * 4)
+
+
+def test_scheduler_time_outside_the_forwards_enters_the_decision(qwen):
+    """A speculative iteration commits several tokens per request, so the scheduler's work around
+    the forwards (result processing, streaming) costs it more than a plain one: measured per
+    request and mode, it moves a marginal speculation decision back to plain."""
+    pol = _policy("cpu", qwen, alpha=0.8)
+    cm = pol.cost_model
+    lens = [400] * 8
+    assert cm.t_outside(3, 8) == 0.0  # nothing measured yet: neither mode is penalised
+    cm.observe_outside(0, 8, 0.008)
+    assert cm.t_outside(3, 8) == pytest.approx(0.008)  # the unmeasured mode borrows the other's
+    d = pol.evaluate(lens)
+    g = max(pol.ladder, key=lambda k: d.predicted_tokens_per_s[k])
+    t_spec = d.predicted_iter_s[g]
+    assert t_spec == pytest.approx(cm.t_draft(lens, g) + cm.t_verify(lens, g) + 0.008)
+    for _ in range(50):  # spec iterations measured far costlier outside the forwards
+        cm.observe_outside(g, 8, 10 * t_spec)
+    assert cm.t_iteration(lens, g) > 10 * t_spec
+    assert pol.evaluate(lens).gamma == 0
+    cm.reset_correction()
+    assert cm.t_outside(g, 8) == 0.0

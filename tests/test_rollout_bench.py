@@ -16,24 +16,28 @@ from eval.rollout_bench import main, parse_config
 def test_rollout_bench_writes_a_consistent_report(tmp_path, tiny_model):
     out = tmp_path / "rollout"
     rc = main(["--model-path", str(tiny_model), "--prompts", "3", "--n", "2", "--max-tokens", "24",
-               "--configs", "auto", "--policy-steps", "2", "--out", str(out)])
+               "--configs", "auto", "--policy-steps", "2", "--epochs", "2", "--out", str(out)])
     assert rc == 0
     for f in ("report.md", "results.json", "throughput.png", "timeline.png", "latency_cdf.png"):
         assert (out / f).stat().st_size > 0, f
     res = json.loads((out / "results.json").read_text())
     rolls = res["rollouts"]
-    assert [(r["config"], r["step"]) for r in rolls] == [("auto", 0), ("auto", 1)]
+    assert [(r["config"], r["step"], r["epoch"]) for r in rolls] == [
+        ("auto", 0, 0), ("auto", 0, 1), ("auto", 1, 0), ("auto", 1, 1)]
     for r in rolls:
         assert len(r["requests"]) == 6
         assert r["output_tokens"] == sum(q["tokens"] for q in r["requests"]) and 0 < r["output_tokens"] <= 6 * 24
         assert r["makespan_s"] > 0
     auto = [r for r in rolls if r["config"] == "auto"]
     assert auto[0]["timeline"] and all(x["gamma"] >= 0 for x in auto[0]["timeline"])
-    assert auto[1]["requantize_s"] > 0  # the policy step re-quantized the drafter
+    assert auto[2]["requantize_s"] > 0  # the policy step re-quantized the drafter
+    assert auto[1]["requantize_s"] is None and auto[3]["requantize_s"] is None  # epochs: same weights
     if any(r["position_acceptance"] for r in auto):
         assert (out / "acceptance.png").stat().st_size > 0
     report = (out / "report.md").read_text()
     assert "| auto |" in report and "re-quantization" in report
+    total = sum(r["makespan_s"] for r in rolls)  # the headline row is the total over the 4 rollouts
+    assert f"| auto | {total:.1f} |" in report
 
 
 def test_active_requests_curve():

@@ -78,8 +78,12 @@ def build_model(name: str, *, seed: int = 0, cache_dir: str | Path | None = None
         from sglang_er.models.realmodel import build_smollm2
 
         return build_smollm2(cache_dir=cache_dir)
+    if name == "gsm8k-lm":
+        from sglang_er.models.trained import TrainConfig, build_trained
+
+        return build_trained(cache_dir=cache_dir, cfg=TrainConfig(seed=seed))
     if name not in SPECS:
-        known = ", ".join([*SPECS, "smollm2-135m-instruct"])
+        known = ", ".join([*SPECS, "smollm2-135m-instruct", "gsm8k-lm"])
         raise ValueError(f"unknown model {name!r}; choose one of: {known}")
     spec = SPECS[name]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -102,7 +106,7 @@ def build_model(name: str, *, seed: int = 0, cache_dir: str | Path | None = None
     return out
 
 
-def _write_tokenizer(out: Path, vocab_size: int) -> None:
+def _write_tokenizer(out: Path, vocab_size: int, corpus=None) -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from sglang_er.models.corpus import math_corpus
@@ -121,7 +125,7 @@ def _write_tokenizer(out: Path, vocab_size: int) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(math_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus if corpus is not None else math_corpus(), trainer=trainer)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "Qwen2Tokenizer",
