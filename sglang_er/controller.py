@@ -104,7 +104,7 @@ class Controller:
             "model_error": {p: {k: (v if v == v else None) for k, v in e.items()}
                             for p, e in self.cost.error_stats().items()},
             "last_decision": None if d is None else {"gamma": d.gamma, "reason": d.reason},
-            "outside_s_per_request": dict(self.cost.outside_per_seq),
+            "outside_s": self.cost.outside_fit,  # per mode (a, b): a + b·batch seconds
         }
 
 

@@ -376,6 +376,45 @@ class Observation:
 
 
 # ====================================================================== cost model
+class _LineFit:
+    """y ≈ a + b·x by least squares with exponential forgetting (factor ``decay`` per point),
+    b ≥ 0; ``intercept="nonneg"`` also keeps a ≥ 0 (a line through the origin otherwise). O(1)
+    per point."""
+
+    __slots__ = ("decay", "nonneg", "s1", "sx", "sxx", "sy", "sxy", "n")
+
+    def __init__(self, decay: float = 0.97, intercept: str = "nonneg"):
+        self.decay = decay
+        self.nonneg = intercept == "nonneg"
+        self.s1 = self.sx = self.sxx = self.sy = self.sxy = 0.0
+        self.n = 0
+
+    def add(self, x: float, y: float) -> None:
+        d = self.decay
+        self.s1, self.sx, self.sxx = d * self.s1 + 1.0, d * self.sx + x, d * self.sxx + x * x
+        self.sy, self.sxy = d * self.sy + y, d * self.sxy + x * y
+        self.n += 1
+
+    def spread(self) -> float:
+        """Coefficient of variation of the (weighted) x seen: how well b is determined."""
+        mx = self.sx / self.s1
+        var = max(0.0, self.sxx / self.s1 - mx * mx)
+        return math.sqrt(var) / abs(mx) if mx else 0.0
+
+    def coef(self) -> tuple[float, float]:
+        mx, my = self.sx / self.s1, self.sy / self.s1
+        var = self.sxx / self.s1 - mx * mx
+        b = max(0.0, (self.sxy / self.s1 - mx * my) / var) if var > 1e-9 * max(1.0, mx * mx) else 0.0
+        a = my - b * mx
+        if self.nonneg and a < 0.0:  # a line through the origin instead
+            a, b = 0.0, (self.sxy / self.sxx if self.sxx > 0 else 0.0)
+        return a, max(0.0, b)
+
+    def predict(self, x: float) -> float:
+        a, b = self.coef()
+        return a + b * x
+
+
 class CostModel:
     """Predicted seconds of the three forwards of a decode iteration on one machine.
 
@@ -393,9 +432,12 @@ class CostModel:
     * verify: target forward over γ+1 tokens per request; the kernel loads a request's KV once
       for all its γ+1 queries.
 
-    ``mult_phase`` starts at 1 and follows measurements (:meth:`observe`): EMA of log(measured /
-    raw prediction) with weight ``ema``, per-observation ratio and multiplier clamped to
-    [0.2, 5], so one outlier (a GC pause) cannot wreck the model.
+    ``mult_phase`` starts at 1 and follows measurements (:meth:`observe`): the first measurement
+    sets it, then an EMA of log(measured / raw prediction) with weight ``ema``, per-observation
+    ratio and multiplier clamped to [0.2, 5], so one outlier (a GC pause) cannot wreck the model.
+    Once a phase has been measured over a spread of raw predictions, the correction becomes
+    affine, a + b·raw (see :meth:`_correct`), still clamped to [0.2, 5]× raw. The scheduler's
+    time around the forwards is learnt separately (:meth:`observe_outside`).
     """
 
     MULT_RANGE = (0.2, 5.0)
@@ -455,8 +497,8 @@ class CostModel:
         self.multiplier = {p: 1.0 for p in PHASES}
         self._hist = {p: deque(maxlen=window) for p in PHASES}
         self._count = {p: 0 for p in PHASES}
-        # seconds per request the scheduler spends around an iteration's forwards (EMA per mode)
-        self.outside_per_seq: dict[str, Optional[float]] = {"plain": None, "spec": None}
+        self._outside = {"plain": _LineFit(), "spec": _LineFit()}  # scheduler time around the forwards
+        self._fit = {p: _LineFit(intercept="any") for p in PHASES}  # measured vs raw prediction
 
     # ------------------------------------------------------------------ work accounting
     def batch_stats(self, seq_lens, prefix_groups: PrefixGroups = None) -> BatchStats:
@@ -510,7 +552,7 @@ class CostModel:
         """Seconds of one plain decode forward of the batch (γ = 0)."""
         st = batch_stats(seq_lens, prefix_groups)
         t = self._seconds(self.work_plain(st), "plain")
-        return t * self.multiplier["plain"] if corrected else t
+        return self._correct("plain", t) if corrected else t
 
     def t_draft_step(self, seq_lens, prefix_groups: PrefixGroups = None, *, step: int = 0,
                      gamma: Optional[int] = None, corrected: bool = True) -> float:
@@ -520,7 +562,7 @@ class CostModel:
         if not 0 <= step < gamma:
             raise ValueError(f"draft step {step} is outside 0..γ-1 = 0..{gamma - 1}")
         t = self._seconds(self.work_draft_step(st, step, gamma), "draft")
-        return t * self.multiplier["draft"] if corrected else t
+        return self._correct("draft", t) if corrected else t
 
     def t_draft(self, seq_lens, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True) -> float:
         """Seconds of all γ drafter steps of one iteration (Σ_j T_D(step j))."""
@@ -530,13 +572,13 @@ class CostModel:
             t = gamma * self._seconds(self.work_draft_step(st, 0, gamma), "draft")
         else:
             t = sum(self._seconds(self.work_draft_step(st, j, gamma), "draft") for j in range(gamma))
-        return t * self.multiplier["draft"] if corrected else t
+        return self._correct("draft", t) if corrected else t
 
     def t_verify(self, seq_lens, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True) -> float:
         """Seconds of the target verify forward over γ+1 tokens per request."""
         st = batch_stats(seq_lens, prefix_groups)
         t = self._seconds(self.work_verify(st, self._check_gamma(gamma)), "verify")
-        return t * self.multiplier["verify"] if corrected else t
+        return self._correct("verify", t) if corrected else t
 
     def t_iteration(self, seq_lens, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True) -> float:
         """Seconds of one decode iteration at γ (γ = 0: plain; else draft + verify), and when
@@ -551,21 +593,24 @@ class CostModel:
     # ------------------------------------------------------------------ time outside the forwards
     def observe_outside(self, gamma: int, batch: int, seconds: float) -> None:
         """Wall time of an iteration minus its forwards: the scheduler's result processing,
-        streaming and KV bookkeeping. A speculative iteration commits more tokens per request,
-        so its share differs from a plain one's; both are learnt per request (EMA)."""
+        streaming and KV bookkeeping. Learnt per mode (a speculative iteration commits more
+        tokens per request) as a + b·B by least squares with exponential forgetting."""
         if batch < 1 or not (seconds >= 0 and math.isfinite(seconds)):
             return
-        mode = "spec" if gamma else "plain"
-        x, old = seconds / batch, self.outside_per_seq[mode]
-        self.outside_per_seq[mode] = x if old is None else (1.0 - self.ema) * old + self.ema * x
+        self._outside["spec" if gamma else "plain"].add(float(batch), float(seconds))
 
     def t_outside(self, gamma: int, batch: int) -> float:
         """Predicted scheduler seconds around an iteration's forwards; a mode not yet seen
-        borrows the other's estimate (so an unmeasured mode is neither favoured nor penalised)."""
-        o = self.outside_per_seq
-        mine, other = (o["spec"], o["plain"]) if gamma else (o["plain"], o["spec"])
-        per = mine if mine is not None else other
-        return 0.0 if per is None else per * batch
+        borrows the other's fit (so an unmeasured mode is neither favoured nor penalised)."""
+        mine, other = (self._outside["spec"], self._outside["plain"]) if gamma else (
+            self._outside["plain"], self._outside["spec"])
+        fit = mine if mine.n else other
+        return fit.predict(batch) if fit.n else 0.0
+
+    @property
+    def outside_fit(self) -> dict[str, Optional[tuple[float, float]]]:
+        """Per mode (a, b) of outside seconds = a + b·B, None before any observation."""
+        return {m: (f.coef() if f.n else None) for m, f in self._outside.items()}
 
     def predicted_bytes(self, phase: str, seq_lens, gamma: int = 0, prefix_groups: PrefixGroups = None) -> float:
         """Bytes the phase moves (draft: all γ steps)."""
@@ -623,10 +668,13 @@ class CostModel:
             raw = self.t_verify(st, gamma, corrected=False)
         byt = self.predicted_bytes(phase, st, gamma)
         m_old = self.multiplier[phase]
-        pred = raw * m_old
+        pred = self._correct(phase, raw)
+        self._fit[phase].add(raw, meas)
         lo, hi = self.MULT_RANGE
         ratio = min(max(meas / raw, lo), hi)
-        log_m = (1.0 - self.ema) * math.log(m_old) + self.ema * math.log(ratio)
+        # the first measurement replaces the profile's guess outright; later ones are smoothed
+        ema = self.ema if self._count[phase] else 1.0
+        log_m = (1.0 - ema) * math.log(m_old) + ema * math.log(ratio)
         m_new = min(max(math.exp(log_m), lo), hi)
         self.multiplier[phase] = m_new
         obs = Observation(phase, meas, raw, pred, abs(raw - meas) / meas, abs(pred - meas) / meas,
@@ -634,6 +682,24 @@ class CostModel:
         self._hist[phase].append((obs.rel_err_raw, obs.rel_err, obs.bw_util))
         self._count[phase] += 1
         return obs
+
+    def _correct(self, phase: str, raw: float) -> float:
+        """The corrected prediction for a raw (profile) one. Once a phase has been measured over
+        a spread of raw predictions (different batch sizes, lengths, γ), measured ≈ a + b·raw
+        by least squares with forgetting: a profile's fixed overhead and its per-request slope
+        are then corrected separately (a profile measured on a deeper model overestimates
+        the first and underestimates the second -- no single factor fits both). Before that,
+        the smoothed multiplier."""
+        fit = self._fit[phase]
+        lo, hi = self.MULT_RANGE
+        if fit.n >= 3 and fit.spread() >= 0.25:
+            a, b = fit.coef()
+            return min(max(a + b * raw, lo * raw), hi * raw)
+        return raw * self.multiplier[phase]
+
+    def observations(self, phase: str) -> int:
+        """Measurements of ``phase`` since the last :meth:`reset_correction`."""
+        return self._count[phase]
 
     def error_stats(self, last: Optional[int] = None) -> dict[str, dict[str, float]]:
         """Per phase, over the most recent ``last`` observations (default: the whole window):
@@ -659,7 +725,8 @@ class CostModel:
 
     def reset_correction(self) -> None:
         self.multiplier = {p: 1.0 for p in PHASES}
-        self.outside_per_seq = {"plain": None, "spec": None}
+        self._fit = {p: _LineFit(intercept="any") for p in PHASES}
+        self._outside = {"plain": _LineFit(), "spec": _LineFit()}
         for p in PHASES:
             self._hist[p].clear()
             self._count[p] = 0
@@ -893,7 +960,7 @@ class Policy:
         self.explore_every = int(explore_every)
         self.explore_floor = float(explore_floor)
         self.last_gamma: Optional[int] = None
-        self._plain_streak = 0
+        self._plain_streak = self._spec_streak = 0
 
     @classmethod
     def fixed(cls, gamma: int, cost_model: Optional[CostModel] = None,
@@ -936,16 +1003,32 @@ class Policy:
         return d
 
     def _explore(self, d: Decision) -> Decision:
-        """While γ = 0 is chosen, acceptance is never measured, so an estimate that was low once
-        (a cold start, the RTN drafter before AWQ, an old policy) would keep speculation off for
-        good. Every ``explore_every``-th consecutive plain iteration, speculate once with the best
-        γ if it is predicted within ``explore_floor`` of plain (never in a clearly compute-bound
-        batch): at most 1/explore_every of the iterations, each losing at most 1 − floor."""
-        if d.gamma or self.fixed_gamma is not None or not self.explore_every or not self.ladder:
-            self._plain_streak = 0
+        """What is never chosen is never measured, so a wrong estimate of it would stand for good.
+
+        While γ = 0 is chosen, acceptance is not measured: an estimate that was low once (a cold
+        start, the RTN drafter before AWQ, an old policy) would keep speculation off. While
+        speculating, the plain step is not timed: a profile that overestimates it (its fixed
+        overhead was measured on a deeper model) would keep speculation on. So every
+        ``explore_every``-th consecutive iteration of one kind runs the other once -- the best
+        γ, or plain -- where that is predicted within ``explore_floor`` of the choice (never in a
+        clearly one-sided regime), and every 4th while plain has never been timed. At most 1/explore_every of the iterations, each losing at most
+        1 − floor."""
+        if self.fixed_gamma is not None or not self.explore_every or not self.ladder:
+            self._plain_streak = self._spec_streak = 0
             return d
-        self._plain_streak += 1
         tps = d.predicted_tokens_per_s
+        if d.gamma:
+            self._plain_streak = 0
+            self._spec_streak += 1
+            due = self.explore_every if self.cost_model.observations("plain") else min(4, self.explore_every)
+            if self._spec_streak >= due and tps[0] >= self.explore_floor * tps[d.gamma]:
+                self._spec_streak = 0
+                return Decision(0, tps, f"explore plain: re-time the plain step after {due} speculative "
+                                f"iterations (predicted {tps[0] / tps[d.gamma]:.3f}× γ={d.gamma})",
+                                d.predicted_iter_s, d.expected_tokens)
+            return d
+        self._spec_streak = 0
+        self._plain_streak += 1
         best = max(self.ladder, key=lambda g: (tps.get(g, 0.0), -g))
         if self._plain_streak >= self.explore_every and tps.get(best, 0.0) >= self.explore_floor * tps[0]:
             self._plain_streak = 0

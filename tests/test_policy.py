@@ -475,6 +475,9 @@ def test_scheduler_time_outside_the_forwards_enters_the_decision(qwen):
     assert cm.t_outside(3, 8) == 0.0  # nothing measured yet: neither mode is penalised
     cm.observe_outside(0, 8, 0.008)
     assert cm.t_outside(3, 8) == pytest.approx(0.008)  # the unmeasured mode borrows the other's
+    for b in (1, 2, 4, 16, 32, 64):  # a + b·B is recovered from iterations of varied batch size
+        cm.observe_outside(0, b, 0.004 + 0.0005 * b)
+    assert cm.t_outside(0, 100) == pytest.approx(0.054, rel=0.05)
     d = pol.evaluate(lens)
     g = max(pol.ladder, key=lambda k: d.predicted_tokens_per_s[k])
     t_spec = d.predicted_iter_s[g]
@@ -485,3 +488,34 @@ def test_scheduler_time_outside_the_forwards_enters_the_decision(qwen):
     assert pol.evaluate(lens).gamma == 0
     cm.reset_correction()
     assert cm.t_outside(g, 8) == 0.0
+
+
+def test_policy_times_the_plain_step_while_speculating(qwen):
+    """A profile that overestimates the plain step (its fixed overhead measured on a deeper
+    model) would keep speculation on for good: while speculating, every 4th iteration is plain
+    until plain has been timed, then every explore_every-th iteration; the first
+    measurement replaces the profile's guess, and a plain step measured fast turns speculation off."""
+    cm = CostModel(builtin_profile("cpu"), qwen)
+    pol = Policy(cm, AcceptanceModel(4, prior_alpha=0.8), explore_every=8, explore_floor=0.3)
+    lens = [512] * 2
+    picks = [pol.choose(lens).gamma for _ in range(6)]
+    assert picks[:3] == [picks[0]] * 3 and picks[0] > 0 and picks[3] == 0 and picks[4] > 0, picks
+    cm.observe("plain", lens, 0, 0.2 * cm.t_plain(lens, corrected=False))  # plain is 5x cheaper than thought
+    assert cm.multiplier["plain"] == pytest.approx(0.2)
+    assert pol.choose(lens).gamma == 0
+
+
+def test_live_correction_fixes_the_profiles_shape_not_just_its_scale(qwen):
+    """A profile whose fixed overhead is too large and per-request slope too small (measured on
+    a deeper model): measured over several batch sizes, the correction (a + b·raw) predicts a new
+    batch size within 5%, where one factor cannot fit both ends."""
+    cm = CostModel(builtin_profile("cpu"), qwen)
+
+    def true_plain(b):  # the machine: 40% of the profile's fixed part, 3x its slope
+        raw1, raw0 = cm.t_plain([256] * b, corrected=False), cm.t_plain([256], corrected=False)
+        return 0.4 * raw0 + 3.0 * (raw1 - raw0)
+
+    for b in (1, 4, 16, 64, 1, 64):
+        cm.observe("plain", [256] * b, 0, true_plain(b))
+    assert cm.t_plain([256] * 32) == pytest.approx(true_plain(32), rel=0.05)
+    assert cm.t_plain([256]) == pytest.approx(true_plain(1), rel=0.05)
