@@ -49,6 +49,7 @@ def main(argv=None) -> int:
                 acc.observe(d.gamma, [rng.randint(0, d.gamma) for _ in range(b)], rids)
             else:
                 cost.observe("plain", seq, 0, 0.09)
+            cost.observe_outside(d.gamma, b, 0.002 + 1e-5 * b)
             t2 = time.perf_counter()
             t_choose += t1 - t0
             t_observe += t2 - t1

@@ -108,6 +108,8 @@ def main() -> None:
     p.add_argument("--quant", nargs="+", default=["awq"], choices=["awq", "rtn"],
                    help="drafter quantizer(s); AWQ switches on after its live statistics are ready")
     p.add_argument("--auto", action="store_true", help="also run the auto policy (γ chosen per iteration)")
+    p.add_argument("--hybrid", action="store_true",
+                   help="also run auto with history drafts (SGLANG_ER_HISTORY=all); implies --auto")
     p.add_argument("--prompts", choices=["synthetic", "gsm8k"], default="synthetic",
                    help="gsm8k: GSM8K questions in the model's chat template (for real models)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -121,6 +123,11 @@ def main() -> None:
          {"SGLANG_ER_GAMMA": str(g), "SGLANG_ER_DRAFT_HEAD": head, "SGLANG_ER_QUANT": q, **AWQ_WARM})
         for q in args.quant for head in args.draft_heads for g in args.gammas
     ]
+    args.auto = args.auto or args.hybrid
+    if args.hybrid:
+        configs.append(("hybrid", 0, spec, {"SGLANG_ER_MODE": "auto", "SGLANG_ER_HISTORY": "all",
+                                            "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
+                                            "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM}))
     if args.auto:
         configs.append(("auto", 0, spec, {"SGLANG_ER_MODE": "auto", "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
                                           "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM}))
@@ -158,14 +165,19 @@ def main() -> None:
         for temp in args.temperatures:
             crossover = max((b for b in args.batches if any(
                 results[(c[0], temp, b)]["tok_s"] > results[("plain", temp, b)]["tok_s"]
-                for c in configs[2:-1])), default=None)
+                for c in configs[2:] if c[0] not in ("auto", "hybrid"))), default=None)
             for b in args.batches:
-                others = {c[0]: results[(c[0], temp, b)]["tok_s"] for c in configs if c[0] not in ("auto", "gamma=0")}
+                others = {c[0]: results[(c[0], temp, b)]["tok_s"] for c in configs
+                          if c[0] not in ("auto", "hybrid", "gamma=0")}
                 best = max(others, key=others.get)
                 a = results[("auto", temp, b)]
                 print(f"T={temp:g} B={b:3d}  auto {a['tok_s']:7.1f} tok/s = {a['tok_s'] / others[best]:4.2f}x best "
                       f"({best}), {a['tok_s'] / others['plain']:4.2f}x plain, speculating in "
                       f"{(a['spec_share'] or 0) * 100:.0f}% of iterations", flush=True)
+                if args.hybrid:
+                    h = results[("hybrid", temp, b)]
+                    print(f"              hybrid {h['tok_s']:7.1f} tok/s = {h['tok_s'] / a['tok_s']:4.2f}x auto (W4 only)",
+                          flush=True)
             print(f"T={temp:g} crossover: fixed γ beats plain up to B = {crossover}")
     if args.json:
         with open(args.json, "w") as f:

@@ -22,11 +22,13 @@ length); other columns are ignored.
 
 A server started without ``SGLANG_ER_PROFILE`` starts from the built-in conservative profile of
 its device (``cpu-2core``, or the H100 / A100 public numbers) and relies on live correction
-(:meth:`sglang_er.policy.CostModel.observe`: per-phase multipliers, EMA 0.2). A built-in
+(:meth:`sglang_er.policy.CostModel.observe`: per phase, the first measurement sets a multiplier,
+later ones move it by EMA 0.2; once a phase has been timed over a spread of batch sizes, lengths
+or γ the correction becomes affine, a + b·raw, which also fixes how cost grows; while
+speculating, the policy times a plain step now and then so both sides stay measured). A built-in
 calibration would add a sweep like this one (tens of seconds to minutes) to every server start,
-while the multipliers converge within tens of decode iterations, well inside one rollout. They
-correct each phase's scale (within 0.2-5x), not how cost grows with batch and length: run this
-command once per machine/model when that shape, or the first iterations' choices, matter.
+while the corrections converge within tens of decode iterations, well inside one rollout. Run
+this command once per machine/model when the first iterations' choices matter.
 
 Imports at module level are stdlib only (``sglang-er`` builds its parser from here); numpy,
 pydantic and the policy are imported by the functions that need them; SGLang only runs in the

@@ -381,27 +381,36 @@ class _LineFit:
     b ≥ 0; ``intercept="nonneg"`` also keeps a ≥ 0 (a line through the origin otherwise). O(1)
     per point."""
 
-    __slots__ = ("decay", "nonneg", "s1", "sx", "sxx", "sy", "sxy", "n")
+    __slots__ = ("decay", "nonneg", "s1", "sx", "sxx", "sy", "sxy", "n", "_coef", "_spread")
 
     def __init__(self, decay: float = 0.97, intercept: str = "nonneg"):
         self.decay = decay
         self.nonneg = intercept == "nonneg"
         self.s1 = self.sx = self.sxx = self.sy = self.sxy = 0.0
         self.n = 0
+        self._coef = self._spread = None  # cached between points: predictions run per candidate γ
 
     def add(self, x: float, y: float) -> None:
         d = self.decay
         self.s1, self.sx, self.sxx = d * self.s1 + 1.0, d * self.sx + x, d * self.sxx + x * x
         self.sy, self.sxy = d * self.sy + y, d * self.sxy + x * y
         self.n += 1
+        self._coef = self._spread = None
 
     def spread(self) -> float:
         """Coefficient of variation of the (weighted) x seen: how well b is determined."""
-        mx = self.sx / self.s1
-        var = max(0.0, self.sxx / self.s1 - mx * mx)
-        return math.sqrt(var) / abs(mx) if mx else 0.0
+        if self._spread is None:
+            mx = self.sx / self.s1 if self.s1 else 0.0
+            var = max(0.0, self.sxx / self.s1 - mx * mx) if self.s1 else 0.0
+            self._spread = math.sqrt(var) / abs(mx) if mx else 0.0
+        return self._spread
 
     def coef(self) -> tuple[float, float]:
+        if self._coef is None:
+            self._coef = self._solve()
+        return self._coef
+
+    def _solve(self) -> tuple[float, float]:
         mx, my = self.sx / self.s1, self.sy / self.s1
         var = self.sxx / self.s1 - mx * mx
         b = max(0.0, (self.sxy / self.s1 - mx * my) / var) if var > 1e-9 * max(1.0, mx * mx) else 0.0

@@ -86,19 +86,29 @@ def build_model(name: str, *, seed: int = 0, cache_dir: str | Path | None = None
         known = ", ".join([*SPECS, "smollm2-135m-instruct", "gsm8k-lm"])
         raise ValueError(f"unknown model {name!r}; choose one of: {known}")
     spec = SPECS[name]
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    out = root / f"{name}-{spec.key(seed)}"
-    if (out / "model.safetensors").exists():
-        return out
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
+
+    def write(tmp: Path) -> None:
         _write_tokenizer(tmp, spec.tokenizer_vocab)
         _write_config(tmp, spec)
         _write_weights(tmp, spec, seed)
+
+    return cached_build(Path(cache_dir) if cache_dir else default_cache_dir(), f"{name}-{spec.key(seed)}", write)
+
+
+def cached_build(root: Path, dirname: str, write) -> Path:
+    """``root/dirname``, written by ``write(tmp_dir)`` on first use into a temporary directory
+    that is renamed into place, so a finished directory is always complete and concurrent builds
+    are safe (the loser's identical result is discarded)."""
+    out = root / dirname
+    if (out / "model.safetensors").exists():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}-", dir=root))
+    try:
+        write(tmp)
         try:
             tmp.rename(out)
-        except OSError:  # a concurrent build won the race; its result is identical
+        except OSError:  # a concurrent build won the race
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

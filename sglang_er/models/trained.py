@@ -23,13 +23,12 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sglang_er.models.factory import ModelSpec, _token_id, _write_config, _write_tokenizer, default_cache_dir
+from sglang_er.models.factory import (ModelSpec, _token_id, _write_config, _write_tokenizer, cached_build,
+                                      default_cache_dir)
 
 NAME = "gsm8k-lm"
 TRAINER_VERSION = 1  # bump when the bytes a build produces change
@@ -77,29 +76,18 @@ def build_trained(*, cache_dir: str | Path | None = None, cfg: TrainConfig = Tra
     digest = hashlib.sha256(data.read_bytes()).hexdigest()[:16]
     key = hashlib.sha256(json.dumps({"spec": asdict(SPEC), "train": asdict(cfg), "data": digest,
                                      "v": TRAINER_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    out = root / f"{NAME}-{key}"
-    if (out / "model.safetensors").exists():
-        return out
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=root))
-    try:
+
+    def write(tmp: Path) -> None:
         convs = conversations(data)
         _write_tokenizer(tmp, SPEC.tokenizer_vocab, corpus=[f"{q}\n{a}" for q, a in convs])
         _write_config(tmp, SPEC)
         report = _train(tmp, convs, cfg, log)
         (tmp / "training.json").write_text(json.dumps({"train": asdict(cfg), "data": str(data), **report}, indent=1))
-        try:
-            tmp.rename(out)
-        except OSError:  # a concurrent build won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return cached_build(Path(cache_dir) if cache_dir else default_cache_dir(), f"{NAME}-{key}", write)
 
 
-def _rows(tok, convs, eos: int, cfg: TrainConfig, g) -> "torch.Tensor":
+def _rows(tok, convs, eos: int, cfg: TrainConfig, g):
     """Every conversation through the chat template, shuffled, packed into [N, block] rows."""
     import torch
 
