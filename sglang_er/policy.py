@@ -904,6 +904,7 @@ class AcceptanceModel:
 
 
 # ====================================================================== policy
+PLAIN_RETIME_ITERATIONS = 2048
 @dataclass(frozen=True)
 class Decision:
     """γ for this iteration and why. Per candidate γ (0 = plain): predicted tokens/s of the
@@ -970,6 +971,8 @@ class Policy:
         self.explore_floor = float(explore_floor)
         self.last_gamma: Optional[int] = None
         self._plain_streak = self._spec_streak = 0
+        self._iteration = 0
+        self._plain_timed: dict[int, int] = {}  # batch-size octave -> iteration plain last ran
 
     @classmethod
     def fixed(cls, gamma: int, cost_model: Optional[CostModel] = None,
@@ -1007,11 +1010,14 @@ class Policy:
         (shared_prefix_len, member indices); rids [B]: request ids for per-request acceptance.
         """
         d = self._decide(seq_lens, prefix_groups, rids, prev=self.last_gamma)
-        d = self._explore(d)
+        d = self._explore(d, len(seq_lens))
         self.last_gamma = d.gamma
+        self._iteration += 1
+        if d.gamma == 0:
+            self._plain_timed[len(seq_lens).bit_length()] = self._iteration
         return d
 
-    def _explore(self, d: Decision) -> Decision:
+    def _explore(self, d: Decision, batch: int) -> Decision:
         """What is never chosen is never measured, so a wrong estimate of it would stand for good.
 
         While γ = 0 is chosen, acceptance is not measured: an estimate that was low once (a cold
@@ -1020,8 +1026,11 @@ class Policy:
         overhead was measured on a deeper model) would keep speculation on. So every
         ``explore_every``-th consecutive iteration of one kind runs the other once -- the best
         γ, or plain -- where that is predicted within ``explore_floor`` of the choice (never in a
-        clearly one-sided regime), and every 4th while plain has never been timed. At most 1/explore_every of the iterations, each losing at most
-        1 − floor."""
+        clearly one-sided regime). Besides, plain runs once after 4 speculative iterations in
+        every batch-size octave where it has not been timed for ``PLAIN_RETIME_ITERATIONS``:
+        as a rollout's batch shrinks, that gives the correction plain times across batch sizes
+        (a handful of iterations per rollout). Otherwise at most 1/explore_every of the
+        iterations, each losing at most 1 − floor."""
         if self.fixed_gamma is not None or not self.explore_every or not self.ladder:
             self._plain_streak = self._spec_streak = 0
             return d
@@ -1029,11 +1038,15 @@ class Policy:
         if d.gamma:
             self._plain_streak = 0
             self._spec_streak += 1
-            due = self.explore_every if self.cost_model.observations("plain") else min(4, self.explore_every)
-            if self._spec_streak >= due and tps[0] >= self.explore_floor * tps[d.gamma]:
+            # a batch-size octave where plain was not timed lately: the correction's shape there
+            # is a guess (fixed overhead vs per-request slope), so time it once whatever it predicts
+            last = self._plain_timed.get(batch.bit_length())
+            unseen = last is None or self._iteration - last > PLAIN_RETIME_ITERATIONS
+            if (unseen and self._spec_streak >= min(4, self.explore_every)) or (
+                    self._spec_streak >= self.explore_every and tps[0] >= self.explore_floor * tps[d.gamma]):
                 self._spec_streak = 0
-                return Decision(0, tps, f"explore plain: re-time the plain step after {due} speculative "
-                                f"iterations (predicted {tps[0] / tps[d.gamma]:.3f}× γ={d.gamma})",
+                return Decision(0, tps, f"explore plain: re-time the plain step at batch {batch} "
+                                f"(predicted {tps[0] / tps[d.gamma]:.3f}× γ={d.gamma})",
                                 d.predicted_iter_s, d.expected_tokens)
             return d
         self._spec_streak = 0
