@@ -54,7 +54,9 @@ def _as_rollout(label: str, summary, poll):
                  [x for _, x in sorted(poll.records.items()) if x["time"] >= t0])
     before, after = (poll.start_state or {}).get("metrics"), (poll.end_state or {}).get("metrics")
     if before and after and after["drafted"] > before["drafted"]:
-        ro.accept_rate = (after["accepted"] - before["accepted"]) / (after["drafted"] - before["drafted"])
+        ro.extra["drafted"] = after["drafted"] - before["drafted"]
+        ro.extra["accepted"] = after["accepted"] - before["accepted"]
+        ro.accept_rate = ro.extra["accepted"] / ro.extra["drafted"]
         ro.position_acceptance = after["position_acceptance"]
     return ro
 

@@ -589,6 +589,22 @@ class CostModel:
         t = self._seconds(self.work_verify(st, self._check_gamma(gamma)), "verify")
         return self._correct("verify", t) if corrected else t
 
+    def iteration_times(self, st: BatchStats, gammas: Sequence[int]) -> dict[int, float]:
+        """Corrected seconds of one iteration for each γ in ``gammas`` (0 = plain), scheduler time
+        included: :meth:`t_iteration` for a summarised batch without the argument checks (the
+        policy's hot path, called with validated γs)."""
+        out, b, sec, cor = {}, st.batch, self._seconds, self._correct
+        padded = self.draft_kv_layout == "padded"
+        for g in gammas:
+            if g == 0:
+                t = cor("plain", sec(self.work_plain(st), "plain"))
+            else:
+                d = (g * sec(self.work_draft_step(st, 0, g), "draft") if padded else
+                     sum(sec(self.work_draft_step(st, j, g), "draft") for j in range(g)))
+                t = cor("draft", d) + cor("verify", sec(self.work_verify(st, g), "verify"))
+            out[g] = t + self.t_outside(g, b)
+        return out
+
     def t_iteration(self, seq_lens, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True) -> float:
         """Seconds of one decode iteration at γ (γ = 0: plain; else draft + verify), and when
         ``corrected`` the measured scheduler time around the forwards."""
@@ -991,12 +1007,9 @@ class Policy:
         cands = [0, *self.ladder]
         if self.fixed_gamma is not None and self.fixed_gamma not in cands:
             cands.append(self.fixed_gamma)
-        tps, secs, toks = {}, {}, {}
-        for g in cands:
-            t = cm.t_plain(st) if g == 0 else cm.t_draft(st, g) + cm.t_verify(st, g)
-            t += cm.t_outside(g, st.batch)
-            secs[g], toks[g] = t, exp[g]
-            tps[g] = exp[g] / t
+        secs = cm.iteration_times(st, cands)
+        toks = {g: exp[g] for g in cands}
+        tps = {g: exp[g] / secs[g] for g in cands}
         return tps, secs, toks
 
     def evaluate(self, seq_lens, prefix_groups: PrefixGroups = None, rids: Optional[Sequence[Any]] = None) -> Decision:

@@ -79,6 +79,7 @@ def test_demo_turns_eval_samples_and_timeline_into_report_plots(tmp_path):
     assert [len(r.requests) for r in rollouts] == [4, 4]
     assert rollouts[0].accept_rate is None and rollouts[1].accept_rate == pytest.approx(0.7)
     assert rollouts[1].requests[3]["t_done"] == pytest.approx(t + 3 + 5.0)
-    write_rollout_report(rollouts, tmp_path, "demo")
+    report = write_rollout_report(rollouts, tmp_path, "demo")
     for f in ("report.md", "throughput.png", "timeline.png", "latency_cdf.png", "acceptance.png"):
         assert (tmp_path / f).stat().st_size > 0, f
+    assert " | 0.700 | " in report  # the speculating config's acceptance reaches the headline table
