@@ -3,9 +3,9 @@
 Built in process from the weights SGLang already loaded: every decoder linear (fused qkv, o,
 fused gate_up, down) becomes a :class:`~sglang_er.w4linear.W4Linear`; norms, biases, rotary
 embedding, the embedding and the lm_head are the target's own tensors and modules, shared by
-reference. Its attention reads the target's KV pool for the committed prefix and writes the
-draft token's K/V only into the slot allocated to that token for this iteration, which the
-verify pass then overwrites with the target's K/V.
+reference. Its attention reads the target's KV pool for the committed prefix (gathered once per
+iteration) and keeps the draft tokens' own K/V in per-iteration buffers; it writes nothing into
+the pool, whose slots for those tokens the verify pass fills with the target's K/V.
 
 The step is a lean loop over the layers (gpt-fast style) rather than an SGLang forward: no
 ForwardBatch, no attention-backend metadata, so the per-token overhead that dominates a small
@@ -49,10 +49,66 @@ def _decode_attention(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, k
     ``scaled_dot_product_attention`` with ``enable_gqa`` and a mask (which takes the math path and
     expands the KV heads); the softmax runs in float32.
     """
-    keys = kbuf[kv_index].to(q.dtype).permute(0, 2, 3, 1)  # [B, KVH, hd, L]
-    vals = vbuf[kv_index].to(q.dtype).transpose(1, 2)  # [B, KVH, L, hd]
+    keys, vals = _gather(kbuf, vbuf, kv_index, q.dtype)
     probs = torch.softmax(torch.matmul(q, keys).float() * scale + bias, dim=-1)  # [B, KVH, G, L]
     return torch.matmul(probs.to(q.dtype), vals)
+
+
+def _gather(kbuf, vbuf, kv_index, dtype):
+    """Pool rows kv_index [B, L] -> keys [B, KVH, hd, L], values [B, KVH, L, hd] (contiguous)."""
+    keys = kbuf[kv_index].to(dtype).permute(0, 2, 3, 1).contiguous()
+    vals = vbuf[kv_index].to(dtype).transpose(1, 2).contiguous()
+    return keys, vals
+
+
+# Gather each layer's committed KV once per iteration while it takes at most this many bytes
+# (all layers together); above it, every draft step gathers again (the memory-lean path).
+PREFIX_CACHE_BYTES = 512 << 20
+
+
+class DraftAttention:
+    """The attention of one draft (γ steps) over the target's committed KV plus its own tokens.
+
+    The committed prefix is the same for all γ steps, so each layer gathers it from the pool once
+    per iteration (``kv_index`` [B, Lp], valid below ``seq_lens`` [B]) and reuses it; the draft
+    tokens' own K/V stay in small per-iteration buffers [B, KVH, hd, γ] -- nothing is written to
+    the pool, which the verify pass fills with the target's K/V. Shapes per call: q [B, KVH, G, hd],
+    k, v [B, KVH, hd] for draft token ``j`` -> [B, KVH, G, hd].
+    """
+
+    def __init__(self, kv: KVView, kv_index: torch.Tensor, seq_lens: torch.Tensor, gamma: int,
+                 num_layers: int, dtype: torch.dtype):
+        B, Lp = kv_index.shape
+        self.kv, self.kv_index, self.gamma, self.dtype = kv, kv_index, gamma, dtype
+        self.bias = torch.zeros(B, 1, 1, Lp, device=kv_index.device)
+        self.bias.masked_fill_((torch.arange(Lp, device=kv_index.device)[None, :] >= seq_lens[:, None])
+                               .view(B, 1, 1, Lp), float("-inf"))
+        k0 = kv.k[0]
+        per_layer = 2 * B * Lp * k0.shape[1] * k0.shape[2] * torch.tensor([], dtype=dtype).element_size()
+        self.cache_prefix = per_layer * num_layers <= PREFIX_CACHE_BYTES
+        self.prefix: list = [None] * num_layers
+        self.own: list = [None] * num_layers
+
+    def __call__(self, layer: int, j: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        pre = self.prefix[layer]
+        if pre is None:
+            pre = _gather(self.kv.k[layer], self.kv.v[layer], self.kv_index, self.dtype)
+            if self.cache_prefix:
+                self.prefix[layer] = pre
+        own = self.own[layer]
+        if own is None:
+            B, KVH, hd = k.shape
+            own = self.own[layer] = (torch.empty(B, KVH, hd, self.gamma, dtype=self.dtype, device=k.device),
+                                     torch.empty(B, KVH, self.gamma, hd, dtype=self.dtype, device=k.device))
+        own[0][..., j] = k.to(self.dtype)
+        own[1][:, :, j] = v.to(self.dtype)
+        q = q.to(self.dtype)
+        scores = torch.cat([torch.matmul(q, pre[0]).float() * scale + self.bias,
+                            torch.matmul(q, own[0][..., : j + 1]).float() * scale], dim=-1)
+        probs = torch.softmax(scores, dim=-1).to(self.dtype)  # [B, KVH, G, Lp + j + 1]
+        lp = pre[0].shape[-1]
+        return torch.matmul(probs[..., :lp], pre[1]) + torch.matmul(probs[..., lp:], own[1][:, :, : j + 1])
 
 
 class DraftLayer:
@@ -154,34 +210,30 @@ class Drafter:
         return norms + sum(b.numel() * b.element_size() for lin in lins for name, b in lin.named_buffers()
                            if b is not None and name != "w_dequant")
 
+    def attention(self, kv: KVView, kv_index: torch.Tensor, seq_lens: torch.Tensor, gamma: int) -> DraftAttention:
+        """The per-iteration attention state of a γ-step draft (see :class:`DraftAttention`)."""
+        return DraftAttention(kv, kv_index, seq_lens, gamma, len(self.layers), self.view.lm_head_weight.dtype)
+
     @torch.inference_mode()
     def step(
         self,
         tokens: torch.Tensor,  # [B] int64: the token at `positions`
-        positions: torch.Tensor,  # [B] int64
-        out_loc: torch.Tensor,  # [B] KV slot allocated to this token (overwritten by the verify)
-        kv_index: torch.Tensor,  # [B, L] KV slots of positions 0..L-1 (padding past kv_len)
-        kv_len: torch.Tensor,  # [B] valid entries of kv_index, this token included
-        kv: KVView,
+        positions: torch.Tensor,  # [B] int64: seq_lens + j
+        j: int,  # draft step, 0..γ-1
+        attn: DraftAttention,
     ) -> torch.Tensor:
         """Logits [B, V] (float32) of the next token after ``tokens``."""
-        B, L = kv_index.shape
+        B = tokens.shape[0]
         residual = self.view.embed(tokens)
-        # additive mask [B, 1, 1, L]: 0 on each request's own KV, -inf on the padding past it
-        bias = torch.zeros(B, 1, 1, L, device=kv_index.device)
-        bias.masked_fill_((torch.arange(L, device=kv_index.device)[None, :] >= kv_len[:, None]).view(B, 1, 1, L),
-                          float("-inf"))
         for i, layer in enumerate(self.layers):
             lv = layer.view
             H, KVH, hd = lv.num_heads, lv.num_kv_heads, lv.head_dim
             x = _rms_norm(residual, layer.input_norm, lv.input_norm_eps)
             q, k, v = layer.qkv(x).split([H * hd, KVH * hd, KVH * hd], dim=-1)
             q, k = lv.rotary_emb(positions, q, k)
-            kbuf, vbuf = kv.k[i], kv.v[i]
-            kbuf[out_loc] = k.reshape(B, KVH, hd).to(kbuf.dtype)
-            vbuf[out_loc] = v.reshape(B, KVH, hd).to(vbuf.dtype)
-            attn = _decode_attention(q.reshape(B, KVH, H // KVH, hd), kbuf, vbuf, kv_index, bias, lv.scaling)
-            residual = residual + layer.o(attn.reshape(B, H * hd))
+            out = attn(i, j, q.reshape(B, KVH, H // KVH, hd), k.reshape(B, KVH, hd), v.reshape(B, KVH, hd),
+                       lv.scaling)
+            residual = residual + layer.o(out.to(residual.dtype).reshape(B, H * hd))
             x = _rms_norm(residual, layer.post_norm, lv.post_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             residual = residual + layer.down(F.silu(gate) * up)

@@ -4,9 +4,10 @@ One decode iteration, for a batch whose committed prefix (tokens with KV) has le
 ``seq_lens`` [B] and whose last sampled token x0 [B] has no KV yet:
 
 1. draft: γ drafter steps at positions seq_lens .. seq_lens+γ-1, each sampled with the
-   request's own sampling parameters, keeping q; draft K/V go only into the slots the
+   request's own sampling parameters, keeping q; the drafter reads the committed KV and keeps
+   its own tokens' K/V in per-iteration buffers (:class:`sglang_er.drafter.DraftAttention`);
+2. verify: one target forward over [x0, d1..dγ] writing the target's K/V into the slots the
    scheduler allocated for this iteration (``req_to_token[req, seq_lens + j]``);
-2. verify: one target forward over [x0, d1..dγ] writing the target's K/V into the same slots;
 3. accept: exact rejection sampling (:func:`sglang_er.sampler.verify`); the scheduler then
    commits ``accept_len + 1`` tokens per request (``new_seq_lens``) and trims stop strings,
    EOS and max_new_tokens inside the accepted run.
@@ -279,15 +280,15 @@ class EffRolloutWorker(BaseSpecWorker):
 
         x0 = self._last_tokens(batch)
         slots = self._slots(batch, width)  # [B, γ+1]
-        max_len = int(seq_lens.max()) + gamma
-        cols = torch.arange(max_len, device=self.device)
+        cols = torch.arange(int(seq_lens.max()), device=self.device)  # the committed prefix
         kv_index = self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], cols[None, :]].to(torch.int64)
 
         clock = _Clock(self.device)
         tokens, drafts, qs = x0, [], []
         run_drafter = plan is None or plan.run_drafter
+        attn = self.drafter.attention(self._kv, kv_index, seq_lens, gamma) if run_drafter else None
         for j in range(gamma if run_drafter else 0):
-            logits = self.drafter.step(tokens, seq_lens + j, slots[:, j], kv_index, seq_lens + j + 1, self._kv)
+            logits = self.drafter.step(tokens, seq_lens + j, j, attn)
             if greedy:
                 tokens = logits.argmax(-1)
             else:

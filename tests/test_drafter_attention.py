@@ -25,3 +25,42 @@ def test_decode_attention_matches_sdpa(heads, kv_heads):
                                          vbuf[kv_index].transpose(1, 2), attn_mask=~pad.view(B, 1, 1, L),
                                          enable_gqa=heads != kv_heads)
     torch.testing.assert_close(got.reshape(B, heads * hd), ref.reshape(B, heads * hd), rtol=1e-5, atol=1e-5)
+
+
+def test_draft_attention_equals_attention_over_the_pool_with_draft_kv_written():
+    """The per-iteration path (prefix gathered once, the draft tokens' K/V in own buffers, nothing
+    written to the pool) equals attending over the pool with each draft token's K/V written
+    into its slot, at every draft step, for requests of different lengths; the memory-lean
+    path (prefix gathered every step) too."""
+    import types
+
+    import sglang_er.drafter as drafter
+
+    g = torch.Generator().manual_seed(1)
+    B, KVH, G, hd, slots, gamma = 3, 2, 3, 8, 64, 3
+    kbuf, vbuf = torch.randn(slots, KVH, hd, generator=g), torch.randn(slots, KVH, hd, generator=g)
+    seq_lens = torch.tensor([5, 9, 1])
+    rows = torch.randperm(slots, generator=g)[: B * (9 + gamma)].view(B, 9 + gamma)  # each request's slots
+    for cache in (True, False):
+        pool_k, pool_v = kbuf.clone(), vbuf.clone()
+        kv = types.SimpleNamespace(k=[kbuf.clone()], v=[vbuf.clone()])
+        old = drafter.PREFIX_CACHE_BYTES
+        drafter.PREFIX_CACHE_BYTES = old if cache else 0
+        try:
+            attn = drafter.DraftAttention(kv, rows[:, :9], seq_lens, gamma, 1, torch.float32)
+        finally:
+            drafter.PREFIX_CACHE_BYTES = old
+        assert attn.cache_prefix is cache
+        for j in range(gamma):
+            q = torch.randn(B, KVH, G, hd, generator=g)
+            k, v = torch.randn(B, KVH, hd, generator=g), torch.randn(B, KVH, hd, generator=g)
+            loc = rows[torch.arange(B), seq_lens + j]
+            pool_k[loc], pool_v[loc] = k, v
+            width = int(seq_lens.max()) + j + 1
+            idx = torch.stack([torch.cat([rows[b, : seq_lens[b] + j + 1],
+                                          rows[b, :1].repeat(width - seq_lens[b] - j - 1)]) for b in range(B)])
+            pad = torch.arange(width)[None, :] >= (seq_lens + j + 1)[:, None]
+            bias = torch.zeros(B, 1, 1, width).masked_fill_(pad.view(B, 1, 1, width), float("-inf"))
+            ref = drafter._decode_attention(q, pool_k, pool_v, idx, bias, hd**-0.5)
+            torch.testing.assert_close(attn(0, j, q, k, v, hd**-0.5), ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(kv.k[0], kbuf) and torch.equal(kv.v[0], vbuf)  # the pool is never written
