@@ -250,6 +250,10 @@ class EffRolloutWorker(BaseSpecWorker):
         x0 = self._last_tokens(batch)
         clock = _Clock(self.device)
         res = _sglang.decode_forward(self._target_worker, batch, x0, self._slots(batch, 1)[:, 0], seq_lens)
+        if batch.return_logprob:
+            # a speculative server's result processor reads per-request lists of accepted
+            # logprobs, also for a γ = 0 iteration (SGLang's decode fills flat floats)
+            _sglang.spec_logprobs(batch, res.logits_output, res.next_token_ids, 1)
         t_plain = clock.lap()
         if self.controller:
             self.controller.observe(0, {"plain": t_plain})

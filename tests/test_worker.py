@@ -115,11 +115,12 @@ def test_distribution_test_detects_a_wrong_acceptance_rule(tiny_model, plain):
     assert p < 1e-4, f"accept-every-draft went undetected (p={p:.2e})"
 
 
-def test_logprobs_are_the_targets(plain, eff3):
+@pytest.mark.parametrize("which", ["eff3", "eff_cycle"])  # eff_cycle: γ = 0 iterations too
+def test_logprobs_are_the_targets(plain, which, request):
     body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True},
             "return_logprob": True, "top_logprobs_num": 3}
     a = plain.post("/generate", body)
-    b = eff3.post("/generate", body)
+    b = request.getfixturevalue(which).post("/generate", body)
     assert a["output_ids"] == b["output_ids"]
     for (la, ta, _), (lb, tb, _) in zip(a["meta_info"]["output_token_logprobs"], b["meta_info"]["output_token_logprobs"]):
         assert ta == tb and abs(la - lb) < 1e-3
