@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m sglang_er.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) -m eval.bench_startup

@@ -133,7 +133,8 @@ def main() -> None:
                                           "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM}))
     results: dict = {}
     for name, gamma, extra, env in configs:
-        with Server(path, ["--dtype", args.dtype, "--enable-metrics", *extra], env=env, max_total_tokens=32768) as srv:
+        with Server(path, ["--dtype", args.dtype, "--enable-metrics", *extra], env=env,
+                    max_total_tokens=32768, stop_grace=1.0) as srv:
             for i in range(8):  # warm-up; also the traffic the AWQ statistics start from
                 srv.generate(prompts[-1 - i] if prompts else f"[{i}] {PROMPT}", max_new_tokens=16, temperature=0)
             state = srv.effrollout_state()

@@ -192,7 +192,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rollouts: list[Rollout] = []
     for label, server_args, env in configs:
-        with Server(model_path, [*server_args, *args.server_args.split()], env=env, max_total_tokens=32768) as srv:
+        with Server(model_path, [*server_args, *args.server_args.split()], env=env,
+                    max_total_tokens=32768, stop_grace=1.0) as srv:
             print(f"[rollout] {label}: server up in {srv.startup_seconds:.0f}s", flush=True)
             for step in range(args.policy_steps):
                 req_s = perturb_policy(srv, model_path, step + 1, args.perturb) if step else None

@@ -153,7 +153,12 @@ def verify_forward(target_worker, batch, input_ids: torch.Tensor, out_cache_loc:
 
 def decode_forward(target_worker, batch, input_ids: torch.Tensor, out_cache_loc: torch.Tensor,
                    prefix_lens: torch.Tensor):
-    """A plain decode step through SGLang (its sampler, its logprobs): the γ = 0 iteration."""
+    """A plain decode step through SGLang's sampler: the γ = 0 iteration.
+
+    ``batch.return_logprob`` is cleared (the scheduler restores it): a speculative server's result
+    processor reads per-request lists, which the worker fills with ``spec_logprobs``, so SGLang's
+    flat decode logprobs would be computed only to be thrown away.
+    """
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     batch.forward_mode = ForwardMode.DECODE
@@ -164,6 +169,7 @@ def decode_forward(target_worker, batch, input_ids: torch.Tensor, out_cache_loc:
         batch.seq_lens_cpu = batch.seq_lens_cpu + 1
         batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
     batch.spec_info = None
+    batch.return_logprob = False
     return target_worker.forward_batch_generation(batch)
 
 

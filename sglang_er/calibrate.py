@@ -433,7 +433,7 @@ def measure(model_path, config: dict, *, batch_sizes: list[int], seq_lens: list[
     out = Measurement(device=device, base_name=base_name)
     log(f"starting an EFFROLLOUT server on {model_path} (γ cycle {cycle}, KV {kv} tokens) ...")
     t0 = time.monotonic()
-    with Server(model_path, args, env=env, max_total_tokens=kv) as srv:
+    with Server(model_path, args, env=env, max_total_tokens=kv, stop_grace=1.0) as srv:
         log(f"server up in {time.monotonic() - t0:.0f}s; log {srv.log_path}")
 
         def run(B: int, S: int) -> None:

@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 
 from sglang_er.calibration import HardwareProfile, builtin_profile
-from sglang_er.policy import KV_READ_RULE, AcceptanceModel, CostModel, ModelCost, Policy
+from sglang_er.policy import KV_READ_RULE, AcceptanceModel, BatchStats, CostModel, ModelCost, Policy, batch_stats
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ def default_profile(device: torch.device) -> HardwareProfile:
 
 class Controller:
     def __init__(self, hf_config: dict, gamma_max: int, device: torch.device, attention_backend: str,
-                 draft_head: str = "shared"):
+                 draft_head: str = "shared", profile: HardwareProfile | None = None):
         self.device = device
-        profile = default_profile(device)
+        profile = profile or default_profile(device)
         # An unknown backend is modelled like the plain paged kernels: every request reads its own KV.
         cost = CostModel(profile, ModelCost.from_config(
             hf_config, w4_head=draft_head == "w4", w8_head=draft_head == "w8"), attention_backend=attention_backend,
@@ -47,6 +47,8 @@ class Controller:
         self.policy = Policy(cost, self.acceptance, ladder=list(range(1, gamma_max + 1)))
         self.cost = cost
         self._live_rids: set = set()
+        self._rids: list = []  # the last batch's request ids, in order
+        self._shared = 0  # its prompt groups' shared prefix tokens (recomputed when the batch changes)
         self.last_decision = None
         logger.info("EFFROLLOUT auto mode: profile %s, γ ladder 1..%d", profile.name, gamma_max)
 
@@ -54,9 +56,15 @@ class Controller:
     def choose(self, batch) -> int:
         seq_lens = batch.seq_lens_cpu.tolist() if batch.seq_lens_cpu is not None else batch.seq_lens.tolist()
         rids = [r.rid for r in batch.reqs]
-        self._forget_departed(rids)
-        self._seq_lens, self._rids = seq_lens, rids
-        self.last_decision = self.policy.choose(seq_lens, _prefix_groups(batch.reqs), rids)
+        if rids != self._rids:  # the batch changed: requests left or joined
+            self._forget_departed(rids)
+            self._shared = _shared_prefix_tokens(batch.reqs)
+        st = batch_stats(seq_lens)
+        if self._shared:
+            st = BatchStats(st.batch, st.sum_len, st.max_len, self._shared)
+        # summarised once: the feedback after the forwards reuses it (the decision's O(B) part)
+        self._st, self._rids = st, rids
+        self.last_decision = self.policy.choose(st, None, rids)
         return self.last_decision.gamma
 
     def _forget_departed(self, rids) -> None:
@@ -70,7 +78,7 @@ class Controller:
         """Phase times (seconds) and accepted drafts [B] of the iteration ``choose`` decided;
         ``rows``: the requests whose drafts came from the W4 drafter (default: all)."""
         for phase, seconds in phases.items():
-            self.cost.observe(phase, self._seq_lens, gamma, seconds)
+            self.cost.observe(phase, self._st, gamma, seconds)
         if gamma > 0 and accept_lens is not None:
             lens, rids = accept_lens.tolist(), self._rids
             if rows is not None:
@@ -89,10 +97,10 @@ class Controller:
     def verify_only_pays(self, gamma: int, expected_tokens: float, min_gain: float = 1.05) -> bool:
         """Would a verify-only iteration (drafts that cost no forward) of width γ+1 beat a plain
         decode step for the batch ``choose`` last saw, by ``min_gain``?"""
-        b = len(self._seq_lens)
-        t_v = self.cost.t_verify(self._seq_lens, gamma) + self.cost.t_outside(gamma, b)
-        t_t = self.cost.t_plain(self._seq_lens) + self.cost.t_outside(0, b)
-        return expected_tokens / t_v > min_gain * len(self._seq_lens) / t_t
+        st = self._st
+        t_v = self.cost.t_verify(st, gamma) + self.cost.t_outside(gamma, st.batch)
+        t_t = self.cost.t_plain(st) + self.cost.t_outside(0, st.batch)
+        return expected_tokens / t_v > min_gain * st.batch / t_t
 
 
     def state(self) -> dict:
@@ -106,6 +114,11 @@ class Controller:
             "last_decision": None if d is None else {"gamma": d.gamma, "reason": d.reason},
             "outside_s": self.cost.outside_fit,  # per mode (a, b): a + b·batch seconds
         }
+
+
+def _shared_prefix_tokens(reqs) -> int:
+    """:attr:`BatchStats.shared_tokens` of the prompt groups: each group's prompt is read once."""
+    return sum(plen * (len(members) - 1) for plen, members in _prefix_groups(reqs) or ())
 
 
 def _prefix_groups(reqs) -> list[tuple[int, list[int]]] | None:

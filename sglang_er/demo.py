@@ -26,7 +26,7 @@ def _rollout(model_path, server_args: list[str], args, label: str):
     except ImportError as e:  # eval/ lives beside the package in the checkout
         raise RuntimeError(f"the demo needs the checkout's eval/ package (run it from the repo root): {e}") from None
     print(f"\n[demo] {label}: starting SGLang ({' '.join(server_args) or 'plain decoding'}) ...", flush=True)
-    with Server(model_path, [*server_args, "--enable-metrics"], max_total_tokens=32768) as srv:
+    with Server(model_path, [*server_args, "--enable-metrics"], max_total_tokens=32768, stop_grace=1.0) as srv:
         print(f"[demo] {label}: healthy after {srv.startup_seconds:.0f}s; rollout of {args.questions} GSM8K "
               f"questions x n={args.n}, temperature {args.temperature}, max {args.max_tokens} tokens", flush=True)
         with TimelinePoller(srv.url) as poll:

@@ -51,6 +51,7 @@ class Server:
         env: dict[str, str] | None = None,
         log_path: str | Path | None = None,
         startup_timeout: float = 300.0,
+        stop_grace: float = 5.0,
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -66,6 +67,9 @@ class Server:
         self.env = {**os.environ, **(env or {})}
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="sglang-", suffix=".log")[1])
         self.startup_timeout = startup_timeout
+        # SGLang drains for ~5 s on SIGTERM (and sleeps 5 s for crash diagnostics when a child
+        # dies first); a throwaway server (tests, benchmarks) can be killed after less
+        self.stop_grace = stop_grace
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
 
@@ -90,10 +94,12 @@ class Server:
         self.stop()
         raise ServerError(f"server not healthy after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
 
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
+    def stop(self, grace: float | None = None) -> None:
+        """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds
+        (default: ``stop_grace``)."""
         if self.proc is None:
             return
+        grace = self.stop_grace if grace is None else grace
         try:
             pgid = os.getpgid(self.proc.pid)
         except ProcessLookupError:

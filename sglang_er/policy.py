@@ -26,7 +26,7 @@ has no KV yet, as in :mod:`sglang_er.worker`.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -296,6 +296,14 @@ class BatchStats:
         return self.sum_len - (self.shared_tokens if rule == "shared_once" else 0)
 
 
+def _seq_len(v) -> int:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"seq_lens must be non-negative integers, got {v!r}")
+    return v
+
+
 def batch_stats(seq_lens: Union[SeqLens, BatchStats], prefix_groups: PrefixGroups = None) -> BatchStats:
     """Summarise ``seq_lens`` [B] (each request's own length) and radix ``prefix_groups``.
 
@@ -312,14 +320,10 @@ def batch_stats(seq_lens: Union[SeqLens, BatchStats], prefix_groups: PrefixGroup
     lens = seq_lens.tolist() if hasattr(seq_lens, "tolist") else list(seq_lens)
     if not lens:
         raise ValueError("seq_lens is empty: a decode batch has at least one request")
-    total, mx = 0, 0
-    for v in lens:
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"seq_lens must be non-negative integers, got {v!r}")
-        total += v
-        mx = v if v > mx else mx
+    # the hot path (a list of ints, once per decode iteration) runs at C speed
+    if set(map(type, lens)) != {int} or min(lens) < 0:
+        lens = [_seq_len(v) for v in lens]
+    total, mx = sum(lens), max(lens)
     shared = 0
     if prefix_groups:
         B = len(lens)
@@ -327,20 +331,23 @@ def batch_stats(seq_lens: Union[SeqLens, BatchStats], prefix_groups: PrefixGroup
         for gi, grp in enumerate(prefix_groups):
             try:
                 plen, members = grp
-                members = sorted(int(m) for m in members)
+                members = sorted(map(int, members))
             except (TypeError, ValueError):
                 raise ValueError(f"prefix_groups[{gi}] must be (shared_prefix_len, member indices)") from None
             plen = int(plen)
+            if not members:
+                continue
             if plen < 0:
                 raise ValueError(f"prefix_groups[{gi}]: shared prefix length {plen} < 0")
             if len(set(members)) != len(members):
                 raise ValueError(f"prefix_groups[{gi}]: a request is listed twice")
-            for m in members:
+            for m in (members[0], members[-1]):
                 if not 0 <= m < B:
                     raise ValueError(f"prefix_groups[{gi}]: member {m} is not a request index in 0..{B - 1}")
-                if lens[m] < plen:
-                    raise ValueError(f"prefix_groups[{gi}]: shared prefix {plen} is longer than request "
-                                     f"{m}'s sequence ({lens[m]} tokens)")
+            if min(map(lens.__getitem__, members)) < plen:
+                m = next(m for m in members if lens[m] < plen)
+                raise ValueError(f"prefix_groups[{gi}]: shared prefix {plen} is longer than request "
+                                 f"{m}'s sequence ({lens[m]} tokens)")
             for m in members[1:]:  # the first member reads the prefix; the others share it
                 if plen > save.get(m, 0):
                     save[m] = plen
@@ -361,7 +368,7 @@ class Work:
     batch: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built on every measured phase, and frozen init costs 2x
 class Observation:
     """Result of :meth:`CostModel.observe` (seconds, and relative errors |pred − meas| / meas)."""
 
@@ -591,18 +598,54 @@ class CostModel:
 
     def iteration_times(self, st: BatchStats, gammas: Sequence[int]) -> dict[int, float]:
         """Corrected seconds of one iteration for each γ in ``gammas`` (0 = plain), scheduler time
-        included: :meth:`t_iteration` for a summarised batch without the argument checks (the
-        policy's hot path, called with validated γs)."""
-        out, b, sec, cor = {}, st.batch, self._seconds, self._correct
+        included: :meth:`t_iteration` for a summarised batch without the argument checks.
+
+        The policy's hot path (every decode iteration, every candidate γ), so the ``work_*`` /
+        ``_seconds`` / ``_correct`` arithmetic is inlined here as plain float expressions; a test
+        keeps it equal to :meth:`t_iteration`."""
+        p, B, L, Lmax = self.profile, st.batch, st.sum_len, st.max_len
+        P = st.prefix_kv_tokens(self.kv_read_rule)
+        bw, kv_tok, kvf, attn = self._bw, self._kv_tok, self.kv_traffic_factor, self._attn
+        out_tok = kv_tok + self._logit_tok  # bytes written per new token (its KV row, its logits)
+        w_target, flops_tok, f_target = self._w_target, self._flops_tok, self._f_target
+        seq_fixed_v = p.per_seq_s * B + p.fixed_verify_s
         padded = self.draft_kv_layout == "padded"
+        if padded:
+            d_kv = kv_tok * self.draft_kv_traffic_factor
+            d_bytes0 = self._w_draft + B * out_tok
+            d_flops0 = B * self._layer_flops_tok
+            d_head = B * self._head_flops_tok / self._f_draft_head
+            f_dl = self._f_draft_layers
+            d_fixed = p.per_seq_draft_s * B + p.fixed_draft_step_s
+        lo, hi = self.MULT_RANGE
+        cor = {}
+        for phase in PHASES:  # (a, b) of the affine correction, or (None, multiplier)
+            fit = self._fit[phase]
+            cor[phase] = fit.coef() if fit.n >= 3 and fit.spread() >= 0.25 else (None, self.multiplier[phase])
+        out_plain, out_spec = self.t_outside(0, B), self.t_outside(1, B)
+        out = {}
         for g in gammas:
             if g == 0:
-                t = cor("plain", sec(self.work_plain(st), "plain"))
+                byt = self._w_target + (P + B) * kv_tok * kvf + B * out_tok
+                raw = max(byt / bw, (B * self._flops_tok + attn * (L + B)) / self._f_target) \
+                    + p.per_seq_s * B + p.fixed_plain_s
+                a, b = cor["plain"]
+                out[g] = (raw * b if a is None else min(max(a + b * raw, lo * raw), hi * raw)) + out_plain
+                continue
+            q = g + 1
+            byt = w_target + (P + B * q) * kv_tok * kvf + B * q * out_tok
+            flops = B * q * flops_tok + attn * (q * L + B * q * (q + 1) / 2)
+            t_v = max(byt / bw, flops / f_target) + seq_fixed_v
+            a, b = cor["verify"]
+            t_v = t_v * b if a is None else min(max(a + b * t_v, lo * t_v), hi * t_v)
+            if padded:  # every step reads [B, max L + γ]
+                ctx = B * (Lmax + g)
+                t_d = g * (max((d_bytes0 + ctx * d_kv) / bw, (d_flops0 + attn * ctx) / f_dl + d_head) + d_fixed)
             else:
-                d = (g * sec(self.work_draft_step(st, 0, g), "draft") if padded else
-                     sum(sec(self.work_draft_step(st, j, g), "draft") for j in range(g)))
-                t = cor("draft", d) + cor("verify", sec(self.work_verify(st, g), "verify"))
-            out[g] = t + self.t_outside(g, b)
+                t_d = sum(self._seconds(self.work_draft_step(st, j, g), "draft") for j in range(g))
+            a, b = cor["draft"]
+            t_d = t_d * b if a is None else min(max(a + b * t_d, lo * t_d), hi * t_d)
+            out[g] = t_d + t_v + out_spec
         return out
 
     def t_iteration(self, seq_lens, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True) -> float:
@@ -686,12 +729,17 @@ class CostModel:
             raise ValueError(f"measured_seconds must be a positive finite number, got {measured_seconds!r}")
         st = batch_stats(seq_lens, prefix_groups)
         if phase == "plain":
-            raw = self.t_plain(st, corrected=False)
-        elif phase == "draft":
-            raw = self.t_draft(st, gamma, corrected=False)
+            w = self.work_plain(st)
+            raw, byt = self._seconds(w, "plain"), w.bytes
+        elif phase == "verify":
+            w = self.work_verify(st, self._check_gamma(gamma))
+            raw, byt = self._seconds(w, "verify"), w.bytes
+        elif self.draft_kv_layout == "padded":  # every step identical
+            w = self.work_draft_step(st, 0, self._check_gamma(gamma))
+            raw, byt = gamma * self._seconds(w, "draft"), gamma * w.bytes
         else:
-            raw = self.t_verify(st, gamma, corrected=False)
-        byt = self.predicted_bytes(phase, st, gamma)
+            ws = [self.work_draft_step(st, j, self._check_gamma(gamma)) for j in range(gamma)]
+            raw, byt = sum(self._seconds(w, "draft") for w in ws), sum(w.bytes for w in ws)
         m_old = self.multiplier[phase]
         pred = self._correct(phase, raw)
         self._fit[phase].add(raw, meas)
@@ -768,7 +816,8 @@ class _Counts:
 
     def add(self, a: int, gamma: int, sign: int = 1) -> None:
         # Draft k (1-based) was tried iff drafts 1..k-1 were accepted (a >= k-1) and k <= γ;
-        # accepted iff a >= k. Conditional rate α_k = acc_k / tried_k.
+        # accepted iff a >= k. Conditional rate α_k = acc_k / tried_k. ``sign``: how many such
+        # records (negative: forget them).
         for k in range(min(a + 1, gamma)):
             self.tried[k] += sign
         for k in range(a):
@@ -806,7 +855,7 @@ class AcceptanceModel:
         self.request_weight = float(request_weight)
         self.max_requests = int(max_requests)
         self._srv = _Counts(gamma_max)
-        self._recent: deque[tuple[int, int]] = deque()
+        self._recent: deque[list[int]] = deque()  # [γ, accept_len, records], oldest first
         self._req: "OrderedDict[Any, _Counts]" = OrderedDict()
         self._srv_alphas: Optional[list[float]] = None
         self._srv_table: Optional[list[float]] = None
@@ -833,21 +882,30 @@ class AcceptanceModel:
         lens = accept_lens.tolist() if hasattr(accept_lens, "tolist") else list(accept_lens)
         if rids is not None and len(rids) != len(lens):
             raise ValueError(f"{len(rids)} rids for {len(lens)} accept lengths")
-        for a in lens:
+        gamma = int(gamma)
+        for a, m in Counter(lens).items():  # O(distinct lengths ≤ γ+1) server-wide updates
             gamma, a = self._check(gamma, a)
-            self._srv.add(a, gamma)
-            self._recent.append((gamma, a))
-            if len(self._recent) > self.window:
-                og, oa = self._recent.popleft()
-                self._srv.add(oa, og, -1)
+            self._srv.add(a, gamma, m)
+            self._recent.append([gamma, a, m])
+        over = self._srv.n - self.window
+        while over > 0:  # forget the oldest records beyond the window
+            old = self._recent[0]
+            drop = min(old[2], over)
+            self._srv.add(old[1], old[0], -drop)
+            over -= drop
+            old[2] -= drop
+            if not old[2]:
+                self._recent.popleft()
         if rids is not None:
             for rid, a in zip(rids, lens):
-                self.observe_request(rid, gamma, a)
+                self._add_request(rid, gamma, a)
         self._srv_alphas = self._srv_table = None
 
     def observe_request(self, rid: Any, gamma: int, accept_len: int) -> None:
         """Record one request's outcome (per-request history only; see :meth:`observe`)."""
-        gamma, a = self._check(gamma, accept_len)
+        self._add_request(rid, *self._check(gamma, accept_len))
+
+    def _add_request(self, rid: Any, gamma: int, a: int) -> None:
         c = self._req.get(rid)
         if c is None:
             c = self._req[rid] = _Counts(self.gamma_max)
@@ -907,15 +965,23 @@ class AcceptanceModel:
             return [batch * e for e in srv]
         if len(rids) != batch:
             raise ValueError(f"{len(rids)} rids for a batch of {batch}")
+        # Σ_b of expected_tokens_table(rid_b), inlined: this runs every decode iteration
         total = [0.0] * (self.gamma_max + 1)
         n_srv = 0
+        alphas, w, min_obs, req = self.alphas(), self.request_weight, self.request_min_obs, self._req
+        ks = range(self.gamma_max)
         for rid in rids:
-            c = self._req.get(rid)
-            if c is None or c.n < self.request_min_obs:
+            c = req.get(rid)
+            if c is None or c.n < min_obs:
                 n_srv += 1
                 continue
-            for g, e in enumerate(self.expected_tokens_table(rid)):
-                total[g] += e
+            acc, tried = c.acc, c.tried
+            run = e = 1.0
+            total[0] += 1.0
+            for k in ks:
+                run *= (acc[k] + w * alphas[k]) / (tried[k] + w)
+                e += run
+                total[k + 1] += e
         return [t + n_srv * e for t, e in zip(total, srv)]
 
 
@@ -1021,13 +1087,15 @@ class Policy:
 
         seq_lens [B]: committed length of each request; prefix_groups: radix-shared prefixes
         (shared_prefix_len, member indices); rids [B]: request ids for per-request acceptance.
+        ``seq_lens`` may be a :class:`BatchStats` already summarised (then no ``prefix_groups``).
         """
-        d = self._decide(seq_lens, prefix_groups, rids, prev=self.last_gamma)
-        d = self._explore(d, len(seq_lens))
+        st = batch_stats(seq_lens, prefix_groups)
+        d = self._decide(st, None, rids, prev=self.last_gamma)
+        d = self._explore(d, st.batch)
         self.last_gamma = d.gamma
         self._iteration += 1
         if d.gamma == 0:
-            self._plain_timed[len(seq_lens).bit_length()] = self._iteration
+            self._plain_timed[st.batch.bit_length()] = self._iteration
         return d
 
     def _explore(self, d: Decision, batch: int) -> Decision:

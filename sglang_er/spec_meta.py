@@ -51,11 +51,6 @@ def iterations(tagged) -> list[tuple[int, str, int]]:
     return [tuple(x) for x in out]
 
 
-def per_iteration(tagged) -> list[int]:
-    """γ per iteration (consecutive tokens of one iteration merge)."""
-    return [g for g, _, _ in iterations(tagged)]
-
-
 def by_source(its) -> dict:
     out: dict[str, dict[str, int]] = {}
     for g, src, n in its:

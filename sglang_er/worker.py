@@ -248,11 +248,10 @@ class EffRolloutWorker(BaseSpecWorker):
         bs = len(batch.reqs)
         seq_lens = batch.seq_lens
         x0 = self._last_tokens(batch)
+        want_logprob = batch.return_logprob  # decode_forward clears it on the batch
         clock = _Clock(self.device)
         res = _sglang.decode_forward(self._target_worker, batch, x0, self._slots(batch, 1)[:, 0], seq_lens)
-        if batch.return_logprob:
-            # a speculative server's result processor reads per-request lists of accepted
-            # logprobs, also for a γ = 0 iteration (SGLang's decode fills flat floats)
+        if want_logprob:
             _sglang.spec_logprobs(batch, res.logits_output, res.next_token_ids, 1)
         t_plain = clock.lap()
         if self.controller:

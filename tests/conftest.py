@@ -24,6 +24,7 @@ def start_server(model_path, extra_args=(), **kw):
     """Start a server; the caller's fixture stops it (process group kill) when the module ends."""
     from sglang_er.launcher import Server
 
+    kw.setdefault("stop_grace", 1.0)  # nothing to drain: saves ~4 s per server
     return Server(model_path, list(extra_args), **kw).start()
 
 

@@ -7,7 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sglang_er.drafter import _decode_attention
+import sglang_er.drafter as drafter
+
+
+def _reference_attention(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, kv_index: torch.Tensor,
+                         bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference: one query token per request over its KV rows, grouped-query heads as matmuls.
+
+    q [B, KVH, G, hd] (query head h = kv·G + g), kbuf/vbuf [slots, KVH, hd] (the target's pool),
+    kv_index [B, L], bias [B, 1, 1, L] -> [B, KVH, G, hd]; the softmax runs in float32, as in
+    ``DraftAttention``.
+    """
+    keys, vals = drafter._gather(kbuf, vbuf, kv_index, q.dtype)
+    probs = torch.softmax(torch.matmul(q, keys).float() * scale + bias, dim=-1)  # [B, KVH, G, L]
+    return torch.matmul(probs.to(q.dtype), vals)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (14, 2)])
@@ -20,7 +33,7 @@ def test_decode_attention_matches_sdpa(heads, kv_heads):
     q = torch.randn(B, heads * hd, generator=g)
     pad = torch.arange(L)[None, :] >= kv_len[:, None]
     bias = torch.zeros(B, 1, 1, L).masked_fill_(pad.view(B, 1, 1, L), float("-inf"))
-    got = _decode_attention(q.view(B, kv_heads, heads // kv_heads, hd), kbuf, vbuf, kv_index, bias, hd**-0.5)
+    got = _reference_attention(q.view(B, kv_heads, heads // kv_heads, hd), kbuf, vbuf, kv_index, bias, hd**-0.5)
     ref = F.scaled_dot_product_attention(q.view(B, heads, 1, hd), kbuf[kv_index].transpose(1, 2),
                                          vbuf[kv_index].transpose(1, 2), attn_mask=~pad.view(B, 1, 1, L),
                                          enable_gqa=heads != kv_heads)
@@ -33,8 +46,6 @@ def test_draft_attention_equals_attention_over_the_pool_with_draft_kv_written():
     into its slot, at every draft step, for requests of different lengths; the memory-lean
     path (prefix gathered every step) too."""
     import types
-
-    import sglang_er.drafter as drafter
 
     g = torch.Generator().manual_seed(1)
     B, KVH, G, hd, slots, gamma = 3, 2, 3, 8, 64, 3
@@ -61,6 +72,6 @@ def test_draft_attention_equals_attention_over_the_pool_with_draft_kv_written():
                                           rows[b, :1].repeat(width - seq_lens[b] - j - 1)]) for b in range(B)])
             pad = torch.arange(width)[None, :] >= (seq_lens + j + 1)[:, None]
             bias = torch.zeros(B, 1, 1, width).masked_fill_(pad.view(B, 1, 1, width), float("-inf"))
-            ref = drafter._decode_attention(q, pool_k, pool_v, idx, bias, hd**-0.5)
+            ref = _reference_attention(q, pool_k, pool_v, idx, bias, hd**-0.5)
             torch.testing.assert_close(attn(0, j, q, k, v, hd**-0.5), ref, rtol=1e-5, atol=1e-5)
         assert torch.equal(kv.k[0], kbuf) and torch.equal(kv.v[0], vbuf)  # the pool is never written

@@ -355,6 +355,25 @@ def test_policy_decision_is_cheap(qwen):
     assert (time.perf_counter() - t) / 20 < 0.01  # well under a forward (generous for slow CI)
 
 
+def test_hot_path_iteration_times_equal_t_iteration(qwen):
+    """The inlined per-iteration predictions equal the component methods, for both KV read
+    rules and draft layouts, before and after live correction (multiplier, then affine)."""
+    lens, groups = [300, 420, 510, 800, 64, 1000], [(200, [0, 1, 2]), (60, [3, 4])]
+    gammas = [0, 1, 3, 7]
+    for rule in ("per_request", "shared_once"):
+        for layout in ("padded", "ragged"):
+            cm = CostModel(builtin_profile("cpu"), qwen, kv_read_rule=rule, draft_kv_layout=layout)
+            for step in range(6):  # step 0: profile only; then multipliers; then the affine fit
+                st = cm.batch_stats(lens, groups)
+                got = cm.iteration_times(st, gammas)
+                for g in gammas:
+                    assert got[g] == pytest.approx(cm.t_iteration(lens, g, groups), rel=1e-12), (rule, layout, g)
+                cm.observe("plain", lens[: step + 1], 0, 0.01 * (step + 1))
+                cm.observe("draft", lens[: step + 1], 3, 0.004 * (step + 2))
+                cm.observe("verify", lens[: step + 1], 3, 0.012 * (step + 1))
+                cm.observe_outside(step % 2, step + 1, 0.001 * step)
+
+
 # ---------------------------------------------------------------------- profiles
 def test_profile_json_round_trip(tmp_path):
     for name, p in BUILTIN_PROFILES.items():
