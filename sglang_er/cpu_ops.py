@@ -100,8 +100,9 @@ def sdpa_forward_extend(
     ``prefix_b + i - w``), which is exactly the extend rows of SGLang's L×L causal SDPA
     without computing the other L - extend rows.
 
-    One SDPA per request, as SGLang does: a single SDPA over all requests padded to the
-    longest one measured no faster on CPU (verify batches of 8, 1 thread), so it is not used.
+    A batch whose requests all extend by the same few tokens (a verify: γ+1 each) runs as one
+    padded, batched attention (:func:`_batched_short_extend`); anything else (prefill, mixed
+    extends) runs one SDPA per request, as SGLang does.
     """
     if not causal or is_cross_attn or encoder_lens is not None:
         # Encoder-only / cross attention / encoder-decoder: SGLang's own code path.
@@ -120,6 +121,12 @@ def sdpa_forward_extend(
     kv_lens = seq_lens.tolist()
     prefixes = extend_prefix_lens.tolist()
     q_lens = extend_seq_lens.tolist()
+    q0 = q_lens[0]
+    if 0 < q0 <= BATCHED_MAX_EXTEND and q_lens.count(q0) == bs and (
+            bs * max(kv_lens) * k_cache.shape[1] * (k_cache.shape[2] + v_cache.shape[2]) * query.element_size()
+            <= BATCHED_MAX_BYTES):
+        return _batched_short_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices,
+                                     kv_lens, extend_prefix_lens, q0, scaling, window)
     pool_rows = req_pool_indices.tolist()
     dtype = query.dtype
     dev = query.device
@@ -148,6 +155,46 @@ def sdpa_forward_extend(
                                            scale=scaling, is_causal=is_causal)
         output[start_q:end_q] = out.squeeze(0).movedim(-2, 0)
         start_q = end_q
+    return output
+
+
+# Uniform extends of at most this many tokens per request run batched (a verify is γ+1 ≤ 8 wide),
+# while the padded KV gather stays under BATCHED_MAX_BYTES (one layer).
+BATCHED_MAX_EXTEND = 16
+BATCHED_MAX_BYTES = 256 << 20
+
+
+def _batched_short_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices, kv_lens,
+                          extend_prefix_lens, q_len, scaling, window):
+    """Every request extends by ``q_len`` tokens: one padded SDPA for the whole batch.
+
+    query [bs·q, H, D] -> output [bs·q, H, Dv]. The KV rows are gathered with one flat
+    ``index_select`` to [bs, L, Hkv, D] (L = the longest sequence; advanced indexing with a 2-D
+    index is 4x slower in bf16); the G = H / Hkv query heads that share a KV head are folded
+    into the query length ([bs, Hkv, G·q, D]), so no KV head is repeated. Row i of request b
+    attends to positions ≤ prefix_b + i (≥ prefix_b + i − window with a window), which also
+    masks the padding beyond its own length. At B = 128, L ≈ 500 on CPU: ~2x faster than one
+    SDPA per request.
+    """
+    bs, dev = len(kv_lens), query.device
+    H, D = query.shape[1], query.shape[2]
+    kvh, dv = k_cache.shape[1], v_cache.shape[2]
+    G, L = H // kvh, max(kv_lens)
+    cols = torch.arange(L, device=dev)
+    idx = req_to_token[req_pool_indices.to(torch.int64)[:, None], cols[None, :]].reshape(-1).to(torch.int64)
+    keys = k_cache.index_select(0, idx).view(bs, L, kvh, D).transpose(1, 2)  # [bs, Hkv, L, D]
+    vals = v_cache.index_select(0, idx).view(bs, L, kvh, dv).transpose(1, 2)
+    if keys.dtype != query.dtype:
+        keys, vals = keys.to(query.dtype), vals.to(query.dtype)
+    q = query.view(bs, q_len, kvh, G, D).permute(0, 2, 3, 1, 4).reshape(bs, kvh, G * q_len, D)
+    q_pos = extend_prefix_lens.to(dev, torch.int64)[:, None] + torch.arange(q_len, device=dev)  # [bs, q]
+    allowed = cols[None, None, :] <= q_pos[:, :, None]  # [bs, q, L]
+    if window is not None:
+        allowed &= cols[None, None, :] >= q_pos[:, :, None] - window
+    mask = allowed[:, None].expand(bs, G, q_len, L).reshape(bs, 1, G * q_len, L)
+    out = scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scaling)  # [bs, Hkv, G·q, Dv]
+    out = out.view(bs, kvh, G, q_len, dv).permute(0, 3, 1, 2, 4)  # [bs, q, Hkv, G, Dv]
+    output.copy_(out.reshape(bs * q_len, H, dv))
     return output
 
 

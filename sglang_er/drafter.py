@@ -41,9 +41,16 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _gather(kbuf, vbuf, kv_index, dtype):
-    """Pool rows kv_index [B, L] -> keys [B, KVH, hd, L], values [B, KVH, L, hd] (contiguous)."""
-    keys = kbuf[kv_index].to(dtype).permute(0, 2, 3, 1).contiguous()
-    vals = vbuf[kv_index].to(dtype).transpose(1, 2).contiguous()
+    """Pool rows kv_index [B, L] -> keys, values [B, KVH, L, hd] (contiguous).
+
+    One flat ``index_select`` per buffer and a transpose of whole hd-rows: in bf16 on CPU about
+    2x faster than advanced indexing with the 2-D index plus a permute to [B, KVH, hd, L], and
+    ``q @ keys.transpose(-1, -2)`` is a plain transposed GEMM.
+    """
+    B, L = kv_index.shape
+    flat = kv_index.reshape(-1)
+    keys = kbuf.index_select(0, flat).view(B, L, *kbuf.shape[1:]).to(dtype).transpose(1, 2).contiguous()
+    vals = vbuf.index_select(0, flat).view(B, L, *vbuf.shape[1:]).to(dtype).transpose(1, 2).contiguous()
     return keys, vals
 
 
@@ -92,10 +99,10 @@ class DraftAttention:
         own[0][..., j] = k.to(self.dtype)
         own[1][:, :, j] = v.to(self.dtype)
         q = q.to(self.dtype)
-        scores = torch.cat([torch.matmul(q, pre[0]).float() * scale + self.bias,
+        scores = torch.cat([torch.matmul(q, pre[0].transpose(-1, -2)).float() * scale + self.bias,
                             torch.matmul(q, own[0][..., : j + 1]).float() * scale], dim=-1)
         probs = torch.softmax(scores, dim=-1).to(self.dtype)  # [B, KVH, G, Lp + j + 1]
-        lp = pre[0].shape[-1]
+        lp = pre[0].shape[-2]
         return torch.matmul(probs[..., :lp], pre[1]) + torch.matmul(probs[..., lp:], own[1][:, :, : j + 1])
 
 

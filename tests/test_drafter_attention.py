@@ -19,7 +19,7 @@ def _reference_attention(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor
     ``DraftAttention``.
     """
     keys, vals = drafter._gather(kbuf, vbuf, kv_index, q.dtype)
-    probs = torch.softmax(torch.matmul(q, keys).float() * scale + bias, dim=-1)  # [B, KVH, G, L]
+    probs = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)).float() * scale + bias, dim=-1)  # [B, KVH, G, L]
     return torch.matmul(probs.to(q.dtype), vals)
 
 
