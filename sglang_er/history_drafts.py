@@ -25,6 +25,7 @@ from sglang_er.policy import AcceptanceModel
 HISTORY_SOURCES = ("group", "prompt", "self")
 CONTEXT_TAIL = 64  # tokens of a request's text a match may span (bounds a lookup's cost)
 EXPLORE = 64  # history-draft records before their measured acceptance decides against W4
+EXPLORE_SHARE = 8  # while exploring, history drafts replace W4 drafts on at most 1 row in 8
 
 
 @dataclass
@@ -123,11 +124,20 @@ class HistoryDrafts:
             use = [p is not None for p in props]
         else:
             gamma = gamma_w4
-            # a shorter proposal is padded (verified, rarely accepted); cold start: until history
-            # drafts have a measured acceptance, try every proposal
+            # a shorter proposal is padded (verified, rarely accepted)
             explore = self.acceptance.num_observations < EXPLORE
-            e_w4 = (w4_expected or table)[gamma]
-            use = [p is not None and (explore or table[min(len(p.tokens), gamma)] >= e_w4) for p in props]
+            if w4_expected is None:  # fixed γ: no W4 estimate to weigh against; cold start tries all
+                use = [p is not None and (explore or table[min(len(p.tokens), gamma)] >= table[gamma])
+                       for p in props]
+            elif explore:
+                # cold start: until history drafts have a measured acceptance, try the longest
+                # proposals on at most 1 row in EXPLORE_SHARE, so a source that turns out worse
+                # than the W4 drafter costs little while it is being measured
+                cands = sorted((i for i, p in enumerate(props) if p), key=lambda i: -len(props[i].tokens))
+                chosen = set(cands[: max(1, len(props) // EXPLORE_SHARE)])
+                use = [i in chosen for i in range(len(props))]
+            else:
+                use = [p is not None and table[min(len(p.tokens), gamma)] >= w4_expected[gamma] for p in props]
             if not any(use):
                 return None
         tokens, lengths, source = [], [], []

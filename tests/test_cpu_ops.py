@@ -124,3 +124,34 @@ def test_device_as_str():
 
     assert device_as_str(lambda: torch.device("cpu")) == "cpu"
     assert device_as_str(lambda i=None: "cuda:1", 1) == "cuda:1"
+
+
+# --- TorchNativeAttnBackend._run_sdpa_forward_decode --------------------------------------
+
+@pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
+@pytest.mark.parametrize("heads,kv_heads,dtype", [(4, 4, torch.float32), (6, 2, torch.float32),
+                                                   (8, 2, torch.bfloat16)])
+def test_decode_attention_matches_sglang(heads, kv_heads, dtype, window):
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    backend = TorchNativeAttnBackend.__new__(TorchNativeAttnBackend)
+    prefixes = [0, 7, 30, 2, 64, 11]  # decode: each request's one query at position seq_len - 1
+    query, k_cache, v_cache, r2t, pool, seq, _, _ = _extend_inputs(
+        prefixes, [1] * len(prefixes), heads, kv_heads, 16, dtype, seed=3)
+    kw = dict(scaling=16**-0.5, enable_gqa=heads != kv_heads, causal=False, sliding_window_size=window)
+    outs = []
+    for fn in (cpu_ops.sglang_sdpa_forward_decode(), cpu_ops.sdpa_forward_decode):
+        out = torch.full(query.shape, float("nan"), dtype=dtype)
+        assert fn(backend, query, out, k_cache, v_cache, r2t, pool, seq, None, **kw) is out
+        outs.append(out.float())
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_decode_attention_target_resolves_with_same_signature():
+    import inspect
+
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    original = inspect.unwrap(TorchNativeAttnBackend.__dict__["_run_sdpa_forward_decode"])
+    assert original is cpu_ops.sglang_sdpa_forward_decode()
+    assert inspect.signature(cpu_ops.sdpa_forward_decode) == inspect.signature(original)

@@ -161,3 +161,30 @@ def test_meta_info_splits_a_requests_drafts_by_source():
     assert meta["spec_sources"] == {"group": {"iterations": 1, "proposed": 3, "accepted": 3},
                                     "w4": {"iterations": 1, "proposed": 3, "accepted": 1},
                                     "none": {"iterations": 1, "proposed": 0, "accepted": 0}}
+
+
+def test_history_exploration_takes_few_rows_and_measured_acceptance_decides():
+    """Auto mode: until history drafts have a measured acceptance they replace the W4 drafter's on
+    at most 1 row in 8 (the longest proposals); afterwards the measured E[L] decides against W4's.
+    Fixed γ (no W4 estimate): every proposal is verified."""
+    from types import SimpleNamespace
+
+    from sglang_er.history_drafts import EXPLORE, EXPLORE_SHARE, HistoryDrafts
+
+    prompt = list(range(100, 140))
+    text = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 3
+    done = SimpleNamespace(rid="done", origin_input_ids=prompt, output_ids=text)
+    reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=prompt, output_ids=text[: 5 + i % 3]) for i in range(16)]
+    hd = HistoryDrafts(gamma_max=4)
+    hd.sync([done])
+    hd.sync(reqs)  # "done" left the batch: its whole text is indexed
+    w4 = [1.0, 1.9, 2.7, 3.4, 4.0]  # E[L | W4, γ]: α ≈ 0.9
+
+    plan = hd.plan(reqs, 4, w4)
+    assert len(plan.history_rows) == 16 // EXPLORE_SHARE and plan.run_drafter
+    assert hd.plan(reqs, 4, None).history_rows == list(range(16))  # fixed γ
+
+    for _ in range(EXPLORE):  # history drafts measured: half their first tokens accepted
+        hd.observe(plan, [1 if i % 2 else 0 for i in range(16)])
+    assert hd.plan(reqs, 4, w4) is None  # W4 expects more: history drafts are not used
+    assert hd.plan(reqs, 4, [1.0, 1.05, 1.08, 1.1, 1.1]).history_rows  # a poor W4 drafter: they are
