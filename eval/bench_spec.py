@@ -1,7 +1,7 @@
 """EFFROLLOUT vs plain decoding, side by side in one run (not a test).
 
     python -m eval.bench_spec --model qwen2-0.5b --batches 1 2 4 8 16 32 --gammas 3 5 7 \
-        --temperatures 0 1 --new-tokens 128 [--auto] [--draft-heads shared w8 w4] [--quant awq rtn]
+        --temperatures 0 1 --new-tokens 128 [--auto] [--draft-heads shared w8 w4] [--quant awq rtn] [--repeats 3]
 
 Servers run one at a time (they would share the 2 cores otherwise): the plain SGLang server,
 then EFFROLLOUT with γ fixed to 0 (plain decode through the worker: measures T_T), then each γ.
@@ -112,8 +112,13 @@ def main() -> None:
                    help="also run auto with history drafts (SGLANG_ER_HISTORY=all); implies --auto")
     p.add_argument("--prompts", choices=["synthetic", "gsm8k"], default="synthetic",
                    help="gsm8k: GSM8K questions in the model's chat template (for real models)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every (B, T) cell this many times on its server and keep the median run "
+                        "(this machine's throughput wanders by ±15%% between runs)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     path = build_model(args.model)
     prompts = gsm8k_chat_prompts(path) if args.prompts == "gsm8k" else None
     gmax = max(args.gammas)
@@ -142,11 +147,14 @@ def main() -> None:
                 print(f"{name}: drafter {state['quantizer']}, head {state['draft_head']}", flush=True)
             for temp in args.temperatures:
                 for b in args.batches:
-                    r = run_batch(srv, b, args.new_tokens, temp, gamma, prompts)
+                    runs = [run_batch(srv, b, args.new_tokens, temp, gamma, prompts) for _ in range(args.repeats)]
+                    r = sorted(runs, key=lambda x: x["tok_s"])[(len(runs) - 1) // 2]  # the median run, whole
+                    r["tok_s_runs"] = [round(x["tok_s"], 2) for x in runs]
                     results[(name, temp, b)] = r
                     print(f"{args.model} {name:>8} T={temp:g} B={b:3d}: {r['tok_s']:7.1f} tok/s  "
                           + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in r.items() if k != "tok_s" and v is not None),
+                                     for k, v in r.items() if k not in ("tok_s", "tok_s_runs") and v is not None)
+                          + (f"  runs={r['tok_s_runs']}" if args.repeats > 1 else ""),
                           flush=True)
     print(f"\nratios vs plain ({args.model}, {args.new_tokens} new tokens, same run)")
     for temp in args.temperatures:
