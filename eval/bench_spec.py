@@ -17,6 +17,7 @@ import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import requests
 
@@ -95,6 +96,28 @@ def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamm
     }
 
 
+def markdown_table(results: dict, names: list[str], temp: float, batches: list[int]) -> str:
+    """One README table: plain tok/s, then each configuration's speed-up over plain with its
+    acceptance; for auto also the ratio to the best other configuration and its speculating share."""
+    cols = [n for n in names if n not in ("plain", "gamma=0")]
+    head = "| B | plain tok/s | " + " | ".join(cols) + (" | auto vs best | auto speculating |" if "auto" in cols else " |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for b in batches:
+        base = results[("plain", temp, b)]["tok_s"]
+        cells = []
+        for n in cols:
+            r = results[(n, temp, b)]
+            acc = f" (α {r['accept_rate']:.2f})" if r.get("accept_rate") is not None else ""
+            cells.append(f"{r['tok_s'] / base:.2f}x{acc}")
+        row = f"| {b} | {base:.1f} | " + " | ".join(cells) + " |"
+        if "auto" in cols:
+            others = {n: results[(n, temp, b)]["tok_s"] for n in names if n not in ("auto", "hybrid", "gamma=0")}
+            a = results[("auto", temp, b)]
+            row += f" {a['tok_s'] / max(others.values()):.2f}x | {(a['spec_share'] or 0) * 100:.0f}% |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen2-0.5b")
@@ -107,14 +130,25 @@ def main() -> None:
                    help="drafter lm_head: the target's (shared), an int8 and/or a W4 copy")
     p.add_argument("--quant", nargs="+", default=["awq"], choices=["awq", "rtn"],
                    help="drafter quantizer(s); AWQ switches on after its live statistics are ready")
+    p.add_argument("--no-overlap-plain", action="store_true",
+                   help="also run plain SGLang with --disable-overlap-schedule: SGLang turns its overlap "
+                        "scheduler off for a speculative algorithm that does not support it, so this is "
+                        "the plain decoding an EFFROLLOUT server's γ = 0 iterations compare with")
+    p.add_argument("--skip-gamma0", action="store_true",
+                   help="skip the γ=0 EFFROLLOUT server (it only measures T_T for the T_D/T_T and T_V/T_T columns)")
     p.add_argument("--auto", action="store_true", help="also run the auto policy (γ chosen per iteration)")
     p.add_argument("--hybrid", action="store_true",
                    help="also run auto with history drafts (SGLANG_ER_HISTORY=all); implies --auto")
+    p.add_argument("--profile", default=None,
+                   help="hardware profile for auto/hybrid (SGLANG_ER_PROFILE; `sglang-er calibrate` writes one)")
     p.add_argument("--prompts", choices=["synthetic", "gsm8k"], default="synthetic",
                    help="gsm8k: GSM8K questions in the model's chat template (for real models)")
     p.add_argument("--repeats", type=int, default=1,
                    help="measure every (B, T) cell this many times on its server and keep the median run "
                         "(this machine's throughput wanders by ±15%% between runs)")
+    p.add_argument("--repeat-batches", nargs="+", type=int, default=None,
+                   help="only these batch sizes get --repeats (default: all); the large batches take longest, "
+                        "and there the configurations are far apart")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     if args.repeats < 1:
@@ -123,20 +157,24 @@ def main() -> None:
     prompts = gsm8k_chat_prompts(path) if args.prompts == "gsm8k" else None
     gmax = max(args.gammas)
     spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(gmax)]
-    configs = [("plain", 0, [], {}), ("gamma=0", 0, spec, {"SGLANG_ER_GAMMA": "0"})] + [
+    configs = [("plain", 0, [], {})] + (
+        [("plain/no-overlap", 0, ["--disable-overlap-schedule"], {})] if args.no_overlap_plain else []) + ([] if args.skip_gamma0 else [("gamma=0", 0, spec, {"SGLANG_ER_GAMMA": "0"})]) + [
         (f"gamma={g}" + ("" if head == "shared" else f"/{head}") + ("" if q == "awq" else f"/{q}"), g, spec,
          {"SGLANG_ER_GAMMA": str(g), "SGLANG_ER_DRAFT_HEAD": head, "SGLANG_ER_QUANT": q, **AWQ_WARM})
         for q in args.quant for head in args.draft_heads for g in args.gammas
     ]
     args.auto = args.auto or args.hybrid
+    prof = {"SGLANG_ER_PROFILE": str(Path(args.profile).resolve())} if args.profile else {}
     if args.hybrid:
         configs.append(("hybrid", 0, spec, {"SGLANG_ER_MODE": "auto", "SGLANG_ER_HISTORY": "all",
                                             "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
-                                            "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM}))
+                                            "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM, **prof}))
     if args.auto:
         configs.append(("auto", 0, spec, {"SGLANG_ER_MODE": "auto", "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
-                                          "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM}))
+                                          "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM, **prof}))
+    spec_configs = [c for c in configs if c[0] not in ("plain", "gamma=0", "plain/no-overlap")]
     results: dict = {}
+    model_errors: dict = {}
     for name, gamma, extra, env in configs:
         with Server(path, ["--dtype", args.dtype, "--enable-metrics", *extra], env=env,
                     max_total_tokens=32768, stop_grace=1.0) as srv:
@@ -147,22 +185,30 @@ def main() -> None:
                 print(f"{name}: drafter {state['quantizer']}, head {state['draft_head']}", flush=True)
             for temp in args.temperatures:
                 for b in args.batches:
-                    runs = [run_batch(srv, b, args.new_tokens, temp, gamma, prompts) for _ in range(args.repeats)]
+                    reps = args.repeats if args.repeat_batches is None or b in args.repeat_batches else 1
+                    runs = [run_batch(srv, b, args.new_tokens, temp, gamma, prompts) for _ in range(reps)]
                     r = sorted(runs, key=lambda x: x["tok_s"])[(len(runs) - 1) // 2]  # the median run, whole
                     r["tok_s_runs"] = [round(x["tok_s"], 2) for x in runs]
                     results[(name, temp, b)] = r
                     print(f"{args.model} {name:>8} T={temp:g} B={b:3d}: {r['tok_s']:7.1f} tok/s  "
                           + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in r.items() if k not in ("tok_s", "tok_s_runs") and v is not None)
-                          + (f"  runs={r['tok_s_runs']}" if args.repeats > 1 else ""),
+                          + (f"  runs={r['tok_s_runs']}" if reps > 1 else ""),
                           flush=True)
+            policy = (srv.effrollout_state() or {}).get("policy") or {}
+            if policy.get("model_error"):  # auto: the live cost model's error over this whole sweep
+                model_errors[name] = policy["model_error"]
+                print(f"{name}: cost model mean |predicted - measured| / measured per phase (profile alone -> "
+                      "live-corrected): " + ", ".join(
+                          f"{ph} {e['mean_rel_err_raw']:.1%} -> {e['mean_rel_err_corrected']:.1%} (n={e['n']})"
+                          for ph, e in policy["model_error"].items() if e.get("n")), flush=True)
     print(f"\nratios vs plain ({args.model}, {args.new_tokens} new tokens, same run)")
     for temp in args.temperatures:
         for b in args.batches:
             base = results[("plain", temp, b)]["tok_s"]
-            t_t = results[("gamma=0", temp, b)]["t_plain"]
+            t_t = results.get(("gamma=0", temp, b), {}).get("t_plain")
             cells = []
-            for name in [c[0] for c in configs[2:]]:
+            for name in [c[0] for c in spec_configs]:
                 r = results[(name, temp, b)]
                 rd = r["t_draft_step"] / t_t if r["t_draft_step"] and t_t else float("nan")
                 rv = r["t_verify"] / t_t if r["t_verify"] and t_t else float("nan")
@@ -174,7 +220,7 @@ def main() -> None:
         for temp in args.temperatures:
             crossover = max((b for b in args.batches if any(
                 results[(c[0], temp, b)]["tok_s"] > results[("plain", temp, b)]["tok_s"]
-                for c in configs[2:] if c[0] not in ("auto", "hybrid"))), default=None)
+                for c in spec_configs if c[0] not in ("auto", "hybrid"))), default=None)
             for b in args.batches:
                 others = {c[0]: results[(c[0], temp, b)]["tok_s"] for c in configs
                           if c[0] not in ("auto", "hybrid", "gamma=0")}
@@ -188,9 +234,13 @@ def main() -> None:
                     print(f"              hybrid {h['tok_s']:7.1f} tok/s = {h['tok_s'] / a['tok_s']:4.2f}x auto (W4 only)",
                           flush=True)
             print(f"T={temp:g} crossover: fixed γ beats plain up to B = {crossover}")
+    for temp in args.temperatures:
+        print(f"\nT={temp:g}, speed-up over plain (acceptance α):\n"
+              + markdown_table(results, [c[0] for c in configs], temp, args.batches), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()}, f, indent=1)
+            json.dump({**{f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()},
+                       **{f"{k}|model_error": v for k, v in model_errors.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

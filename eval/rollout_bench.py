@@ -1,7 +1,8 @@
 """RL-shaped rollout benchmark: the same GRPO-style workload on plain SGLang and on EFFROLLOUT.
 
     python -m eval.rollout_bench --model gsm8k-lm --prompts 16 --n 8 --max-tokens 512 \\
-        [--configs plain fixed:3 auto hybrid] [--epochs 2] [--policy-steps 2] [--out eval/out/rollout]
+        [--configs plain fixed:3 auto hybrid] [--epochs 2] [--policy-steps 2] [--profile profile.json] \\
+        [--out eval/out/rollout]
 
 Each configuration gets its own server (one at a time, so they do not share the cores) and the
 same workload, sent the way an RL framework sends a rollout: all P prompts × n samples at once,
@@ -178,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=1, help="rollouts of the same prompts per policy step")
     p.add_argument("--perturb", type=float, default=0.02, help="policy-step noise, relative to each weight's std")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default=None,
+                   help="hardware profile for the EFFROLLOUT servers (SGLANG_ER_PROFILE; see `sglang-er calibrate`)")
     p.add_argument("--server-args", default="", help="extra SGLang args, e.g. '--dtype bfloat16'")
     p.add_argument("--out", default="eval/out/rollout")
     args = p.parse_args(argv)
@@ -192,6 +195,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rollouts: list[Rollout] = []
     for label, server_args, env in configs:
+        if args.profile and server_args:
+            env = {**env, "SGLANG_ER_PROFILE": str(Path(args.profile).resolve())}
         with Server(model_path, [*server_args, *args.server_args.split()], env=env,
                     max_total_tokens=32768, stop_grace=1.0) as srv:
             print(f"[rollout] {label}: server up in {srv.startup_seconds:.0f}s", flush=True)

@@ -19,6 +19,10 @@ have no SGLang flag are environment variables, read in every SGLang process alik
   requests with the same prompt: earlier epochs); ``SGLANG_ER_HISTORY_MIN_MATCH`` (3) tokens a
   match needs, ``SGLANG_ER_HISTORY_BUDGET`` (4,000,000) indexed tokens before the least recently
   used prompt is dropped.
+- ``SGLANG_ER_MIN_GAIN``: predicted speed-up over plain decoding that speculation (W4 or a
+  verify-only history iteration) must reach in ``auto`` mode (1.05: the live cost model is
+  within a few percent, and a wrong "on" costs more than a missed 1.0x–1.05x);
+  ``SGLANG_ER_HYSTERESIS``: relative gain a new γ needs over the previous one (0.02).
 - ``SGLANG_ER_TIMELINE``: iterations kept in the timeline ``/get_server_info`` returns (2048).
 - ``SGLANG_ER_REQUANTIZE=0``: test-only, leave the drafter on the weights it was built from
   after a weight update (shows the acceptance a stale drafter would have).
@@ -35,6 +39,12 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 MAX_GAMMA = 16
+_ENV = {"mode": "SGLANG_ER_MODE", "draft_head": "SGLANG_ER_DRAFT_HEAD", "quant": "SGLANG_ER_QUANT",
+        "awq_min_tokens": "SGLANG_ER_AWQ_MIN_TOKENS", "awq_sample_every": "SGLANG_ER_AWQ_SAMPLE_EVERY",
+        "inject_fault": "SGLANG_ER_INJECT_FAULT", "requantize": "SGLANG_ER_REQUANTIZE",
+        "timeline_size": "SGLANG_ER_TIMELINE", "min_gain": "SGLANG_ER_MIN_GAIN",
+        "hysteresis": "SGLANG_ER_HYSTERESIS", "history": "SGLANG_ER_HISTORY",
+        "history_min_match": "SGLANG_ER_HISTORY_MIN_MATCH", "history_budget": "SGLANG_ER_HISTORY_BUDGET"}
 DEFAULT_GAMMA = 4
 
 
@@ -49,6 +59,8 @@ class EffRolloutConfig(BaseModel):
     inject_fault: Literal["accept_all", "accept_all_history"] | None = None
     requantize: bool = True  # SGLANG_ER_REQUANTIZE=0: test-only, keep the drafter on its first weights
     timeline_size: int = Field(2048, ge=0, le=1 << 20)
+    min_gain: float = Field(1.05, ge=1.0, le=4.0)
+    hysteresis: float = Field(0.02, ge=0.0, le=1.0)
     history: Literal["off", "group", "all"] = "off"
     history_min_match: int = Field(3, ge=1, le=64)
     history_budget: int = Field(4_000_000, ge=1000)
@@ -103,8 +115,13 @@ class EffRolloutConfig(BaseModel):
                        inject_fault=environ.get("SGLANG_ER_INJECT_FAULT") or None,
                        requantize=environ.get("SGLANG_ER_REQUANTIZE", "1"),
                        timeline_size=environ.get("SGLANG_ER_TIMELINE", "2048"),
+                       min_gain=environ.get("SGLANG_ER_MIN_GAIN") or 1.05,
+                       hysteresis=environ.get("SGLANG_ER_HYSTERESIS") or 0.02,
                        history=environ.get("SGLANG_ER_HISTORY") or "off",
                        history_min_match=environ.get("SGLANG_ER_HISTORY_MIN_MATCH") or 3,
                        history_budget=environ.get("SGLANG_ER_HISTORY_BUDGET") or 4_000_000)
         except ValidationError as e:
-            raise ValueError(f"invalid EFFROLLOUT settings: {e}") from None
+            # name the variable to change, not the pydantic field
+            why = "; ".join(f"{_ENV.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else 'settings'}"
+                            f"={err.get('input')!r}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"invalid EFFROLLOUT settings: {why}") from None

@@ -36,7 +36,8 @@ def default_profile(device: torch.device) -> HardwareProfile:
 
 class Controller:
     def __init__(self, hf_config: dict, gamma_max: int, device: torch.device, attention_backend: str,
-                 draft_head: str = "shared", profile: HardwareProfile | None = None):
+                 draft_head: str = "shared", profile: HardwareProfile | None = None,
+                 min_gain: float = 1.05, hysteresis: float = 0.02):
         self.device = device
         profile = profile or default_profile(device)
         # An unknown backend is modelled like the plain paged kernels: every request reads its own KV.
@@ -44,7 +45,8 @@ class Controller:
             hf_config, w4_head=draft_head == "w4", w8_head=draft_head == "w8"), attention_backend=attention_backend,
                          kv_read_rule=KV_READ_RULE.get(attention_backend, "per_request"))
         self.acceptance = AcceptanceModel(gamma_max)
-        self.policy = Policy(cost, self.acceptance, ladder=list(range(1, gamma_max + 1)))
+        self.policy = Policy(cost, self.acceptance, ladder=list(range(1, gamma_max + 1)),
+                             min_gain=min_gain, hysteresis=hysteresis)
         self.cost = cost
         self._live_rids: set = set()
         self._rids: list = []  # the last batch's request ids, in order
@@ -94,10 +96,10 @@ class Controller:
         """E[L | W4, γ] for γ = 0..γmax (server-wide acceptance)."""
         return self.acceptance.expected_tokens_table()
 
-    def verify_only_pays(self, gamma: int, expected_tokens: float, min_gain: float = 1.05) -> bool:
+    def verify_only_pays(self, gamma: int, expected_tokens: float) -> bool:
         """Would a verify-only iteration (drafts that cost no forward) of width γ+1 beat a plain
-        decode step for the batch ``choose`` last saw, by ``min_gain``?"""
-        st = self._st
+        decode step for the batch ``choose`` last saw, by the policy's ``min_gain``?"""
+        st, min_gain = self._st, self.policy.min_gain
         t_v = self.cost.t_verify(st, gamma) + self.cost.t_outside(gamma, st.batch)
         t_t = self.cost.t_plain(st) + self.cost.t_outside(0, st.batch)
         return expected_tokens / t_v > min_gain * st.batch / t_t

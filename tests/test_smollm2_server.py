@@ -18,7 +18,7 @@ GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "tes
 ARGS = ["--dtype", "float32"]
 
 
-def _questions(k=16):
+def _questions(k=8):  # one batch of 8: enough to catch a lossy verify, half the time of 16
     import os
 
     path = Path(os.environ.get("SGLANG_ER_DATA", GSM8K.parents[1])) / "gsm8k" / "test.jsonl"
@@ -65,6 +65,6 @@ def test_effrollout_greedy_identical_on_gsm8k(smollm2, plain_outputs):
     finally:
         srv.stop()
     diff = [i for i, (a, b) in enumerate(zip(got, plain_outputs)) if a[0] != b[0]]
-    assert not diff, f"{len(diff)} of 16 GSM8K answers differ, e.g. #{diff[0]}"
+    assert not diff, f"{len(diff)} of {len(got)} GSM8K answers differ, e.g. #{diff[0]}"
     # a real model's W4 copy agrees with it most of the time
     assert meta["spec_accept_rate"] > 0.4

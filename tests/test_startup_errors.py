@@ -27,17 +27,32 @@ def _launch(args, timeout=180):
     return proc.returncode, out, orphans
 
 
-@pytest.mark.parametrize("case", ["missing_model", "unknown_device", "impossible_context"])
-def test_bad_args_exit_with_a_clear_message(case, tiny_model):
-    if case == "missing_model":
-        code, out, orphans = _launch(["--model-path", "/nonexistent/model-dir", "--device", "cpu"])
-        expect = ["/nonexistent/model-dir"]
-    elif case == "unknown_device":
-        code, out, orphans = _launch(["--model-path", str(tiny_model), "--device", "quantum"])
-        expect = ["quantum"]
-    else:
-        code, out, orphans = _launch(["--model-path", str(tiny_model), "--device", "cpu", "--context-length", "100000000"])
-        expect = ["context"]
+CASES = {  # case: (server args, what the message must name)
+    "missing_model": (["--model-path", "/nonexistent/model-dir", "--device", "cpu"], ["/nonexistent/model-dir"]),
+    "unknown_device": (["--device", "quantum"], ["quantum"]),
+    "impossible_context": (["--device", "cpu", "--context-length", "100000000"], ["context"]),
+}
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_model):
+    """All cases side by side: each is mostly an SGLang import on one core."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(case):
+        args, _ = CASES[case]
+        if "--model-path" not in args:
+            args = ["--model-path", str(tiny_model), *args]
+        return case, _launch(args)
+
+    with ThreadPoolExecutor(len(CASES)) as ex:
+        return dict(ex.map(run, CASES))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_args_exit_with_a_clear_message(case, launched):
+    code, out, orphans = launched[case]
+    expect = CASES[case][1]
     assert code != 0
     assert all(e.lower() in out.lower() for e in expect), out[-3000:]
     assert not orphans

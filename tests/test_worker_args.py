@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -63,26 +64,60 @@ def test_gamma_env(env, fix):
             EffRolloutConfig.from_env(4, {"SGLANG_ER_GAMMA": env})
 
 
-@pytest.mark.parametrize("args, env, fix", [
+@pytest.mark.parametrize("env, fix", [
+    ({"SGLANG_ER_MIN_GAIN": "0.9"}, "SGLANG_ER_MIN_GAIN='0.9': Input should be greater than or equal to 1"),
+    ({"SGLANG_ER_HYSTERESIS": "lots"}, "SGLANG_ER_HYSTERESIS='lots'"),
+    ({"SGLANG_ER_MODE": "sometimes"}, "SGLANG_ER_MODE='sometimes'"),
+])
+def test_bad_env_names_the_variable(env, fix):
+    with pytest.raises(ValueError, match=re.escape(fix)):
+        EffRolloutConfig.from_env(4, env)
+
+
+def test_policy_margins_from_env():
+    cfg = EffRolloutConfig.from_env(4, {"SGLANG_ER_MIN_GAIN": "1.2", "SGLANG_ER_HYSTERESIS": "0"})
+    assert (cfg.min_gain, cfg.hysteresis) == (1.2, 0.0)
+    assert (EffRolloutConfig.from_env(4, {}).min_gain, EffRolloutConfig.from_env(4, {}).hysteresis) == (1.05, 0.02)
+
+
+REFUSALS = [
     (["--speculative-eagle-topk", "4"], {}, "--speculative-eagle-topk"),
     ([], {"SGLANG_ER_GAMMA": "99"}, "SGLANG_ER_GAMMA"),
-    ([], {"SGLANG_ER_MODE": "sometimes"}, "mode"),
+    ([], {"SGLANG_ER_MODE": "sometimes"}, "SGLANG_ER_MODE"),
     ([], {"SGLANG_ER_PROFILE": "CORRUPT"}, "SGLANG_ER_PROFILE"),
     ([], {"SGLANG_ER_PROFILE": "GPU"}, "was measured on 'NVIDIA H100"),
-    ([], {"SGLANG_ER_HISTORY": "sometimes"}, "history"),
-])
-def test_server_refuses_to_start_and_says_why(tiny_model, tmp_path, args, env, fix):
-    if env.get("SGLANG_ER_PROFILE") == "CORRUPT":
-        bad = tmp_path / "profile.json"
-        bad.write_text('{"schema_version": 1, "name": "x", "bandwidth_bytes_per_s": "fast"')
-        env = {"SGLANG_ER_PROFILE": str(bad)}
-    if env.get("SGLANG_ER_PROFILE") == "GPU":  # a valid profile, measured on another kind of machine
-        from sglang_er.calibration import builtin_profile
+    ([], {"SGLANG_ER_HISTORY": "sometimes"}, "SGLANG_ER_HISTORY=.sometimes."),
+]
 
-        env = {"SGLANG_ER_PROFILE": str(builtin_profile("h100").save(tmp_path / "h100.json"))}
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_model), "--port", str(free_port()),
-           "--max-total-tokens", "2048", "--speculative-algorithm", "EFFROLLOUT", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **env},
-                         start_new_session=True)
+
+@pytest.fixture(scope="module")
+def refusals(tiny_model, tmp_path_factory):
+    """Every refused start at once, three at a time: each is an SGLang import (~10 s of one core)
+    that ends in the refusal, so running them side by side halves the module's time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sglang_er.calibration import builtin_profile
+
+    tmp = tmp_path_factory.mktemp("refusals")
+    bad = tmp / "profile.json"
+    bad.write_text('{"schema_version": 1, "name": "x", "bandwidth_bytes_per_s": "fast"')
+    # GPU: a valid profile, measured on another kind of machine
+    special = {"CORRUPT": str(bad), "GPU": str(builtin_profile("h100").save(tmp / "h100.json"))}
+
+    def launch(case):
+        args, env, _ = case
+        env = {k: special.get(v, v) for k, v in env.items()}
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_model),
+               "--port", str(free_port()), "--max-total-tokens", "2048", "--speculative-algorithm", "EFFROLLOUT", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **env},
+                              start_new_session=True)
+
+    with ThreadPoolExecutor(3) as ex:
+        return list(ex.map(launch, REFUSALS))
+
+
+@pytest.mark.parametrize("case", range(len(REFUSALS)), ids=[c[2].split("=")[0] for c in REFUSALS])
+def test_server_refuses_to_start_and_says_why(refusals, case):
+    out, fix = refusals[case], REFUSALS[case][2]
     assert out.returncode != 0
-    assert fix in out.stdout + out.stderr
+    assert re.search(fix, out.stdout + out.stderr), (out.stdout + out.stderr)[-3000:]
