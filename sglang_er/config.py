@@ -20,8 +20,8 @@ have no SGLang flag are environment variables, read in every SGLang process alik
   match needs, ``SGLANG_ER_HISTORY_BUDGET`` (4,000,000) indexed tokens before the least recently
   used prompt is dropped.
 - ``SGLANG_ER_MIN_GAIN``: predicted speed-up over plain decoding that speculation (W4 or a
-  verify-only history iteration) must reach in ``auto`` mode (1.05: the live cost model is
-  within a few percent, and a wrong "on" costs more than a missed 1.0x–1.05x);
+  verify-only history iteration) must reach in ``auto`` mode (1.05: the live-corrected cost
+  model is off by 7–10% per phase on a CPU, and a wrong "on" costs more than a missed 1.0x–1.05x);
   ``SGLANG_ER_HYSTERESIS``: relative gain a new γ needs over the previous one (0.02).
 - ``SGLANG_ER_TIMELINE``: iterations kept in the timeline ``/get_server_info`` returns (2048).
 - ``SGLANG_ER_REQUANTIZE=0``: test-only, leave the drafter on the weights it was built from
