@@ -39,6 +39,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 MAX_GAMMA = 16
+# field -> the variable that sets it (from_env reads them; errors name them)
 _ENV = {"mode": "SGLANG_ER_MODE", "draft_head": "SGLANG_ER_DRAFT_HEAD", "quant": "SGLANG_ER_QUANT",
         "awq_min_tokens": "SGLANG_ER_AWQ_MIN_TOKENS", "awq_sample_every": "SGLANG_ER_AWQ_SAMPLE_EVERY",
         "inject_fault": "SGLANG_ER_INJECT_FAULT", "requantize": "SGLANG_ER_REQUANTIZE",
@@ -107,19 +108,9 @@ class EffRolloutConfig(BaseModel):
             mode = environ.get("SGLANG_ER_MODE") or ("fixed" if schedule else "auto")
             if mode == "auto" and schedule:
                 raise ValueError("SGLANG_ER_GAMMA fixes γ: drop it or set SGLANG_ER_MODE=fixed, not auto")
-            return cls(gamma_max=gamma_max, gamma_schedule=schedule, mode=mode,
-                       draft_head=environ.get("SGLANG_ER_DRAFT_HEAD") or "auto",
-                       quant=environ.get("SGLANG_ER_QUANT") or "awq",
-                       awq_min_tokens=environ.get("SGLANG_ER_AWQ_MIN_TOKENS") or 512,
-                       awq_sample_every=environ.get("SGLANG_ER_AWQ_SAMPLE_EVERY") or 4,
-                       inject_fault=environ.get("SGLANG_ER_INJECT_FAULT") or None,
-                       requantize=environ.get("SGLANG_ER_REQUANTIZE", "1"),
-                       timeline_size=environ.get("SGLANG_ER_TIMELINE", "2048"),
-                       min_gain=environ.get("SGLANG_ER_MIN_GAIN") or 1.05,
-                       hysteresis=environ.get("SGLANG_ER_HYSTERESIS") or 0.02,
-                       history=environ.get("SGLANG_ER_HISTORY") or "off",
-                       history_min_match=environ.get("SGLANG_ER_HISTORY_MIN_MATCH") or 3,
-                       history_budget=environ.get("SGLANG_ER_HISTORY_BUDGET") or 4_000_000)
+            # unset or empty variables take the field's default
+            set_vars = {field: environ[var] for field, var in _ENV.items() if field != "mode" and environ.get(var)}
+            return cls(gamma_max=gamma_max, gamma_schedule=schedule, mode=mode, **set_vars)
         except ValidationError as e:
             # name the variable to change, not the pydantic field
             why = "; ".join(f"{_ENV.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else 'settings'}"
