@@ -6,8 +6,9 @@ have no SGLang flag are environment variables, read in every SGLang process alik
 - ``SGLANG_ER_GAMMA``: a fixed γ (``0`` = plain decoding) or a comma list cycled per
   iteration (``"3,0,1"``; used to prove that switching γ costs nothing and stays lossless).
   Unset: γ = the server's ``--speculative-num-draft-tokens`` − 1.
-- ``SGLANG_ER_MODE``: ``auto`` (default: γ chosen every iteration by the system-aware policy)
-  or ``fixed``; setting ``SGLANG_ER_GAMMA`` implies ``fixed``.
+- ``SGLANG_ER_MODE``: ``auto`` (default: γ chosen every iteration by the system-aware policy),
+  ``fixed`` (setting ``SGLANG_ER_GAMMA`` implies it) or ``off`` (always γ = 0: plain decoding
+  through the worker, the drafter kept and re-quantized so that switching back costs nothing).
 - ``SGLANG_ER_DRAFT_HEAD``: ``auto`` , ``shared``
   (the target's lm_head), ``w8`` (an int8 copy) or ``w4`` (a 4-bit copy); ``auto`` means ``w8``
   only where its kernel exists (CPU, bf16 model).
@@ -52,7 +53,7 @@ DEFAULT_GAMMA = 4
 class EffRolloutConfig(BaseModel):
     gamma_max: int = Field(DEFAULT_GAMMA, ge=1, le=MAX_GAMMA)
     gamma_schedule: list[int] | None = None  # None: always gamma_max
-    mode: Literal["auto", "fixed"] = "auto"
+    mode: Literal["auto", "fixed", "off"] = "auto"
     draft_head: Literal["auto", "shared", "w8", "w4"] = "auto"
     quant: Literal["awq", "rtn"] = "awq"
     awq_min_tokens: int = Field(512, ge=1)
@@ -82,6 +83,8 @@ class EffRolloutConfig(BaseModel):
         return "w8" if device_type == "cpu" and dtype == torch.bfloat16 else "shared"
 
     def gamma_for_iteration(self, it: int) -> int:
+        if self.mode == "off":
+            return 0
         if self.gamma_schedule is None:
             return self.gamma_max
         return self.gamma_schedule[it % len(self.gamma_schedule)]
@@ -106,8 +109,8 @@ class EffRolloutConfig(BaseModel):
                 )
         try:
             mode = environ.get("SGLANG_ER_MODE") or ("fixed" if schedule else "auto")
-            if mode == "auto" and schedule:
-                raise ValueError("SGLANG_ER_GAMMA fixes γ: drop it or set SGLANG_ER_MODE=fixed, not auto")
+            if mode in ("auto", "off") and schedule:
+                raise ValueError(f"SGLANG_ER_GAMMA fixes γ: drop it or set SGLANG_ER_MODE=fixed, not {mode}")
             # unset or empty variables take the field's default
             set_vars = {field: environ[var] for field, var in _ENV.items() if field != "mode" and environ.get(var)}
             return cls(gamma_max=gamma_max, gamma_schedule=schedule, mode=mode, **set_vars)

@@ -74,6 +74,13 @@ def test_bad_env_names_the_variable(env, fix):
         EffRolloutConfig.from_env(4, env)
 
 
+def test_mode_off_is_always_plain():
+    cfg = EffRolloutConfig.from_env(4, {"SGLANG_ER_MODE": "off"})
+    assert cfg.mode == "off" and {cfg.gamma_for_iteration(i) for i in range(5)} == {0}
+    with pytest.raises(ValueError, match="SGLANG_ER_GAMMA fixes γ.*not off"):
+        EffRolloutConfig.from_env(4, {"SGLANG_ER_MODE": "off", "SGLANG_ER_GAMMA": "3"})
+
+
 def test_policy_margins_from_env():
     cfg = EffRolloutConfig.from_env(4, {"SGLANG_ER_MIN_GAIN": "1.2", "SGLANG_ER_HYSTERESIS": "0"})
     assert (cfg.min_gain, cfg.hysteresis) == (1.2, 0.0)
