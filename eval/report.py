@@ -27,6 +27,20 @@ def active_over_time(requests: list[dict], t0: float, points: int = 400) -> tupl
     return ts, [sum(1 for r in requests if r["t_send"] - t0 <= t < r["t_done"] - t0) for t in ts]
 
 
+def tail_share(requests: list[dict], frac: float = 0.25) -> float:
+    """Share of the makespan after the requests in flight first drop to ``frac`` of the rollout's:
+    the long tail, where a batch-size-aware policy speculates and plain decoding idles the machine."""
+    t0, done = min(r["t_send"] for r in requests), sorted(r["t_done"] for r in requests)
+    start = done[len(done) - max(1, int(frac * len(done))) - 1] if len(done) > 1 else t0
+    return (done[-1] - start) / (done[-1] - t0) if done[-1] > t0 else 0.0
+
+
+def length_summary(requests: list[dict]) -> str:
+    toks = sorted(r["tokens"] for r in requests)
+    pick = lambda q: toks[min(len(toks) - 1, int(q * len(toks)))]  # noqa: E731
+    return f"output tokens median {pick(0.5)}, p90 {pick(0.9)}, longest {toks[-1]}"
+
+
 def _first_steps(rollouts):
     """One rollout per config (step 0), in run order."""
     seen, out = set(), []
@@ -124,6 +138,8 @@ def write_rollout_report(rollouts, out: Path, workload: str) -> str:
     many = len(rollouts) > len(firsts)
     lines = [f"# Rollout benchmark\n\nWorkload: {workload}. One server at a time, same prompts and seeds."
              + (" Figures are totals over every rollout of a config (table below)." if many else "") + "\n",
+             f"Plain's first rollout: {length_summary(base.requests)}; the last quarter of its requests (the "
+             f"tail) took {tail_share(base.requests):.0%} of its makespan.\n",
              "| config | makespan s | vs plain | tokens | tokens/s | vs plain | acceptance | iterations speculating |",
              "|---|---|---|---|---|---|---|---|"]
     for label, t in totals.items():

@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
+from sglang_er import kv_rows
+
 _installed = False
 _EXTEND_TARGET = (
     "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend"
@@ -188,8 +190,8 @@ def sdpa_forward_extend(
             continue
         q = query[start_q:end_q].movedim(0, -2).unsqueeze(0)  # [1, H, q, D]
         tokens = req_to_token[pool_rows[b], :kv_len]
-        k = k_cache[tokens].movedim(0, -2).unsqueeze(0)  # [1, Hkv, kv, D]
-        v = v_cache[tokens].movedim(0, -2).unsqueeze(0)
+        k = kv_rows.gather(k_cache, tokens).movedim(0, -2).unsqueeze(0)  # [1, Hkv, kv, D]
+        v = kv_rows.gather(v_cache, tokens).movedim(0, -2).unsqueeze(0)
         if k.dtype != dtype:
             k, v = k.to(dtype), v.to(dtype)
         if window is None and q_len == kv_len:  # prefix 0: the square causal mask
@@ -238,8 +240,8 @@ def _batched_short_extend(query, output, k_cache, v_cache, req_to_token, req_poo
     G, L = H // kvh, max(kv_lens)
     cols = torch.arange(L, device=dev)
     idx = req_to_token[req_pool_indices.to(torch.int64)[:, None], cols[None, :]].reshape(-1).to(torch.int64)
-    keys = k_cache.index_select(0, idx).view(bs, L, kvh, D).transpose(1, 2)  # [bs, Hkv, L, D]
-    vals = v_cache.index_select(0, idx).view(bs, L, kvh, dv).transpose(1, 2)
+    keys = kv_rows.gather(k_cache, idx).view(bs, L, kvh, D).transpose(1, 2)  # [bs, Hkv, L, D]
+    vals = kv_rows.gather(v_cache, idx).view(bs, L, kvh, dv).transpose(1, 2)
     if keys.dtype != query.dtype:
         keys, vals = keys.to(query.dtype), vals.to(query.dtype)
     q = query.view(bs, q_len, kvh, G, D).permute(0, 2, 3, 1, 4).reshape(bs, kvh, G * q_len, D)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sglang_er import kv_rows
 from sglang_er._sglang import KVView, LayerView, ModelView
 from sglang_er.awq import AWQQuantizer, fold_into_norm
 from sglang_er.w4linear import W4Linear
@@ -49,8 +50,8 @@ def _gather(kbuf, vbuf, kv_index, dtype):
     """
     B, L = kv_index.shape
     flat = kv_index.reshape(-1)
-    keys = kbuf.index_select(0, flat).view(B, L, *kbuf.shape[1:]).to(dtype).transpose(1, 2).contiguous()
-    vals = vbuf.index_select(0, flat).view(B, L, *vbuf.shape[1:]).to(dtype).transpose(1, 2).contiguous()
+    keys = kv_rows.gather(kbuf, flat).view(B, L, *kbuf.shape[1:]).to(dtype).transpose(1, 2).contiguous()
+    vals = kv_rows.gather(vbuf, flat).view(B, L, *vbuf.shape[1:]).to(dtype).transpose(1, 2).contiguous()
     return keys, vals
 
 

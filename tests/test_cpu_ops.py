@@ -155,3 +155,16 @@ def test_decode_attention_target_resolves_with_same_signature():
     original = inspect.unwrap(TorchNativeAttnBackend.__dict__["_run_sdpa_forward_decode"])
     assert original is cpu_ops.sglang_sdpa_forward_decode()
     assert inspect.signature(cpu_ops.sdpa_forward_decode) == inspect.signature(original)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kv_rows_gather_equals_indexing(dtype):
+    from sglang_er import kv_rows
+
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(50, 4, 8, generator=g).to(dtype)
+    idx = torch.randint(0, 50, (37,), generator=g)
+    assert torch.equal(kv_rows.gather(buf, idx), buf[idx])
+    assert torch.equal(kv_rows.gather(buf, idx.to(torch.int32)), buf[idx])
+    strided = buf.transpose(1, 2)  # not contiguous: the row-block view does not apply
+    assert torch.equal(kv_rows.gather(strided, idx), strided[idx])

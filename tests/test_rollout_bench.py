@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from eval.report import active_over_time
+from eval.report import active_over_time, length_summary, tail_share
 from eval.rollout_bench import main, parse_config
 
 
@@ -44,6 +44,14 @@ def test_active_requests_curve():
     reqs = [{"t_send": 0.0, "t_done": 10.0}, {"t_send": 0.0, "t_done": 2.0}, {"t_send": 1.0, "t_done": 5.0}]
     ts, active = active_over_time(reqs, 0.0, points=11)
     assert active[0] == 2 and max(active) == 3 and active[-1] == 0 and active[ts.index(6.0)] == 1
+
+
+def test_tail_share_and_lengths():
+    # 8 requests sent at 0; 6 finish by t=2, the last two at 4 and 10: the tail (≤ 2 in flight) is 2..10
+    reqs = [{"t_send": 0.0, "t_done": t, "tokens": n} for t, n in
+            [(1, 10), (1, 11), (1.5, 12), (1.5, 13), (2, 14), (2, 15), (4, 40), (10, 100)]]
+    assert tail_share(reqs) == pytest.approx(0.8)
+    assert length_summary(reqs) == "output tokens median 14, p90 100, longest 100"
 
 
 @pytest.mark.parametrize("bad", ["fixed:0", "fixed:x", "speculate", "fixed:99"])
