@@ -29,7 +29,7 @@ def active_over_time(requests: list[dict], t0: float, points: int = 400) -> tupl
 
 def tail_share(requests: list[dict], frac: float = 0.25) -> float:
     """Share of the makespan after the requests in flight first drop to ``frac`` of the rollout's:
-    the long tail, where a batch-size-aware policy speculates and plain decoding idles the machine."""
+    the long tail, where a few requests keep the machine busy and speculation can pay."""
     t0, done = min(r["t_send"] for r in requests), sorted(r["t_done"] for r in requests)
     start = done[len(done) - max(1, int(frac * len(done))) - 1] if len(done) > 1 else t0
     return (done[-1] - start) / (done[-1] - t0) if done[-1] > t0 else 0.0
