@@ -96,6 +96,14 @@ def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamm
     }
 
 
+def best_other(results: dict, names: list[str], temp: float, b: int) -> tuple[str, float]:
+    """The configuration auto is judged against at (T, B): the fastest that is neither a policy
+    (auto, hybrid) nor the γ = 0 timing server, and its tok/s."""
+    others = {n: results[(n, temp, b)]["tok_s"] for n in names if n not in ("auto", "hybrid", "gamma=0")}
+    best = max(others, key=others.get)
+    return best, others[best]
+
+
 def markdown_table(results: dict, names: list[str], temp: float, batches: list[int]) -> str:
     """One README table: plain tok/s, then each configuration's speed-up over plain with its
     acceptance; for auto also the ratio to the best other configuration and its speculating share."""
@@ -111,9 +119,8 @@ def markdown_table(results: dict, names: list[str], temp: float, batches: list[i
             cells.append(f"{r['tok_s'] / base:.2f}x{acc}")
         row = f"| {b} | {base:.1f} | " + " | ".join(cells) + " |"
         if "auto" in cols:
-            others = {n: results[(n, temp, b)]["tok_s"] for n in names if n not in ("auto", "hybrid", "gamma=0")}
             a = results[("auto", temp, b)]
-            row += f" {a['tok_s'] / max(others.values()):.2f}x | {(a['spec_share'] or 0) * 100:.0f}% |"
+            row += f" {a['tok_s'] / best_other(results, names, temp, b)[1]:.2f}x | {(a['spec_share'] or 0) * 100:.0f}% |"
         lines.append(row)
     return "\n".join(lines)
 
@@ -222,12 +229,10 @@ def main() -> None:
                 results[(c[0], temp, b)]["tok_s"] > results[("plain", temp, b)]["tok_s"]
                 for c in spec_configs if c[0] not in ("auto", "hybrid"))), default=None)
             for b in args.batches:
-                others = {c[0]: results[(c[0], temp, b)]["tok_s"] for c in configs
-                          if c[0] not in ("auto", "hybrid", "gamma=0")}
-                best = max(others, key=others.get)
+                best, best_tok_s = best_other(results, [c[0] for c in configs], temp, b)
                 a = results[("auto", temp, b)]
-                print(f"T={temp:g} B={b:3d}  auto {a['tok_s']:7.1f} tok/s = {a['tok_s'] / others[best]:4.2f}x best "
-                      f"({best}), {a['tok_s'] / others['plain']:4.2f}x plain, speculating in "
+                print(f"T={temp:g} B={b:3d}  auto {a['tok_s']:7.1f} tok/s = {a['tok_s'] / best_tok_s:4.2f}x best "
+                      f"({best}), {a['tok_s'] / results[('plain', temp, b)]['tok_s']:4.2f}x plain, speculating in "
                       f"{(a['spec_share'] or 0) * 100:.0f}% of iterations", flush=True)
                 if args.hybrid:
                     h = results[("hybrid", temp, b)]
