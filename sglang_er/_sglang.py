@@ -100,6 +100,22 @@ def model_view(model: torch.nn.Module) -> ModelView:
     )
 
 
+def neox_rope_table(rotary_emb, head_dim: int) -> torch.Tensor | None:
+    """The [max_position, head_dim] cos|sin table of a full-width neox-style rotary embedding
+    whose forward is SGLang's stock one (variants such as Llama-3 or linear scaling differ only
+    in this table), so the drafter may apply it itself; None for any other rotary module."""
+    from sglang.srt.layers.rotary_embedding import RotaryEmbedding
+
+    t = type(rotary_emb)
+    stock = (isinstance(rotary_emb, RotaryEmbedding) and t.forward_native is RotaryEmbedding.forward_native
+             and t.forward_cpu is RotaryEmbedding.forward_cpu)
+    if not stock or not rotary_emb.is_neox_style or hasattr(rotary_emb, "sin_cos_cache"):
+        return None
+    if rotary_emb.rotary_dim != head_dim or rotary_emb.head_size != head_dim:
+        return None
+    return rotary_emb.cos_sin_cache
+
+
 @dataclass
 class KVView:
     """The target's KV pool, per layer: buffers [num_slots, KVH, hd]."""

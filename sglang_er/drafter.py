@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from sglang_er import kv_rows
+from sglang_er import _sglang
 from sglang_er._sglang import KVView, LayerView, ModelView
 from sglang_er.awq import AWQQuantizer, fold_into_norm
 from sglang_er.w4linear import W4Linear
@@ -39,6 +40,15 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return xf.to(x.dtype) * weight
+
+
+def _rope_at(table: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [B, 1, hd] of ``positions`` [B] from a neox cos|sin ``table``, laid out so that
+    ``x * cos + x.roll(hd // 2, -1) * sin`` rotates x [B, heads, hd] (bit-identical to SGLang's
+    native rotary in bf16). Gathered once per draft step for all layers; SGLang's module re-gathers
+    per layer and runs ~25 small ops per call on CPU (72 us against 11 us per layer at batch 1)."""
+    cos, sin = table.index_select(0, positions).chunk(2, dim=-1)
+    return torch.cat([cos, cos], -1).to(dtype).unsqueeze(1), torch.cat([-sin, sin], -1).to(dtype).unsqueeze(1)
 
 
 def _gather(kbuf, vbuf, kv_index, dtype):
@@ -58,6 +68,11 @@ def _gather(kbuf, vbuf, kv_index, dtype):
 # Gather each layer's committed KV once per iteration while it takes at most this many bytes
 # (all layers together); above it, every draft step gathers again (the memory-lean path).
 PREFIX_CACHE_BYTES = 512 << 20
+# On CPU, attention over a layer's prefix of at most this many float32 K+V bytes runs in float32:
+# small bf16 bmm calls carry a fixed cost. Draft step, 4 layers of 4 KV heads x 64, B x L tokens:
+# 4 x 150: 3.25 ms bf16, 2.68 float32; 4 x 400: 3.61, 3.29; 12 x 150 (3.7 MB): 5.89, 5.71;
+# 8 x 400 (6.6 MB): 5.33, 6.21 -- there bandwidth rules and bf16's half-size reads win.
+FP32_ATTENTION_BYTES = 4 << 20
 
 
 class DraftAttention:
@@ -75,11 +90,13 @@ class DraftAttention:
     def __init__(self, kv: KVView, kv_index: torch.Tensor, seq_lens: torch.Tensor, gamma: int,
                  num_layers: int, dtype: torch.dtype):
         B, Lp = kv_index.shape
+        k0 = kv.k[0]
+        if k0.device.type == "cpu" and 2 * B * Lp * k0.shape[1] * k0.shape[2] * 4 <= FP32_ATTENTION_BYTES:
+            dtype = torch.float32
         self.kv, self.kv_index, self.gamma, self.dtype = kv, kv_index, gamma, dtype
         self.bias = torch.zeros(B, 1, 1, Lp, device=kv_index.device)
         self.bias.masked_fill_((torch.arange(Lp, device=kv_index.device)[None, :] >= seq_lens[:, None])
                                .view(B, 1, 1, Lp), float("-inf"))
-        k0 = kv.k[0]
         per_layer = 2 * B * Lp * k0.shape[1] * k0.shape[2] * dtype.itemsize
         self.cache_prefix = per_layer * num_layers <= PREFIX_CACHE_BYTES
         self.prefix: list = [None] * num_layers
@@ -169,6 +186,15 @@ class Drafter:
                 self.head = W4Linear.from_float(view.lm_head_weight, None)
             elif head == "w8":
                 self.head = W8Linear(view.lm_head_weight)
+        self._bind_rope(view)
+
+    def _bind_rope(self, view: ModelView) -> None:
+        """Use the drafter's own rotary (see :func:`_rope_at`) on CPU when every layer shares one
+        stock neox table; otherwise each layer calls the target's module (on CUDA: one fused kernel)."""
+        lv0 = view.layers[0]
+        self.rope_table = None
+        if lv0.qkv_weight.device.type == "cpu" and all(lv.rotary_emb is lv0.rotary_emb for lv in view.layers):
+            self.rope_table = _sglang.neox_rope_table(lv0.rotary_emb, lv0.head_dim)
 
     def head_for(self, batch: int):
         """The head module for a step of ``batch`` requests (None: the target's shared head)."""
@@ -187,6 +213,7 @@ class Drafter:
             self.view = view
             for layer, lv in zip(self.layers, view.layers):
                 layer.view = lv
+            self._bind_rope(view)
         for layer in self.layers:
             layer.requantize()
         if self.head is not None:
@@ -221,14 +248,22 @@ class Drafter:
         """Logits [B, V] (float32) of the next token after ``tokens``."""
         B = tokens.shape[0]
         residual = self.view.embed(tokens)
+        rope = None if self.rope_table is None else _rope_at(self.rope_table, positions, residual.dtype)
         for i, layer in enumerate(self.layers):
             lv = layer.view
             H, KVH, hd = lv.num_heads, lv.num_kv_heads, lv.head_dim
             x = _rms_norm(residual, layer.input_norm, lv.input_norm_eps)
-            q, k, v = layer.qkv(x).split([H * hd, KVH * hd, KVH * hd], dim=-1)
-            q, k = lv.rotary_emb(positions, q, k)
-            out = attn(i, j, q.reshape(B, KVH, H // KVH, hd), k.reshape(B, KVH, hd), v.reshape(B, KVH, hd),
-                       lv.scaling)
+            qkv = layer.qkv(x)
+            if rope is None:
+                q, k, v = qkv.split([H * hd, KVH * hd, KVH * hd], dim=-1)
+                q, k = lv.rotary_emb(positions, q, k)
+                q, k = q.reshape(B, H, hd), k.reshape(B, KVH, hd)
+            else:  # q and k heads rotated together: they are adjacent in the fused qkv output
+                qk = qkv[:, : (H + KVH) * hd].view(B, H + KVH, hd)
+                qk = qk * rope[0] + qk.roll(hd // 2, -1) * rope[1]
+                q, k = qk[:, :H], qk[:, H:]
+            v = qkv[:, (H + KVH) * hd:].view(B, KVH, hd)
+            out = attn(i, j, q.reshape(B, KVH, H // KVH, hd), k, v, lv.scaling)
             residual = residual + layer.o(out.to(residual.dtype).reshape(B, H * hd))
             x = _rms_norm(residual, layer.post_norm, lv.post_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)

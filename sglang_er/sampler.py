@@ -23,8 +23,8 @@ Engine-free (plain torch, CPU or CUDA). Three jobs:
    ``top_k = 1 << 30`` (TOP_K_ALL) means "off", ``top_p = 1.0`` and
    ``min_p = 0.0`` are off.
 
-2. ``sample`` draws from such a distribution (exponential race, the same
-   Gumbel-max trick SGLang uses by default; exact argmax for one-hot rows).
+2. ``sample`` draws from such a distribution (inverse CDF: one uniform per
+   row against the running sum; exact for one-hot rows).
 
 3. ``verify`` is standard lossless speculative sampling (Leviathan et al. /
    Chen et al.) over a chain of gamma drafts, vectorised over the batch.
@@ -309,25 +309,28 @@ def target_probs(
     return out.squeeze(1) if squeeze else out
 
 
-def _race(weights: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Index ~ weights / weights.sum() along the last dim, [..., V] -> [...].
+def _inverse_cdf(weights: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Index ~ weights / weights.sum() along the last dim, [..., V] -> [...] int64.
 
-    Exponential race (argmax of w / Exp(1), i.e. Gumbel-max): needs no
-    normalisation, never picks a zero-weight entry, and is exactly argmax for
-    one-hot rows. Same trick as SGLang's SGLANG_OPT_USE_GUMBEL_SAMPLE.
+    One uniform per row against the running sum, where an exponential (Gumbel-max) race needs
+    V random draws per row: on CPU ``exponential_`` costs ~20 ns an entry, 2.5 ms per draft
+    step at 32 x 4096, against 0.09 ms for this. No normalisation needed. A zero-weight entry
+    never wins: its running sum equals its predecessor's, so it is never the first index whose
+    sum exceeds u. ``u * total`` may round up to ``total``; clamping to the last positive entry
+    (the first index of the running sum's maximum) absorbs that. One-hot rows are exact.
     """
-    noise = torch.empty(
-        weights.shape, dtype=torch.float32, device=weights.device
-    ).exponential_(1.0, generator=generator)
-    noise.clamp_min_(torch.finfo(torch.float32).tiny)
-    return (weights.float() / noise).argmax(dim=-1)
+    cdf = weights.float().cumsum(-1)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, dtype=torch.float32, device=cdf.device, generator=generator) * total
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    return torch.minimum(idx, cdf.argmax(dim=-1))
 
 
 def sample(
     probs: torch.Tensor, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
     """probs [B, V] (or [..., V]) -> tokens [B] (or [...]) int64."""
-    return _race(probs, generator)
+    return _inverse_cdf(probs, generator)
 
 
 def verify(
@@ -390,7 +393,7 @@ def verify(
     # rejection is impossible in exact arithmetic: fall back to p.
     empty = residual.sum(dim=-1, keepdim=True) <= 0
     residual = torch.where(empty, p_sel, residual)
-    next_tok = _race(residual, generator)  # [B]
+    next_tok = _inverse_cdf(residual, generator)  # [B]
 
     pos = torch.arange(gamma + 1, device=device).view(1, -1)
     drafts_pad = torch.cat([tok, tok.new_full((bsz, 1), -1)], dim=1)

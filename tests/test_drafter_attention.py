@@ -75,3 +75,30 @@ def test_draft_attention_equals_attention_over_the_pool_with_draft_kv_written():
             ref = _reference_attention(q, pool_k, pool_v, idx, bias, hd**-0.5)
             torch.testing.assert_close(attn(0, j, q, k, v, hd**-0.5), ref, rtol=1e-5, atol=1e-5)
         assert torch.equal(kv.k[0], kbuf) and torch.equal(kv.v[0], vbuf)  # the pool is never written
+
+
+def test_drafter_rotary_is_sglang_rotary_bit_for_bit():
+    """The drafter's once-per-step rotary (q and k heads together) equals SGLang's module in bf16;
+    modules it cannot reproduce (GPT-J style, partial rotary) give no table, so the drafter calls them."""
+    from sglang.srt.layers.rotary_embedding import get_rope
+
+    from sglang_er._sglang import neox_rope_table
+
+    g = torch.Generator().manual_seed(0)
+    H, KVH, hd, B = 8, 2, 64, 5
+    rope = get_rope(hd, rotary_dim=hd, max_position=512, base=10000, is_neox_style=True, dtype=torch.bfloat16)
+    table = neox_rope_table(rope, hd)
+    assert table is not None
+    positions = torch.tensor([0, 1, 7, 300, 511])
+    q = torch.randn(B, H * hd, generator=g).bfloat16()
+    k = torch.randn(B, KVH * hd, generator=g).bfloat16()
+    ref_q, ref_k = rope.forward_native(positions, q.clone(), k.clone())
+    cos, sin = drafter._rope_at(table, positions, torch.bfloat16)
+    qk = torch.cat([q, k], -1).view(B, H + KVH, hd)
+    got = qk * cos + qk.roll(hd // 2, -1) * sin
+    assert torch.equal(got[:, :H].reshape(B, -1), ref_q.reshape(B, -1))
+    assert torch.equal(got[:, H:].reshape(B, -1), ref_k.reshape(B, -1))
+    assert neox_rope_table(get_rope(hd, rotary_dim=hd, max_position=512, base=10000, is_neox_style=False,
+                                    dtype=torch.bfloat16), hd) is None
+    assert neox_rope_table(get_rope(hd, rotary_dim=hd // 2, max_position=512, base=10000, is_neox_style=True,
+                                    dtype=torch.bfloat16), hd) is None

@@ -294,6 +294,19 @@ def test_sample_matches_probs():
     assert S.sample(onehot).tolist() == [3, 0, 9, 3]
 
 
+def test_sample_unnormalised_sparse_and_batched_rows():
+    """Inverse-CDF sampling: weights need no normalisation, zero-weight entries (leading,
+    inside, trailing as after top-k) are never drawn, [..., V] shapes keep their leading dims."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.tensor([0.0, 0.0, 3.0, 0.0, 1.0e-6, 5.0, 0.0, 0.0])
+    tok = S.sample(w.expand(N_TRIALS, -1), generator=g)
+    assert set(tok.unique().tolist()) <= {2, 4, 5}
+    assert _chi2_pvalue(tok[(tok == 2) | (tok == 5)], torch.tensor([0, 0, 3 / 8, 0, 0, 5 / 8, 0, 0]), 8) > ALPHA
+    w3 = torch.zeros(4, 5, 9)
+    w3[..., 8] = 2.0  # only the last entry: u * total may round up to total
+    assert (S.sample(w3, generator=g) == 8).all() and S.sample(w3).shape == (4, 5)
+
+
 def test_verify_first_and_second_token_distribution():
     V = 10
     p, acc, out, stream = _trials(S.verify, V=V)
