@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from eval.report import active_over_time, length_summary, tail_share
+from eval.report import active_over_time, length_summary, speedup_interval, tail_share
 from eval.rollout_bench import main, parse_config
 
 
@@ -44,6 +44,14 @@ def test_active_requests_curve():
     reqs = [{"t_send": 0.0, "t_done": 10.0}, {"t_send": 0.0, "t_done": 2.0}, {"t_send": 1.0, "t_done": 5.0}]
     ts, active = active_over_time(reqs, 0.0, points=11)
     assert active[0] == 2 and max(active) == 3 and active[-1] == 0 and active[ts.index(6.0)] == 1
+
+
+def test_speedup_interval_brackets_the_ratio_of_totals():
+    plain, spec = [6.2, 6.1, 8.4, 5.9], [4.1, 4.6, 5.5, 4.4]
+    lo, hi = speedup_interval(plain, spec)
+    assert lo < sum(plain) / sum(spec) < hi
+    assert speedup_interval(plain, spec) == (lo, hi)  # seeded: the report is reproducible
+    assert speedup_interval([5.0] * 4, [5.0] * 4) == (1.0, 1.0)
 
 
 def test_tail_share_and_lengths():
