@@ -76,6 +76,11 @@ KV_TRAFFIC_FACTOR: dict[str, float] = {
 }
 
 PHASES = ("plain", "draft", "verify")
+# The first measurements of each phase in a process pay one-time costs (first touch of the W4
+# weights and buffers, allocator growth): measured on gsm8k-lm, an auto server's first two draft
+# and verify phases ran 24% and 38% above the profile, the correction adopted that, predicted a
+# loss and never speculated again (0% of iterations at B = 1, where γ = 7 gains 2.5x).
+WARMUP_OBSERVATIONS = 2
 _SUPPORTED_GROUPS = (128, 64, 32)  # == sglang_er.quantizer.SUPPORTED_GROUP_SIZES (tested)
 
 
@@ -471,6 +476,7 @@ class CostModel:
         target_compute: str = "bf16",
         ema: float = 0.2,
         window: int = 256,
+        warmup: int = 0,
     ):
         self.profile = profile
         self.model = model_cost
@@ -513,6 +519,8 @@ class CostModel:
         self.multiplier = {p: 1.0 for p in PHASES}
         self._hist = {p: deque(maxlen=window) for p in PHASES}
         self._count = {p: 0 for p in PHASES}
+        # per process, not reset with the correction; a server passes WARMUP_OBSERVATIONS
+        self._warmup = {p: int(warmup) for p in PHASES}
         self._outside = {"plain": _LineFit(), "spec": _LineFit()}  # scheduler time around the forwards
         self._fit = {p: _LineFit(intercept="any") for p in PHASES}  # measured vs raw prediction
 
@@ -742,6 +750,10 @@ class CostModel:
             raw, byt = sum(self._seconds(w, "draft") for w in ws), sum(w.bytes for w in ws)
         m_old = self.multiplier[phase]
         pred = self._correct(phase, raw)
+        if self._warmup[phase]:  # reported, never learnt from (see WARMUP_OBSERVATIONS)
+            self._warmup[phase] -= 1
+            return Observation(phase, meas, raw, pred, abs(raw - meas) / meas, abs(pred - meas) / meas,
+                               byt / meas / self._bw, m_old)
         self._fit[phase].add(raw, meas)
         lo, hi = self.MULT_RANGE
         ratio = min(max(meas / raw, lo), hi)
@@ -987,6 +999,10 @@ class AcceptanceModel:
 
 # ====================================================================== policy
 PLAIN_RETIME_ITERATIONS = 2048
+# Whatever it predicts, the policy speculates once after this many explore_every periods of
+# plain iterations (256 by default: at most 0.4% of iterations at a predicted loss), so an
+# estimate that a bad measurement pushed below the exploration floor is measured again.
+FORCED_EXPLORE_PERIODS = 8
 @dataclass(frozen=True)
 class Decision:
     """γ for this iteration and why. Per candidate γ (0 = plain): predicted tokens/s of the
@@ -1111,7 +1127,9 @@ class Policy:
         every batch-size octave where it has not been timed for ``PLAIN_RETIME_ITERATIONS``:
         as a rollout's batch shrinks, that gives the correction plain times across batch sizes
         (a handful of iterations per rollout). Otherwise at most 1/explore_every of the
-        iterations, each losing at most 1 − floor."""
+        iterations, each losing at most 1 − floor -- plus, whatever is predicted, one γ iteration
+        after ``FORCED_EXPLORE_PERIODS · explore_every`` consecutive plain ones, so that no
+        estimate, however it went wrong, keeps speculation off without being measured again."""
         if self.fixed_gamma is not None or not self.explore_every or not self.ladder:
             self._plain_streak = self._spec_streak = 0
             return d
@@ -1133,7 +1151,8 @@ class Policy:
         self._spec_streak = 0
         self._plain_streak += 1
         best = max(self.ladder, key=lambda g: (tps.get(g, 0.0), -g))
-        if self._plain_streak >= self.explore_every and tps.get(best, 0.0) >= self.explore_floor * tps[0]:
+        forced = self._plain_streak >= FORCED_EXPLORE_PERIODS * self.explore_every
+        if forced or (self._plain_streak >= self.explore_every and tps.get(best, 0.0) >= self.explore_floor * tps[0]):
             self._plain_streak = 0
             return Decision(best, tps, f"explore γ={best}: refresh acceptance after {self.explore_every} plain "
                             f"iterations (predicted {tps[best] / tps[0]:.3f}× plain)",

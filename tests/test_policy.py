@@ -538,3 +538,31 @@ def test_live_correction_fixes_the_profiles_shape_not_just_its_scale(qwen):
         cm.observe("plain", [256] * b, 0, true_plain(b))
     assert cm.t_plain([256] * 32) == pytest.approx(true_plain(32), rel=0.05)
     assert cm.t_plain([256]) == pytest.approx(true_plain(1), rel=0.05)
+
+
+def test_warmup_measurements_do_not_train_the_correction(qwen):
+    """A server's first phases pay one-time costs: with ``warmup`` = 2 they are reported but do not
+    move the correction, so two slow first iterations cannot talk the policy out of speculating."""
+    cm = CostModel(builtin_profile("cpu"), qwen, warmup=2)
+    lens = [300]
+    raw = cm.t_draft(lens, 4, corrected=False)
+    for _ in range(2):
+        obs = cm.observe("draft", lens, 4, 3.0 * raw)
+        assert obs.rel_err_raw == pytest.approx(2 / 3) and cm.multiplier["draft"] == 1.0
+    cm.observe("draft", lens, 4, 1.1 * raw)  # the third one is learnt from
+    assert cm.multiplier["draft"] == pytest.approx(1.1)
+    cm.reset_correction()  # a weight update: no second warm-up
+    cm.observe("draft", lens, 4, 0.9 * raw)
+    assert cm.multiplier["draft"] == pytest.approx(0.9)
+
+
+def test_policy_measures_again_however_low_its_estimate(qwen):
+    """An estimate below the exploration floor (here: acceptance ~0) is still re-measured once
+    every FORCED_EXPLORE_PERIODS · explore_every plain iterations."""
+    from sglang_er.policy import FORCED_EXPLORE_PERIODS
+
+    pol = Policy(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.001),
+                 explore_every=4, explore_floor=0.99)
+    n = FORCED_EXPLORE_PERIODS * 4
+    picks = [pol.choose([512]).gamma for _ in range(3 * n)]
+    assert [i for i, g in enumerate(picks) if g > 0] == [n - 1, 2 * n - 1, 3 * n - 1], picks
