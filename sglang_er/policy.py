@@ -521,6 +521,7 @@ class CostModel:
         self._count = {p: 0 for p in PHASES}
         # per process, not reset with the correction; a server passes WARMUP_OBSERVATIONS
         self._warmup = {p: int(warmup) for p in PHASES}
+        self._warmup_outside = {"plain": int(warmup), "spec": int(warmup)}
         self._outside = {"plain": _LineFit(), "spec": _LineFit()}  # scheduler time around the forwards
         self._fit = {p: _LineFit(intercept="any") for p in PHASES}  # measured vs raw prediction
 
@@ -673,7 +674,11 @@ class CostModel:
         tokens per request) as a + b·B by least squares with exponential forgetting."""
         if batch < 1 or not (seconds >= 0 and math.isfinite(seconds)):
             return
-        self._outside["spec" if gamma else "plain"].add(float(batch), float(seconds))
+        mode = "spec" if gamma else "plain"
+        if self._warmup_outside[mode]:  # one-time costs, as for the phases (WARMUP_OBSERVATIONS)
+            self._warmup_outside[mode] -= 1
+            return
+        self._outside[mode].add(float(batch), float(seconds))
 
     def t_outside(self, gamma: int, batch: int) -> float:
         """Predicted scheduler seconds around an iteration's forwards; a mode not yet seen

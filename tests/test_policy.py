@@ -554,6 +554,11 @@ def test_warmup_measurements_do_not_train_the_correction(qwen):
     cm.reset_correction()  # a weight update: no second warm-up
     cm.observe("draft", lens, 4, 0.9 * raw)
     assert cm.multiplier["draft"] == pytest.approx(0.9)
+    for _ in range(2):  # the AWQ switch or a first allocation inside an iteration's wall
+        cm.observe_outside(4, 1, 0.17)
+    assert cm.t_outside(4, 1) == 0.0
+    cm.observe_outside(4, 1, 0.002)
+    assert cm.t_outside(4, 1) == pytest.approx(0.002)
 
 
 def test_policy_measures_again_however_low_its_estimate(qwen):
