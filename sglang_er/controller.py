@@ -19,8 +19,7 @@ from collections import defaultdict
 import torch
 
 from sglang_er.calibration import HardwareProfile, builtin_profile
-from sglang_er.policy import (KV_READ_RULE, WARMUP_OBSERVATIONS, AcceptanceModel, BatchStats, CostModel, ModelCost,
-                              Policy, batch_stats)
+from sglang_er.policy import KV_READ_RULE, AcceptanceModel, BatchStats, CostModel, ModelCost, Policy, batch_stats
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +43,7 @@ class Controller:
         # An unknown backend is modelled like the plain paged kernels: every request reads its own KV.
         cost = CostModel(profile, ModelCost.from_config(
             hf_config, w4_head=draft_head == "w4", w8_head=draft_head == "w8"), attention_backend=attention_backend,
-                         kv_read_rule=KV_READ_RULE.get(attention_backend, "per_request"),
-                         warmup=WARMUP_OBSERVATIONS)
+                         kv_read_rule=KV_READ_RULE.get(attention_backend, "per_request"))
         self.acceptance = AcceptanceModel(gamma_max)
         self.policy = Policy(cost, self.acceptance, ladder=list(range(1, gamma_max + 1)),
                              min_gain=min_gain, hysteresis=hysteresis)

@@ -76,10 +76,11 @@ KV_TRAFFIC_FACTOR: dict[str, float] = {
 }
 
 PHASES = ("plain", "draft", "verify")
-# The first measurements of each phase in a process pay one-time costs (first touch of the W4
-# weights and buffers, allocator growth): measured on gsm8k-lm, an auto server's first two draft
-# and verify phases ran 24% and 38% above the profile, the correction adopted that, predicted a
-# loss and never speculated again (0% of iterations at B = 1, where γ = 7 gains 2.5x).
+# A server's first samples of the scheduler time around the forwards can hold one-time work
+# (measured on gsm8k-lm: learnt from, they made the policy predict every speculative iteration
+# 170 ms dearer and never speculate again, where γ = 7 gains 2.5x): the controller skips this many
+# per mode. ``CostModel(warmup=...)`` can skip phase measurements the same way (off in the server:
+# its first phase measurements replace a profile that may be far off, which the policy needs).
 WARMUP_OBSERVATIONS = 2
 _SUPPORTED_GROUPS = (128, 64, 32)  # == sglang_er.quantizer.SUPPORTED_GROUP_SIZES (tested)
 
@@ -477,6 +478,7 @@ class CostModel:
         ema: float = 0.2,
         window: int = 256,
         warmup: int = 0,
+        outside_warmup: int = 0,
     ):
         self.profile = profile
         self.model = model_cost
@@ -519,9 +521,9 @@ class CostModel:
         self.multiplier = {p: 1.0 for p in PHASES}
         self._hist = {p: deque(maxlen=window) for p in PHASES}
         self._count = {p: 0 for p in PHASES}
-        # per process, not reset with the correction; a server passes WARMUP_OBSERVATIONS
+        # per process, not reset with the correction (see WARMUP_OBSERVATIONS)
         self._warmup = {p: int(warmup) for p in PHASES}
-        self._warmup_outside = {"plain": int(warmup), "spec": int(warmup)}
+        self._warmup_outside = {"plain": int(outside_warmup), "spec": int(outside_warmup)}
         self._outside = {"plain": _LineFit(), "spec": _LineFit()}  # scheduler time around the forwards
         self._fit = {p: _LineFit(intercept="any") for p in PHASES}  # measured vs raw prediction
 
@@ -675,7 +677,7 @@ class CostModel:
         if batch < 1 or not (seconds >= 0 and math.isfinite(seconds)):
             return
         mode = "spec" if gamma else "plain"
-        if self._warmup_outside[mode]:  # one-time costs, as for the phases (WARMUP_OBSERVATIONS)
+        if self._warmup_outside[mode]:  # may hold one-time work (WARMUP_OBSERVATIONS)
             self._warmup_outside[mode] -= 1
             return
         self._outside[mode].add(float(batch), float(seconds))
@@ -755,7 +757,7 @@ class CostModel:
             raw, byt = sum(self._seconds(w, "draft") for w in ws), sum(w.bytes for w in ws)
         m_old = self.multiplier[phase]
         pred = self._correct(phase, raw)
-        if self._warmup[phase]:  # reported, never learnt from (see WARMUP_OBSERVATIONS)
+        if self._warmup[phase]:  # reported, never learnt from
             self._warmup[phase] -= 1
             return Observation(phase, meas, raw, pred, abs(raw - meas) / meas, abs(pred - meas) / meas,
                                byt / meas / self._bw, m_old)

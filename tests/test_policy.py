@@ -541,9 +541,10 @@ def test_live_correction_fixes_the_profiles_shape_not_just_its_scale(qwen):
 
 
 def test_warmup_measurements_do_not_train_the_correction(qwen):
-    """A server's first phases pay one-time costs: with ``warmup`` = 2 they are reported but do not
-    move the correction, so two slow first iterations cannot talk the policy out of speculating."""
-    cm = CostModel(builtin_profile("cpu"), qwen, warmup=2)
+    """With ``warmup`` / ``outside_warmup`` = 2, the first two phase / outside-time measurements are
+    reported but do not move the correction (the server skips outside-time ones: one-time work such
+    as the drafter's AWQ switch must not be learnt as a per-iteration cost)."""
+    cm = CostModel(builtin_profile("cpu"), qwen, warmup=2, outside_warmup=2)
     lens = [300]
     raw = cm.t_draft(lens, 4, corrected=False)
     for _ in range(2):
