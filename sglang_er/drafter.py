@@ -25,8 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sglang_er import kv_rows
-from sglang_er import _sglang
+from sglang_er import _sglang, kv_rows
 from sglang_er._sglang import KVView, LayerView, ModelView
 from sglang_er.awq import AWQQuantizer, fold_into_norm
 from sglang_er.w4linear import W4Linear

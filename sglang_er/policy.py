@@ -76,12 +76,6 @@ KV_TRAFFIC_FACTOR: dict[str, float] = {
 }
 
 PHASES = ("plain", "draft", "verify")
-# A server's first samples of the scheduler time around the forwards can hold one-time work
-# (measured on gsm8k-lm: learnt from, they made the policy predict every speculative iteration
-# 170 ms dearer and never speculate again, where γ = 7 gains 2.5x): the controller skips this many
-# per mode. ``CostModel(warmup=...)`` can skip phase measurements the same way (off in the server:
-# its first phase measurements replace a profile that may be far off, which the policy needs).
-WARMUP_OBSERVATIONS = 2
 _SUPPORTED_GROUPS = (128, 64, 32)  # == sglang_er.quantizer.SUPPORTED_GROUP_SIZES (tested)
 
 
@@ -521,7 +515,10 @@ class CostModel:
         self.multiplier = {p: 1.0 for p in PHASES}
         self._hist = {p: deque(maxlen=window) for p in PHASES}
         self._count = {p: 0 for p in PHASES}
-        # per process, not reset with the correction (see WARMUP_OBSERVATIONS)
+        # The first ``warmup`` phase / ``outside_warmup`` outside-time measurements of the process
+        # are reported but not learnt from (not reset with the correction). Off in the server: its
+        # first phase measurements must replace a profile that may be far off, and the one-time work
+        # found inside an iteration (the drafter's AWQ switch) is kept out of the clock instead.
         self._warmup = {p: int(warmup) for p in PHASES}
         self._warmup_outside = {"plain": int(outside_warmup), "spec": int(outside_warmup)}
         self._outside = {"plain": _LineFit(), "spec": _LineFit()}  # scheduler time around the forwards
@@ -677,7 +674,7 @@ class CostModel:
         if batch < 1 or not (seconds >= 0 and math.isfinite(seconds)):
             return
         mode = "spec" if gamma else "plain"
-        if self._warmup_outside[mode]:  # may hold one-time work (WARMUP_OBSERVATIONS)
+        if self._warmup_outside[mode]:
             self._warmup_outside[mode] -= 1
             return
         self._outside[mode].add(float(batch), float(seconds))
@@ -1160,8 +1157,8 @@ class Policy:
         best = max(self.ladder, key=lambda g: (tps.get(g, 0.0), -g))
         forced = self._plain_streak >= FORCED_EXPLORE_PERIODS * self.explore_every
         if forced or (self._plain_streak >= self.explore_every and tps.get(best, 0.0) >= self.explore_floor * tps[0]):
-            self._plain_streak = 0
-            return Decision(best, tps, f"explore γ={best}: refresh acceptance after {self.explore_every} plain "
+            streak, self._plain_streak = self._plain_streak, 0
+            return Decision(best, tps, f"explore γ={best}: refresh acceptance after {streak} plain "
                             f"iterations (predicted {tps[best] / tps[0]:.3f}× plain)",
                             d.predicted_iter_s, d.expected_tokens)
         return d
