@@ -90,14 +90,14 @@ class DraftAttention:
                  num_layers: int, dtype: torch.dtype):
         B, Lp = kv_index.shape
         k0 = kv.k[0]
-        if k0.device.type == "cpu" and 2 * B * Lp * k0.shape[1] * k0.shape[2] * 4 <= FP32_ATTENTION_BYTES:
+        elems = 2 * B * Lp * k0.shape[1] * k0.shape[2]  # one layer's prefix K + V
+        if k0.device.type == "cpu" and elems * 4 <= FP32_ATTENTION_BYTES:
             dtype = torch.float32
         self.kv, self.kv_index, self.gamma, self.dtype = kv, kv_index, gamma, dtype
         self.bias = torch.zeros(B, 1, 1, Lp, device=kv_index.device)
         self.bias.masked_fill_((torch.arange(Lp, device=kv_index.device)[None, :] >= seq_lens[:, None])
                                .view(B, 1, 1, Lp), float("-inf"))
-        per_layer = 2 * B * Lp * k0.shape[1] * k0.shape[2] * dtype.itemsize
-        self.cache_prefix = per_layer * num_layers <= PREFIX_CACHE_BYTES
+        self.cache_prefix = elems * dtype.itemsize * num_layers <= PREFIX_CACHE_BYTES
         self.prefix: list = [None] * num_layers
         self.own: list = [None] * num_layers
 
