@@ -3,8 +3,9 @@
     python -m eval.bench_spec --model qwen2-0.5b --batches 1 2 4 8 16 32 --gammas 3 5 7 \
         --temperatures 0 1 --new-tokens 128 [--auto] [--draft-heads shared w8 w4] [--quant awq rtn] [--repeats 3]
 
-Servers run one at a time (they would share the 2 cores otherwise): the plain SGLang server,
-then EFFROLLOUT with γ fixed to 0 (plain decode through the worker: measures T_T), then each γ.
+Configurations: the plain SGLang server, EFFROLLOUT with γ fixed to 0 (plain decode through
+the worker: measures T_T), each fixed γ, auto, hybrid. Their servers are all up at once and are
+measured in interleaved rounds (see :func:`measure`; ``--one-at-a-time`` for little memory).
 For every batch size B and temperature, B concurrent requests of ``new_tokens`` tokens each
 (ignore_eos) are timed; the worker's phase timers on ``/metrics`` give T_D (one draft step),
 T_V (one verify) and T_T (one plain step), and its counters the acceptance.
@@ -13,6 +14,7 @@ T_V (one verify) and T_T (one plain step), and its counters the acceptance.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import time
@@ -125,6 +127,101 @@ def markdown_table(results: dict, names: list[str], temp: float, batches: list[i
     return "\n".join(lines)
 
 
+def dump(path, results: dict, model_errors: dict) -> None:
+    """Write the results so far (after every cell, so a crash mid-sweep keeps what was measured)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({**{f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()},
+                       **{f"{k}|model_error": v for k, v in model_errors.items()}}, f, indent=1)
+
+
+def _warm(srv: Server, name: str, prompts) -> None:
+    for i in range(8):  # warm-up; also the traffic the AWQ statistics start from
+        srv.generate(prompts[-1 - i] if prompts else f"[{i}] {PROMPT}", max_new_tokens=16, temperature=0)
+    state = srv.effrollout_state()
+    if state:
+        print(f"{name}: drafter {state['quantizer']}, head {state['draft_head']}", flush=True)
+
+
+def measure(configs: list, args, prompts, path) -> tuple[dict, dict]:
+    """tok/s and phase timings of every (config, T, B) cell, the median of its repeats.
+
+    Interleaved (default): every configuration's server is up at once -- an idle server sleeps
+    (``sleep_on_idle``), so it takes no core from the one being measured -- and each round of a
+    (T, B) cell runs every configuration once, in an order rotated between rounds. This
+    machine's throughput drifts by 10-20% over minutes, while two servers of one configuration
+    measured alternately agree within ~3%: alternating puts the drift into every configuration
+    alike instead of into their ratios. Each server first runs a short untimed batch of every new
+    size B (its first batch of a size ran 20-37% slower at B = 64). Memory is the price: five
+    Qwen2-0.5B servers at B = 64 (~4.7 GB each at peak) overran 24 GiB; ``--one-at-a-time`` runs
+    the servers in turn.
+    """
+    results: dict = {}
+    model_errors: dict = {}
+    names = [c[0] for c in configs]
+
+    def open_server(stack, name, extra, env):
+        srv = stack.enter_context(Server(path, ["--dtype", args.dtype, "--enable-metrics", *extra], env=env,
+                                         max_total_tokens=args.max_total_tokens, stop_grace=1.0))
+        _warm(srv, name, prompts)
+        return srv
+
+    def cell(srv, name, gamma, temp, b, runs):
+        runs.append(run_batch(srv, b, args.new_tokens, temp, gamma, prompts))
+
+    def keep(name, temp, b, runs):
+        r = sorted(runs, key=lambda x: x["tok_s"])[(len(runs) - 1) // 2]  # the median run, whole
+        r["tok_s_runs"] = [round(x["tok_s"], 2) for x in runs]
+        results[(name, temp, b)] = r
+        dump(args.json, results, model_errors)
+        print(f"{args.model} {name:>8} T={temp:g} B={b:3d}: {r['tok_s']:7.1f} tok/s  "
+              + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in r.items() if k not in ("tok_s", "tok_s_runs") and v is not None)
+              + (f"  runs={r['tok_s_runs']}" if len(runs) > 1 else ""), flush=True)
+
+    def model_error(srv, name):
+        policy = (srv.effrollout_state() or {}).get("policy") or {}
+        if policy.get("model_error"):  # auto: the live cost model's error over this whole sweep
+            model_errors[name] = policy["model_error"]
+            print(f"{name}: cost model mean |predicted - measured| / measured per phase (profile alone -> "
+                  "live-corrected): " + ", ".join(
+                      f"{ph} {e['mean_rel_err_raw']:.1%} -> {e['mean_rel_err_corrected']:.1%} (n={e['n']})"
+                      for ph, e in policy["model_error"].items() if e.get("n")), flush=True)
+
+    def reps(b):
+        return args.repeats if args.repeat_batches is None or b in args.repeat_batches else 1
+
+    if args.one_at_a_time:
+        for name, gamma, extra, env in configs:
+            with contextlib.ExitStack() as stack:
+                srv = open_server(stack, name, extra, env)
+                for temp in args.temperatures:
+                    for b in args.batches:
+                        runs: list = []
+                        run_batch(srv, b, 8, temp, gamma, prompts)  # untimed, as below
+                        for _ in range(reps(b)):
+                            cell(srv, name, gamma, temp, b, runs)
+                        keep(name, temp, b, runs)
+                model_error(srv, name)
+        return results, model_errors
+    with contextlib.ExitStack() as stack:
+        servers = {name: (open_server(stack, name, extra, env), gamma) for name, gamma, extra, env in configs}
+        for temp in args.temperatures:
+            for b in args.batches:
+                runs = {n: [] for n in names}
+                for n in names:  # untimed: a server's first batch of a new size runs 20-37% slower
+                    run_batch(servers[n][0], b, 8, temp, servers[n][1], prompts)
+                for r in range(reps(b)):
+                    k = r % len(names)
+                    for n in names[k:] + names[:k]:
+                        cell(servers[n][0], n, servers[n][1], temp, b, runs[n])
+                for n in names:
+                    keep(n, temp, b, runs[n])
+        for n in names:
+            model_error(servers[n][0], n)
+    return results, model_errors
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen2-0.5b")
@@ -156,6 +253,10 @@ def main() -> None:
     p.add_argument("--repeat-batches", nargs="+", type=int, default=None,
                    help="only these batch sizes get --repeats (default: all); the large batches take longest, "
                         "and there the configurations are far apart")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="start the servers in turn instead of all at once (interleaved rounds need every "
+                        "configuration's server in memory together)")
+    p.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool of every server, in tokens")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     if args.repeats < 1:
@@ -180,35 +281,7 @@ def main() -> None:
         configs.append(("auto", 0, spec, {"SGLANG_ER_MODE": "auto", "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
                                           "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM, **prof}))
     spec_configs = [c for c in configs if c[0] not in ("plain", "gamma=0", "plain/no-overlap")]
-    results: dict = {}
-    model_errors: dict = {}
-    for name, gamma, extra, env in configs:
-        with Server(path, ["--dtype", args.dtype, "--enable-metrics", *extra], env=env,
-                    max_total_tokens=32768, stop_grace=1.0) as srv:
-            for i in range(8):  # warm-up; also the traffic the AWQ statistics start from
-                srv.generate(prompts[-1 - i] if prompts else f"[{i}] {PROMPT}", max_new_tokens=16, temperature=0)
-            state = srv.effrollout_state()
-            if state:
-                print(f"{name}: drafter {state['quantizer']}, head {state['draft_head']}", flush=True)
-            for temp in args.temperatures:
-                for b in args.batches:
-                    reps = args.repeats if args.repeat_batches is None or b in args.repeat_batches else 1
-                    runs = [run_batch(srv, b, args.new_tokens, temp, gamma, prompts) for _ in range(reps)]
-                    r = sorted(runs, key=lambda x: x["tok_s"])[(len(runs) - 1) // 2]  # the median run, whole
-                    r["tok_s_runs"] = [round(x["tok_s"], 2) for x in runs]
-                    results[(name, temp, b)] = r
-                    print(f"{args.model} {name:>8} T={temp:g} B={b:3d}: {r['tok_s']:7.1f} tok/s  "
-                          + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in r.items() if k not in ("tok_s", "tok_s_runs") and v is not None)
-                          + (f"  runs={r['tok_s_runs']}" if reps > 1 else ""),
-                          flush=True)
-            policy = (srv.effrollout_state() or {}).get("policy") or {}
-            if policy.get("model_error"):  # auto: the live cost model's error over this whole sweep
-                model_errors[name] = policy["model_error"]
-                print(f"{name}: cost model mean |predicted - measured| / measured per phase (profile alone -> "
-                      "live-corrected): " + ", ".join(
-                          f"{ph} {e['mean_rel_err_raw']:.1%} -> {e['mean_rel_err_corrected']:.1%} (n={e['n']})"
-                          for ph, e in policy["model_error"].items() if e.get("n")), flush=True)
+    results, model_errors = measure(configs, args, prompts, path)
     print(f"\nratios vs plain ({args.model}, {args.new_tokens} new tokens, same run)")
     for temp in args.temperatures:
         for b in args.batches:
@@ -242,10 +315,7 @@ def main() -> None:
     for temp in args.temperatures:
         print(f"\nT={temp:g}, speed-up over plain (acceptance α):\n"
               + markdown_table(results, [c[0] for c in configs], temp, args.batches), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**{f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()},
-                       **{f"{k}|model_error": v for k, v in model_errors.items()}}, f, indent=1)
+    dump(args.json, results, model_errors)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def write_rollout_report(rollouts, out: Path, workload: str) -> str:
     for r in rollouts:
         spans.setdefault(r.config, []).append(r.makespan_s)
     ci = min(len(v) for v in spans.values()) >= 3  # an interval from fewer rollouts says little
-    lines = [f"# Rollout benchmark\n\nWorkload: {workload}. One server at a time, same prompts and seeds."
+    lines = [f"# Rollout benchmark\n\nWorkload: {workload}. Same prompts and seeds."
              + (" Figures are totals over every rollout of a config (table below)." if many else "") + "\n",
              f"Plain's first rollout: {length_summary(base.requests)}; the last quarter of its requests (the "
              f"tail) took {tail_share(base.requests):.0%} of its makespan.\n",

@@ -4,16 +4,18 @@
         [--configs plain fixed:3 auto hybrid] [--epochs 2] [--policy-steps 2] [--profile profile.json] \\
         [--out eval/out/rollout]
 
-Each configuration gets its own server (one at a time, so they do not share the cores) and the
-same workload, sent the way an RL framework sends a rollout: all P prompts × n samples at once,
-temperature 1.0, natural EOS with a max-tokens cap -- lengths are long-tailed, so the batch
-shrinks from P·n to a few stragglers and the tail dominates the makespan. Recorded per request:
-send / finish time and tokens; per server iteration (EFFROLLOUT): γ and batch size from the
-worker's timeline in ``/get_server_info``. ``--policy-steps K`` runs K rollouts per config and,
-between them, pushes perturbed weights with ``update_weights_from_tensor`` (simulated policy
-drift), reporting the drafter's re-quantization time and the acceptance per step. ``--epochs E``
-sends the same prompts E times per step (GRPO's epochs: what history drafts feed on); the
-headline figures are totals over all rollouts of a config.
+Each configuration gets its own server and the same workload. The servers are up together (an
+idle one sleeps, so it takes no core) and the rollouts alternate between them, rotating the order
+(``--one-at-a-time``: one server after the other, for little memory). The workload is sent the
+way an RL framework sends a rollout: all P prompts × n samples at once, temperature 1.0, natural
+EOS with a max-tokens cap -- lengths are long-tailed, so the batch shrinks from P·n to a few
+stragglers and the tail dominates the makespan. Recorded per request: send / finish time and
+tokens; per server iteration (EFFROLLOUT): γ and batch size from the worker's timeline in
+``/get_server_info``. ``--policy-steps K`` runs K rollouts per config and, between them, pushes
+perturbed weights with ``update_weights_from_tensor`` (simulated policy drift), reporting the
+drafter's re-quantization time and the acceptance per step. ``--epochs E`` sends the same
+prompts E times per step (GRPO's epochs: what history drafts feed on); the headline figures are
+totals over all rollouts of a config.
 
 Writes ``report.md``, ``results.json`` and PNG plots (see :mod:`eval.report`) to ``--out``.
 """
@@ -21,6 +23,7 @@ Writes ``report.md``, ``results.json`` and PNG plots (see :mod:`eval.report`) to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import threading
 import time
@@ -182,6 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default=None,
                    help="hardware profile for the EFFROLLOUT servers (SGLANG_ER_PROFILE; see `sglang-er calibrate`)")
     p.add_argument("--server-args", default="", help="extra SGLang args, e.g. '--dtype bfloat16'")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="start the servers in turn instead of all at once with interleaved rollouts "
+                        "(less memory; this machine's drift then lands in the ratios)")
     p.add_argument("--out", default="eval/out/rollout")
     args = p.parse_args(argv)
     configs = [parse_config(c) for c in args.configs]
@@ -194,27 +200,55 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rollouts: list[Rollout] = []
-    for label, server_args, env in configs:
+
+    def start(stack, label, server_args, env) -> Server:
         if args.profile and server_args:
             env = {**env, "SGLANG_ER_PROFILE": str(Path(args.profile).resolve())}
-        with Server(model_path, [*server_args, *args.server_args.split()], env=env,
-                    max_total_tokens=32768, stop_grace=1.0) as srv:
-            print(f"[rollout] {label}: server up in {srv.startup_seconds:.0f}s", flush=True)
+        srv = stack.enter_context(Server(model_path, [*server_args, *args.server_args.split()], env=env,
+                                         max_total_tokens=32768, stop_grace=1.0))
+        print(f"[rollout] {label}: server up in {srv.startup_seconds:.0f}s", flush=True)
+        return srv
+
+    def rollout(srv, label, step, epoch, req_s):
+        ro = run_rollout(srv, label, step, prompts, args.n, args.max_tokens, args.temperature,
+                         args.seed + 7919 * epoch)
+        ro.requantize_s, ro.epoch = (req_s if epoch == 0 else None), epoch
+        rollouts.append(ro)
+        print(f"[rollout] {label} step {step} epoch {epoch}: makespan {ro.makespan_s:.1f}s, {ro.output_tokens} tokens, "
+              f"{ro.tokens_per_s:.1f} tok/s, acceptance {ro.accept_rate if ro.accept_rate is not None else '-'}"
+              + (f", re-quantized in {req_s:.2f}s" if ro.requantize_s else ""), flush=True)
+
+    if args.one_at_a_time:
+        for label, server_args, env in configs:
+            with contextlib.ExitStack() as stack:
+                srv = start(stack, label, server_args, env)
+                for step in range(args.policy_steps):
+                    req_s = perturb_policy(srv, model_path, step + 1, args.perturb) if step else None
+                    for epoch in range(args.epochs):
+                        rollout(srv, label, step, epoch, req_s)
+    else:
+        # Every config's server is up at once (idle ones sleep) and the rollouts alternate,
+        # rotating the order: this machine's speed drifts 10-20% over minutes, and alternating
+        # puts the drift into every config alike instead of into their ratios.
+        with contextlib.ExitStack() as stack:
+            servers = [(label, start(stack, label, server_args, env)) for label, server_args, env in configs]
+            k = 0
             for step in range(args.policy_steps):
-                req_s = perturb_policy(srv, model_path, step + 1, args.perturb) if step else None
+                req = {label: perturb_policy(srv, model_path, step + 1, args.perturb) if step else None
+                       for label, srv in servers}
                 for epoch in range(args.epochs):
-                    ro = run_rollout(srv, label, step, prompts, args.n, args.max_tokens, args.temperature,
-                                     args.seed + 7919 * epoch)
-                    ro.requantize_s, ro.epoch = (req_s if epoch == 0 else None), epoch
-                    rollouts.append(ro)
-                    print(f"[rollout] {label} step {step} epoch {epoch}: makespan {ro.makespan_s:.1f}s, {ro.output_tokens} tokens, "
-                          f"{ro.tokens_per_s:.1f} tok/s, acceptance {ro.accept_rate if ro.accept_rate is not None else '-'}"
-                          + (f", re-quantized in {req_s:.2f}s" if ro.requantize_s else ""), flush=True)
+                    for label, srv in servers[k:] + servers[:k]:
+                        rollout(srv, label, step, epoch, req[label])
+                    k = (k + 1) % len(servers)
+        order = {label: i for i, (label, _, _) in enumerate(configs)}
+        rollouts.sort(key=lambda r: (order[r.config], r.step, r.epoch))
     from eval.report import write_rollout_report
 
     workload = (f"{args.prompts} GSM8K prompts × n={args.n}, temperature {args.temperature}, max {args.max_tokens} "
                 f"tokens, natural EOS, model {model_path.name}"
-                + (f", {args.epochs} epochs of the same prompts" if args.epochs > 1 else ""))
+                + (f", {args.epochs} epochs of the same prompts" if args.epochs > 1 else "")
+                + ("; one server at a time" if args.one_at_a_time else
+                   "; every server up at once, the rollouts alternating between them in a rotated order"))
     (out / "results.json").write_text(json.dumps({"workload": workload, "rollouts": [asdict(r) for r in rollouts]}))
     report = write_rollout_report(rollouts, out, workload)
     print(report)

@@ -118,7 +118,7 @@ def run(args) -> int:
     from eval.report import write_rollout_report
 
     workload = (f"{args.questions} GSM8K questions x n={args.n}, temperature {args.temperature}, "
-                f"max {args.max_tokens} tokens, model {Path(path).name}")
+                f"max {args.max_tokens} tokens, model {Path(path).name}; one server at a time")
     write_rollout_report([plain_ro, eff_ro], Path(args.out), workload)
     table = ["\n## Accuracy and speed, side by side\n", "| | plain | EFFROLLOUT |", "|---|---|---|",
              *(f"| {name.strip()} | {a} | {b} |" for name, a, b in rows), f"| throughput ratio | | {speedup:.2f}x |"]
