@@ -162,7 +162,8 @@ class Timeline:
 
     Record keys: iteration, time (unix s), gamma, batch_size, seq_lens (committed lengths [B]),
     plain_s / draft_s (all γ steps) / verify_s (None where not run), accepted (Σ accepted drafts,
-    None at γ = 0), predicted_speedup (auto mode: predicted tokens/s at γ over γ = 0), wall_s
+    None at γ = 0), predicted_speedup (auto mode: predicted tokens/s at γ over γ = 0),
+    best_spec_speedup (auto mode: the best speculative γ's predicted tokens/s over γ = 0), wall_s
     (entry of this decode iteration to entry of the next, scheduler work included; absent when
     a prefill or an idle spell came between).
     """

@@ -1075,6 +1075,7 @@ class Policy:
         self._plain_streak = self._spec_streak = 0
         self._iteration = 0
         self._plain_timed: dict[int, int] = {}  # batch-size octave -> iteration plain last ran
+        self._spec_timed: dict[int, int] = {}  # batch-size octave -> iteration speculation last ran
 
     @classmethod
     def fixed(cls, gamma: int, cost_model: Optional[CostModel] = None,
@@ -1114,8 +1115,7 @@ class Policy:
         d = self._explore(d, st.batch)
         self.last_gamma = d.gamma
         self._iteration += 1
-        if d.gamma == 0:
-            self._plain_timed[st.batch.bit_length()] = self._iteration
+        (self._spec_timed if d.gamma else self._plain_timed)[st.batch.bit_length()] = self._iteration
         return d
 
     def _explore(self, d: Decision, batch: int) -> Decision:
@@ -1130,7 +1130,12 @@ class Policy:
         clearly one-sided regime). Besides, plain runs once after 4 speculative iterations in
         every batch-size octave where it has not been timed for ``PLAIN_RETIME_ITERATIONS``:
         as a rollout's batch shrinks, that gives the correction plain times across batch sizes
-        (a handful of iterations per rollout). Otherwise at most 1/explore_every of the
+        (a handful of iterations per rollout). Likewise the best γ runs once after 4 plain
+        iterations in every octave where speculation has not run for that long, whatever is
+        predicted: a profile whose error grows with the batch (one gsm8k-lm profile predicted
+        0.6x at B = 32-64 where speculation measured 1.3x) otherwise keeps a large batch plain,
+        because the tail's speculative iterations reset the plain streak the forced exploration
+        waits for. Otherwise at most 1/explore_every of the
         iterations, each losing at most 1 − floor -- plus, whatever is predicted, one γ iteration
         after ``FORCED_EXPLORE_PERIODS · explore_every`` consecutive plain ones, so that no
         estimate, however it went wrong, keeps speculation off without being measured again."""
@@ -1155,7 +1160,10 @@ class Policy:
         self._spec_streak = 0
         self._plain_streak += 1
         best = max(self.ladder, key=lambda g: (tps.get(g, 0.0), -g))
-        forced = self._plain_streak >= FORCED_EXPLORE_PERIODS * self.explore_every
+        last = self._spec_timed.get(batch.bit_length())
+        unseen = last is None or self._iteration - last > PLAIN_RETIME_ITERATIONS
+        forced = self._plain_streak >= FORCED_EXPLORE_PERIODS * self.explore_every or (
+            unseen and self._plain_streak >= min(4, self.explore_every))
         if forced or (self._plain_streak >= self.explore_every and tps.get(best, 0.0) >= self.explore_floor * tps[0]):
             streak, self._plain_streak = self._plain_streak, 0
             return Decision(best, tps, f"explore γ={best}: refresh acceptance after {streak} plain "

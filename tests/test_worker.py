@@ -234,6 +234,11 @@ def test_auto_policy_speculates_alone_and_not_in_a_compute_bound_batch(tiny_mode
     assert any(g > 0 for g in lone), lone
     big = [x["gamma"] for x in t_all if x["batch_size"] >= 16]
     assert big and sum(g == 0 for g in big) > 0.8 * len(big), big
+    # a plain iteration records by how much the best speculative γ was predicted to lose (an
+    # exploring one, which re-times plain where speculation is predicted to pay, may record > 1)
+    lost = [x["best_spec_speedup"] for x in t_all if x["batch_size"] >= 16 and x["gamma"] == 0]
+    assert lost and all(v is not None and v > 0 for v in lost), lost
+    assert sum(v < 1.0 for v in lost) > 0.8 * len(lost), lost
     assert alone["meta_info"]["spec_verify_ct"] > 0
 
 
