@@ -45,7 +45,8 @@ _ENV = {"mode": "SGLANG_ER_MODE", "draft_head": "SGLANG_ER_DRAFT_HEAD", "quant":
         "awq_min_tokens": "SGLANG_ER_AWQ_MIN_TOKENS", "awq_sample_every": "SGLANG_ER_AWQ_SAMPLE_EVERY",
         "inject_fault": "SGLANG_ER_INJECT_FAULT", "requantize": "SGLANG_ER_REQUANTIZE",
         "timeline_size": "SGLANG_ER_TIMELINE", "min_gain": "SGLANG_ER_MIN_GAIN",
-        "hysteresis": "SGLANG_ER_HYSTERESIS", "history": "SGLANG_ER_HISTORY",
+        "hysteresis": "SGLANG_ER_HYSTERESIS", "explore_every": "SGLANG_ER_EXPLORE_EVERY",
+        "history": "SGLANG_ER_HISTORY",
         "history_min_match": "SGLANG_ER_HISTORY_MIN_MATCH", "history_budget": "SGLANG_ER_HISTORY_BUDGET"}
 DEFAULT_GAMMA = 4
 
@@ -63,6 +64,9 @@ class EffRolloutConfig(BaseModel):
     timeline_size: int = Field(2048, ge=0, le=1 << 20)
     min_gain: float = Field(1.05, ge=1.0, le=4.0)
     hysteresis: float = Field(0.02, ge=0.0, le=1.0)
+    # auto: re-measure what the policy does not choose (see Policy._explore); 0 turns that off,
+    # leaving every decision to the cost model (tests of the model's own verdict)
+    explore_every: int = Field(32, ge=0, le=1 << 16)
     history: Literal["off", "group", "all"] = "off"
     history_min_match: int = Field(3, ge=1, le=64)
     history_budget: int = Field(4_000_000, ge=1000)

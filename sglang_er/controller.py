@@ -37,7 +37,7 @@ def default_profile(device: torch.device) -> HardwareProfile:
 class Controller:
     def __init__(self, hf_config: dict, gamma_max: int, device: torch.device, attention_backend: str,
                  draft_head: str = "shared", profile: HardwareProfile | None = None,
-                 min_gain: float = 1.05, hysteresis: float = 0.02):
+                 min_gain: float = 1.05, hysteresis: float = 0.02, explore_every: int = 32):
         self.device = device
         profile = profile or default_profile(device)
         # An unknown backend is modelled like the plain paged kernels: every request reads its own KV.
@@ -46,7 +46,7 @@ class Controller:
                          kv_read_rule=KV_READ_RULE.get(attention_backend, "per_request"))
         self.acceptance = AcceptanceModel(gamma_max)
         self.policy = Policy(cost, self.acceptance, ladder=list(range(1, gamma_max + 1)),
-                             min_gain=min_gain, hysteresis=hysteresis)
+                             min_gain=min_gain, hysteresis=hysteresis, explore_every=explore_every)
         self.cost = cost
         self._live_rids: set = set()
         self._rids: list = []  # the last batch's request ids, in order

@@ -74,6 +74,7 @@ class EffRolloutWorker(BaseSpecWorker):
                 self.model_runner.model_config.hf_config.to_dict(), self.speculative_num_steps, self.device,
                 _sglang.attention_backend_name(self.model_runner), self.drafter.head_kind,
                 min_gain=self.config.min_gain, hysteresis=self.config.hysteresis,
+                explore_every=self.config.explore_every,
             )
         logger.info(
             "EFFROLLOUT drafter ready: %d layers, W4 weights %.1f MB, γ max %d, schedule %s",

@@ -214,8 +214,10 @@ def test_auto_policy_speculates_alone_and_not_in_a_compute_bound_batch(tiny_mode
         name="test-ridge", bandwidth_bytes_per_s=1e9, flops_per_s={k: 4e9 for k in base.flops_per_s},
         fixed_plain_s=1e-4, fixed_draft_step_s=1e-4, fixed_verify_s=1e-4, per_seq_s=0.0, per_seq_draft_s=0.0))
     path = profile.save(tmp_path / "profile.json")
+    # Exploration off: it would measure speculation at B = 24 once, and on this machine the tiny
+    # model's measured speculation pays there, which (rightly) overrides this synthetic profile.
     srv = start_server(tiny_model, [*FP32, *EFF, "--speculative-num-steps", "7"],
-                       env={"SGLANG_ER_MODE": "auto", "SGLANG_ER_PROFILE": str(path)})
+                       env={"SGLANG_ER_MODE": "auto", "SGLANG_ER_PROFILE": str(path), "SGLANG_ER_EXPLORE_EVERY": "0"})
     try:
         alone = srv.generate(PROMPT, max_new_tokens=48, temperature=0, ignore_eos=True)
         t_alone = _timeline(srv)
@@ -234,11 +236,10 @@ def test_auto_policy_speculates_alone_and_not_in_a_compute_bound_batch(tiny_mode
     assert any(g > 0 for g in lone), lone
     big = [x["gamma"] for x in t_all if x["batch_size"] >= 16]
     assert big and sum(g == 0 for g in big) > 0.8 * len(big), big
-    # a plain iteration records by how much the best speculative γ was predicted to lose (an
-    # exploring one, which re-times plain where speculation is predicted to pay, may record > 1)
+    # a plain iteration records the best speculative γ's predicted gain: below min_gain (1.05),
+    # within the hysteresis (1.02) where plain was kept
     lost = [x["best_spec_speedup"] for x in t_all if x["batch_size"] >= 16 and x["gamma"] == 0]
-    assert lost and all(v is not None and v > 0 for v in lost), lost
-    assert sum(v < 1.0 for v in lost) > 0.8 * len(lost), lost
+    assert lost and all(v is not None and 0 < v < 1.05 * 1.02 for v in lost), lost
     assert alone["meta_info"]["spec_verify_ct"] > 0
 
 
