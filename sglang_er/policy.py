@@ -1002,7 +1002,7 @@ class AcceptanceModel:
 
 
 # ====================================================================== policy
-PLAIN_RETIME_ITERATIONS = 2048
+RETIME_ITERATIONS = 2048
 # Whatever it predicts, the policy speculates once after this many explore_every periods of
 # plain iterations (256 by default: at most 0.4% of iterations at a predicted loss), so an
 # estimate that a bad measurement pushed below the exploration floor is measured again.
@@ -1025,6 +1025,14 @@ class Decision:
         if self.gamma in tps and tps.get(0):
             return tps[self.gamma] / tps[0]
         return float("nan")
+
+    @property
+    def best_spec_speedup(self) -> float:
+        """The best speculative γ's predicted tokens/s over plain (on a plain iteration: by how
+        much speculation was predicted to lose; nan without predictions)."""
+        tps = self.predicted_tokens_per_s
+        spec = [v for g, v in tps.items() if g]
+        return max(spec) / tps[0] if spec and tps.get(0) else float("nan")
 
 
 class Policy:
@@ -1128,16 +1136,16 @@ class Policy:
         ``explore_every``-th consecutive iteration of one kind runs the other once -- the best
         γ, or plain -- where that is predicted within ``explore_floor`` of the choice (never in a
         clearly one-sided regime). Besides, plain runs once after 4 speculative iterations in
-        every batch-size octave where it has not been timed for ``PLAIN_RETIME_ITERATIONS``:
+        every batch-size octave where it has not been timed for ``RETIME_ITERATIONS``:
         as a rollout's batch shrinks, that gives the correction plain times across batch sizes
         (a handful of iterations per rollout). Likewise the best γ runs once after 4 plain
         iterations in every octave where speculation has not run for that long, whatever is
         predicted: a profile whose error grows with the batch (one gsm8k-lm profile predicted
         0.6x at B = 32-64 where speculation measured 1.3x) otherwise keeps a large batch plain,
         because the tail's speculative iterations reset the plain streak the forced exploration
-        waits for. Otherwise at most 1/explore_every of the
-        iterations, each losing at most 1 − floor -- plus, whatever is predicted, one γ iteration
-        after ``FORCED_EXPLORE_PERIODS · explore_every`` consecutive plain ones, so that no
+        waits for. Otherwise at most 1/explore_every of the iterations, each losing at most
+        1 − floor -- plus, whatever is predicted, one γ iteration after
+        ``FORCED_EXPLORE_PERIODS · explore_every`` consecutive plain ones, so that no
         estimate, however it went wrong, keeps speculation off without being measured again."""
         if self.fixed_gamma is not None or not self.explore_every or not self.ladder:
             self._plain_streak = self._spec_streak = 0
@@ -1148,8 +1156,7 @@ class Policy:
             self._spec_streak += 1
             # a batch-size octave where plain was not timed lately: the correction's shape there
             # is a guess (fixed overhead vs per-request slope), so time it once whatever it predicts
-            last = self._plain_timed.get(batch.bit_length())
-            unseen = last is None or self._iteration - last > PLAIN_RETIME_ITERATIONS
+            unseen = self._unseen(self._plain_timed, batch)
             if (unseen and self._spec_streak >= min(4, self.explore_every)) or (
                     self._spec_streak >= self.explore_every and tps[0] >= self.explore_floor * tps[d.gamma]):
                 self._spec_streak = 0
@@ -1160,16 +1167,19 @@ class Policy:
         self._spec_streak = 0
         self._plain_streak += 1
         best = max(self.ladder, key=lambda g: (tps.get(g, 0.0), -g))
-        last = self._spec_timed.get(batch.bit_length())
-        unseen = last is None or self._iteration - last > PLAIN_RETIME_ITERATIONS
         forced = self._plain_streak >= FORCED_EXPLORE_PERIODS * self.explore_every or (
-            unseen and self._plain_streak >= min(4, self.explore_every))
+            self._unseen(self._spec_timed, batch) and self._plain_streak >= min(4, self.explore_every))
         if forced or (self._plain_streak >= self.explore_every and tps.get(best, 0.0) >= self.explore_floor * tps[0]):
             streak, self._plain_streak = self._plain_streak, 0
             return Decision(best, tps, f"explore γ={best}: refresh acceptance after {streak} plain "
                             f"iterations (predicted {tps[best] / tps[0]:.3f}× plain)",
                             d.predicted_iter_s, d.expected_tokens)
         return d
+
+    def _unseen(self, timed: dict, batch: int) -> bool:
+        """No iteration of that kind in this batch-size octave for RETIME_ITERATIONS iterations."""
+        last = timed.get(batch.bit_length())
+        return last is None or self._iteration - last > RETIME_ITERATIONS
 
     def _decide(self, seq_lens, prefix_groups, rids, prev) -> Decision:
         if self.fixed_gamma is not None and (self.cost_model is None or self.acceptance is None):

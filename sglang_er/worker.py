@@ -391,16 +391,8 @@ class EffRolloutWorker(BaseSpecWorker):
             plain_s=times.get("plain_s"), draft_s=times.get("draft_s"), verify_s=times.get("verify_s"),
             accepted=times.get("accepted"), history_rows=times.get("history_rows", 0),
             predicted_speedup=None if decision is None else _finite(decision.speedup),
-            best_spec_speedup=None if decision is None else _finite(_best_spec(decision)),
+            best_spec_speedup=None if decision is None else _finite(decision.best_spec_speedup),
         )
-
-
-def _best_spec(decision) -> float:
-    """Predicted tokens/s of the best speculative γ over plain: on a plain iteration, by how much
-    speculation was predicted to lose (what the timeline shows when auto stays plain)."""
-    tps = decision.predicted_tokens_per_s
-    spec = [v for g, v in tps.items() if g]
-    return max(spec) / tps[0] if spec and tps.get(0) else float("nan")
 
 
 def _finite(x: float):
