@@ -153,8 +153,10 @@ def measure(configs: list, args, prompts, path) -> tuple[dict, dict]:
     measured alternately agree within ~3%: alternating puts the drift into every configuration
     alike instead of into their ratios. Each server first runs a short untimed batch of every new
     size B (its first batch of a size ran 20-37% slower at B = 64). Memory is the price: five
-    Qwen2-0.5B servers at B = 64 (~4.7 GB each at peak) overran 24 GiB; ``--one-at-a-time`` runs
-    the servers in turn.
+    Qwen2-0.5B servers at B = 64 (~4.7 GB each at peak) overran 24 GiB: a fixed γ that fell
+    below ``--contender-ratio`` of the best at the previous batch size runs once (see ``wanted``),
+    and in the last cell those run first and their servers stop; ``--one-at-a-time`` runs the
+    servers in turn.
     """
     results: dict = {}
     model_errors: dict = {}
@@ -204,21 +206,49 @@ def measure(configs: list, args, prompts, path) -> tuple[dict, dict]:
                         keep(name, temp, b, runs)
                 model_error(srv, name)
         return results, model_errors
+    def wanted(temp, b, prev_b):
+        """Runs per configuration at (T, B): ``reps(b)``, but one for a fixed γ that reached less
+        than ``--contender-ratio`` of the best at the previous batch size (past its crossover a
+        fixed γ only falls further behind; its repeats would cost most of a large-B cell)."""
+        n_runs = {n: reps(b) for n in names}
+        if prev_b is not None and args.contender_ratio:
+            best = max(results[(n, temp, prev_b)]["tok_s"] for n in names)
+            for n in names:
+                if n.startswith("gamma=") and n != "gamma=0" and \
+                        results[(n, temp, prev_b)]["tok_s"] < args.contender_ratio * best:
+                    n_runs[n] = 1
+        return n_runs
+
     with contextlib.ExitStack() as stack:
         servers = {name: (open_server(stack, name, extra, env), gamma) for name, gamma, extra, env in configs}
+        stopped: set = set()
         for temp in args.temperatures:
+            prev_b = None
             for b in args.batches:
+                n_runs = wanted(temp, b, prev_b)
+                final = (temp, b) == (args.temperatures[-1], args.batches[-1])
                 runs = {n: [] for n in names}
-                for n in names:  # untimed: a server's first batch of a new size runs 20-37% slower
+                # the last cell's single-run configurations go first, one server at a time, and
+                # stop: a server keeps its peak memory, and five at B = 64 overran 24 GiB
+                singles = [n for n in names if final and n_runs[n] < reps(b)]
+                for n in singles + [n for n in names if n not in singles]:
+                    # untimed: a server's first batch of a new size runs 20-37% slower
                     run_batch(servers[n][0], b, 8, temp, servers[n][1], prompts)
-                for r in range(reps(b)):
+                    if n in singles:
+                        cell(servers[n][0], n, servers[n][1], temp, b, runs[n])
+                        servers[n][0].stop()
+                        stopped.add(n)
+                for r in range(max(n_runs.values())):
                     k = r % len(names)
                     for n in names[k:] + names[:k]:
-                        cell(servers[n][0], n, servers[n][1], temp, b, runs[n])
+                        if len(runs[n]) < n_runs[n]:
+                            cell(servers[n][0], n, servers[n][1], temp, b, runs[n])
                 for n in names:
                     keep(n, temp, b, runs[n])
+                prev_b = b
         for n in names:
-            model_error(servers[n][0], n)
+            if n not in stopped:
+                model_error(servers[n][0], n)
     return results, model_errors
 
 
@@ -253,6 +283,9 @@ def main() -> None:
     p.add_argument("--repeat-batches", nargs="+", type=int, default=None,
                    help="only these batch sizes get --repeats (default: all); the large batches take longest, "
                         "and there the configurations are far apart")
+    p.add_argument("--contender-ratio", type=float, default=0.8,
+                   help="a fixed γ below this fraction of the best at the previous batch size gets one run "
+                        "instead of --repeats (interleaved mode; 0: repeat every configuration)")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="start the servers in turn instead of all at once (interleaved rounds need every "
                         "configuration's server in memory together)")

@@ -92,6 +92,11 @@ class Controller:
         """Scheduler time around the last iteration's forwards (see :meth:`CostModel.observe_outside`)."""
         self.cost.observe_outside(gamma, batch, seconds)
 
+    def drafter_changed(self) -> None:
+        """The drafter was re-quantized: its acceptance must be measured afresh."""
+        self.acceptance.reset()
+        self.policy.reset()
+
     def w4_expected_tokens(self) -> list[float]:
         """E[L | W4, γ] for γ = 0..γmax (server-wide acceptance)."""
         return self.acceptance.expected_tokens_table()
