@@ -100,7 +100,7 @@ class EffRolloutWorker(BaseSpecWorker):
         self.requantizations += 1
         self.last_requantize_s = time.perf_counter() - t0
         if self.controller is not None:
-            self.controller.acceptance.reset()  # measured on the drafter of the old policy
+            self.controller.drafter_changed()  # acceptance measured on the old policy's drafter
         self.metrics.record_requantize(self.last_requantize_s)
         logger.info("EFFROLLOUT drafter re-quantized from the updated policy in %.3f s (#%d)",
                     self.last_requantize_s, self.requantizations)
@@ -141,7 +141,7 @@ class EffRolloutWorker(BaseSpecWorker):
         self.drafter.requantize()
         self.awq_active = True
         if self.controller is not None:
-            self.controller.acceptance.reset()  # measured on the RTN drafter
+            self.controller.drafter_changed()  # acceptance measured on the RTN drafter
         s = self.drafter.awq_summary()
         logger.info("EFFROLLOUT drafter switched from RTN to AWQ after %d observed tokens in %.3f s "
                     "(%d of %d linear groups scaled, mean β %.2f)", self.live_stats.tokens(),
@@ -317,6 +317,7 @@ class EffRolloutWorker(BaseSpecWorker):
                 self._target_worker, batch, verify_ids.flatten(), slots.flatten(), seq_lens, width
             )
         target_logits = logits_output.next_token_logits.view(bs, width, -1)
+        p = None
         if greedy:
             accept_len, out_tokens = sampler.verify_greedy(draft_tokens, target_logits)
         else:
@@ -327,6 +328,8 @@ class EffRolloutWorker(BaseSpecWorker):
             accept_len, out_tokens = sampler.verify(draft_tokens, q, p)
         # the acceptance test belongs to the verify phase, as sampling belongs to the plain step
         t_verify = clock.lap()
+        if self.history is not None and self.history.shadow:  # unused proposals, measured for free
+            self.history.observe_shadow(draft_tokens, p, target_logits.argmax(-1) if greedy else None)
         if self.config.inject_fault is not None:
             accept_len, out_tokens = self._inject_fault(plan, draft_tokens, target_logits, params, accept_len,
                                                         out_tokens)

@@ -163,13 +163,16 @@ def test_meta_info_splits_a_requests_drafts_by_source():
                                     "none": {"iterations": 1, "proposed": 0, "accepted": 0}}
 
 
-def test_history_exploration_takes_few_rows_and_measured_acceptance_decides():
-    """Auto mode: until history drafts have a measured acceptance they replace the W4 drafter's on
-    at most 1 row in 8 (the longest proposals); afterwards the measured E[L] decides against W4's.
-    Fixed γ (no W4 estimate): every proposal is verified."""
+def test_unused_proposals_are_measured_in_the_shadow_of_the_w4_drafts():
+    """Auto mode: history drafts are used only where their measured E[L] beats the W4 drafter's,
+    and a proposal left unused is measured anyway from the verify's distributions (no W4 row is
+    given up to explore): scored while it agrees with the verified drafts, censored after the
+    first disagreement. Fixed γ (no W4 estimate): every proposal is verified."""
     from types import SimpleNamespace
 
-    from sglang_er.history_drafts import EXPLORE, EXPLORE_SHARE, HistoryDrafts
+    import torch
+
+    from sglang_er.history_drafts import HistoryDrafts
 
     prompt = list(range(100, 140))
     text = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 3
@@ -179,12 +182,33 @@ def test_history_exploration_takes_few_rows_and_measured_acceptance_decides():
     hd.sync([done])
     hd.sync(reqs)  # "done" left the batch: its whole text is indexed
     w4 = [1.0, 1.9, 2.7, 3.4, 4.0]  # E[L | W4, γ]: α ≈ 0.9
-
-    plan = hd.plan(reqs, 4, w4)
-    assert len(plan.history_rows) == 16 // EXPLORE_SHARE and plan.run_drafter
     assert hd.plan(reqs, 4, None).history_rows == list(range(16))  # fixed γ
 
-    for _ in range(EXPLORE):  # history drafts measured: half their first tokens accepted
-        hd.observe(plan, [1 if i % 2 else 0 for i in range(16)])
-    assert hd.plan(reqs, 4, w4) is None  # W4 expects more: history drafts are not used
-    assert hd.plan(reqs, 4, [1.0, 1.05, 1.08, 1.1, 1.1]).history_rows  # a poor W4 drafter: they are
+    assert hd.plan(reqs, 4, w4) is None  # the prior (α 0.5) expects less than W4
+    props = dict(hd.shadow)
+    assert sorted(props) == list(range(16)) and all(len(h) == 4 for h in props.values())
+    drafts = torch.tensor([props[i] for i in range(16)])  # the W4 drafter proposed the same tokens
+    drafts[8:, 1] = 0  # ... except on rows 8-15 from position 2 on
+    probs = torch.zeros(16, 5, 32)
+    for i in range(16):
+        for k, t in enumerate(props[i]):
+            probs[i, k, t] = 1.0  # the target agrees with the history text
+    hd.observe_shadow(drafts, probs)
+    assert hd.shadow_records == 16 and hd.shadow == []
+    # rows 0-7 scored over 4 positions, all accepted; rows 8-15 censored after position 2
+    assert hd.acceptance._srv.tried == [16, 16, 8, 8] and hd.acceptance._srv.acc == [16, 16, 8, 8]
+    plan, rounds = None, 0
+    while plan is None and rounds < 8:  # the measured E[L] overtakes W4's: history drafts are used
+        hd.observe_shadow(torch.tensor([props[i] for i in range(16)]), probs)
+        plan, rounds = hd.plan(reqs, 4, w4), rounds + 1
+    assert plan is not None and plan.history_rows == list(range(16)) and not plan.run_drafter
+
+    greedy = HistoryDrafts(gamma_max=4)  # greedy: a proposal is accepted where it is the argmax
+    greedy.sync([done])
+    greedy.sync(reqs)
+    assert greedy.plan(reqs, 4, w4) is None
+    argmax = torch.zeros(16, 5, dtype=torch.long)
+    argmax[:, 0] = torch.tensor([dict(greedy.shadow)[i][0] for i in range(16)])
+    greedy.observe_shadow(torch.tensor([dict(greedy.shadow)[i] for i in range(16)]), argmax=argmax)
+    assert greedy.acceptance._srv.tried[:2] == [16, 16] and greedy.acceptance._srv.acc[:2] == [16, 0]
+
