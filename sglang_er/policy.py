@@ -1007,11 +1007,6 @@ RETIME_ITERATIONS = 2048
 # plain iterations (256 by default: at most 0.4% of iterations at a predicted loss), so an
 # estimate that a bad measurement pushed below the exploration floor is measured again.
 FORCED_EXPLORE_PERIODS = 8
-# An exploration confirms the choice (and the wait before the next one doubles) only while the
-# alternative is still predicted below this fraction of it. Closer calls keep the base period:
-# with random-weight Qwen2-0.5B at B = 1 (α ≈ 0.65) γ = 1 vs plain was predicted at 0.91-0.99
-# after a few unlucky drafts, and a doubled wait left it plain for 60 iterations at a time.
-CONFIRMED_BELOW = 0.85
 @dataclass(frozen=True)
 class Decision:
     """γ for this iteration and why. Per candidate γ (0 = plain): predicted tokens/s of the
@@ -1086,11 +1081,6 @@ class Policy:
         self.explore_floor = float(explore_floor)
         self.last_gamma: Optional[int] = None
         self._plain_streak = self._spec_streak = 0
-        # the periodic exploration's wait: doubles each time an exploration leaves the choice as
-        # it was (up to the forced period), back to explore_every when the choice or octave changes
-        self._wait = self.explore_every
-        self._natural: Optional[tuple] = None  # (speculate?, batch octave) the model itself chose last
-        self._explored = False  # the last iteration explored
         self._iteration = 0
         self._plain_timed: dict[int, int] = {}  # batch-size octave -> iteration plain last ran
         self._spec_timed: dict[int, int] = {}  # batch-size octave -> iteration speculation last ran
@@ -1103,10 +1093,7 @@ class Policy:
         return cls(cost_model, acceptance, ladder=ladder, fixed_gamma=gamma)
 
     def reset(self) -> None:
-        """Forget the previous choice and the exploration's back-off (a new drafter: what was
-        confirmed about the old one no longer holds)."""
         self.last_gamma = None
-        self._wait = self.explore_every
 
     # ------------------------------------------------------------------ evaluation
     def _predict(self, st: BatchStats, rids) -> tuple[dict, dict, dict]:
@@ -1157,27 +1144,13 @@ class Policy:
         0.6x at B = 32-64 where speculation measured 1.3x) otherwise keeps a large batch plain,
         because the tail's speculative iterations reset the plain streak the forced exploration
         waits for. Otherwise at most 1/explore_every of the iterations, each losing at most
-        1 − floor; and each exploration after which the model still makes the choice it made
-        before, with the alternative predicted below ``CONFIRMED_BELOW`` of it, doubles the wait
-        for the next, up to ``FORCED_EXPLORE_PERIODS · explore_every``
-        (a regime it keeps confirming costs 8x less to re-check; a 64-token benchmark cell at
-        B = 16 explored twice per run, 7% of its time), while a change of choice or batch-size
-        octave brings the wait back to ``explore_every`` -- plus, whatever is predicted, one γ
-        iteration after
+        1 − floor -- plus, whatever is predicted, one γ iteration after
         ``FORCED_EXPLORE_PERIODS · explore_every`` consecutive plain ones, so that no
         estimate, however it went wrong, keeps speculation off without being measured again."""
         if self.fixed_gamma is not None or not self.explore_every or not self.ladder:
             self._plain_streak = self._spec_streak = 0
             return d
-        natural = (d.gamma > 0, batch.bit_length())  # (speculate?, batch-size octave)
-        explored, self._explored = self._explored, False
         tps = d.predicted_tokens_per_s
-        other = d.best_spec_speedup if not d.gamma else tps[0] / tps[d.gamma]  # the alternative, relative
-        if natural != self._natural or (explored and not other < CONFIRMED_BELOW):
-            self._wait = self.explore_every  # a close call (or a new regime): keep measuring it
-        elif explored:  # the model chose as before the exploration, and clearly: it confirmed that
-            self._wait = min(2 * self._wait, FORCED_EXPLORE_PERIODS * self.explore_every)
-        self._natural = natural
         if d.gamma:
             self._plain_streak = 0
             self._spec_streak += 1
@@ -1185,8 +1158,8 @@ class Policy:
             # is a guess (fixed overhead vs per-request slope), so time it once whatever it predicts
             unseen = self._unseen(self._plain_timed, batch)
             if (unseen and self._spec_streak >= min(4, self.explore_every)) or (
-                    self._spec_streak >= self._wait and tps[0] >= self.explore_floor * tps[d.gamma]):
-                self._spec_streak, self._explored = 0, True
+                    self._spec_streak >= self.explore_every and tps[0] >= self.explore_floor * tps[d.gamma]):
+                self._spec_streak = 0
                 return Decision(0, tps, f"explore plain: re-time the plain step at batch {batch} "
                                 f"(predicted {tps[0] / tps[d.gamma]:.3f}× γ={d.gamma})",
                                 d.predicted_iter_s, d.expected_tokens)
@@ -1196,8 +1169,8 @@ class Policy:
         best = max(self.ladder, key=lambda g: (tps.get(g, 0.0), -g))
         forced = self._plain_streak >= FORCED_EXPLORE_PERIODS * self.explore_every or (
             self._unseen(self._spec_timed, batch) and self._plain_streak >= min(4, self.explore_every))
-        if forced or (self._plain_streak >= self._wait and tps.get(best, 0.0) >= self.explore_floor * tps[0]):
-            streak, self._plain_streak, self._explored = self._plain_streak, 0, True
+        if forced or (self._plain_streak >= self.explore_every and tps.get(best, 0.0) >= self.explore_floor * tps[0]):
+            streak, self._plain_streak = self._plain_streak, 0
             return Decision(best, tps, f"explore γ={best}: refresh acceptance after {streak} plain "
                             f"iterations (predicted {tps[best] / tps[0]:.3f}× plain)",
                             d.predicted_iter_s, d.expected_tokens)
