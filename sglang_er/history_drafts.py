@@ -10,7 +10,9 @@ rejection resamples from p with x removed (greedy: argmax match). Each source ke
 per-position acceptance (:class:`~sglang_er.policy.AcceptanceModel`), and the choice compares
 expected committed tokens: a request takes its history proposal where E[L | history, length]
 beats E[L | W4, γ]; an iteration the W4 policy would decode plainly runs a verify-only
-iteration when the cost model predicts more tokens/s from the history proposals alone.
+iteration when the cost model predicts more tokens/s from the history proposals alone, by
+the acceptance their records vouch for, not the prior (the W4 iterations that measure
+proposals in their shadow are not running then).
 
 A proposal left unused beside the W4 drafter's is still measured, at no cost (*shadow*
 acceptance): the verify scored the target's distribution p_k at every position the W4 drafts
@@ -133,7 +135,8 @@ class HistoryDrafts:
             if verify_only_pays is None:
                 return None
             gamma = max(len(p.tokens) for p in props if p)
-            expected = sum(table[len(p.tokens)] if p else 1.0 for p in props)
+            vouched = self.acceptance.vouched_expected_tokens_table()  # nothing else checks this bet
+            expected = sum(vouched[len(p.tokens)] if p else 1.0 for p in props)
             if not verify_only_pays(gamma, expected):
                 return None
             use = [p is not None for p in props]

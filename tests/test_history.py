@@ -212,3 +212,40 @@ def test_unused_proposals_are_measured_in_the_shadow_of_the_w4_drafts():
     greedy.observe_shadow(torch.tensor([dict(greedy.shadow)[i] for i in range(16)]), argmax=argmax)
     assert greedy.acceptance._srv.tried[:2] == [16, 16] and greedy.acceptance._srv.acc[:2] == [16, 0]
 
+
+
+def test_verify_only_iterations_need_measured_history_acceptance():
+    """Where the W4 policy decodes plainly, a verify-only iteration of history drafts runs only
+    on acceptance the records vouch for: the cold prior (α 0.5, E[L|4] ≈ 1.9) never starts one."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sglang_er.history_drafts import HistoryDrafts
+
+    prompt = list(range(100, 140))
+    text = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 3
+    done = SimpleNamespace(rid="done", origin_input_ids=prompt, output_ids=text)
+    reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=prompt, output_ids=text[: 5 + i % 3]) for i in range(8)]
+    hd = HistoryDrafts(gamma_max=4)
+    hd.sync([done])
+    hd.sync(reqs)
+    asked = []
+
+    def pays(gamma, expected):  # a verify of γ+1 tokens costing 1.5 plain steps
+        asked.append(expected)
+        return expected > 1.5 * len(reqs)
+
+    assert hd.acceptance.expected_tokens(4) > 1.5  # the prior alone would bet on it
+    assert hd.plan(reqs, 0, None, pays) is None and asked[-1] == pytest.approx(len(reqs))
+    w4 = [1.0, 1.9, 2.7, 3.4, 4.0]
+    hd.plan(reqs, 4, w4)  # a W4 iteration: the proposals are measured in its shadow
+    props = dict(hd.shadow)
+    probs = torch.zeros(8, 5, 32)
+    for i, h in props.items():
+        for k, t in enumerate(h):
+            probs[i, k, t] = 1.0
+    hd.observe_shadow(torch.tensor([props[i] for i in range(8)]), probs)
+    plan = hd.plan(reqs, 0, None, pays)  # 8 records of full acceptance: E[L|4] = 1 + Σ (8/16)^k
+    assert plan is not None and plan.history_rows == list(range(8)) and not plan.run_drafter
+    assert asked[-1] == pytest.approx(len(reqs) * sum(0.5 ** k for k in range(5)))
