@@ -120,6 +120,15 @@ class HistoryDrafts:
         on a verify-only iteration (None: never run one, e.g. fixed mode).
         """
         self.shadow = []
+        if gamma_w4 == 0:
+            if verify_only_pays is None:
+                return None
+            # Not even every request proposing at the vouched rate would pay (a large batch, a
+            # thinly measured index): skip the B lookups, which are pure Python. The best width
+            # is 1 when the verify is compute-bound and γmax when it is memory-bound.
+            vouched = self.acceptance.vouched_expected_tokens_table()
+            if not any(verify_only_pays(g, len(reqs) * vouched[g]) for g in {1, self.gamma_max}):
+                return None
         props = []
         for r in reqs:
             self.lookups += 1
@@ -132,10 +141,7 @@ class HistoryDrafts:
             return None
         table = self.acceptance.expected_tokens_table()
         if gamma_w4 == 0:
-            if verify_only_pays is None:
-                return None
             gamma = max(len(p.tokens) for p in props if p)
-            vouched = self.acceptance.vouched_expected_tokens_table()  # nothing else checks this bet
             expected = sum(vouched[len(p.tokens)] if p else 1.0 for p in props)
             if not verify_only_pays(gamma, expected):
                 return None

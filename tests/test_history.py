@@ -216,7 +216,8 @@ def test_unused_proposals_are_measured_in_the_shadow_of_the_w4_drafts():
 
 def test_verify_only_iterations_need_measured_history_acceptance():
     """Where the W4 policy decodes plainly, a verify-only iteration of history drafts runs only
-    on acceptance the records vouch for: the cold prior (α 0.5, E[L|4] ≈ 1.9) never starts one."""
+    on acceptance the records vouch for: the cold prior (α 0.5, E[L|4] ≈ 1.9) never starts one,
+    and where even the vouched rate at every row could not pay, no lookup is made."""
     from types import SimpleNamespace
 
     import torch
@@ -238,6 +239,7 @@ def test_verify_only_iterations_need_measured_history_acceptance():
 
     assert hd.acceptance.expected_tokens(4) > 1.5  # the prior alone would bet on it
     assert hd.plan(reqs, 0, None, pays) is None and asked[-1] == pytest.approx(len(reqs))
+    assert hd.lookups == 0  # not even a perfect index could pay: the lookups are skipped
     w4 = [1.0, 1.9, 2.7, 3.4, 4.0]
     hd.plan(reqs, 4, w4)  # a W4 iteration: the proposals are measured in its shadow
     props = dict(hd.shadow)
