@@ -17,9 +17,11 @@ import argparse
 import contextlib
 import json
 import re
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import requests
 
@@ -106,6 +108,21 @@ def best_other(results: dict, names: list[str], temp: float, b: int) -> tuple[st
     return best, others[best]
 
 
+def paired_ratio(results: dict, names: list[str], temp: float, b: int, of: str = "auto",
+                 against: Optional[str] = None) -> Optional[float]:
+    """Median over interleaved rounds of ``of``'s tok/s over the best other configuration's in
+    the same round (or ``against``'s): this machine's speed drifts by 10-15% over minutes, the
+    same for every server, so a ratio within one round is steadier than a ratio of medians.
+    Configurations measured once (the contender rule) are left out; None with under 3 rounds."""
+    mine = results[(of, temp, b)].get("tok_s_runs") or []
+    pool = [against] if against else [n for n in names if n not in ("auto", "hybrid", "gamma=0", of)]
+    runs = [results[(n, temp, b)].get("tok_s_runs") or [] for n in pool]
+    runs = [r for r in runs if len(r) >= len(mine)]
+    if len(mine) < 3 or not runs:
+        return None
+    return statistics.median(m / max(r[i] for r in runs) for i, m in enumerate(mine))
+
+
 def markdown_table(results: dict, names: list[str], temp: float, batches: list[int]) -> str:
     """One README table: plain tok/s, then each configuration's speed-up over plain with its
     acceptance; for auto also the ratio to the best other configuration and its speculating share."""
@@ -122,7 +139,9 @@ def markdown_table(results: dict, names: list[str], temp: float, batches: list[i
         row = f"| {b} | {base:.1f} | " + " | ".join(cells) + " |"
         if "auto" in cols:
             a = results[("auto", temp, b)]
-            row += f" {a['tok_s'] / best_other(results, names, temp, b)[1]:.2f}x | {(a['spec_share'] or 0) * 100:.0f}% |"
+            paired = paired_ratio(results, names, temp, b)
+            row += (f" {a['tok_s'] / best_other(results, names, temp, b)[1]:.2f}x"
+                    + (f" ({paired:.2f}x per round)" if paired else "") + f" | {(a['spec_share'] or 0) * 100:.0f}% |")
         lines.append(row)
     return "\n".join(lines)
 
@@ -337,13 +356,16 @@ def main() -> None:
             for b in args.batches:
                 best, best_tok_s = best_other(results, [c[0] for c in configs], temp, b)
                 a = results[("auto", temp, b)]
+                paired = paired_ratio(results, [c[0] for c in configs], temp, b)
                 print(f"T={temp:g} B={b:3d}  auto {a['tok_s']:7.1f} tok/s = {a['tok_s'] / best_tok_s:4.2f}x best "
                       f"({best}), {a['tok_s'] / results[('plain', temp, b)]['tok_s']:4.2f}x plain, speculating in "
-                      f"{(a['spec_share'] or 0) * 100:.0f}% of iterations", flush=True)
+                      f"{(a['spec_share'] or 0) * 100:.0f}% of iterations"
+                      + (f"; per round {paired:4.2f}x the round's best" if paired else ""), flush=True)
                 if args.hybrid:
                     h = results[("hybrid", temp, b)]
-                    print(f"              hybrid {h['tok_s']:7.1f} tok/s = {h['tok_s'] / a['tok_s']:4.2f}x auto (W4 only)",
-                          flush=True)
+                    hp = paired_ratio(results, [c[0] for c in configs], temp, b, of="hybrid", against="auto")
+                    print(f"              hybrid {h['tok_s']:7.1f} tok/s = {h['tok_s'] / a['tok_s']:4.2f}x auto (W4 only)"
+                          + (f"; per round {hp:4.2f}x" if hp else ""), flush=True)
             print(f"T={temp:g} crossover: fixed γ beats plain up to B = {crossover}")
     for temp in args.temperatures:
         print(f"\nT={temp:g}, speed-up over plain (acceptance α):\n"
