@@ -76,6 +76,12 @@ KV_TRAFFIC_FACTOR: dict[str, float] = {
 }
 
 PHASES = ("plain", "draft", "verify")
+# The drafter's first step of an iteration also gathers every layer's committed KV, which the
+# later steps reuse: a draft of γ steps costs about (γ + κ) steps. κ is measured from iterations
+# with γ ≥ 2 (first step against the rest); gsm8k-lm on this CPU showed κ = 0.4-1.0 across
+# B = 1-32. DRAFT_SETUP_PRIOR is κ before any measurement; DRAFT_SETUP_MAX bounds one outlier.
+DRAFT_SETUP_PRIOR = 0.5
+DRAFT_SETUP_MAX = 4.0
 _SUPPORTED_GROUPS = (128, 64, 32)  # == sglang_er.quantizer.SUPPORTED_GROUP_SIZES (tested)
 
 
@@ -513,6 +519,7 @@ class CostModel:
         self._layer_flops_tok = m.layer_flops_per_token
         self._head_flops_tok = m.head_flops_per_token
         self.multiplier = {p: 1.0 for p in PHASES}
+        self.draft_setup = DRAFT_SETUP_PRIOR  # κ: see DRAFT_SETUP_PRIOR
         self._hist = {p: deque(maxlen=window) for p in PHASES}
         self._count = {p: 0 for p in PHASES}
         # The first ``warmup`` phase / ``outside_warmup`` outside-time measurements of the process
@@ -586,7 +593,7 @@ class CostModel:
         if not 0 <= step < gamma:
             raise ValueError(f"draft step {step} is outside 0..γ-1 = 0..{gamma - 1}")
         t = self._seconds(self.work_draft_step(st, step, gamma), "draft")
-        return self._correct("draft", t) if corrected else t
+        return self._correct("draft", t, steps=1) if corrected else t
 
     def t_draft(self, seq_lens, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True) -> float:
         """Seconds of all γ drafter steps of one iteration (Σ_j T_D(step j))."""
@@ -596,7 +603,7 @@ class CostModel:
             t = gamma * self._seconds(self.work_draft_step(st, 0, gamma), "draft")
         else:
             t = sum(self._seconds(self.work_draft_step(st, j, gamma), "draft") for j in range(gamma))
-        return self._correct("draft", t) if corrected else t
+        return self._correct("draft", t, steps=gamma) if corrected else t
 
     def t_verify(self, seq_lens, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True) -> float:
         """Seconds of the target verify forward over γ+1 tokens per request."""
@@ -631,6 +638,7 @@ class CostModel:
             fit = self._fit[phase]
             cor[phase] = fit.coef() if fit.n >= 3 and fit.spread() >= 0.25 else (None, self.multiplier[phase])
         out_plain, out_spec = self.t_outside(0, B), self.t_outside(1, B)
+        kappa = self.draft_setup
         out = {}
         for g in gammas:
             if g == 0:
@@ -651,8 +659,9 @@ class CostModel:
                 t_d = g * (max((d_bytes0 + ctx * d_kv) / bw, (d_flops0 + attn * ctx) / f_dl + d_head) + d_fixed)
             else:
                 t_d = sum(self._seconds(self.work_draft_step(st, j, g), "draft") for j in range(g))
-            a, b = cor["draft"]
-            t_d = t_d * b if a is None else min(max(a + b * t_d, lo * t_d), hi * t_d)
+            a, b = cor["draft"]  # per effective step (see _correct)
+            u = t_d / g
+            t_d = (g + kappa) * (u * b if a is None else min(max(a + b * u, lo * u), hi * u))
             out[g] = t_d + t_v + out_spec
         return out
 
@@ -753,14 +762,19 @@ class CostModel:
             ws = [self.work_draft_step(st, j, self._check_gamma(gamma)) for j in range(gamma)]
             raw, byt = sum(self._seconds(w, "draft") for w in ws), sum(w.bytes for w in ws)
         m_old = self.multiplier[phase]
-        pred = self._correct(phase, raw)
+        steps = gamma if phase == "draft" else 1
+        pred = self._correct(phase, raw, steps)
+        # the correction is learnt per unit: one effective draft step, or one forward
+        u_raw, u_meas = (raw / steps, meas / (steps + self.draft_setup)) if phase == "draft" else (raw, meas)
+        if phase == "draft":  # "raw": the profile with the draft's structure, (γ + κ) steps
+            raw *= (steps + self.draft_setup) / steps
         if self._warmup[phase]:  # reported, never learnt from
             self._warmup[phase] -= 1
             return Observation(phase, meas, raw, pred, abs(raw - meas) / meas, abs(pred - meas) / meas,
                                byt / meas / self._bw, m_old)
-        self._fit[phase].add(raw, meas)
+        self._fit[phase].add(u_raw, u_meas)
         lo, hi = self.MULT_RANGE
-        ratio = min(max(meas / raw, lo), hi)
+        ratio = min(max(u_meas / u_raw, lo), hi)
         # the first measurement replaces the profile's guess outright; later ones are smoothed
         ema = self.ema if self._count[phase] else 1.0
         log_m = (1.0 - ema) * math.log(m_old) + ema * math.log(ratio)
@@ -772,13 +786,34 @@ class CostModel:
         self._count[phase] += 1
         return obs
 
-    def _correct(self, phase: str, raw: float) -> float:
+    def observe_draft_setup(self, first_s: float, rest_s: float, gamma: int) -> None:
+        """Learn κ from one draft of γ ≥ 2 steps: its first step took ``first_s`` seconds, the
+        other γ − 1 together ``rest_s``. EMA with weight ``ema``, κ clamped to [0, DRAFT_SETUP_MAX]."""
+        if gamma < 2 or not (first_s > 0 and rest_s > 0 and math.isfinite(first_s + rest_s)):
+            return
+        k = min(max(first_s * (gamma - 1) / rest_s - 1.0, 0.0), DRAFT_SETUP_MAX)
+        self.draft_setup += self.ema * (k - self.draft_setup)
+
+    def _correct(self, phase: str, raw: float, steps: int = 1) -> float:
         """The corrected prediction for a raw (profile) one. Once a phase has been measured over
         a spread of raw predictions (different batch sizes, lengths, γ), measured ≈ a + b·raw
         by least squares with forgetting: a profile's fixed overhead and its per-request slope
         are then corrected separately (a profile measured on a deeper model overestimates
         the first and underestimates the second -- no single factor fits both). Before that,
-        the smoothed multiplier."""
+        the smoothed multiplier.
+
+        The draft phase is corrected per effective step: ``steps`` = γ drafter steps cost
+        (γ + κ)·c(raw / γ), κ the first step's KV gather (:meth:`observe_draft_setup`). Fitted per
+        iteration instead, γ = 1 iterations across batch sizes taught a gsm8k-lm server a =
+        −6.9 ms, b = 5.3 (the profile under-predicts the draft step's growth with B), which then
+        priced γ = 7 at B = 1 at 72 ms against 18 ms measured: the policy kept γ = 1 for the
+        whole tail, where γ = 7 ran 1.8x faster."""
+        if phase == "draft":
+            u = raw / steps
+            return (steps + self.draft_setup) * self._correct_unit(phase, u)
+        return self._correct_unit(phase, raw)
+
+    def _correct_unit(self, phase: str, raw: float) -> float:
         fit = self._fit[phase]
         lo, hi = self.MULT_RANGE
         if fit.n >= 3 and fit.spread() >= 0.25:
@@ -1021,6 +1056,11 @@ RETIME_ITERATIONS = 2048
 # plain iterations (256 by default: at most 0.4% of iterations at a predicted loss), so an
 # estimate that a bad measurement pushed below the exploration floor is measured again.
 FORCED_EXPLORE_PERIODS = 8
+# An exploration of speculation runs this many iterations in a row: the first speculative
+# iteration after plain ones finds the drafter's weights out of cache and is not timed (see
+# Controller.observe); on gsm8k-lm its draft step took 1.5-2.5x a warm one at B = 8-32, and
+# single explorations taught the cost model that speculation loses there (it ran 1.1-1.4x).
+EXPLORE_RUN = 2
 @dataclass(frozen=True)
 class Decision:
     """γ for this iteration and why. Per candidate γ (0 = plain): predicted tokens/s of the
@@ -1096,6 +1136,7 @@ class Policy:
         self.last_gamma: Optional[int] = None
         self._plain_streak = self._spec_streak = 0
         self._iteration = 0
+        self._explore_run, self._explore_gamma = 0, 0  # iterations left of a speculative exploration
         self._plain_timed: dict[int, int] = {}  # batch-size octave -> iteration plain last ran
         self._spec_timed: dict[int, int] = {}  # batch-size octave -> iteration speculation last ran
 
@@ -1165,6 +1206,14 @@ class Policy:
             self._plain_streak = self._spec_streak = 0
             return d
         tps = d.predicted_tokens_per_s
+        if self._explore_run:
+            self._explore_run -= 1
+            if not d.gamma and self._explore_gamma in tps:  # the exploration's timed iteration(s)
+                self._spec_streak += 1
+                g = self._explore_gamma
+                return Decision(g, tps, f"explore γ={g}, continued (the first speculative iteration "
+                                f"after plain runs cold and is not timed)", d.predicted_iter_s, d.expected_tokens)
+            self._explore_run = 0
         if d.gamma:
             self._plain_streak = 0
             self._spec_streak += 1
@@ -1185,6 +1234,7 @@ class Policy:
             self._unseen(self._spec_timed, batch) and self._plain_streak >= min(4, self.explore_every))
         if forced or (self._plain_streak >= self.explore_every and tps.get(best, 0.0) >= self.explore_floor * tps[0]):
             streak, self._plain_streak = self._plain_streak, 0
+            self._explore_run, self._explore_gamma = EXPLORE_RUN - 1, best
             return Decision(best, tps, f"explore γ={best}: refresh acceptance after {streak} plain "
                             f"iterations (predicted {tps[best] / tps[0]:.3f}× plain)",
                             d.predicted_iter_s, d.expected_tokens)

@@ -297,7 +297,10 @@ class EffRolloutWorker(BaseSpecWorker):
         tokens, drafts, qs = x0, [], []
         run_drafter = plan is None or plan.run_drafter
         attn = self.drafter.attention(self._kv, kv_index, seq_lens, gamma) if run_drafter else None
+        t_first = None
         for j in range(gamma if run_drafter else 0):
+            if j == 1:  # the first step also gathers the committed KV (CostModel.observe_draft_setup)
+                t_first = clock.lap()
             logits = self.drafter.step(tokens, seq_lens + j, j, attn)
             if greedy:
                 tokens = logits.argmax(-1)
@@ -310,6 +313,9 @@ class EffRolloutWorker(BaseSpecWorker):
         if plan is not None:
             draft_tokens = history_drafts.merge_tokens(plan, x0, draft_tokens)
         t_draft = clock.lap()
+        draft_split = None if t_first is None else (t_first, t_draft)
+        if t_first is not None:
+            t_draft += t_first
 
         verify_ids = torch.cat([x0[:, None], draft_tokens], 1)
         with self._observed():
@@ -347,7 +353,8 @@ class EffRolloutWorker(BaseSpecWorker):
             self.history.observe(plan, accepted_host.tolist())
         if self.controller:
             timed = {"draft": t_draft, "verify": t_verify} if run_drafter else {"verify": t_verify}
-            self.controller.observe(gamma, timed, accepted_host, rows=plan.w4_rows if plan else None)
+            self.controller.observe(gamma, timed, accepted_host, rows=plan.w4_rows if plan else None,
+                                    draft_split=draft_split)
         self._log_iteration(batch, logits_output, gamma, (accepted_host + 1).tolist(),
                             draft_s=t_draft if run_drafter else None, verify_s=t_verify,
                             accepted=int(accepted_host.sum()),

@@ -447,7 +447,7 @@ def test_fit_profile_recovers_roofline(qwen):
             w = cm.work_plain(st)
             samples.append((w.bytes, w.flops["target"], B, cm.t_plain(st)))  # tuple form = plain
             samples.append(cm.calibration_sample("verify", st, 3, cm.t_verify(st, 3)))
-            d = cm.calibration_sample("draft", st, 2, cm.t_draft(st, 2))
+            d = cm.calibration_sample("draft", st, 2, cm.t_draft(st, 2, corrected=False))
             assert d.forwards == 2 and set(d.flops) == {"w4", "bf16"}  # W4 layers, bf16 head
             samples.append(d.model_dump())  # dict form
     fit = fit_profile(samples, name="fit", device="test-box", measured_with="synthetic")
@@ -466,16 +466,20 @@ def test_fit_profile_recovers_roofline(qwen):
 
 def test_policy_explores_when_a_low_acceptance_estimate_keeps_it_plain(qwen):
     """A stale low α would keep γ = 0 for good (no speculation, no new measurement): the 4th
-    plain iteration in a batch-size octave where speculation never ran speculates once, then
-    every explore_every-th plain iteration does, unless clearly compute-bound (there only the
-    once-per-octave measurement); a better measured α then turns speculation back on."""
+    plain iteration in a batch-size octave where speculation never ran explores, then every
+    explore_every-th plain iteration does, unless clearly compute-bound (there only the
+    once-per-octave measurement); a better measured α then turns speculation back on. An
+    exploration is EXPLORE_RUN speculative iterations in a row (the first one runs cold)."""
+    from sglang_er.policy import EXPLORE_RUN
+
+    assert EXPLORE_RUN == 2
     acc = AcceptanceModel(4, prior_alpha=0.05)  # the estimate after a bad start
     pol = Policy(CostModel(builtin_profile("cpu"), qwen), acc, explore_every=8, explore_floor=0.5)
     picks = [pol.choose([512]).gamma for _ in range(32)]
     explored = [i for i, g in enumerate(picks) if g > 0]
-    assert explored == [3, 11, 19, 27], picks
+    assert explored == [3, 4, 12, 13, 21, 22, 30, 31], picks
     big = [pol.choose([512] * 4096).gamma for _ in range(40)]
-    assert sum(g > 0 for g in big) == 1, big  # compute-bound: only the octave's one measurement
+    assert sum(g > 0 for g in big) == EXPLORE_RUN, big  # compute-bound: only the octave's one measurement
     for _ in range(64):  # the exploratory iterations measured a good drafter
         acc.observe(4, [4])
     assert pol.choose([512]).gamma > 0
@@ -546,6 +550,7 @@ def test_warmup_measurements_do_not_train_the_correction(qwen):
     reported but do not move the correction (the server skips outside-time ones: one-time work such
     as the drafter's AWQ switch must not be learnt as a per-iteration cost)."""
     cm = CostModel(builtin_profile("cpu"), qwen, warmup=2, outside_warmup=2)
+    cm.draft_setup = 0.0  # κ = 0: a draft costs γ of the profile's steps, as the factors below assume
     lens = [300]
     raw = cm.t_draft(lens, 4, corrected=False)
     for _ in range(2):
@@ -571,6 +576,31 @@ def test_policy_measures_again_however_low_its_estimate(qwen):
 
     pol = Policy(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.001),
                  explore_every=4, explore_floor=0.99)
-    n = FORCED_EXPLORE_PERIODS * 4
+    n = FORCED_EXPLORE_PERIODS * 4 + 1  # + the exploration's second (timed) iteration
     picks = [pol.choose([512]).gamma for _ in range(3 * n)]
-    assert [i for i, g in enumerate(picks) if g > 0] == [3, 3 + n, 3 + 2 * n], picks
+    assert [i for i, g in enumerate(picks) if g > 0] == [3, 4, 3 + n, 4 + n, 3 + 2 * n, 4 + 2 * n], picks
+
+
+def test_draft_correction_is_per_step_with_a_measured_setup(qwen):
+    """A draft of γ steps costs (γ + κ) steps, κ the first step's KV gather. Measured only at γ = 1
+    across batch sizes, a correction fitted per iteration extrapolates its B-slope to γ (a
+    gsm8k-lm server priced γ = 7 at B = 1 at 4x its cost and stayed at γ = 1); per step it
+    predicts γ = 7 from γ = 1 within the setup's share. κ follows first-step vs rest timings."""
+    from sglang_er.policy import DRAFT_SETUP_PRIOR
+
+    cm = CostModel(builtin_profile("cpu"), qwen)
+    assert cm.draft_setup == DRAFT_SETUP_PRIOR
+
+    def measured(lens, g):  # steps 1.5x the profile's plus 2 ms each, κ = 1
+        return (1.5 * cm.t_draft(lens, 1, corrected=False) + 0.002) * (g + 1.0)
+
+    for k in range(40):  # the first step takes 2x each later one: κ = 1
+        cm.observe_draft_setup(4e-3, 6e-3, 4)
+    assert cm.draft_setup == pytest.approx(1.0, abs=0.01)
+    for b in (1, 2, 4, 8, 16, 32) * 3:
+        cm.observe("draft", [300] * b, 1, measured([300] * b, 1))
+    for b in (1, 8, 32):
+        lens = [300] * b
+        assert cm.t_draft(lens, 7) == pytest.approx(measured(lens, 7), rel=0.02)
+    cm.observe_draft_setup(5e-3, 1e-9, 2)  # an outlier moves κ by at most ema · DRAFT_SETUP_MAX
+    assert cm.draft_setup <= 1.0 + cm.ema * 4.0
