@@ -909,6 +909,9 @@ class AcceptanceModel:
         self._recent: deque[list[int]] = deque()  # [γ, accept_len, records], oldest first
         self._req: "OrderedDict[Any, _Counts]" = OrderedDict()
         self._srv_alphas: Optional[list[float]] = None
+        # the last batch_expected_tokens answer: (rids, answer); any new record clears it, so a
+        # run of plain iterations over the same batch costs one list comparison per iteration
+        self._batch_cache: Optional[tuple[list, list[float]]] = None
         self._srv_table: Optional[list[float]] = None
 
     def reset(self) -> None:
@@ -917,7 +920,7 @@ class AcceptanceModel:
         self._srv = _Counts(self.gamma_max)
         self._recent.clear()
         self._req.clear()
-        self._srv_alphas = self._srv_table = None
+        self._srv_alphas = self._srv_table = self._batch_cache = None
 
     def _check(self, gamma: int, a: int) -> tuple[int, int]:
         gamma, a = int(gamma), int(a)
@@ -950,13 +953,14 @@ class AcceptanceModel:
         if rids is not None:
             for rid, a in zip(rids, lens):
                 self._add_request(rid, gamma, a)
-        self._srv_alphas = self._srv_table = None
+        self._srv_alphas = self._srv_table = self._batch_cache = None
 
     def observe_request(self, rid: Any, gamma: int, accept_len: int) -> None:
         """Record one request's outcome (per-request history only; see :meth:`observe`)."""
         self._add_request(rid, *self._check(gamma, accept_len))
 
     def _add_request(self, rid: Any, gamma: int, a: int) -> None:
+        self._batch_cache = None
         c = self._req.get(rid)
         if c is None:
             c = self._req[rid] = _Counts(self.gamma_max)
@@ -968,7 +972,8 @@ class AcceptanceModel:
 
     def forget(self, rid: Any) -> None:
         """Drop a finished request's history."""
-        self._req.pop(rid, None)
+        if self._req.pop(rid, None) is not None:
+            self._batch_cache = None
 
     @property
     def num_observations(self) -> int:
@@ -1030,6 +1035,9 @@ class AcceptanceModel:
             return [batch * e for e in srv]
         if len(rids) != batch:
             raise ValueError(f"{len(rids)} rids for a batch of {batch}")
+        cached = self._batch_cache
+        if cached is not None and cached[0] == rids:
+            return list(cached[1])
         # Σ_b of expected_tokens_table(rid_b), inlined: this runs every decode iteration
         total = [0.0] * (self.gamma_max + 1)
         n_srv = 0
@@ -1047,7 +1055,9 @@ class AcceptanceModel:
                 run *= (acc[k] + w * alphas[k]) / (tried[k] + w)
                 e += run
                 total[k + 1] += e
-        return [t + n_srv * e for t, e in zip(total, srv)]
+        out = [t + n_srv * e for t, e in zip(total, srv)]
+        self._batch_cache = (list(rids), out)
+        return list(out)
 
 
 # ====================================================================== policy

@@ -279,8 +279,13 @@ def test_acceptance_per_request():
     total = acc.batch_expected_tokens(3, ["hard", "x", "y"])
     assert total[4] == pytest.approx(acc.expected_tokens(4, "hard") + 2 * srv)
     assert total[0] == 3.0
+    assert acc.batch_expected_tokens(3, ["hard", "x", "y"]) == total  # the same batch, nothing new: cached
     acc.forget("hard")
     assert acc.expected_tokens(4, rid="hard") == srv
+    assert acc.batch_expected_tokens(3, ["hard", "x", "y"])[4] == pytest.approx(3 * srv)  # forget clears it
+    for _ in range(8):
+        acc.observe_request("x", 4, 0)
+    assert acc.batch_expected_tokens(3, ["hard", "x", "y"])[4] < 3 * srv - 1  # so does a new record
 
 
 # ---------------------------------------------------------------------- policy
