@@ -163,24 +163,33 @@ def test_meta_info_splits_a_requests_drafts_by_source():
                                     "none": {"iterations": 1, "proposed": 0, "accepted": 0}}
 
 
-def test_unused_proposals_are_measured_in_the_shadow_of_the_w4_drafts():
-    """Auto mode: history drafts are used only where their measured E[L] beats the W4 drafter's,
-    and a proposal left unused is measured anyway from the verify's distributions (no W4 row is
-    given up to explore): scored while it agrees with the verified drafts, censored after the
-    first disagreement. Fixed γ (no W4 estimate): every proposal is verified."""
+def _group_with_history(n: int):
+    """A HistoryDrafts over one prompt: a finished sample's whole text indexed, and n live samples
+    5-7 tokens into the same text (each has a proposal)."""
     from types import SimpleNamespace
-
-    import torch
 
     from sglang_er.history_drafts import HistoryDrafts
 
     prompt = list(range(100, 140))
     text = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 3
     done = SimpleNamespace(rid="done", origin_input_ids=prompt, output_ids=text)
-    reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=prompt, output_ids=text[: 5 + i % 3]) for i in range(16)]
+    reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=prompt, output_ids=text[: 5 + i % 3]) for i in range(n)]
     hd = HistoryDrafts(gamma_max=4)
     hd.sync([done])
     hd.sync(reqs)  # "done" left the batch: its whole text is indexed
+    return hd, reqs, done
+
+
+def test_unused_proposals_are_measured_in_the_shadow_of_the_w4_drafts():
+    """Auto mode: history drafts are used only where their measured E[L] beats the W4 drafter's,
+    and a proposal left unused is measured anyway from the verify's distributions (no W4 row is
+    given up to explore): scored while it agrees with the verified drafts, censored after the
+    first disagreement. Fixed γ (no W4 estimate): every proposal is verified."""
+    import torch
+
+    from sglang_er.history_drafts import HistoryDrafts
+
+    hd, reqs, done = _group_with_history(16)
     w4 = [1.0, 1.9, 2.7, 3.4, 4.0]  # E[L | W4, γ]: α ≈ 0.9
     assert hd.plan(reqs, 4, None).history_rows == list(range(16))  # fixed γ
 
@@ -218,19 +227,9 @@ def test_verify_only_iterations_need_measured_history_acceptance():
     """Where the W4 policy decodes plainly, a verify-only iteration of history drafts runs only
     on acceptance the records vouch for: the cold prior (α 0.5, E[L|4] ≈ 1.9) never starts one,
     and where even the vouched rate at every row could not pay, no lookup is made."""
-    from types import SimpleNamespace
-
     import torch
 
-    from sglang_er.history_drafts import HistoryDrafts
-
-    prompt = list(range(100, 140))
-    text = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 3
-    done = SimpleNamespace(rid="done", origin_input_ids=prompt, output_ids=text)
-    reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=prompt, output_ids=text[: 5 + i % 3]) for i in range(8)]
-    hd = HistoryDrafts(gamma_max=4)
-    hd.sync([done])
-    hd.sync(reqs)
+    hd, reqs, _ = _group_with_history(8)
     asked = []
 
     def pays(gamma, expected):  # a verify of γ+1 tokens costing 1.5 plain steps
