@@ -312,10 +312,9 @@ class EffRolloutWorker(BaseSpecWorker):
         draft_tokens = torch.stack(drafts, 1) if drafts else None  # [B, γ]
         if plan is not None:
             draft_tokens = history_drafts.merge_tokens(plan, x0, draft_tokens)
-        t_draft = clock.lap()
-        draft_split = None if t_first is None else (t_first, t_draft)
-        if t_first is not None:
-            t_draft += t_first
+        t_rest = clock.lap()
+        draft_split = None if t_first is None else (t_first, t_rest)
+        t_draft = t_rest if t_first is None else t_first + t_rest
 
         verify_ids = torch.cat([x0[:, None], draft_tokens], 1)
         with self._observed():
