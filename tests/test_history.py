@@ -163,9 +163,10 @@ def test_meta_info_splits_a_requests_drafts_by_source():
                                     "none": {"iterations": 1, "proposed": 0, "accepted": 0}}
 
 
-def _group_with_history(n: int):
+def _group_with_history(n: int, probe_every: int = 1):
     """A HistoryDrafts over one prompt: a finished sample's whole text indexed, and n live samples
-    5-7 tokens into the same text (each has a proposal)."""
+    5-7 tokens into the same text (each has a proposal); W4 iterations look up every proposal
+    unless ``probe_every`` says otherwise."""
     from types import SimpleNamespace
 
     from sglang_er.history_drafts import HistoryDrafts
@@ -174,7 +175,7 @@ def _group_with_history(n: int):
     text = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 3
     done = SimpleNamespace(rid="done", origin_input_ids=prompt, output_ids=text)
     reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=prompt, output_ids=text[: 5 + i % 3]) for i in range(n)]
-    hd = HistoryDrafts(gamma_max=4)
+    hd = HistoryDrafts(gamma_max=4, probe_every=probe_every)
     hd.sync([done])
     hd.sync(reqs)  # "done" left the batch: its whole text is indexed
     return hd, reqs, done
@@ -212,7 +213,7 @@ def test_unused_proposals_are_measured_in_the_shadow_of_the_w4_drafts():
         plan, rounds = hd.plan(reqs, 4, w4), rounds + 1
     assert plan is not None and plan.history_rows == list(range(16)) and not plan.run_drafter
 
-    greedy = HistoryDrafts(gamma_max=4)  # greedy: a proposal is accepted where it is the argmax
+    greedy = HistoryDrafts(gamma_max=4, probe_every=1)  # greedy: a proposal is accepted where it is the argmax
     greedy.sync([done])
     greedy.sync(reqs)
     assert greedy.plan(reqs, 4, w4) is None
@@ -221,6 +222,32 @@ def test_unused_proposals_are_measured_in_the_shadow_of_the_w4_drafts():
     greedy.observe_shadow(torch.tensor([dict(greedy.shadow)[i] for i in range(16)]), argmax=argmax)
     assert greedy.acceptance._srv.tried[:2] == [16, 16] and greedy.acceptance._srv.acc[:2] == [16, 0]
 
+
+
+def test_lookups_are_sampled_while_no_proposal_could_beat_the_w4_drafter():
+    """While the measured E[L] of a full-length proposal is below the W4 drafter's, the lookups
+    only feed the shadow measurement: one W4 iteration in ``probe_every`` makes them. Live
+    requests' tokens are indexed when lookups need them; a request that leaves the batch is
+    indexed at once."""
+    from types import SimpleNamespace
+
+    hd, reqs, done = _group_with_history(4, probe_every=4)
+    assert hd.index.stream_len(hd._key(done), "done") == len(done.output_ids)
+    assert all(hd.index.stream_len(hd._key(r), r.rid) == 0 for r in reqs)  # nothing looked up yet
+    w4 = [1.0, 1.9, 2.7, 3.4, 4.0]
+    shadows = []
+    for _ in range(8):
+        hd.sync(reqs)
+        assert hd.plan(reqs, 4, w4) is None  # the prior (α 0.5) expects less than W4
+        shadows.append(len(hd.shadow))
+    assert shadows == [0, 0, 0, 4] * 2 and hd.lookups == 8 and hd.skipped_lookups == 6
+    assert all(hd.index.stream_len(hd._key(r), r.rid) == len(r.output_ids) for r in reqs)
+    assert hd.plan(reqs, 4, None).history_rows == [0, 1, 2, 3]  # fixed γ: always looked up
+
+    late = SimpleNamespace(rid="late", origin_input_ids=done.origin_input_ids, output_ids=[7, 8, 9, 10])
+    hd.sync(reqs + [late])
+    hd.sync(reqs)  # it finished: indexed without a lookup
+    assert hd.index.stream_len(hd._key(late), "late") == 4
 
 
 def test_verify_only_iterations_need_measured_history_acceptance():
