@@ -1,6 +1,6 @@
 """Cost of the auto policy's per-iteration work, without an engine (not a test).
 
-    python -m eval.bench_decision [--model qwen2-0.5b] [--batches 1 4 16 64 256]
+    python -m eval.bench_decision [--model qwen2-0.5b] [--batches 1 4 16 64 256] [--history]
 
 Times what the worker adds to every decode iteration in auto mode, through the worker's own
 adapter (:class:`sglang_er.controller.Controller`) on a stand-in batch (sequence lengths as a
@@ -8,6 +8,10 @@ CPU tensor, requests with ids and prompts: GRPO-like groups of n = 8 samples per
 ``choose`` (batch summary, cost model for γ ∈ {0} ∪ 1..γmax, acceptance model, hysteresis,
 exploration) and the feedback after it (live correction from the measured phase times,
 acceptance update, scheduler time). Target: ≤ 50 µs per iteration.
+
+``--history`` also times the history drafts' upkeep (:class:`sglang_er.history_drafts.HistoryDrafts`
+``sync`` + ``plan``) in W4 iterations of γ = 7 where the W4 drafter (α 0.96) out-drafts history,
+each request committing 7 tokens of phrase-reusing text per iteration.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--profiles", nargs="+", default=["cpu", "h100"],
                    help="built-in hardware profiles: on 'cpu' a 0.5B model is compute-bound from B≈16 "
                         "(the policy decodes plainly), on 'h100' it speculates at every B")
+    p.add_argument("--history", action="store_true", help="also time the history drafts' upkeep")
     args = p.parse_args(argv)
     cfg = json.loads((build_model(args.model) / "config.json").read_text())
     rng = random.Random(0)
@@ -42,7 +47,38 @@ def main(argv=None) -> int:
               f"profile {prof})")
         for b in args.batches:
             _bench(cfg, builtin_profile(prof), b, args, rng)
+    if args.history:
+        print("history drafts' upkeep per W4 iteration (γ = 7, 7 tokens committed per request)")
+        for b in args.batches:
+            _bench_history(b, rng)
     return 0
+
+
+def _bench_history(b: int, rng, iterations: int = 100, warm: int = 40) -> None:
+    from sglang_er.history_drafts import HistoryDrafts
+
+    phrases = [[rng.randrange(4096) for _ in range(rng.randint(3, 12))] for _ in range(300)]
+
+    def text():
+        while True:
+            yield from (rng.choice(phrases[:60]) if rng.random() < 0.7 else rng.choice(phrases))
+
+    w4 = [1 + sum(0.96 ** k for k in range(1, g + 1)) for g in range(8)]
+    hd = HistoryDrafts(gamma_max=7)
+    prompts = [[rng.randrange(4096) for _ in range(80)] for _ in range(-(-b // 8))]
+    reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=prompts[i // 8], output_ids=[], text=text())
+            for i in range(b)]
+    spent = 0.0
+    for it in range(iterations):
+        for r in reqs:
+            r.output_ids += [next(r.text) for _ in range(7)]
+        t0 = time.perf_counter()
+        hd.sync(reqs)
+        hd.plan(reqs, 7, w4)
+        if it >= warm:
+            spent += time.perf_counter() - t0
+    print(f"B={b:4d}: {spent / (iterations - warm) * 1e6:7.0f} µs per iteration "
+          f"({hd.lookups} lookups, {hd.skipped_lookups} iterations without)")
 
 
 def _bench(cfg, profile, b, args, rng) -> None:
