@@ -100,10 +100,14 @@ def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamm
     }
 
 
+# Configurations chosen per iteration; "auto-twin" (--twin) is a second, identical auto server
+POLICIES = ("auto", "hybrid", "auto-twin")
+
+
 def best_other(results: dict, names: list[str], temp: float, b: int) -> tuple[str, float]:
     """The configuration auto is judged against at (T, B): the fastest that is neither a policy
-    (auto, hybrid) nor the γ = 0 timing server, and its tok/s."""
-    others = {n: results[(n, temp, b)]["tok_s"] for n in names if n not in ("auto", "hybrid", "gamma=0")}
+    (auto, hybrid, auto's twin) nor the γ = 0 timing server, and its tok/s."""
+    others = {n: results[(n, temp, b)]["tok_s"] for n in names if n not in (*POLICIES, "gamma=0")}
     best = max(others, key=others.get)
     return best, others[best]
 
@@ -115,7 +119,7 @@ def paired_ratio(results: dict, names: list[str], temp: float, b: int, of: str =
     same for every server, so a ratio within one round is steadier than a ratio of medians.
     Configurations measured once (the contender rule) are left out; None with under 3 rounds."""
     mine = results[(of, temp, b)].get("tok_s_runs") or []
-    pool = [against] if against else [n for n in names if n not in ("auto", "hybrid", "gamma=0", of)]
+    pool = [against] if against else [n for n in names if n not in (*POLICIES, "gamma=0", of)]
     runs = [results[(n, temp, b)].get("tok_s_runs") or [] for n in pool]
     runs = [r for r in runs if len(r) >= len(mine)]
     if len(mine) < 3 or not runs:
@@ -292,6 +296,10 @@ def main() -> None:
     p.add_argument("--auto", action="store_true", help="also run the auto policy (γ chosen per iteration)")
     p.add_argument("--hybrid", action="store_true",
                    help="also run auto with history drafts (SGLANG_ER_HISTORY=all); implies --auto")
+    p.add_argument("--twin", action="store_true",
+                   help="also run a second, identical auto server (auto-twin): how far two servers of one "
+                        "configuration differ here (each computes its own AWQ scales from its own traffic), "
+                        "the yardstick for hybrid vs auto; implies --auto")
     p.add_argument("--profile", default=None,
                    help="hardware profile for auto/hybrid (SGLANG_ER_PROFILE; `sglang-er calibrate` writes one)")
     p.add_argument("--prompts", choices=["synthetic", "gsm8k"], default="synthetic",
@@ -323,15 +331,18 @@ def main() -> None:
          {"SGLANG_ER_GAMMA": str(g), "SGLANG_ER_DRAFT_HEAD": head, "SGLANG_ER_QUANT": q, **AWQ_WARM})
         for q in args.quant for head in args.draft_heads for g in args.gammas
     ]
-    args.auto = args.auto or args.hybrid
+    args.auto = args.auto or args.hybrid or args.twin
     prof = {"SGLANG_ER_PROFILE": str(Path(args.profile).resolve())} if args.profile else {}
     if args.hybrid:
         configs.append(("hybrid", 0, spec, {"SGLANG_ER_MODE": "auto", "SGLANG_ER_HISTORY": "all",
                                             "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
                                             "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM, **prof}))
     if args.auto:
-        configs.append(("auto", 0, spec, {"SGLANG_ER_MODE": "auto", "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
-                                          "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM, **prof}))
+        auto_env = {"SGLANG_ER_MODE": "auto", "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
+                    "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM, **prof}
+        configs.append(("auto", 0, spec, auto_env))
+        if args.twin:
+            configs.append(("auto-twin", 0, spec, dict(auto_env)))
     spec_configs = [c for c in configs if c[0] not in ("plain", "gamma=0", "plain/no-overlap")]
     results, model_errors = measure(configs, args, prompts, path)
     print(f"\nratios vs plain ({args.model}, {args.new_tokens} new tokens, same run)")
@@ -352,7 +363,7 @@ def main() -> None:
         for temp in args.temperatures:
             crossover = max((b for b in args.batches if any(
                 results[(c[0], temp, b)]["tok_s"] > results[("plain", temp, b)]["tok_s"]
-                for c in spec_configs if c[0] not in ("auto", "hybrid"))), default=None)
+                for c in spec_configs if c[0] not in POLICIES)), default=None)
             for b in args.batches:
                 best, best_tok_s = best_other(results, [c[0] for c in configs], temp, b)
                 a = results[("auto", temp, b)]
@@ -361,11 +372,12 @@ def main() -> None:
                       f"({best}), {a['tok_s'] / results[('plain', temp, b)]['tok_s']:4.2f}x plain, speculating in "
                       f"{(a['spec_share'] or 0) * 100:.0f}% of iterations"
                       + (f"; per round {paired:4.2f}x the round's best" if paired else ""), flush=True)
-                if args.hybrid:
-                    h = results[("hybrid", temp, b)]
-                    hp = paired_ratio(results, [c[0] for c in configs], temp, b, of="hybrid", against="auto")
-                    print(f"              hybrid {h['tok_s']:7.1f} tok/s = {h['tok_s'] / a['tok_s']:4.2f}x auto (W4 only)"
-                          + (f"; per round {hp:4.2f}x" if hp else ""), flush=True)
+                for other, label in (("hybrid", "auto (W4 only)"), ("auto-twin", "auto (same configuration)")):
+                    if other in [c[0] for c in configs]:
+                        h = results[(other, temp, b)]
+                        hp = paired_ratio(results, [c[0] for c in configs], temp, b, of=other, against="auto")
+                        print(f"              {other} {h['tok_s']:7.1f} tok/s = {h['tok_s'] / a['tok_s']:4.2f}x {label}"
+                              + (f"; per round {hp:4.2f}x" if hp else ""), flush=True)
             print(f"T={temp:g} crossover: fixed γ beats plain up to B = {crossover}")
     for temp in args.temperatures:
         print(f"\nT={temp:g}, speed-up over plain (acceptance α):\n"
