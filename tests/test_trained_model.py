@@ -25,14 +25,18 @@ def test_prompts_match_the_eval_harness():
     assert q.endswith("\n" + INSTRUCTION) and a.endswith("}.")
 
 
+def _short_run(tmp_path):
+    rows = data_path().read_text().splitlines()[:200]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    return TrainConfig(steps=12, batch=4, block=128, warmup=2), data
+
+
 def test_short_training_run_builds_a_loadable_cached_model(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    rows = data_path().read_text().splitlines()[:200]
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(rows) + "\n")
-    cfg = TrainConfig(steps=12, batch=4, block=128, warmup=2)
+    cfg, data = _short_run(tmp_path)
     out = build_trained(cache_dir=tmp_path / "cache", cfg=cfg, data=data, log=lambda *_: None)
     assert build_trained(cache_dir=tmp_path / "cache", cfg=cfg, data=data) == out  # cached
     report = json.loads((out / "training.json").read_text())
@@ -45,3 +49,19 @@ def test_short_training_run_builds_a_loadable_cached_model(tmp_path):
                                   return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert model(ids).logits.shape[-1] == config["vocab_size"]
+
+
+def test_sharpened_model_is_the_trained_one_at_half_the_temperature(tmp_path):
+    """gsm8k-lm-rl: logits exactly twice gsm8k-lm's (sampling it at T = 1 is sampling gsm8k-lm at 0.5)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from sglang_er.models.trained import build_sharpened
+
+    cfg, data = _short_run(tmp_path)
+    base = build_trained(cache_dir=tmp_path / "cache", cfg=cfg, data=data, log=lambda *_: None)
+    sharp = build_sharpened(cache_dir=tmp_path / "cache", cfg=cfg, data=data)
+    assert sharp != base and build_sharpened(cache_dir=tmp_path / "cache", cfg=cfg, data=data) == sharp
+    ids = torch.tensor([[5, 17, 300, 42, 7]])
+    logits = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)(ids).logits for p in (base, sharp)]
+    torch.testing.assert_close(logits[1], 2 * logits[0], rtol=1e-4, atol=1e-4)

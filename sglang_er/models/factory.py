@@ -82,8 +82,12 @@ def build_model(name: str, *, seed: int = 0, cache_dir: str | Path | None = None
         from sglang_er.models.trained import TrainConfig, build_trained
 
         return build_trained(cache_dir=cache_dir, cfg=TrainConfig(seed=seed))
+    if name == "gsm8k-lm-rl":
+        from sglang_er.models.trained import build_sharpened
+
+        return build_sharpened(cache_dir=cache_dir)
     if name not in SPECS:
-        known = ", ".join([*SPECS, "smollm2-135m-instruct", "gsm8k-lm"])
+        known = ", ".join([*SPECS, "smollm2-135m-instruct", "gsm8k-lm", "gsm8k-lm-rl"])
         raise ValueError(f"unknown model {name!r}; choose one of: {known}")
     spec = SPECS[name]
 

@@ -87,6 +87,36 @@ def build_trained(*, cache_dir: str | Path | None = None, cfg: TrainConfig = Tra
     return cached_build(Path(cache_dir) if cache_dir else default_cache_dir(), f"{NAME}-{key}", write)
 
 
+SHARP_NAME = "gsm8k-lm-rl"
+
+
+def build_sharpened(*, sharpness: float = 2.0, cache_dir: str | Path | None = None, cfg: TrainConfig = TrainConfig(),
+                    data: Path | None = None) -> Path:
+    """``gsm8k-lm-rl``: the trained model with its final RMSNorm weight times ``sharpness``, so its
+    logits are ``sharpness`` times gsm8k-lm's and sampling it at temperature 1 samples gsm8k-lm at
+    ``1 / sharpness``. It stands for a policy late in GRPO, whose entropy has collapsed: samples of
+    one prompt then share long runs of text (what history drafts feed on), which gsm8k-lm's at
+    temperature 1 do not (``python -m eval.history_probe``). Built from gsm8k-lm in seconds."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = build_trained(cache_dir=cache_dir, cfg=cfg, data=data)
+
+    def write(tmp: Path) -> None:
+        for f in base.iterdir():
+            if f.is_file() and f.name != "model.safetensors":
+                shutil.copy2(f, tmp / f.name)
+        weights = load_file(base / "model.safetensors")
+        weights["model.norm.weight"] = (weights["model.norm.weight"].float() * sharpness).to(
+            weights["model.norm.weight"].dtype)
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "sharpened.json").write_text(json.dumps({"base": base.name, "sharpness": sharpness}))
+
+    return cached_build(Path(cache_dir) if cache_dir else default_cache_dir(),
+                        f"{SHARP_NAME}-{base.name.rsplit('-', 1)[-1]}-s{sharpness:g}", write)
+
+
 def _rows(tok, convs, eos: int, cfg: TrainConfig, g):
     """Every conversation through the chat template, shuffled, packed into [N, block] rows."""
     import torch
