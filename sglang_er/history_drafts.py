@@ -126,21 +126,26 @@ class HistoryDrafts:
         """The drafts of this iteration, or None to keep the W4 choice as it is.
 
         gamma_w4: the W4 policy's γ (0 = it would decode plainly); w4_expected: E[L | W4, γ]
-        for γ = 0..γmax; verify_only_pays(γ, expected_tokens) -> bool: the cost model's verdict
-        on a verify-only iteration (None: never run one, e.g. fixed mode).
+        for γ = 0..γmax; verify_only_pays(γ, expected_tokens, against_γ) -> bool: the cost
+        model's verdict on a verify-only iteration against the W4 plan of ``against_γ`` (0: a
+        plain step); None: never run one (fixed mode).
+
+        Two ways history drafts are used: a *verify-only* iteration (no drafter: requests with a
+        proposal verify it, the others commit one token) where the cost model predicts more
+        tokens/s from it than from the W4 policy's choice, by the acceptance the records vouch
+        for; otherwise, in a W4 iteration, per request where a proposal's measured E[L] beats the
+        W4 drafter's (the drafter still runs for the batch).
         """
         self.shadow = []
-        if gamma_w4 == 0:
-            if verify_only_pays is None:
-                return None
-            # Not even every request proposing at the vouched rate would pay (a large batch, a
-            # thinly measured index): skip the B lookups, which are pure Python. The best width
-            # is 1 when the verify is compute-bound and γmax when it is memory-bound.
-            vouched = self.acceptance.vouched_expected_tokens_table()
-            if not any(verify_only_pays(g, len(reqs) * vouched[g]) for g in {1, self.gamma_max}):
-                return None
         table = self.acceptance.expected_tokens_table()
-        if gamma_w4 and w4_expected is not None and table[gamma_w4] < w4_expected[gamma_w4]:
+        vouched = self.acceptance.vouched_expected_tokens_table()
+        # Could any verify-only plan pay, even with every request proposing at the vouched rate?
+        # The best width is 1 when the verify is compute-bound and γmax when it is memory-bound.
+        verify_only = verify_only_pays is not None and any(
+            verify_only_pays(g, len(reqs) * vouched[g], gamma_w4) for g in {1, self.gamma_max})
+        if gamma_w4 == 0 and not verify_only:
+            return None  # skip the B lookups, which are pure Python
+        if gamma_w4 and w4_expected is not None and not verify_only and table[gamma_w4] < w4_expected[gamma_w4]:
             self._since_probe += 1  # E[L] grows with a proposal's length: none could be used
             if self._since_probe < self.probe_every:
                 self.skipped_lookups += 1
@@ -157,24 +162,27 @@ class HistoryDrafts:
             props.append(p)
         if not any(props):
             return None
-        if gamma_w4 == 0:
+        if verify_only:
             gamma = max(len(p.tokens) for p in props if p)
             expected = sum(vouched[len(p.tokens)] if p else 1.0 for p in props)
-            if not verify_only_pays(gamma, expected):
-                return None
-            use = [p is not None for p in props]
-        else:
-            gamma = gamma_w4
-            # a shorter proposal is padded (verified, rarely accepted)
-            if w4_expected is None:  # fixed γ: no W4 estimate to weigh against; cold start tries all
-                explore = self.acceptance.num_observations < EXPLORE
-                use = [p is not None and (explore or table[min(len(p.tokens), gamma)] >= table[gamma])
-                       for p in props]
-            else:  # the measured (shadow and real) E[L] against the W4 drafter's
-                use = [p is not None and table[min(len(p.tokens), gamma)] >= w4_expected[gamma] for p in props]
-            self.shadow = [(i, p.tokens) for i, (p, u) in enumerate(zip(props, use)) if p and not u]
-            if not any(use):
-                return None
+            if verify_only_pays(gamma, expected, gamma_w4):
+                return self._plan(props, [p is not None for p in props], gamma, gamma_w4=0)
+        if gamma_w4 == 0:
+            return None
+        gamma = gamma_w4
+        # a shorter proposal is padded (verified, rarely accepted)
+        if w4_expected is None:  # fixed γ: no W4 estimate to weigh against; cold start tries all
+            explore = self.acceptance.num_observations < EXPLORE
+            use = [p is not None and (explore or table[min(len(p.tokens), gamma)] >= table[gamma]) for p in props]
+        else:  # the measured (shadow and real) E[L] against the W4 drafter's
+            use = [p is not None and table[min(len(p.tokens), gamma)] >= w4_expected[gamma] for p in props]
+        self.shadow = [(i, p.tokens) for i, (p, u) in enumerate(zip(props, use)) if p and not u]
+        return self._plan(props, use, gamma, gamma_w4) if any(use) else None
+
+    @staticmethod
+    def _plan(props, use: list[bool], gamma: int, gamma_w4: int) -> Plan:
+        """Rows that ``use`` their proposal take it (padded to γ); the others take W4 drafts in a
+        W4 iteration (``gamma_w4`` > 0), nothing in a verify-only one."""
         tokens, lengths, source = [], [], []
         for p, u in zip(props, use):
             if u:

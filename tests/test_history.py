@@ -259,7 +259,8 @@ def test_verify_only_iterations_need_measured_history_acceptance():
     hd, reqs, _ = _group_with_history(8)
     asked = []
 
-    def pays(gamma, expected):  # a verify of γ+1 tokens costing 1.5 plain steps
+    def pays(gamma, expected, against=0):  # a verify of γ+1 tokens costing 1.5 plain steps
+        assert against == 0
         asked.append(expected)
         return expected > 1.5 * len(reqs)
 
@@ -277,3 +278,54 @@ def test_verify_only_iterations_need_measured_history_acceptance():
     plan = hd.plan(reqs, 0, None, pays)  # 8 records of full acceptance: E[L|4] = 1 + Σ (8/16)^k
     assert plan is not None and plan.history_rows == list(range(8)) and not plan.run_drafter
     assert asked[-1] == pytest.approx(len(reqs) * sum(0.5 ** k for k in range(5)))
+
+
+def test_a_verify_only_iteration_replaces_the_w4_drafts_where_it_is_predicted_faster():
+    """Where the cost model predicts more tokens/s from the history proposals alone (at the
+    vouched acceptance) than from the W4 policy's γ, the drafter does not run: the requests with
+    a proposal verify it, the others commit one token."""
+    import torch
+
+    hd, reqs, _ = _group_with_history(8)
+    w4 = [1.0, 1.9, 2.7, 3.4, 4.0]
+    asked = []
+
+    def pays(gamma, expected, against=0):  # the W4 plan commits 2.5 tokens per request per unit time
+        asked.append(against)
+        return expected / 1.0 > (2.5 if against else 1.0) * len(reqs)
+
+    assert hd.plan(reqs, 4, w4, pays) is None and set(asked) == {4}  # cold: vouched E[L] = 1
+    for _ in range(6):  # the target agrees with every proposal, measured in the W4 drafts' shadow
+        props = dict(hd.shadow)
+        probs = torch.zeros(8, 5, 32)
+        for i, h in props.items():
+            for k, t in enumerate(h):
+                probs[i, k, t] = 1.0
+        hd.observe_shadow(torch.tensor([props[i] for i in range(8)]), probs)
+        plan = hd.plan(reqs, 4, w4, pays)
+        if plan is not None:
+            break
+    assert plan is not None and not plan.run_drafter and plan.history_rows == list(range(8))
+    assert "w4" not in plan.source
+
+
+def test_controller_weighs_a_verify_only_iteration_against_the_chosen_w4_plan():
+    """Controller.verify_only_pays(γ, tokens, against_γ): against a W4 plan, a verify-only
+    iteration that commits every request's γ + 1 tokens wins (the same verify, no drafting), one
+    that commits a token per request loses; against plain (0) the bar is a plain step."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sglang_er.calibration import builtin_profile
+    from sglang_er.controller import Controller
+    from test_policy import QWEN2_05B
+
+    ctl = Controller(QWEN2_05B, 7, torch.device("cpu"), "torch_native", profile=builtin_profile("h100"))
+    reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=[i, 1, 2]) for i in range(2)]
+    seq = torch.tensor([300, 400])
+    g = ctl.choose(SimpleNamespace(seq_lens_cpu=seq, seq_lens=seq, reqs=reqs))
+    assert g > 0  # memory-bound: the policy speculates
+    assert ctl.verify_only_pays(g, 2 * (g + 1), g)
+    assert not ctl.verify_only_pays(g, 2 * 1.0, g)
+    assert ctl.verify_only_pays(g, 2 * (g + 1), 0) and not ctl.verify_only_pays(g, 2 * 1.0, 0)
