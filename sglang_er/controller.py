@@ -113,20 +113,22 @@ class Controller:
         """E[L | W4, γ] for γ = 0..γmax (server-wide acceptance)."""
         return self.acceptance.expected_tokens_table()
 
-    def verify_only_pays(self, gamma: int, expected_tokens: float, against_gamma: int = 0) -> bool:
-        """Would a verify-only iteration (drafts that cost no forward) of width γ+1, committing
-        ``expected_tokens``, beat the plan of ``against_gamma`` for the batch ``choose`` last saw:
-        a plain decode step by the policy's ``min_gain`` (0), or the W4 drafts of that γ at their
-        predicted tokens/s?"""
-        st, min_gain = self._st, self.policy.min_gain
+    def verify_only_gain(self, gamma: int, expected_tokens: float, against_gamma: int = 0) -> float:
+        """Predicted tokens/s of a verify-only iteration (drafts that cost no forward) of width
+        γ+1 committing ``expected_tokens``, over the bar it must clear for the batch ``choose``
+        last saw: a plain decode step times the policy's ``min_gain`` (``against_gamma`` 0), or
+        also the W4 drafts of that γ at their predicted tokens/s. It pays above 1."""
+        st = self._st
         t_v = self.cost.t_verify(st, gamma) + self.cost.t_outside(gamma, st.batch)
         t_t = self.cost.t_plain(st) + self.cost.t_outside(0, st.batch)
-        bar = min_gain * st.batch / t_t
+        bar = self.policy.min_gain * st.batch / t_t
         d = self.last_decision
         if against_gamma:
             w4 = d.predicted_tokens_per_s.get(against_gamma) if d is not None else None
-            bar = max(bar, w4 if w4 is not None and w4 == w4 else float("inf"))
-        return expected_tokens / t_v > bar
+            if w4 is None or w4 != w4:
+                return 0.0
+            bar = max(bar, w4)
+        return expected_tokens / t_v / bar
 
     def state(self) -> dict:
         d = self.last_decision

@@ -122,27 +122,28 @@ class HistoryDrafts:
             self.index.extend(key, r.rid, r.output_ids[have:])
 
     # ------------------------------------------------------------------ the choice
-    def plan(self, reqs, gamma_w4: int, w4_expected: list[float] | None, verify_only_pays=None) -> Plan | None:
+    def plan(self, reqs, gamma_w4: int, w4_expected: list[float] | None, verify_only_gain=None) -> Plan | None:
         """The drafts of this iteration, or None to keep the W4 choice as it is.
 
         gamma_w4: the W4 policy's γ (0 = it would decode plainly); w4_expected: E[L | W4, γ]
-        for γ = 0..γmax; verify_only_pays(γ, expected_tokens, against_γ) -> bool: the cost
-        model's verdict on a verify-only iteration against the W4 plan of ``against_γ`` (0: a
-        plain step); None: never run one (fixed mode).
+        for γ = 0..γmax; verify_only_gain(γ, expected_tokens, against_γ) -> float: the cost
+        model's predicted gain of a verify-only iteration over the W4 plan of ``against_γ`` (0: a
+        plain step); it pays above 1. None: never run one (fixed mode).
 
         Two ways history drafts are used: a *verify-only* iteration (no drafter: requests with a
-        proposal verify it, the others commit one token) where the cost model predicts more
-        tokens/s from it than from the W4 policy's choice, by the acceptance the records vouch
-        for; otherwise, in a W4 iteration, per request where a proposal's measured E[L] beats the
-        W4 drafter's (the drafter still runs for the batch).
+        proposal verify it, cut to the width with the best predicted gain, the others commit one
+        token) where the cost model predicts more tokens/s from it than from the W4 policy's
+        choice, by the acceptance the records vouch for; otherwise, in a W4 iteration, per request
+        where a proposal's measured E[L] beats the W4 drafter's (the drafter still runs for the
+        batch). A compute-bound verify favours short widths, a memory-bound one long widths.
         """
         self.shadow = []
         table = self.acceptance.expected_tokens_table()
         vouched = self.acceptance.vouched_expected_tokens_table()
         # Could any verify-only plan pay, even with every request proposing at the vouched rate?
-        # The best width is 1 when the verify is compute-bound and γmax when it is memory-bound.
-        verify_only = verify_only_pays is not None and any(
-            verify_only_pays(g, len(reqs) * vouched[g], gamma_w4) for g in {1, self.gamma_max})
+        widths = range(1, self.gamma_max + 1)
+        verify_only = verify_only_gain is not None and any(
+            verify_only_gain(g, len(reqs) * vouched[g], gamma_w4) > 1.0 for g in widths)
         if gamma_w4 == 0 and not verify_only:
             return None  # skip the B lookups, which are pure Python
         if gamma_w4 and w4_expected is not None and not verify_only and table[gamma_w4] < w4_expected[gamma_w4]:
@@ -163,9 +164,11 @@ class HistoryDrafts:
         if not any(props):
             return None
         if verify_only:
-            gamma = max(len(p.tokens) for p in props if p)
-            expected = sum(vouched[len(p.tokens)] if p else 1.0 for p in props)
-            if verify_only_pays(gamma, expected, gamma_w4):
+            longest = max(len(p.tokens) for p in props if p)
+            gains = {g: verify_only_gain(g, sum(vouched[min(len(p.tokens), g)] if p else 1.0 for p in props), gamma_w4)
+                     for g in range(1, longest + 1)}
+            gamma = max(gains, key=gains.get)
+            if gains[gamma] > 1.0:
                 return self._plan(props, [p is not None for p in props], gamma, gamma_w4=0)
         if gamma_w4 == 0:
             return None

@@ -220,7 +220,7 @@ class EffRolloutWorker(BaseSpecWorker):
             return None
         ctl = self.controller
         return self.history.plan(batch.reqs, gamma, ctl.w4_expected_tokens() if ctl else None,
-                                 ctl.verify_only_pays if ctl else None)
+                                 ctl.verify_only_gain if ctl else None)
 
     def _prefill(self, batch):
         with self._observed():

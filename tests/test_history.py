@@ -262,7 +262,7 @@ def test_verify_only_iterations_need_measured_history_acceptance():
     def pays(gamma, expected, against=0):  # a verify of γ+1 tokens costing 1.5 plain steps
         assert against == 0
         asked.append(expected)
-        return expected > 1.5 * len(reqs)
+        return expected / (1.5 * len(reqs))
 
     assert hd.acceptance.expected_tokens(4) > 1.5  # the prior alone would bet on it
     assert hd.plan(reqs, 0, None, pays) is None and asked[-1] == pytest.approx(len(reqs))
@@ -292,7 +292,7 @@ def test_a_verify_only_iteration_replaces_the_w4_drafts_where_it_is_predicted_fa
 
     def pays(gamma, expected, against=0):  # the W4 plan commits 2.5 tokens per request per unit time
         asked.append(against)
-        return expected / 1.0 > (2.5 if against else 1.0) * len(reqs)
+        return expected / ((2.5 if against else 1.0) * len(reqs))
 
     assert hd.plan(reqs, 4, w4, pays) is None and set(asked) == {4}  # cold: vouched E[L] = 1
     for _ in range(6):  # the target agrees with every proposal, measured in the W4 drafts' shadow
@@ -306,11 +306,17 @@ def test_a_verify_only_iteration_replaces_the_w4_drafts_where_it_is_predicted_fa
         if plan is not None:
             break
     assert plan is not None and not plan.run_drafter and plan.history_rows == list(range(8))
-    assert "w4" not in plan.source
+    assert "w4" not in plan.source and plan.gamma == 4  # a memory-bound verify: the longest width
+
+    def compute_bound(gamma, expected, against=0):  # each verified token costs as much as a step
+        return expected / ((1 + gamma) * 0.5 * len(reqs))
+
+    plan = hd.plan(reqs, 4, w4, compute_bound)
+    assert plan is not None and plan.gamma == 1 and plan.history_rows == list(range(8))
 
 
 def test_controller_weighs_a_verify_only_iteration_against_the_chosen_w4_plan():
-    """Controller.verify_only_pays(γ, tokens, against_γ): against a W4 plan, a verify-only
+    """Controller.verify_only_gain(γ, tokens, against_γ): against a W4 plan, a verify-only
     iteration that commits every request's γ + 1 tokens wins (the same verify, no drafting), one
     that commits a token per request loses; against plain (0) the bar is a plain step."""
     from types import SimpleNamespace
@@ -326,6 +332,6 @@ def test_controller_weighs_a_verify_only_iteration_against_the_chosen_w4_plan():
     seq = torch.tensor([300, 400])
     g = ctl.choose(SimpleNamespace(seq_lens_cpu=seq, seq_lens=seq, reqs=reqs))
     assert g > 0  # memory-bound: the policy speculates
-    assert ctl.verify_only_pays(g, 2 * (g + 1), g)
-    assert not ctl.verify_only_pays(g, 2 * 1.0, g)
-    assert ctl.verify_only_pays(g, 2 * (g + 1), 0) and not ctl.verify_only_pays(g, 2 * 1.0, 0)
+    assert ctl.verify_only_gain(g, 2 * (g + 1), g) > 1.0
+    assert ctl.verify_only_gain(g, 2 * 1.0, g) < 1.0
+    assert ctl.verify_only_gain(g, 2 * (g + 1), 0) > 1.0 > ctl.verify_only_gain(g, 2 * 1.0, 0)
