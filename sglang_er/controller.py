@@ -113,22 +113,14 @@ class Controller:
         """E[L | W4, γ] for γ = 0..γmax (server-wide acceptance)."""
         return self.acceptance.expected_tokens_table()
 
-    def verify_only_gain(self, gamma: int, expected_tokens: float, against_gamma: int = 0) -> float:
+    def verify_only_gain(self, gamma: int, expected_tokens: float) -> float:
         """Predicted tokens/s of a verify-only iteration (drafts that cost no forward) of width
-        γ+1 committing ``expected_tokens``, over the bar it must clear for the batch ``choose``
-        last saw: a plain decode step times the policy's ``min_gain`` (``against_gamma`` 0), or
-        also the W4 drafts of that γ at their predicted tokens/s. It pays above 1."""
+        γ+1 committing ``expected_tokens``, over a plain decode step's times the policy's
+        ``min_gain``, for the batch ``choose`` last saw. It pays above 1."""
         st = self._st
         t_v = self.cost.t_verify(st, gamma) + self.cost.t_outside(gamma, st.batch)
         t_t = self.cost.t_plain(st) + self.cost.t_outside(0, st.batch)
-        bar = self.policy.min_gain * st.batch / t_t
-        d = self.last_decision
-        if against_gamma:
-            w4 = d.predicted_tokens_per_s.get(against_gamma) if d is not None else None
-            if w4 is None or w4 != w4:
-                return 0.0
-            bar = max(bar, w4)
-        return expected_tokens / t_v / bar
+        return expected_tokens / t_v / (self.policy.min_gain * st.batch / t_t)
 
     def state(self) -> dict:
         d = self.last_decision

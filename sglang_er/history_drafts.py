@@ -126,27 +126,30 @@ class HistoryDrafts:
         """The drafts of this iteration, or None to keep the W4 choice as it is.
 
         gamma_w4: the W4 policy's γ (0 = it would decode plainly); w4_expected: E[L | W4, γ]
-        for γ = 0..γmax; verify_only_gain(γ, expected_tokens, against_γ) -> float: the cost
-        model's predicted gain of a verify-only iteration over the W4 plan of ``against_γ`` (0: a
-        plain step); it pays above 1. None: never run one (fixed mode).
+        for γ = 0..γmax; verify_only_gain(γ, expected_tokens) -> float: the cost model's
+        predicted gain of a verify-only iteration over a plain step, paying above 1 (None: never
+        run one, e.g. fixed mode).
 
-        Two ways history drafts are used: a *verify-only* iteration (no drafter: requests with a
-        proposal verify it, cut to the width with the best predicted gain, the others commit one
-        token) where the cost model predicts more tokens/s from it than from the W4 policy's
-        choice, by the acceptance the records vouch for; otherwise, in a W4 iteration, per request
-        where a proposal's measured E[L] beats the W4 drafter's (the drafter still runs for the
-        batch). A compute-bound verify favours short widths, a memory-bound one long widths.
+        Where the W4 policy speculates, a request takes its proposal where the proposal's
+        measured E[L] beats the W4 drafter's (the drafter still runs for the batch). Where it
+        would decode plainly, a *verify-only* iteration (no drafter: requests with a proposal
+        verify it, cut to the width with the best predicted gain, the others commit one token)
+        runs where the cost model predicts more tokens/s than plain decoding, by the acceptance
+        the records vouch for. Verify-only iterations do not replace W4 ones: when they did (the
+        cost model predicting them faster than the W4 policy's γ), hybrid lost 6-13% against
+        W4-only auto at B = 1-64 on gsm8k-lm-rl, likely to what that choice did not price: the
+        drafter's first step after an iteration without it runs cold.
         """
         self.shadow = []
         table = self.acceptance.expected_tokens_table()
         vouched = self.acceptance.vouched_expected_tokens_table()
-        # Could any verify-only plan pay, even with every request proposing at the vouched rate?
-        widths = range(1, self.gamma_max + 1)
-        verify_only = verify_only_gain is not None and any(
-            verify_only_gain(g, len(reqs) * vouched[g], gamma_w4) > 1.0 for g in widths)
-        if gamma_w4 == 0 and not verify_only:
-            return None  # skip the B lookups, which are pure Python
-        if gamma_w4 and w4_expected is not None and not verify_only and table[gamma_w4] < w4_expected[gamma_w4]:
+        if gamma_w4 == 0:
+            # Could any verify-only plan pay, even with every request proposing at the vouched
+            # rate? If not, skip the B lookups, which are pure Python.
+            if verify_only_gain is None or not any(
+                    verify_only_gain(g, len(reqs) * vouched[g]) > 1.0 for g in range(1, self.gamma_max + 1)):
+                return None
+        elif w4_expected is not None and table[gamma_w4] < w4_expected[gamma_w4]:
             self._since_probe += 1  # E[L] grows with a proposal's length: none could be used
             if self._since_probe < self.probe_every:
                 self.skipped_lookups += 1
@@ -163,15 +166,12 @@ class HistoryDrafts:
             props.append(p)
         if not any(props):
             return None
-        if verify_only:
+        if gamma_w4 == 0:
             longest = max(len(p.tokens) for p in props if p)
-            gains = {g: verify_only_gain(g, sum(vouched[min(len(p.tokens), g)] if p else 1.0 for p in props), gamma_w4)
+            gains = {g: verify_only_gain(g, sum(vouched[min(len(p.tokens), g)] if p else 1.0 for p in props))
                      for g in range(1, longest + 1)}
             gamma = max(gains, key=gains.get)
-            if gains[gamma] > 1.0:
-                return self._plan(props, [p is not None for p in props], gamma, gamma_w4=0)
-        if gamma_w4 == 0:
-            return None
+            return self._plan(props, [p is not None for p in props], gamma, 0) if gains[gamma] > 1.0 else None
         gamma = gamma_w4
         # a shorter proposal is padded (verified, rarely accepted)
         if w4_expected is None:  # fixed γ: no W4 estimate to weigh against; cold start tries all
