@@ -181,6 +181,19 @@ def _group_with_history(n: int, probe_every: int = 1):
     return hd, reqs, done
 
 
+def _target_agrees(hd, n: int) -> None:
+    """Measure the shadow proposals of the last plan with a target that puts all its mass on
+    them (drafts [n, 4] = the proposals, p one-hot on each proposed token)."""
+    import torch
+
+    props = dict(hd.shadow)
+    probs = torch.zeros(n, 5, 32)
+    for i, h in props.items():
+        for k, t in enumerate(h):
+            probs[i, k, t] = 1.0
+    hd.observe_shadow(torch.tensor([props[i] for i in range(n)]), probs)
+
+
 def test_unused_proposals_are_measured_in_the_shadow_of_the_w4_drafts():
     """Auto mode: history drafts are used only where their measured E[L] beats the W4 drafter's,
     and a proposal left unused is measured anyway from the verify's distributions (no W4 row is
@@ -254,7 +267,6 @@ def test_verify_only_iterations_need_measured_history_acceptance():
     """Where the W4 policy decodes plainly, a verify-only iteration of history drafts runs only
     on acceptance the records vouch for: the cold prior (α 0.5, E[L|4] ≈ 1.9) never starts one,
     and where even the vouched rate at every row could not pay, no lookup is made."""
-    import torch
 
     hd, reqs, _ = _group_with_history(8)
     asked = []
@@ -268,12 +280,7 @@ def test_verify_only_iterations_need_measured_history_acceptance():
     assert hd.lookups == 0  # not even a perfect index could pay: the lookups are skipped
     w4 = [1.0, 1.9, 2.7, 3.4, 4.0]
     hd.plan(reqs, 4, w4)  # a W4 iteration: the proposals are measured in its shadow
-    props = dict(hd.shadow)
-    probs = torch.zeros(8, 5, 32)
-    for i, h in props.items():
-        for k, t in enumerate(h):
-            probs[i, k, t] = 1.0
-    hd.observe_shadow(torch.tensor([props[i] for i in range(8)]), probs)
+    _target_agrees(hd, 8)
     plan = hd.plan(reqs, 0, None, pays)  # 8 records of full acceptance: E[L|4] = 1 + Σ (8/16)^k
     assert plan is not None and plan.history_rows == list(range(8)) and not plan.run_drafter
     assert asked[-1] == pytest.approx(len(reqs) * sum(0.5 ** k for k in range(5)))
@@ -283,7 +290,6 @@ def test_a_verify_only_iteration_runs_at_the_width_with_the_best_predicted_gain(
     """Where the W4 policy decodes plainly, a verify-only iteration is cut to the width the cost
     model predicts best: the longest where the verify is memory-bound, one draft where every
     verified token costs; in W4 iterations it never replaces the W4 drafts."""
-    import torch
 
     hd, reqs, _ = _group_with_history(8)
     w4 = [1.0, 2.0, 3.0, 4.0, 5.0]  # a W4 drafter that never misses: no proposal commits more
@@ -297,12 +303,7 @@ def test_a_verify_only_iteration_runs_at_the_width_with_the_best_predicted_gain(
     assert hd.plan(reqs, 0, None, memory_bound) is None  # cold: vouched E[L] = 1
     for _ in range(6):  # the target agrees with every proposal, measured in the W4 drafts' shadow
         assert hd.plan(reqs, 4, w4, memory_bound) is None  # a W4 iteration keeps its drafts
-        props = dict(hd.shadow)
-        probs = torch.zeros(8, 5, 32)
-        for i, h in props.items():
-            for k, t in enumerate(h):
-                probs[i, k, t] = 1.0
-        hd.observe_shadow(torch.tensor([props[i] for i in range(8)]), probs)
+        _target_agrees(hd, 8)
     plan = hd.plan(reqs, 0, None, memory_bound)
     assert plan is not None and not plan.run_drafter and plan.history_rows == list(range(8)) and plan.gamma == 4
     plan = hd.plan(reqs, 0, None, compute_bound)
