@@ -115,8 +115,8 @@ class Controller:
 
     def verify_only_gain(self, gamma: int, expected_tokens: float) -> float:
         """Predicted tokens/s of a verify-only iteration (drafts that cost no forward) of width
-        γ+1 committing ``expected_tokens``, over a plain decode step's times the policy's
-        ``min_gain``, for the batch ``choose`` last saw. It pays above 1."""
+        γ+1 committing ``expected_tokens``, over ``min_gain`` times a plain decode step's, for the
+        batch ``choose`` last saw. It pays above 1."""
         st = self._st
         t_v = self.cost.t_verify(st, gamma) + self.cost.t_outside(gamma, st.batch)
         t_t = self.cost.t_plain(st) + self.cost.t_outside(0, st.batch)

@@ -39,8 +39,9 @@ CONTEXT_TAIL = 64  # tokens of a request's text a match may span (bounds a looku
 EXPLORE = 64  # fixed γ: history-draft records before only proposals that fill γ are verified
 # Auto: while no proposal could beat the W4 drafter (its measured E[L] at full length is below
 # the drafter's), lookups only feed the shadow measurement, so they run one W4 iteration in this
-# many. On gsm8k-lm at T = 1 that is every iteration: the best proposals (2+ agreeing samples)
-# reach E[L] 1.5 against the drafter's 6.9, and B lookups cost 14-3200 us at B = 1-64.
+# many. On gsm8k-lm at T = 1 that is every iteration (the best proposals, those 2+ indexed
+# continuations agree on, commit E[L] 1.5-2.0 against the drafter's 6.9), where looking up and
+# indexing every iteration cost 26-3252 us at B = 1-64 (eval.bench_decision --history).
 PROBE_EVERY = 8
 
 
