@@ -75,13 +75,14 @@ def probe_prompt(model, ids: list[int], args, key: int) -> tuple[list[dict], int
 
     index = HistoryIndex(min_match=args.min_match)
     index.group(key, ids)
+    eos = model.config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos)  # some configs list several
     records, steps = [], 0
     for epoch in range(args.epochs):
         with torch.no_grad():
             out = model.generate(torch.tensor([ids] * args.n), do_sample=True, temperature=1.0, top_k=0,
-                                 top_p=1.0, max_new_tokens=args.max_tokens, pad_token_id=model.config.eos_token_id)
-        eos = model.config.eos_token_id
-        samples = [row[: row.index(eos) + 1] if eos in row else row for row in out[:, len(ids):].tolist()]
+                                 top_p=1.0, max_new_tokens=args.max_tokens, pad_token_id=eos[0])
+        samples = [_until_eos(row, eos) for row in out[:, len(ids):].tolist()]
         scorers = [Scorer(model, ids + s) for s in samples]
         for t in range(max(len(s) for s in samples)):
             for i, s in enumerate(samples):  # lockstep: every sibling's first t tokens are indexed
@@ -101,6 +102,14 @@ def probe_prompt(model, ids: list[int], args, key: int) -> tuple[list[dict], int
             index.extend(key, (epoch, i), s[index.stream_len(key, (epoch, i)):])
         print(f"  prompt {key} epoch {epoch}: lengths {sorted(len(s) for s in samples)}", flush=True)
     return records, steps
+
+
+def _until_eos(row: list[int], eos: list[int]) -> list[int]:
+    """A generated row up to and including its first EOS (generate pads after it)."""
+    for i, t in enumerate(row):
+        if t in eos:
+            return row[: i + 1]
+    return row
 
 
 def summarize(records: list[dict], steps: int) -> dict:
