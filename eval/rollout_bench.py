@@ -15,7 +15,9 @@ tokens; per server iteration (EFFROLLOUT): γ and batch size from the worker's t
 perturbed weights with ``update_weights_from_tensor`` (simulated policy drift), reporting the
 drafter's re-quantization time and the acceptance per step. ``--epochs E`` sends the same
 prompts E times per step (GRPO's epochs: what history drafts feed on); the headline figures are
-totals over all rollouts of a config.
+totals over all rollouts of a config. ``--same-lengths``: every config generates the lengths
+plain's rollout of the same epoch drew, so a makespan ratio no longer depends on how many of
+each config's own samples happened to run long.
 
 Writes ``report.md``, ``results.json`` and PNG plots (see :mod:`eval.report`) to ``--out``.
 """
@@ -116,7 +118,9 @@ class TimelinePoller:
 
 
 def run_rollout(srv: Server, label: str, step: int, prompts, n: int, max_tokens: int, temperature: float,
-                seed: int) -> Rollout:
+                seed: int, lengths: list[int] | None = None) -> Rollout:
+    """One rollout: every prompt × n samples sent at once. ``lengths`` (one per request, prompt-major):
+    each request generates exactly that many tokens (``ignore_eos``) instead of stopping at EOS."""
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
 
     def one(job):
@@ -124,6 +128,8 @@ def run_rollout(srv: Server, label: str, step: int, prompts, n: int, max_tokens:
         t0 = time.time()
         body = {"model": "m", "messages": prompts[i], "max_tokens": max_tokens, "temperature": temperature,
                 "seed": seed + 1000 * i + j}
+        if lengths is not None:
+            body.update(max_tokens=max(1, lengths[i * n + j]), ignore_eos=True)
         r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=3600)
         r.raise_for_status()
         out = r.json()
@@ -136,6 +142,7 @@ def run_rollout(srv: Server, label: str, step: int, prompts, n: int, max_tokens:
         makespan = max(r["t_done"] for r in reqs) - t0
     timeline = [r for _, r in sorted(poll.records.items()) if r["time"] >= t0]
     ro = Rollout(label, step, makespan, sum(r["tokens"] for r in reqs), reqs, timeline)
+    ro.extra["lengths"] = "replayed" if lengths is not None else "natural"
     before, after = (poll.start_state or {}).get("metrics"), (poll.end_state or {}).get("metrics")
     if before and after and after["drafted"] > before["drafted"]:
         ro.extra["drafted"] = after["drafted"] - before["drafted"]
@@ -188,11 +195,18 @@ def main(argv=None) -> int:
     p.add_argument("--one-at-a-time", action="store_true",
                    help="start the servers in turn instead of all at once with interleaved rollouts "
                         "(less memory; this machine's drift then lands in the ratios)")
+    p.add_argument("--same-lengths", action="store_true",
+                   help="every config generates the lengths plain's rollout of the same epoch drew (plain runs "
+                        "first, with natural EOS; the others with ignore_eos): the makespan ratio then "
+                        "compares the systems on one workload, not on each config's draw of long samples")
     p.add_argument("--out", default="eval/out/rollout")
     args = p.parse_args(argv)
     configs = [parse_config(c) for c in args.configs]
     if args.policy_steps < 1 or args.epochs < 1:
         raise SystemExit("--policy-steps and --epochs must be >= 1")
+    if args.same_lengths and (args.one_at_a_time or "plain" not in [c[0] for c in configs]):
+        raise SystemExit("--same-lengths replays plain's lengths in interleaved rollouts: add plain to --configs "
+                         "and drop --one-at-a-time")
     model_path = Path(args.model_path) if args.model_path else build_model(args.model)
     if not (model_path / "config.json").exists():
         raise SystemExit(f"{model_path} is not a model directory (no config.json); pass --model-path DIR")
@@ -209,9 +223,14 @@ def main(argv=None) -> int:
         print(f"[rollout] {label}: server up in {srv.startup_seconds:.0f}s", flush=True)
         return srv
 
+    drawn: dict = {}  # (step, epoch) -> plain's output lengths, replayed by the others (--same-lengths)
+
     def rollout(srv, label, step, epoch, req_s):
+        lengths = drawn.get((step, epoch)) if label != "plain" else None
         ro = run_rollout(srv, label, step, prompts, args.n, args.max_tokens, args.temperature,
-                         args.seed + 7919 * epoch)
+                         args.seed + 7919 * epoch, lengths)
+        if args.same_lengths and label == "plain":
+            drawn[(step, epoch)] = [q["tokens"] for q in ro.requests]
         ro.requantize_s, ro.epoch = (req_s if epoch == 0 else None), epoch
         rollouts.append(ro)
         print(f"[rollout] {label} step {step} epoch {epoch}: makespan {ro.makespan_s:.1f}s, {ro.output_tokens} tokens, "
@@ -237,7 +256,10 @@ def main(argv=None) -> int:
                 req = {label: perturb_policy(srv, model_path, step + 1, args.perturb) if step else None
                        for label, srv in servers}
                 for epoch in range(args.epochs):
-                    for label, srv in servers[k:] + servers[:k]:
+                    order = servers[k:] + servers[:k]
+                    if args.same_lengths:  # plain draws the lengths; the others keep their rotation
+                        order = sorted(order, key=lambda s: s[0] != "plain")
+                    for label, srv in order:
                         rollout(srv, label, step, epoch, req[label])
                     k = (k + 1) % len(servers)
         order = {label: i for i, (label, _, _) in enumerate(configs)}
@@ -245,7 +267,9 @@ def main(argv=None) -> int:
     from eval.report import write_rollout_report
 
     workload = (f"{args.prompts} GSM8K prompts × n={args.n}, temperature {args.temperature}, max {args.max_tokens} "
-                f"tokens, natural EOS, model {model_path.name}"
+                f"tokens, natural EOS"
+                + (" for plain, whose lengths every other config replays (ignore_eos)" if args.same_lengths else "")
+                + f", model {model_path.name}"
                 + (f", {args.epochs} epochs of the same prompts" if args.epochs > 1 else "")
                 + ("; one server at a time" if args.one_at_a_time else
                    "; every server up at once, the rollouts alternating between them in a rotated order"))

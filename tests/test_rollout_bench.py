@@ -40,6 +40,23 @@ def test_rollout_bench_writes_a_consistent_report(tmp_path, tiny_model):
     assert f"| auto | {total:.1f} |" in report
 
 
+def test_same_lengths_replays_plains_draw(tmp_path, tiny_model):
+    """--same-lengths: plain runs first with natural EOS, and the other config generates exactly
+    the lengths plain drew, request by request (ignore_eos)."""
+    out = tmp_path / "same"
+    rc = main(["--model-path", str(tiny_model), "--prompts", "2", "--n", "2", "--max-tokens", "24",
+               "--configs", "fixed:2", "plain", "--same-lengths", "--epochs", "2", "--out", str(out)])
+    assert rc == 0
+    rolls = json.loads((out / "results.json").read_text())["rollouts"]
+    for epoch in (0, 1):
+        plain, fixed = (next(r for r in rolls if r["config"].startswith(c) and r["epoch"] == epoch)
+                        for c in ("plain", "fixed"))
+        assert plain["extra"]["lengths"] == "natural" and fixed["extra"]["lengths"] == "replayed"
+        assert [q["tokens"] for q in fixed["requests"]] == [q["tokens"] for q in plain["requests"]]
+    with pytest.raises(SystemExit, match="add plain to --configs"):
+        main(["--model-path", str(tiny_model), "--configs", "auto", "--same-lengths", "--out", str(out)])
+
+
 def test_active_requests_curve():
     reqs = [{"t_send": 0.0, "t_done": 10.0}, {"t_send": 0.0, "t_done": 2.0}, {"t_send": 1.0, "t_done": 5.0}]
     ts, active = active_over_time(reqs, 0.0, points=11)
