@@ -143,7 +143,7 @@ class HistoryDrafts:
         """
         self.shadow = []
         table = self.acceptance.expected_tokens_table()
-        vouched = self.acceptance.vouched_expected_tokens_table()
+        vouched = self.acceptance.vouched_expected_tokens_table() if gamma_w4 == 0 else None
         if gamma_w4 == 0:
             # Could any verify-only plan pay, even with every request proposing at the vouched
             # rate? If not, skip the B lookups, which are pure Python.
