@@ -60,15 +60,19 @@ class Rollout:
         return self.output_tokens / self.makespan_s if self.makespan_s else 0.0
 
 
-def parse_config(spec: str) -> tuple[str, list[str], dict]:
-    """``plain`` | ``fixed:G`` | ``auto`` | ``hybrid[:group]`` -> (label, server args, env)."""
+def parse_config(spec: str, gamma_max: int = 7) -> tuple[str, list[str], dict]:
+    """``plain`` | ``fixed:G`` | ``auto`` | ``hybrid[:group]`` -> (label, server args, env).
+
+    ``gamma_max``: the top of auto's and hybrid's γ ladder (1..gamma_max)."""
     if spec == "plain":
         return "plain", [], {}
     eff = ["--speculative-algorithm", "EFFROLLOUT"]
+    if not 1 <= gamma_max <= 16:
+        raise ValueError(f"--gamma-max {gamma_max}: use 1..16")
     if spec == "auto":
-        return "auto", [*eff, "--speculative-num-steps", "7"], {"SGLANG_ER_MODE": "auto"}
+        return "auto", [*eff, "--speculative-num-steps", str(gamma_max)], {"SGLANG_ER_MODE": "auto"}
     if spec in ("hybrid", "hybrid:group"):  # auto W4 + history drafts (earlier epochs too, unless :group)
-        return spec, [*eff, "--speculative-num-steps", "7"], {
+        return spec, [*eff, "--speculative-num-steps", str(gamma_max)], {
             "SGLANG_ER_MODE": "auto", "SGLANG_ER_HISTORY": "group" if spec.endswith(":group") else "all"}
     if spec.startswith("fixed:") and spec[6:].isdigit() and 1 <= int(spec[6:]) <= 16:
         g = int(spec[6:])
@@ -199,9 +203,15 @@ def main(argv=None) -> int:
                    help="every config generates the lengths plain's rollout of the same epoch drew (plain runs "
                         "first, with natural EOS; the others with ignore_eos): the makespan ratio then "
                         "compares the systems on one workload, not on each config's draw of long samples")
+    p.add_argument("--gamma-max", type=int, default=7,
+                   help="auto and hybrid choose γ from 0..G each iteration (--speculative-num-steps G); "
+                        "a long ladder pays where acceptance is high and the batch small (the tail)")
     p.add_argument("--out", default="eval/out/rollout")
     args = p.parse_args(argv)
-    configs = [parse_config(c) for c in args.configs]
+    try:
+        configs = [parse_config(c, args.gamma_max) for c in args.configs]
+    except ValueError as e:
+        p.error(str(e))
     if args.policy_steps < 1 or args.epochs < 1:
         raise SystemExit("--policy-steps and --epochs must be >= 1")
     if args.same_lengths and (args.one_at_a_time or "plain" not in [c[0] for c in configs]):
@@ -270,6 +280,8 @@ def main(argv=None) -> int:
                 f"tokens, natural EOS"
                 + (" for plain, whose lengths every other config replays (ignore_eos)" if args.same_lengths else "")
                 + f", model {model_path.name}"
+                + (f", auto and hybrid choose γ ≤ {args.gamma_max}"
+                   if any(c[0] in ("auto", "hybrid", "hybrid:group") for c in configs) else "")
                 + (f", {args.epochs} epochs of the same prompts" if args.epochs > 1 else "")
                 + ("; one server at a time" if args.one_at_a_time else
                    "; every server up at once, the rollouts alternating between them in a rotated order"))

@@ -210,9 +210,9 @@ def sdpa_forward_extend(
     return output
 
 
-# Uniform extends of at most this many tokens per request run batched (a verify is γ+1 ≤ 8 wide),
-# while the padded KV gather stays under BATCHED_MAX_BYTES (one layer).
-BATCHED_MAX_EXTEND = 16
+# Uniform extends of at most this many tokens per request run batched (a verify is γ+1 ≤ 17 wide:
+# sglang_er.config.MAX_GAMMA + 1), while the padded KV gather stays under BATCHED_MAX_BYTES (one layer).
+BATCHED_MAX_EXTEND = 17
 BATCHED_MAX_BYTES = 256 << 20
 
 

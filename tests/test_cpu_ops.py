@@ -80,6 +80,7 @@ CASES = {
     "mixed_batch": ([0, 7, 30, 2], [6, 3, 1, 12]),
     "verify_batch": ([37, 40, 35], [4, 4, 4]),
     "verify_batch_wide": ([3, 90, 41, 0, 17, 64, 8, 29, 55], [8] * 9),
+    "verify_batch_gamma_max": ([20, 64, 33], [17] * 3),  # γ = MAX_GAMMA: still the batched path
     "empty_request": ([5, 0, 8], [3, 0, 2]),
 }
 

@@ -85,6 +85,14 @@ def test_bad_config_names_the_fix(bad):
         parse_config(bad)
 
 
+def test_gamma_max_sets_the_ladder_of_auto_and_hybrid_only():
+    assert parse_config("auto", 16)[1][-2:] == ["--speculative-num-steps", "16"]
+    assert parse_config("hybrid", 12)[1][-2:] == ["--speculative-num-steps", "12"]
+    assert parse_config("fixed:7", 16)[1][-2:] == ["--speculative-num-steps", "7"]
+    with pytest.raises(ValueError, match="use 1..16"):
+        parse_config("auto", 17)
+
+
 def test_demo_turns_eval_samples_and_timeline_into_report_plots(tmp_path):
     """The README's main command (``sglang_er.demo``) draws its plots from the eval's samples and
     the worker's timeline through the rollout report; checked here without servers (the command
