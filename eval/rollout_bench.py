@@ -35,6 +35,8 @@ from pathlib import Path
 
 import requests
 
+from sglang_er.config import MAX_GAMMA
+
 from sglang_er.launcher import Server
 from sglang_er.models.factory import build_model
 
@@ -67,17 +69,17 @@ def parse_config(spec: str, gamma_max: int = 7) -> tuple[str, list[str], dict]:
     if spec == "plain":
         return "plain", [], {}
     eff = ["--speculative-algorithm", "EFFROLLOUT"]
-    if not 1 <= gamma_max <= 16:
-        raise ValueError(f"--gamma-max {gamma_max}: use 1..16")
+    if not 1 <= gamma_max <= MAX_GAMMA:
+        raise ValueError(f"--gamma-max {gamma_max}: use 1..{MAX_GAMMA}")
     if spec == "auto":
         return "auto", [*eff, "--speculative-num-steps", str(gamma_max)], {"SGLANG_ER_MODE": "auto"}
     if spec in ("hybrid", "hybrid:group"):  # auto W4 + history drafts (earlier epochs too, unless :group)
         return spec, [*eff, "--speculative-num-steps", str(gamma_max)], {
             "SGLANG_ER_MODE": "auto", "SGLANG_ER_HISTORY": "group" if spec.endswith(":group") else "all"}
-    if spec.startswith("fixed:") and spec[6:].isdigit() and 1 <= int(spec[6:]) <= 16:
+    if spec.startswith("fixed:") and spec[6:].isdigit() and 1 <= int(spec[6:]) <= MAX_GAMMA:
         g = int(spec[6:])
         return f"fixed γ={g}", [*eff, "--speculative-num-steps", str(g)], {"SGLANG_ER_GAMMA": str(g)}
-    raise ValueError(f"unknown config {spec!r}: use plain, auto, hybrid, hybrid:group or fixed:G with 1 <= G <= 16")
+    raise ValueError(f"unknown config {spec!r}: use plain, auto, hybrid, hybrid:group or fixed:G with 1 <= G <= {MAX_GAMMA}")
 
 
 def chat_prompts(model_path, k: int) -> list[list[dict]]:

@@ -23,6 +23,7 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 from sglang_er import kv_rows
+from sglang_er.config import MAX_GAMMA
 
 _installed = False
 _EXTEND_TARGET = (
@@ -210,9 +211,9 @@ def sdpa_forward_extend(
     return output
 
 
-# Uniform extends of at most this many tokens per request run batched (a verify is γ+1 ≤ 17 wide:
-# sglang_er.config.MAX_GAMMA + 1), while the padded KV gather stays under BATCHED_MAX_BYTES (one layer).
-BATCHED_MAX_EXTEND = 17
+# Uniform extends of at most this many tokens per request run batched (every verify: γ + 1 tokens),
+# while the padded KV gather stays under BATCHED_MAX_BYTES (one layer).
+BATCHED_MAX_EXTEND = MAX_GAMMA + 1
 BATCHED_MAX_BYTES = 256 << 20
 
 

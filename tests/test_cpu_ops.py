@@ -80,7 +80,6 @@ CASES = {
     "mixed_batch": ([0, 7, 30, 2], [6, 3, 1, 12]),
     "verify_batch": ([37, 40, 35], [4, 4, 4]),
     "verify_batch_wide": ([3, 90, 41, 0, 17, 64, 8, 29, 55], [8] * 9),
-    "verify_batch_gamma_max": ([20, 64, 33], [17] * 3),  # γ = MAX_GAMMA: still the batched path
     "empty_request": ([5, 0, 8], [3, 0, 2]),
 }
 
@@ -90,6 +89,18 @@ CASES = {
 def test_extend_attention_matches_sglang(case, window):
     ref, new = _run_both(*CASES[case], window=window)
     assert not new.isnan().any()
+    torch.testing.assert_close(new, ref, rtol=0, atol=1e-5)
+
+
+def test_widest_verify_runs_batched(monkeypatch):
+    """A verify at sglang_er.config.MAX_GAMMA (γ + 1 tokens per request) takes the batched path."""
+    from sglang_er.config import MAX_GAMMA
+
+    calls = []
+    batched = cpu_ops._batched_short_extend
+    monkeypatch.setattr(cpu_ops, "_batched_short_extend", lambda *a: calls.append(a[8]) or batched(*a))
+    ref, new = _run_both([20, 64, 33], [MAX_GAMMA + 1] * 3)
+    assert calls == [MAX_GAMMA + 1]
     torch.testing.assert_close(new, ref, rtol=0, atol=1e-5)
 
 
