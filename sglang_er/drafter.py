@@ -50,20 +50,6 @@ def _rope_at(table: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     return torch.cat([cos, cos], -1).to(dtype).unsqueeze(1), torch.cat([-sin, sin], -1).to(dtype).unsqueeze(1)
 
 
-def _gather(kbuf, vbuf, kv_index, dtype):
-    """Pool rows kv_index [B, L] -> keys, values [B, KVH, L, hd] (contiguous).
-
-    One flat ``index_select`` per buffer and a transpose of whole hd-rows: in bf16 on CPU about
-    2x faster than advanced indexing with the 2-D index plus a permute to [B, KVH, hd, L], and
-    ``q @ keys.transpose(-1, -2)`` is a plain transposed GEMM.
-    """
-    B, L = kv_index.shape
-    flat = kv_index.reshape(-1)
-    keys = kv_rows.gather(kbuf, flat).view(B, L, *kbuf.shape[1:]).to(dtype).transpose(1, 2).contiguous()
-    vals = kv_rows.gather(vbuf, flat).view(B, L, *vbuf.shape[1:]).to(dtype).transpose(1, 2).contiguous()
-    return keys, vals
-
-
 # Gather each layer's committed KV once per iteration while it takes at most this many bytes
 # (all layers together); above it, every draft step gathers again (the memory-lean path).
 PREFIX_CACHE_BYTES = 512 << 20
@@ -78,12 +64,15 @@ class DraftAttention:
     """The attention of one draft (γ steps) over the target's committed KV plus its own tokens.
 
     The committed prefix is the same for all γ steps, so each layer gathers it from the pool once
-    per iteration (``kv_index`` [B, Lp], valid below ``seq_lens`` [B]) and reuses it; the draft
-    tokens' own K/V stay in small per-iteration buffers [B, KVH, hd, γ] -- nothing is written to
-    the pool, which the verify pass fills with the target's K/V. Shapes per call: q [B, KVH, G, hd],
-    k, v [B, KVH, hd] for draft token ``j`` -> [B, KVH, G, hd]. Grouped-query heads run as batched
+    per iteration (``kv_index`` [B, Lp], valid below ``seq_lens`` [B]) into a per-iteration buffer
+    with γ more columns, where draft token ``j`` writes its K/V at column Lp + j: one matmul for the
+    scores and one for the output per call, over keys [B, KVH, hd, Lp + j + 1]. Nothing is written
+    to the pool, whose slots for those tokens the verify pass fills with the target's K/V. Shapes per
+    call: q [B, KVH, G, hd], k, v [B, KVH, hd] -> [B, KVH, G, hd]. Grouped-query heads run as batched
     matmuls with a float32 softmax: on CPU 2-4x faster than ``scaled_dot_product_attention`` with
-    ``enable_gqa`` and a mask, which takes the math path and expands the KV heads.
+    ``enable_gqa`` and a mask, which takes the math path and expands the KV heads. Keeping the draft
+    tokens in the same buffer halves the matmuls of a separate prefix and own part (draft step
+    attention, gsm8k-lm shapes: 0.38 -> 0.24 ms at B = 1, 0.72 -> 0.44 at B = 4, 1.5 -> 1.0 at B = 8).
     """
 
     def __init__(self, kv: KVView, kv_index: torch.Tensor, seq_lens: torch.Tensor, gamma: int,
@@ -93,34 +82,46 @@ class DraftAttention:
         elems = 2 * B * Lp * k0.shape[1] * k0.shape[2]  # one layer's prefix K + V
         if k0.device.type == "cpu" and elems * 4 <= FP32_ATTENTION_BYTES:
             dtype = torch.float32
-        self.kv, self.kv_index, self.gamma, self.dtype = kv, kv_index, gamma, dtype
-        self.bias = torch.zeros(B, 1, 1, Lp, device=kv_index.device)
-        self.bias.masked_fill_((torch.arange(Lp, device=kv_index.device)[None, :] >= seq_lens[:, None])
-                               .view(B, 1, 1, Lp), float("-inf"))
+        self.kv, self.kv_index, self.gamma, self.dtype, self.lp = kv, kv_index, gamma, dtype, Lp
+        self.bias = torch.zeros(B, 1, 1, Lp + gamma, device=kv_index.device)
+        self.bias[..., :Lp].masked_fill_((torch.arange(Lp, device=kv_index.device)[None, :] >= seq_lens[:, None])
+                                         .view(B, 1, 1, Lp), float("-inf"))
         self.cache_prefix = elems * dtype.itemsize * num_layers <= PREFIX_CACHE_BYTES
-        self.prefix: list = [None] * num_layers
-        self.own: list = [None] * num_layers
+        # per layer: (K^T [B, KVH, hd, W], V [B, KVH, W, hd]); W = Lp + γ with the prefix cached, else
+        # γ (the memory-lean path keeps only the draft tokens and gathers the prefix every call)
+        self.buffers: list = [None] * num_layers
+
+    def _prefix(self, layer: int):
+        """The committed prefix of ``layer``: K^T [B, KVH, hd, Lp], V [B, KVH, Lp, hd] (views)."""
+        B, Lp = self.kv_index.shape
+        flat = self.kv_index.reshape(-1)
+        kbuf, vbuf = self.kv.k[layer], self.kv.v[layer]
+        keys = kv_rows.gather(kbuf, flat).view(B, Lp, *kbuf.shape[1:]).permute(0, 2, 3, 1)
+        vals = kv_rows.gather(vbuf, flat).view(B, Lp, *vbuf.shape[1:]).transpose(1, 2)
+        return keys, vals
 
     def __call__(self, layer: int, j: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float) -> torch.Tensor:
-        pre = self.prefix[layer]
-        if pre is None:
-            pre = _gather(self.kv.k[layer], self.kv.v[layer], self.kv_index, self.dtype)
-            if self.cache_prefix:
-                self.prefix[layer] = pre
-        own = self.own[layer]
-        if own is None:
+        buf = self.buffers[layer]
+        lp = self.lp if self.cache_prefix else 0  # column of draft token 0
+        if buf is None:
             B, KVH, hd = k.shape
-            own = self.own[layer] = (torch.empty(B, KVH, hd, self.gamma, dtype=self.dtype, device=k.device),
-                                     torch.empty(B, KVH, self.gamma, hd, dtype=self.dtype, device=k.device))
-        own[0][..., j] = k.to(self.dtype)
-        own[1][:, :, j] = v.to(self.dtype)
-        q = q.to(self.dtype)
-        scores = torch.cat([torch.matmul(q, pre[0].transpose(-1, -2)).float() * scale + self.bias,
-                            torch.matmul(q, own[0][..., : j + 1]).float() * scale], dim=-1)
-        probs = torch.softmax(scores, dim=-1).to(self.dtype)  # [B, KVH, G, Lp + j + 1]
-        lp = pre[0].shape[-2]
-        return torch.matmul(probs[..., :lp], pre[1]) + torch.matmul(probs[..., lp:], own[1][:, :, : j + 1])
+            width = lp + self.gamma
+            buf = self.buffers[layer] = (torch.empty(B, KVH, hd, width, dtype=self.dtype, device=k.device),
+                                         torch.empty(B, KVH, width, hd, dtype=self.dtype, device=k.device))
+            if self.cache_prefix:
+                keys, vals = self._prefix(layer)
+                buf[0][..., :lp] = keys
+                buf[1][:, :, :lp] = vals
+        n = lp + j + 1
+        buf[0][..., n - 1] = k
+        buf[1][:, :, n - 1] = v
+        keys, vals = buf[0][..., :n], buf[1][:, :, :n]
+        if not self.cache_prefix:
+            pk, pv = self._prefix(layer)
+            keys, vals = torch.cat([pk.to(self.dtype), keys], -1), torch.cat([pv.to(self.dtype), vals], 2)
+        scores = torch.matmul(q.to(self.dtype), keys).float() * scale + self.bias[..., : self.lp + j + 1]
+        return torch.matmul(torch.softmax(scores, dim=-1).to(self.dtype), vals)  # [B, KVH, G, hd]
 
 
 class DraftLayer:

@@ -8,6 +8,16 @@ import torch
 import torch.nn.functional as F
 
 import sglang_er.drafter as drafter
+from sglang_er import kv_rows
+
+
+def _gather(kbuf, vbuf, kv_index, dtype):
+    """Pool rows kv_index [B, L] -> keys, values [B, KVH, L, hd]."""
+    B, L = kv_index.shape
+    flat = kv_index.reshape(-1)
+    keys = kv_rows.gather(kbuf, flat).view(B, L, *kbuf.shape[1:]).to(dtype).transpose(1, 2)
+    vals = kv_rows.gather(vbuf, flat).view(B, L, *vbuf.shape[1:]).to(dtype).transpose(1, 2)
+    return keys, vals
 
 
 def _reference_attention(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, kv_index: torch.Tensor,
@@ -18,7 +28,7 @@ def _reference_attention(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor
     kv_index [B, L], bias [B, 1, 1, L] -> [B, KVH, G, hd]; the softmax runs in float32, as in
     ``DraftAttention``.
     """
-    keys, vals = drafter._gather(kbuf, vbuf, kv_index, q.dtype)
+    keys, vals = _gather(kbuf, vbuf, kv_index, q.dtype)
     probs = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)).float() * scale + bias, dim=-1)  # [B, KVH, G, L]
     return torch.matmul(probs.to(q.dtype), vals)
 
