@@ -36,7 +36,6 @@ from pathlib import Path
 import requests
 
 from sglang_er.config import MAX_GAMMA
-
 from sglang_er.launcher import Server
 from sglang_er.models.factory import build_model
 
