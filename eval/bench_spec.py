@@ -1,14 +1,18 @@
 """EFFROLLOUT vs plain decoding, side by side in one run (not a test).
 
-    python -m eval.bench_spec --model qwen2-0.5b --batches 1 2 4 8 16 32 --gammas 3 5 7 \
-        --temperatures 0 1 --new-tokens 128 [--auto] [--draft-heads shared w8 w4] [--quant awq rtn] [--repeats 3]
+    python -m eval.bench_spec --model qwen2.5-0.5b-instruct --batches 1 2 4 8 16 32 --gammas 2 3 4 6 8 \
+        --temperatures 0 1 --new-tokens 256 --auto --repeats 3 [--draft-heads shared w8 w4] [--quant awq rtn]
 
 Configurations: the plain SGLang server, EFFROLLOUT with γ fixed to 0 (plain decode through
 the worker: measures T_T), each fixed γ, auto, hybrid. Their servers are all up at once and are
 measured in interleaved rounds (see :func:`measure`; ``--one-at-a-time`` for little memory).
-For every batch size B and temperature, B concurrent requests of ``new_tokens`` tokens each
-(ignore_eos) are timed; the worker's phase timers on ``/metrics`` give T_D (one draft step),
-T_V (one verify) and T_T (one plain step), and its counters the acceptance.
+For every batch size B and temperature, B concurrent GSM8K chat requests of at most
+``new_tokens`` tokens each are timed; they end at the model's own EOS. ``--ignore-eos`` makes
+every request generate ``new_tokens`` (text past a model's EOS is easy to predict and flatters
+speculation): the report's header says so, and each cell counts the tokens generated past EOS.
+The worker's phase timers on ``/metrics`` give T_D (one draft step), T_V (one verify) and T_T
+(one plain step), and its counters the acceptance; from them each fixed γ's physical bound
+E[L|γ] / (γ·r + v), r = T_D/T_T, v = T_V/T_T, is printed beside its measured speed-up.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from typing import Optional
 
 import requests
 
+from eval.provenance import provenance
 from sglang_er.launcher import Server
 from sglang_er.models.factory import build_model
+from sglang_er.policy import expected_lengths
 
 PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
           "How many clips did Natalia sell altogether in April and May? Let's think step by step.")
@@ -64,10 +70,30 @@ def gsm8k_chat_prompts(model_path, k: int = 64) -> list[str]:
                                     tokenize=False, add_generation_prompt=True) for it in items]
 
 
-def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamma: int, prompts=None) -> dict:
+def eos_ids(model_path) -> set[int]:
+    """The ids the model ends a response with (config.json and generation_config.json)."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        f = Path(model_path) / name
+        if f.exists():
+            v = json.loads(f.read_text()).get("eos_token_id")
+            ids.update(v if isinstance(v, list) else [v] if v is not None else [])
+    return ids
+
+
+def past_eos(output_ids: list[int], eos: set[int]) -> int:
+    """Tokens generated after the first EOS (0 when none): text a natural-EOS run never produces."""
+    for i, t in enumerate(output_ids):
+        if t in eos:
+            return len(output_ids) - i - 1
+    return 0
+
+
+def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamma: int, prompts=None,
+              ignore_eos: bool = False, eos: set[int] = frozenset()) -> dict:
     def one(i):
         text = prompts[i % len(prompts)] if prompts else f"[{i}] {PROMPT}"
-        return srv.generate(text, max_new_tokens=new_tokens, temperature=temperature, ignore_eos=True)
+        return srv.generate(text, max_new_tokens=new_tokens, temperature=temperature, ignore_eos=ignore_eos)
 
     before = scrape(srv.url)
     t0 = time.perf_counter()
@@ -76,6 +102,7 @@ def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamm
     dt = time.perf_counter() - t0
     d = delta(scrape(srv.url), before)
     toks = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    beyond = sum(past_eos(o.get("output_ids") or [], eos) for o in outs) if ignore_eos else 0
 
     def per_call(phase):
         calls = d.get(("sglang_er:phase_calls", f'phase="{phase}"'), 0.0)
@@ -90,6 +117,8 @@ def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamm
     return {
         "spec_share": spec_it / (spec_it + plain_it) if spec_it + plain_it else None,
         "tok_s": toks / dt,
+        "tokens": toks,
+        "tokens_past_eos": beyond,
         "t_plain": per_call("plain"), "t_draft_step": per_call("draft_step"), "t_verify": per_call("verify"),
         "accept_rate": accepted / drafted if drafted else None,
         "accept_length": 1 + accepted / verified if verified else None,  # tokens per verify, bonus included
@@ -150,11 +179,30 @@ def markdown_table(results: dict, names: list[str], temp: float, batches: list[i
     return "\n".join(lines)
 
 
-def dump(path, results: dict, model_errors: dict) -> None:
+def physics_bound(r: dict, t_t: Optional[float], gamma: int) -> Optional[float]:
+    """E[L|γ] / (γ·r + v): the speed-up over the worker's own plain step that a fixed γ reaches
+    with no overhead beyond its draft steps and verify, from the cell's measured per-position
+    acceptance α_k, r = T_D/T_T and v = T_V/T_T. The gap to the measured speed-up is what the
+    scheduler, sampling and the acceptance bookkeeping cost."""
+    alphas = r.get("position_acceptance") or []
+    if not gamma or not t_t or not r.get("t_draft_step") or not r.get("t_verify") or len(alphas) < gamma \
+            or any(a is None for a in alphas[:gamma]):
+        return None
+    e_len = expected_lengths(alphas[:gamma])[gamma]
+    return e_len / (gamma * r["t_draft_step"] / t_t + r["t_verify"] / t_t)
+
+
+def round_ratios(results: dict, name: str, temp: float, b: int, base: str = "plain") -> list[float]:
+    """``name``'s tok/s over ``base``'s in each interleaved round (the spread of a ratio)."""
+    mine, theirs = results[(name, temp, b)].get("tok_s_runs") or [], results[(base, temp, b)].get("tok_s_runs") or []
+    return [m / t for m, t in zip(mine, theirs)]
+
+
+def dump(path, results: dict, model_errors: dict, meta: Optional[dict] = None) -> None:
     """Write the results so far (after every cell, so a crash mid-sweep keeps what was measured)."""
     if path:
         with open(path, "w") as f:
-            json.dump({**{f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()},
+            json.dump({**({"meta": meta} if meta else {}), **{f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()},
                        **{f"{k}|model_error": v for k, v in model_errors.items()}}, f, indent=1)
 
 
@@ -192,13 +240,13 @@ def measure(configs: list, args, prompts, path) -> tuple[dict, dict]:
         return srv
 
     def cell(srv, name, gamma, temp, b, runs):
-        runs.append(run_batch(srv, b, args.new_tokens, temp, gamma, prompts))
+        runs.append(run_batch(srv, b, args.new_tokens, temp, gamma, prompts, args.ignore_eos, args.eos))
 
     def keep(name, temp, b, runs):
         r = sorted(runs, key=lambda x: x["tok_s"])[(len(runs) - 1) // 2]  # the median run, whole
         r["tok_s_runs"] = [round(x["tok_s"], 2) for x in runs]
         results[(name, temp, b)] = r
-        dump(args.json, results, model_errors)
+        dump(args.json, results, model_errors, args.meta)
         print(f"{args.model} {name:>8} T={temp:g} B={b:3d}: {r['tok_s']:7.1f} tok/s  "
               + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in r.items() if k not in ("tok_s", "tok_s_runs") and v is not None)
@@ -223,7 +271,7 @@ def measure(configs: list, args, prompts, path) -> tuple[dict, dict]:
                 for temp in args.temperatures:
                     for b in args.batches:
                         runs: list = []
-                        run_batch(srv, b, 8, temp, gamma, prompts)  # untimed, as below
+                        run_batch(srv, b, 8, temp, gamma, prompts, True)  # untimed, as below
                         for _ in range(reps(b)):
                             cell(srv, name, gamma, temp, b, runs)
                         keep(name, temp, b, runs)
@@ -256,7 +304,7 @@ def measure(configs: list, args, prompts, path) -> tuple[dict, dict]:
                 singles = [n for n in names if final and n_runs[n] < reps(b)]
                 for n in singles + [n for n in names if n not in singles]:
                     # untimed: a server's first batch of a new size runs 20-37% slower
-                    run_batch(servers[n][0], b, 8, temp, servers[n][1], prompts)
+                    run_batch(servers[n][0], b, 8, temp, servers[n][1], prompts, True)
                     if n in singles:
                         cell(servers[n][0], n, servers[n][1], temp, b, runs[n])
                         servers[n][0].stop()
@@ -277,11 +325,15 @@ def measure(configs: list, args, prompts, path) -> tuple[dict, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="qwen2-0.5b")
+    p.add_argument("--model", default="qwen2.5-0.5b-instruct")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
-    p.add_argument("--gammas", nargs="+", type=int, default=[3, 5, 7])
+    p.add_argument("--gammas", nargs="+", type=int, default=[2, 3, 4, 6, 8])
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256,
+                   help="at most this many tokens per request; they end at the model's EOS unless --ignore-eos")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate exactly --new-tokens per request, past the model's EOS (labelled in the report; "
+                        "such text is easy to predict, so acceptance and speed-ups read high)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--draft-heads", nargs="+", default=["shared"], choices=["shared", "w8", "w4"],
                    help="drafter lm_head: the target's (shared), an int8 and/or a W4 copy")
@@ -302,8 +354,9 @@ def main() -> None:
                         "the yardstick for hybrid vs auto; implies --auto")
     p.add_argument("--profile", default=None,
                    help="hardware profile for auto/hybrid (SGLANG_ER_PROFILE; `sglang-er calibrate` writes one)")
-    p.add_argument("--prompts", choices=["synthetic", "gsm8k"], default="synthetic",
-                   help="gsm8k: GSM8K questions in the model's chat template (for real models)")
+    p.add_argument("--prompts", choices=["synthetic", "gsm8k"], default="gsm8k",
+                   help="gsm8k: GSM8K questions in the model's chat template; synthetic: one fixed text "
+                        "(random-weight models)")
     p.add_argument("--repeats", type=int, default=1,
                    help="measure every (B, T) cell this many times on its server and keep the median run "
                         "(this machine's throughput wanders by ±15%% between runs)")
@@ -323,6 +376,11 @@ def main() -> None:
         p.error("--repeats must be >= 1")
     path = build_model(args.model)
     prompts = gsm8k_chat_prompts(path) if args.prompts == "gsm8k" else None
+    args.eos = eos_ids(path)
+    eos_mode = (f"ignore_eos: every request generates {args.new_tokens} tokens, past the model's EOS"
+                if args.ignore_eos else f"natural EOS, at most {args.new_tokens} new tokens")
+    args.meta = provenance(f"{args.model} ({path.name})", rounds=args.repeats, eos=eos_mode, prompts=args.prompts)
+    print(f"[bench_spec] {eos_mode}; {args.meta['command']} at {args.meta['commit']}", flush=True)
     gmax = max(args.gammas)
     spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(gmax)]
     configs = [("plain", 0, [], {})] + (
@@ -345,7 +403,8 @@ def main() -> None:
             configs.append(("auto-twin", 0, spec, dict(auto_env)))
     spec_configs = [c for c in configs if c[0] not in ("plain", "gamma=0", "plain/no-overlap")]
     results, model_errors = measure(configs, args, prompts, path)
-    print(f"\nratios vs plain ({args.model}, {args.new_tokens} new tokens, same run)")
+    print(f"\nratios vs plain ({args.model}, {eos_mode}, same run; per-round range in brackets; "
+          "bound = E[L|γ]/(γ·r + v) from the measured α_k, r = T_D/T_T, v = T_V/T_T)")
     for temp in args.temperatures:
         for b in args.batches:
             base = results[("plain", temp, b)]["tok_s"]
@@ -355,8 +414,15 @@ def main() -> None:
                 r = results[(name, temp, b)]
                 rd = r["t_draft_step"] / t_t if r["t_draft_step"] and t_t else float("nan")
                 rv = r["t_verify"] / t_t if r["t_verify"] and t_t else float("nan")
-                cells.append(f"{name}: {r['tok_s'] / base:4.2f}x (T_D/T_T {rd:.2f}, T_V/T_T {rv:.2f}, "
-                             f"α {r['accept_rate'] or 0:.2f}, L {r['accept_length'] or 0:.2f})")
+                gamma = next(c[1] for c in spec_configs if c[0] == name)
+                bound = physics_bound(r, t_t, gamma)
+                rr = round_ratios(results, name, temp, b)
+                cells.append(f"{name}: {r['tok_s'] / base:4.2f}x"
+                             + (f" [{min(rr):.2f}-{max(rr):.2f}]" if len(rr) > 1 else "")
+                             + f" (r {rd:.2f}, v {rv:.2f}, α {r['accept_rate'] or 0:.2f}, L {r['accept_length'] or 0:.2f}"
+                             + (f", bound {bound:.2f}x" if bound else "")
+                             + (f", {r['tokens_past_eos']} of {r['tokens']} tokens past EOS" if args.ignore_eos else "")
+                             + ")")
             print(f"T={temp:g} B={b:3d}  " + "\n              ".join(cells), flush=True)
     if args.auto:
         print("\nauto policy vs the best other configuration (same run)")
@@ -382,7 +448,7 @@ def main() -> None:
     for temp in args.temperatures:
         print(f"\nT={temp:g}, speed-up over plain (acceptance α):\n"
               + markdown_table(results, [c[0] for c in configs], temp, args.batches), flush=True)
-    dump(args.json, results, model_errors)
+    dump(args.json, results, model_errors, args.meta)
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     torch.manual_seed(args.seed)
     records, steps = [], 0
-    for key, messages in enumerate(chat_prompts(path, args.prompts)):
+    for key, messages in enumerate(chat_prompts(path, args.prompts)[0]):
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         recs, n = probe_prompt(model, tok(text, add_special_tokens=False).input_ids, args, key)
         records, steps = records + recs, steps + n

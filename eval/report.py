@@ -57,6 +57,27 @@ def speedup_interval(base: list[float], other: list[float], level: float = 0.9, 
     return ratios[int(tail * (draws - 1))], ratios[int((1 - tail) * (draws - 1))]
 
 
+def mean_at_n(requests: list[dict], z: float = 1.96) -> tuple[float, float, int] | None:
+    """(accuracy over every graded sample, half-width of its 95% interval, questions).
+
+    The samples of one question are not independent (they share its difficulty), so the interval
+    is over question means: mean ± z·sd(question means)/√Q. None when nothing was graded."""
+    by_q: dict = {}
+    for q in requests:
+        if "correct" in q:
+            by_q.setdefault(q.get("question"), []).append(1.0 if q["correct"] else 0.0)
+    if not by_q:
+        return None
+    means = [sum(v) / len(v) for v in by_q.values()]
+    allv = [x for v in by_q.values() for x in v]
+    mean = sum(allv) / len(allv)
+    if len(means) < 2:
+        return mean, float("nan"), len(means)
+    mu = sum(means) / len(means)
+    sd = (sum((m - mu) ** 2 for m in means) / (len(means) - 1)) ** 0.5
+    return mean, z * sd / len(means) ** 0.5, len(means)
+
+
 def _first_steps(rollouts):
     """One rollout per config (step 0), in run order."""
     seen, out = set(), []
@@ -85,7 +106,7 @@ def config_totals(rollouts) -> dict[str, dict]:
     return out
 
 
-def write_rollout_report(rollouts, out: Path, workload: str) -> str:
+def write_rollout_report(rollouts, out: Path, workload: str, meta: dict | None = None) -> str:
     out = Path(out)
     plt = _plt()
     firsts = _first_steps(rollouts)
@@ -156,7 +177,10 @@ def write_rollout_report(rollouts, out: Path, workload: str) -> str:
     for r in rollouts:
         spans.setdefault(r.config, []).append(r.makespan_s)
     ci = min(len(v) for v in spans.values()) >= 3  # an interval from fewer rollouts says little
-    lines = [f"# Rollout benchmark\n\nWorkload: {workload}. Same prompts and seeds."
+    from eval.provenance import header
+
+    lines = [f"# Rollout benchmark\n\n{header(meta)}\n" if meta else "# Rollout benchmark\n",
+             f"Workload: {workload}. Same prompts and seeds."
              + (" Figures are totals over every rollout of a config (table below)." if many else "") + "\n",
              f"Plain's first rollout: {length_summary(base.requests)}; the last quarter of its requests (the "
              f"tail) took {tail_share(base.requests):.0%} of its makespan.\n",
@@ -197,6 +221,19 @@ def write_rollout_report(rollouts, out: Path, workload: str) -> str:
                 h = r.extra["history_index"]
                 lines.append(f"\n{r.config} step {r.step} epoch {r.epoch}: history index {h['groups']} prompts, "
                              f"{h['indexed_tokens']} tokens, hit rate {h['hits'] / max(1, h['lookups']):.2f}")
+    graded = {c: mean_at_n([q for r in rollouts if r.config == c for q in r.requests]) for c in totals}
+    if any(graded.values()):
+        lines += ["\n## Accuracy (mean@n over every sample; 95% interval over question means)\n",
+                  "| config | accuracy | 95% interval | questions | samples |", "|---|---|---|---|---|"]
+        for c, g in graded.items():
+            if g:
+                k = sum(1 for r in rollouts if r.config == c for q in r.requests if "correct" in q)
+                lines.append(f"| {c} | {g[0]:.3f} | ± {g[1]:.3f} | {g[2]} | {k} |")
+    beyond = {c: sum(q.get("past_eos") or 0 for r in rollouts if r.config == c for q in r.requests) for c in totals}
+    if any(r.extra.get("lengths") == "replayed" for r in rollouts):
+        lines += ["\n## Tokens past each config's own EOS (replayed lengths)\n",
+                  "| config | tokens past EOS | of tokens |", "|---|---|---|"]
+        lines += [f"| {c} | {beyond[c]} | {totals[c]['tokens']} |" for c in totals]
     lines.append("\nPlots: throughput.png, timeline.png (active requests and γ), latency_cdf.png"
                  + (", acceptance.png" if with_acc else "") + ".")
     text = "\n".join(lines) + "\n"

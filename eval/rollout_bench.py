@@ -81,11 +81,24 @@ def parse_config(spec: str, gamma_max: int = 7) -> tuple[str, list[str], dict]:
     raise ValueError(f"unknown config {spec!r}: use plain, auto, hybrid, hybrid:group or fixed:G with 1 <= G <= {MAX_GAMMA}")
 
 
-def chat_prompts(model_path, k: int) -> list[list[dict]]:
+def chat_prompts(model_path, k: int) -> tuple[list[list[dict]], list[str]]:
+    """The first ``k`` GSM8K test questions as chat messages, and their reference answers."""
     from eval.math_data import load_problems
 
+    problems = load_problems("gsm8k", limit=k)
     # the eval harness's prompt: question, newline, instruction (what gsm8k-lm was trained on)
-    return [[{"role": "user", "content": f"{p.question.strip()}\n{INSTRUCTION}"}] for p in load_problems("gsm8k", limit=k)]
+    return ([[{"role": "user", "content": f"{p.question.strip()}\n{INSTRUCTION}"}] for p in problems],
+            [p.reference for p in problems])
+
+
+def eos_token_strings(model_path) -> set[str]:
+    """The text of the model's EOS tokens, as per-token logprobs spell them."""
+    from transformers import AutoTokenizer
+
+    from eval.bench_spec import eos_ids
+
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    return {tok.convert_ids_to_tokens(i) for i in eos_ids(model_path)} | {tok.eos_token}
 
 
 class TimelinePoller:
@@ -122,10 +135,25 @@ class TimelinePoller:
         self.end_state = self._poll()
 
 
+def _own_answer(choice: dict, eos_tokens: set[str]) -> tuple[str, int]:
+    """(text up to the response's first EOS, tokens generated after it) of an ignore_eos response,
+    from its per-token logprobs; the text past EOS is not the model's answer."""
+    toks = [t["token"] for t in ((choice.get("logprobs") or {}).get("content") or [])]
+    for k, t in enumerate(toks):
+        if t in eos_tokens:
+            return "".join(toks[:k]), len(toks) - k - 1
+    return choice["message"]["content"] or "", 0
+
+
 def run_rollout(srv: Server, label: str, step: int, prompts, n: int, max_tokens: int, temperature: float,
-                seed: int, lengths: list[int] | None = None) -> Rollout:
+                seed: int, lengths: list[int] | None = None, references: list[str] | None = None,
+                eos_tokens: set[str] = frozenset()) -> Rollout:
     """One rollout: every prompt × n samples sent at once. ``lengths`` (one per request, prompt-major):
-    each request generates exactly that many tokens (``ignore_eos``) instead of stopping at EOS."""
+    each request generates exactly that many tokens (``ignore_eos``) instead of stopping at EOS; the
+    tokens it generates past its own first EOS are counted (``past_eos``). ``references``: each
+    response is graded against its prompt's answer (``correct``)."""
+    from eval.grading import grade
+
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
 
     def one(job):
@@ -134,12 +162,19 @@ def run_rollout(srv: Server, label: str, step: int, prompts, n: int, max_tokens:
         body = {"model": "m", "messages": prompts[i], "max_tokens": max_tokens, "temperature": temperature,
                 "seed": seed + 1000 * i + j}
         if lengths is not None:
-            body.update(max_tokens=max(1, lengths[i * n + j]), ignore_eos=True)
+            body.update(max_tokens=max(1, lengths[i * n + j]), ignore_eos=True, logprobs=True,
+                        skip_special_tokens=False)
         r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=3600)
         r.raise_for_status()
         out = r.json()
-        return {"t_send": t0, "t_done": time.time(), "tokens": out["usage"]["completion_tokens"],
-                "finish": out["choices"][0]["finish_reason"]}
+        choice = out["choices"][0]
+        text, beyond = (_own_answer(choice, eos_tokens) if lengths is not None
+                        else (choice["message"]["content"] or "", None))
+        rec = {"t_send": t0, "t_done": time.time(), "tokens": out["usage"]["completion_tokens"],
+               "finish": choice["finish_reason"], "question": i, "past_eos": beyond}
+        if references is not None:
+            rec["correct"] = grade(text, references[i]).correct
+        return rec
 
     with TimelinePoller(srv.url) as poll, ThreadPoolExecutor(len(jobs)) as ex:
         t0 = time.time()
@@ -221,7 +256,8 @@ def main(argv=None) -> int:
     model_path = Path(args.model_path) if args.model_path else build_model(args.model)
     if not (model_path / "config.json").exists():
         raise SystemExit(f"{model_path} is not a model directory (no config.json); pass --model-path DIR")
-    prompts = chat_prompts(model_path, args.prompts)
+    prompts, references = chat_prompts(model_path, args.prompts)
+    eos_tokens = eos_token_strings(model_path) if args.same_lengths else set()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rollouts: list[Rollout] = []
@@ -239,7 +275,7 @@ def main(argv=None) -> int:
     def rollout(srv, label, step, epoch, req_s):
         lengths = drawn.get((step, epoch)) if label != "plain" else None
         ro = run_rollout(srv, label, step, prompts, args.n, args.max_tokens, args.temperature,
-                         args.seed + 7919 * epoch, lengths)
+                         args.seed + 7919 * epoch, lengths, references, eos_tokens)
         if args.same_lengths and label == "plain":
             drawn[(step, epoch)] = [q["tokens"] for q in ro.requests]
         ro.requantize_s, ro.epoch = (req_s if epoch == 0 else None), epoch
@@ -279,15 +315,20 @@ def main(argv=None) -> int:
 
     workload = (f"{args.prompts} GSM8K prompts × n={args.n}, temperature {args.temperature}, max {args.max_tokens} "
                 f"tokens, natural EOS"
-                + (" for plain, whose lengths every other config replays (ignore_eos)" if args.same_lengths else "")
+                + (" for plain only: every other config replays plain's lengths with ignore_eos (--same-lengths), "
+                   "so part of its text lies past its own EOS (counted below)" if args.same_lengths else "")
                 + f", model {model_path.name}"
                 + (f", auto and hybrid choose γ ≤ {args.gamma_max}"
                    if any(c[0] in ("auto", "hybrid", "hybrid:group") for c in configs) else "")
                 + (f", {args.epochs} epochs of the same prompts" if args.epochs > 1 else "")
                 + ("; one server at a time" if args.one_at_a_time else
                    "; every server up at once, the rollouts alternating between them in a rotated order"))
-    (out / "results.json").write_text(json.dumps({"workload": workload, "rollouts": [asdict(r) for r in rollouts]}))
-    report = write_rollout_report(rollouts, out, workload)
+    from eval.provenance import provenance
+
+    meta = provenance(model_path.name, rounds=args.epochs * args.policy_steps)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "workload": workload,
+                                                  "rollouts": [asdict(r) for r in rollouts]}))
+    report = write_rollout_report(rollouts, out, workload, meta)
     print(report)
     print(f"[rollout] report, plots and results in {out}/")
     return 0

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd")
     sub.add_parser("doctor", help="versions, platform, accelerator, kernels").set_defaults(fn=_doctor)
     m = sub.add_parser("model", help="build a model from code and print its directory")
-    m.add_argument("name", help="tiny | tiny-llama | qwen2-0.5b | smollm2-135m-instruct | gsm8k-lm (trained, ~15 min once) | gsm8k-lm-rl (gsm8k-lm sharpened: a low-entropy late-RL policy)")
+    m.add_argument("name", help="tiny | tiny-llama | qwen2-0.5b | smollm2-135m-instruct | qwen2.5-0.5b-instruct (real, from the registry) | gsm8k-lm (trained, ~15 min once) | gsm8k-lm-rl (gsm8k-lm sharpened: a low-entropy late-RL policy)")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=_model)
     d = sub.add_parser("demo", help="start a server on a built-in model, run requests, report")

@@ -876,7 +876,7 @@ class _Counts:
         self.n += sign
 
 
-def _expected_table(alphas: Iterable[float]) -> list[float]:
+def expected_lengths(alphas: Iterable[float]) -> list[float]:
     """[E[L|γ] for γ = 0..len(alphas)] from conditional rates α_k: 1 + Σ_{k≤γ} Π_{j≤k} α_j."""
     table, run, e = [1.0], 1.0, 1.0
     for a in alphas:
@@ -1009,7 +1009,7 @@ class AcceptanceModel:
         """[E[L|γ] for γ = 0..γmax]: tokens a request commits per iteration (γ = 0: 1)."""
         if rid is None and self._srv_table is not None:
             return list(self._srv_table)
-        table = _expected_table(self.alphas(rid))
+        table = expected_lengths(self.alphas(rid))
         if rid is None:
             self._srv_table = table
         return list(table)
@@ -1021,7 +1021,7 @@ class AcceptanceModel:
         verify-only iteration of history drafts is measured only if it runs, and one trusted
         on a 0.5 prior ran at acceptance 0.1-0.4 and cost hybrid 14% of a 64-request rollout."""
         c, w = self._srv, self.prior_weight
-        return _expected_table(c.acc[k] / (c.tried[k] + w) for k in range(self.gamma_max))
+        return expected_lengths(c.acc[k] / (c.tried[k] + w) for k in range(self.gamma_max))
 
     def expected_tokens(self, gamma: int, rid: Any = None) -> float:
         """E[L|γ] = 1 + Σ_{k=1..γ} Π_{j=1..k} α_j; for constant α, (1 − α^(γ+1)) / (1 − α)."""

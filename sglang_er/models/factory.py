@@ -74,10 +74,10 @@ def default_cache_dir() -> Path:
 
 def build_model(name: str, *, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """Return the directory of model ``name``, building it on first use."""
-    if name == "smollm2-135m-instruct":
-        from sglang_er.models.realmodel import build_smollm2
+    from sglang_er.models.realmodel import MODELS as REAL_MODELS, build_real
 
-        return build_smollm2(cache_dir=cache_dir)
+    if name in REAL_MODELS:
+        return build_real(name, cache_dir=cache_dir)
     if name == "gsm8k-lm":
         from sglang_er.models.trained import TrainConfig, build_trained
 
@@ -87,7 +87,7 @@ def build_model(name: str, *, seed: int = 0, cache_dir: str | Path | None = None
 
         return build_sharpened(cache_dir=cache_dir)
     if name not in SPECS:
-        known = ", ".join([*SPECS, "smollm2-135m-instruct", "gsm8k-lm", "gsm8k-lm-rl"])
+        known = ", ".join([*SPECS, *REAL_MODELS, "gsm8k-lm", "gsm8k-lm-rl"])
         raise ValueError(f"unknown model {name!r}; choose one of: {known}")
     spec = SPECS[name]
 

