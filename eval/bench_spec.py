@@ -335,8 +335,8 @@ def main() -> None:
                    help="generate exactly --new-tokens per request, past the model's EOS (labelled in the report; "
                         "such text is easy to predict, so acceptance and speed-ups read high)")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--draft-heads", nargs="+", default=["shared"], choices=["shared", "w8", "w4"],
-                   help="drafter lm_head: the target's (shared), an int8 and/or a W4 copy")
+    p.add_argument("--draft-heads", nargs="+", default=["auto"], choices=["auto", "shared", "w8", "w4"],
+                   help="drafter lm_head: the server's default (auto), the target's (shared), an int8 and/or a W4 copy")
     p.add_argument("--quant", nargs="+", default=["awq"], choices=["awq", "rtn"],
                    help="drafter quantizer(s); AWQ switches on after its live statistics are ready")
     p.add_argument("--no-overlap-plain", action="store_true",
@@ -385,7 +385,7 @@ def main() -> None:
     spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(gmax)]
     configs = [("plain", 0, [], {})] + (
         [("plain/no-overlap", 0, ["--disable-overlap-schedule"], {})] if args.no_overlap_plain else []) + ([] if args.skip_gamma0 else [("gamma=0", 0, spec, {"SGLANG_ER_GAMMA": "0"})]) + [
-        (f"gamma={g}" + ("" if head == "shared" else f"/{head}") + ("" if q == "awq" else f"/{q}"), g, spec,
+        (f"gamma={g}" + ("" if head == "auto" else f"/{head}") + ("" if q == "awq" else f"/{q}"), g, spec,
          {"SGLANG_ER_GAMMA": str(g), "SGLANG_ER_DRAFT_HEAD": head, "SGLANG_ER_QUANT": q, **AWQ_WARM})
         for q in args.quant for head in args.draft_heads for g in args.gammas
     ]
