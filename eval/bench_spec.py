@@ -32,7 +32,7 @@ import requests
 from eval.provenance import provenance
 from sglang_er.launcher import Server
 from sglang_er.models.factory import build_model
-from sglang_er.policy import expected_lengths
+from sglang_er.gamma import expected_lengths
 
 PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
           "How many clips did Natalia sell altogether in April and May? Let's think step by step.")

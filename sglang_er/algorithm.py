@@ -74,16 +74,10 @@ def validate_server_args(args) -> None:
         )
     gamma = resolve_gamma(args.speculative_num_draft_tokens, args.speculative_num_steps)
     EffRolloutConfig.from_env(gamma)  # a bad SGLANG_ER_* setting fails at startup, not mid-serving
-    profile = os.environ.get("SGLANG_ER_PROFILE")
-    if profile:
-        from sglang_er.calibration import HardwareProfile
+    from sglang_er.calibration import PROFILE_ENV, profile_from_env
 
-        try:
-            prof = HardwareProfile.load(profile)
-        except ValueError as e:
-            raise ValueError(f"SGLANG_ER_PROFILE={profile}: {e}; fix the file, re-create it with "
-                             "`sglang-er calibrate`, or unset SGLANG_ER_PROFILE") from None
-        _check_profile_device(prof, profile, args.device)
+    if os.environ.get(PROFILE_ENV):  # a bad or mismatched profile fails here, at startup
+        profile_from_env(_server_device(args.device))
     args.speculative_num_draft_tokens = gamma + 1
     args.speculative_num_steps = gamma
     args.speculative_eagle_topk = 1
@@ -91,17 +85,11 @@ def validate_server_args(args) -> None:
     args.disable_overlap_schedule = True
 
 
-def _check_profile_device(prof, path: str, device: str | None) -> None:
-    """A profile measured on a CPU drives a GPU server into wrong decisions (and vice versa)."""
+def _server_device(device: str | None) -> str:
+    """The device type this server runs on: ``--device``, else what torch sees."""
     from sglang_er.platform import accelerator_present
 
-    server = (device or ("cpu" if accelerator_present() is None else "cuda")).split(":")[0].lower()
-    measured = "cpu" if prof.device.lower().startswith("cpu") else "gpu"
-    if (server == "cpu") != (measured == "cpu"):
-        raise ValueError(
-            f"SGLANG_ER_PROFILE={path}: profile {prof.name!r} was measured on {prof.device!r} but this server "
-            f"runs on {server}; calibrate this machine (`sglang-er calibrate --model-path M --out profile.json`) "
-            f"or unset SGLANG_ER_PROFILE")
+    return (device or ("cpu" if accelerator_present() is None else "cuda")).split(":")[0].lower()
 
 
 def register() -> None:

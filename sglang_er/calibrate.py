@@ -21,18 +21,19 @@ mean committed length during the measurement (predictions use it instead of ``se
 length); other columns are ignored.
 
 A server started without ``SGLANG_ER_PROFILE`` starts from the built-in conservative profile of
-its device (``cpu-2core``, or the H100 / A100 public numbers) and relies on live correction
-(:meth:`sglang_er.policy.CostModel.observe`: per phase, the first measurement sets a multiplier,
+its device (``cpu-2core``, the H100 / A100 public numbers, or the labelled ``generic-gpu``
+placeholder on any other GPU) and relies on live correction
+(:meth:`sglang_er.gamma.cost_model.CostModel.observe`: per phase, the first measurement sets a multiplier,
 later ones move it by EMA 0.2; once a phase has been timed over a spread of batch sizes, lengths
 or γ the correction becomes affine, a + b·raw, which also fixes how cost grows; while
-speculating, the policy times a plain step now and then so both sides stay measured). A built-in
+speculating, the γ policy times a plain step now and then so both sides stay measured). A built-in
 calibration would add a sweep like this one (tens of seconds to minutes) to every server start,
 while the corrections converge within tens of decode iterations, well inside one rollout. Run
 this command once per machine/model when the first iterations' choices matter.
 
-Imports at module level are stdlib only (``sglang-er`` builds its parser from here); numpy,
-pydantic and the policy are imported by the functions that need them; SGLang only runs in the
-server process.
+Imports at module level are stdlib and :mod:`sglang_er.limits` only (``sglang-er`` builds its
+parser from here); numpy, pydantic and :mod:`sglang_er.gamma` are imported by the functions that
+need them; SGLang only runs in the server process.
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from sglang_er.limits import MAX_GAMMA as _MAX_GAMMA
+
 MODES = ("target_decode", "drafter_decode", "target_verify")
 _PHASE_OF = {"target_decode": "plain", "drafter_decode": "draft", "target_verify": "verify"}
 REQUIRED_COLUMNS = ("batch", "seq", "gamma", "mode", "median_ms")
 CSV_COLUMNS = (*REQUIRED_COLUMNS, "n", "ctx")
 NOISY_RMS = 0.25  # fit error above which the command warns that the sweep is unreliable
-_MAX_GAMMA = 16  # == sglang_er.config.MAX_GAMMA
 _FIX_CSV = (f"a sweep CSV needs the header {','.join(REQUIRED_COLUMNS)} (mode one of {', '.join(MODES)}; "
             "median_ms > 0; batch, seq >= 1; gamma >= 1 except for target_decode)")
 
@@ -193,18 +195,8 @@ def load_model_config(path) -> dict:
                          f"({type(e).__name__}); pass the model's HF config.json") from None
 
 
-def load_profile(path):
-    from sglang_er.calibration import HardwareProfile
-
-    try:
-        return HardwareProfile.load(path)
-    except ValueError as e:
-        raise ValueError(f"{e}. Fix: pass a profile JSON written by `sglang-er calibrate --out`, "
-                         "or recalibrate") from None
-
-
 def _base_profile(name: Optional[str]):
-    from sglang_er.calibration import builtin_profile
+    from sglang_er.calibration import builtin_profile, load_profile
 
     if name:
         if Path(name).suffix == ".json" or Path(name).is_file():
@@ -214,7 +206,7 @@ def _base_profile(name: Optional[str]):
 
 
 def cost_model(profile, config: dict, attention_backend: Optional[str] = None):
-    from sglang_er.policy import KV_READ_RULE, CostModel, ModelCost
+    from sglang_er.gamma import KV_READ_RULE, CostModel, ModelCost
 
     backend = attention_backend or profile.attention_backend
     return CostModel(profile, ModelCost.from_config(config), attention_backend=backend,
@@ -224,7 +216,7 @@ def cost_model(profile, config: dict, attention_backend: Optional[str] = None):
 # ====================================================================== predictions, errors
 def predict_ms(cost, row: SweepRow) -> float:
     """The profile's uncorrected prediction for ``row`` (uniform lengths = row.context)."""
-    from sglang_er.policy import BatchStats
+    from sglang_er.gamma import BatchStats
 
     st = BatchStats.uniform(row.batch, row.context)
     if row.mode == "target_decode":
@@ -238,7 +230,7 @@ def predict_ms(cost, row: SweepRow) -> float:
 
 def rows_to_samples(cost, rows: Iterable[SweepRow]) -> list:
     """Calibration samples (the cost model's byte/flop accounting) from sweep medians."""
-    from sglang_er.policy import BatchStats
+    from sglang_er.gamma import BatchStats
 
     out = []
     for r in rows:
@@ -250,9 +242,9 @@ def rows_to_samples(cost, rows: Iterable[SweepRow]) -> list:
 
 def expected_tokens(alpha: float, gamma: int) -> float:
     """E[L|γ] for a constant per-position acceptance α: (1 − α^(γ+1)) / (1 − α)."""
-    if alpha >= 1.0:
-        return gamma + 1.0
-    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+    from sglang_er.gamma import expected_lengths
+
+    return expected_lengths([alpha] * gamma)[gamma]
 
 
 def evaluate(cost, rows: list[SweepRow], alpha: float) -> dict:
@@ -306,20 +298,6 @@ def _sign(x: float) -> int:
 
 
 # ====================================================================== robust fit
-def sample_seconds(profile, s) -> float:
-    """``fit_profile``'s model of one sample under ``profile``."""
-    mem = s.bytes / profile.bandwidth_bytes_per_s
-    comp = sum(f / profile.flops(k) for k, f in s.flops.items())
-    per_seq = profile.per_seq_draft_s if s.phase == "draft" else profile.per_seq_s
-    fixed = {"plain": profile.fixed_plain_s, "draft": profile.fixed_draft_step_s,
-             "verify": profile.fixed_verify_s}[s.phase]
-    return max(mem, comp) + s.forwards * (s.batch * per_seq + fixed)
-
-
-def _roofline_seconds(profile, s) -> float:
-    return max(s.bytes / profile.bandwidth_bytes_per_s, sum(f / profile.flops(k) for k, f in s.flops.items()))
-
-
 def fit_chain(samples: list, *, base, **kw):
     """fit_profile in three forms, keeping the plausible one with the lowest relative RMS error on
     the original samples: (1) everything; (2) bandwidth + overheads (compute rates from ``base``);
@@ -328,14 +306,17 @@ def fit_chain(samples: list, *, base, **kw):
     pair the profile's plausibility check refuses, or leave the roofline at zero while the
     profile keeps ``base``'s, which then adds to the fitted overheads.
     Returns (profile, note); the profile's fit_rel_rms is over ``samples``."""
-    from sglang_er.calibration import fit_profile
+    from sglang_er.calibration import compute_seconds, fit_profile, phase_seconds, sample_seconds
+
+    def roofline_only(s) -> float:  # the memory/compute term alone: no overheads (forwards=0)
+        return phase_seconds(base, s.phase, s.bytes, compute_seconds(base, s.flops), s.batch, forwards=0)
 
     variants = [
         ("", lambda s: s),
         ("compute rates kept from the base profile", lambda s: s.model_copy(update={"flops": {}})),
         ("overhead-bound: bandwidth and compute rates kept from the base profile",
          lambda s: s.model_copy(update={"bytes": 0.0, "flops": {},
-                                        "seconds": max(s.seconds - _roofline_seconds(base, s), 0.05 * s.seconds)})),
+                                        "seconds": max(s.seconds - roofline_only(s), 0.05 * s.seconds)})),
     ]
     best, errors = None, []
     for note, tf in variants:
@@ -358,6 +339,8 @@ def fit_robust(samples: list, *, base, mad_k: float = 3.0, min_rel: float = 0.02
     """:func:`fit_chain`, then drop samples whose relative residual is more than ``mad_k`` scaled
     MADs (and ``min_rel``) from the median residual, and refit once.
     Returns (profile, dropped count, note)."""
+    from sglang_er.calibration import sample_seconds
+
     prof, note = fit_chain(samples, base=base, **kw)
     res = [(sample_seconds(prof, s) - s.seconds) / s.seconds for s in samples]
     med = statistics.median(res)
@@ -384,13 +367,15 @@ class Measurement:
 
 
 def _device_and_base() -> tuple[str, str]:
+    """This machine's device name and its built-in profile (the base of what a sweep cannot fit)."""
+    from sglang_er.calibration import builtin_profile_for_device
     from sglang_er.platform import accelerator_present
 
     if accelerator_present() == "cuda":
         import torch
 
         name = torch.cuda.get_device_name(0)
-        return name, ("a100" if "A100" in name else "h100")
+        return name, builtin_profile_for_device(name, warn=False).name
     return f"cpu-{os.cpu_count()}core", "cpu"
 
 
@@ -416,7 +401,12 @@ def measure(model_path, config: dict, *, batch_sizes: list[int], seq_lens: list[
     """Run the sweep against one real EFFROLLOUT server (always stopped on return)."""
     from sglang_er.launcher import DEFAULT_MAX_TOTAL_TOKENS, Server
 
+    from sglang_er.calibration import GENERIC_GPU
+
     device, base_name = _device_and_base()
+    if base_name == GENERIC_GPU:
+        log(f"note: no built-in profile for {device}: what the sweep cannot determine comes from the "
+            "uncalibrated generic-gpu placeholder")
     gmax = max(gammas)
     need = max(batch_sizes) * (max(seq_lens) + max_new_tokens + gmax + 8)
     kv = kv_tokens or max(DEFAULT_MAX_TOTAL_TOKENS, int(need * 1.25))
@@ -607,6 +597,8 @@ def _config_arg(args) -> dict:
 def _cmd_validate(args) -> int:
     if not args.csv:
         raise ValueError("--validate needs --csv sweep.csv (columns batch,seq,gamma,mode,median_ms)")
+    from sglang_er.calibration import load_profile
+
     profile = load_profile(args.validate)
     rows = read_sweep_csv(args.csv)
     cost = cost_model(profile, _config_arg(args))
@@ -671,7 +663,7 @@ def _cmd_measure(args) -> int:
     if args.max_new_tokens < 4:
         raise ValueError("--max-new-tokens must be >= 4 (the warm-up iterations are dropped)")
     config = load_model_config(args.model_path)
-    from sglang_er.policy import ModelCost
+    from sglang_er.gamma import ModelCost
 
     ModelCost.from_config(config)  # fail before starting a server if the shapes are unsupported
     m = measure(args.model_path, config, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens,

@@ -1,7 +1,7 @@
 """Hardware profiles for the EFFROLLOUT cost model: what the machine can do, as data.
 
 A :class:`HardwareProfile` holds the handful of numbers the roofline cost model in
-:mod:`sglang_er.policy` needs:
+:mod:`sglang_er.gamma.cost_model` needs:
 
 * ``bandwidth_bytes_per_s``: effective peak memory bandwidth BW (bytes/s);
 * ``flops_per_s``: effective peak compute F (flop/s) per dtype class: ``bf16``, ``fp16``,
@@ -13,11 +13,16 @@ A :class:`HardwareProfile` holds the handful of numbers the roofline cost model 
 * metadata: ``name``, ``device``, ``measured_with``, ``attention_backend``, fit diagnostics.
 
 A phase's predicted time is ``max(bytes / BW, Σ_class flops_class / F_class) + per_seq · B +
-fixed`` (see :class:`sglang_er.policy.CostModel`).
+fixed``, written once in :func:`roofline_seconds`: the cost model's predictions
+(:class:`sglang_er.gamma.cost_model.CostModel`; its per-iteration hot path inlines it, kept equal
+by a test), :func:`fit_profile` and the ``sglang-er calibrate`` residuals all call it.
 
 Profiles are JSON, read strictly as data (``json`` + pydantic, never ``eval``/``pickle``):
 unknown fields, wrong types, NaN/inf, out-of-range values, a different schema version or a
 profile measured on another device are refused with a ``ValueError`` that names the problem.
+:func:`load_profile` (a file) and :func:`profile_from_env` (``SGLANG_ER_PROFILE``) are the only
+loaders; :func:`builtin_profile_for_device` picks the built-in one for a device, and a GPU without
+one gets the labelled ``generic-gpu`` placeholder and a warning to run ``sglang-er calibrate``.
 
 :func:`fit_profile` estimates BW, F and the overheads from measured samples
 (phase, bytes, flops, batch, seconds) by non-negative least squares on that roofline form;
@@ -29,22 +34,36 @@ This module does not import SGLang (nor torch).
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Literal, Optional, Sequence, Union
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
-    "SCHEMA_VERSION",
-    "COMPUTE_CLASSES",
-    "HardwareProfile",
-    "CalibrationSample",
     "BUILTIN_PROFILES",
+    "COMPUTE_CLASSES",
+    "GENERIC_GPU",
+    "PROFILE_ENV",
+    "SCHEMA_VERSION",
+    "CalibrationSample",
+    "HardwareProfile",
     "builtin_profile",
+    "builtin_profile_for_device",
+    "compute_seconds",
     "fit_profile",
+    "load_profile",
+    "phase_seconds",
+    "profile_from_env",
+    "roofline_seconds",
+    "sample_seconds",
 ]
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 ComputeClass = Literal["bf16", "fp16", "fp32", "w4"]
@@ -58,6 +77,8 @@ _F_RANGE = (1e8, 1e17)  # flop/s: 0.1 GFLOP/s .. 100 PFLOP/s
 _FIXED_MAX_S = 1.0  # a per-forward overhead above 1 s is a unit error, not a machine
 _PER_SEQ_MAX_S = 0.1
 _MAX_PROFILE_BYTES = 1 << 20  # a profile is a few hundred bytes; refuse to slurp huge files
+PROFILE_ENV = "SGLANG_ER_PROFILE"  # a profile JSON for the server (`sglang-er calibrate --out`)
+GENERIC_GPU = "generic-gpu"  # the built-in placeholder of a GPU that has no profile of its own
 
 
 def _norm_device(name: str) -> str:
@@ -90,11 +111,11 @@ class HardwareProfile(BaseModel):
     per_seq_draft_s: float = Field(0.0, ge=0.0, le=_PER_SEQ_MAX_S)
 
     # The SGLang attention backend the overheads were measured with; the cost model derives
-    # its KV read rule from it (sglang_er.policy.KV_READ_RULE) unless told otherwise.
+    # its KV read rule from it (sglang_er.gamma.cost_model.KV_READ_RULE) unless told otherwise.
     attention_backend: str = Field("torch_native", min_length=1, max_length=100)
     # Filled by fit_profile: relative RMS error of the fit and which parameters the samples
     # determined (the others were taken from the base profile).
-    fit_rel_rms: Optional[float] = Field(None, ge=0.0)
+    fit_rel_rms: float | None = Field(None, ge=0.0)
     fitted: list[str] = Field(default_factory=list)
 
     @field_validator("flops_per_s")
@@ -139,8 +160,8 @@ class HardwareProfile(BaseModel):
         return self.model_dump_json(indent=2)
 
     @classmethod
-    def from_json(cls, text: Union[str, bytes], *, source: str = "<string>",
-                  device: Optional[str] = None) -> "HardwareProfile":
+    def from_json(cls, text: str | bytes, *, source: str = "<string>",
+                  device: str | None = None) -> HardwareProfile:
         """Parse a profile from JSON text (data only). ``device``: refuse a profile of another device."""
         try:
             raw = json.loads(text)
@@ -166,7 +187,7 @@ class HardwareProfile(BaseModel):
         return prof
 
     @classmethod
-    def load(cls, path: Union[str, Path], *, device: Optional[str] = None) -> "HardwareProfile":
+    def load(cls, path: str | Path, *, device: str | None = None) -> HardwareProfile:
         """Read a profile file. Raises ValueError (never executes anything in it)."""
         p = Path(path)
         try:
@@ -177,7 +198,7 @@ class HardwareProfile(BaseModel):
             raise ValueError(f"hardware profile {p}: {size} bytes is too large for a profile")
         return cls.from_json(p.read_bytes(), source=str(p), device=device)
 
-    def save(self, path: Union[str, Path]) -> Path:
+    def save(self, path: str | Path) -> Path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".tmp")
@@ -233,17 +254,113 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
         per_seq_draft_s=0.6e-6,
         attention_backend="flashinfer",
     ),
+    # A GPU without a profile of its own: round mid-range numbers (between an L4 and an A100),
+    # so that nothing pretends to be measured; live correction and `sglang-er calibrate` fix them.
+    GENERIC_GPU: HardwareProfile(
+        name=GENERIC_GPU,
+        device="generic GPU (no built-in profile)",
+        measured_with="built-in placeholder, not measured: run `sglang-er calibrate` on this GPU",
+        bandwidth_bytes_per_s=1.0e12,
+        flops_per_s={"bf16": 150e12, "fp16": 150e12, "fp32": 20e12, "w4": 100e12},
+        fixed_plain_s=1.5e-3,
+        fixed_draft_step_s=0.25e-3,
+        fixed_verify_s=1.7e-3,
+        per_seq_s=3e-6,
+        per_seq_draft_s=1e-6,
+        attention_backend="flashinfer",
+    ),
 }
 _ALIASES = {"cpu": "cpu-2core", "h100": "h100-sxm", "a100": "a100-80gb"}
+# (substring of torch.cuda.get_device_name, built-in profile): the GPUs that have one
+_GPU_PROFILES = (("A100", "a100-80gb"), ("H100", "h100-sxm"))
 
 
 def builtin_profile(name: str) -> HardwareProfile:
-    """A built-in profile by name (``cpu-2core``, ``h100-sxm``, ``a100-80gb``; aliases cpu/h100/a100)."""
+    """A built-in profile by name (``cpu-2core``, ``h100-sxm``, ``a100-80gb``, ``generic-gpu``;
+    aliases cpu/h100/a100)."""
     key = _ALIASES.get(name, name)
     if key not in BUILTIN_PROFILES:
         raise ValueError(f"unknown built-in hardware profile {name!r}; choose one of "
                          f"{', '.join([*BUILTIN_PROFILES, *_ALIASES])}")
     return BUILTIN_PROFILES[key]
+
+
+def builtin_profile_for_device(gpu_name: str | None, *, warn: bool = True) -> HardwareProfile:
+    """The built-in profile of a device: ``gpu_name`` is ``torch.cuda.get_device_name`` (None: the
+    CPU). A GPU without a built-in profile gets :data:`GENERIC_GPU`, never another GPU's numbers,
+    and (``warn``) a warning that names ``sglang-er calibrate``."""
+    if gpu_name is None:
+        return BUILTIN_PROFILES["cpu-2core"]
+    for needle, key in _GPU_PROFILES:
+        if needle in gpu_name:
+            return BUILTIN_PROFILES[key]
+    if warn:
+        logger.warning("no built-in hardware profile for GPU %r: starting from the uncalibrated %r placeholder "
+                       "(live correction adjusts it as the server decodes). For good decisions from the first "
+                       "iterations run `sglang-er calibrate --model-path M --out profile.json` on this GPU and "
+                       "start the server with %s=profile.json", gpu_name, GENERIC_GPU, PROFILE_ENV)
+    return BUILTIN_PROFILES[GENERIC_GPU]
+
+
+# ---------------------------------------------------------------------- loading
+_LOAD_FIX = "pass a profile JSON written by `sglang-er calibrate --out`, or recalibrate"
+
+
+def load_profile(path: str | Path, *, fix: str = _LOAD_FIX, context: str = "") -> HardwareProfile:
+    """:meth:`HardwareProfile.load` whose ValueError starts with ``context`` (where the path came
+    from) and ends with how to fix it (``fix``)."""
+    try:
+        return HardwareProfile.load(path)
+    except ValueError as e:
+        raise ValueError(f"{context}{e}. Fix: {fix}") from None
+
+
+def profile_from_env(server: str, environ: Mapping[str, str] | None = None) -> HardwareProfile | None:
+    """The profile ``SGLANG_ER_PROFILE`` names (None when unset), for a server on ``server``
+    (``"cpu"``, ``"cuda"``, ...: a device type). Raises ValueError naming the variable and the fix
+    when the file is bad or was measured on the other kind of machine: a profile measured on a
+    CPU drives a GPU server into wrong decisions, and vice versa."""
+    path = (os.environ if environ is None else environ).get(PROFILE_ENV)
+    if not path:
+        return None
+    prof = load_profile(path, context=f"{PROFILE_ENV}={path}: ",
+                        fix=f"fix the file, re-create it with `sglang-er calibrate`, or unset {PROFILE_ENV}")
+    server = server.split(":")[0].lower()
+    if (server == "cpu") != prof.device.lower().startswith("cpu"):
+        raise ValueError(
+            f"{PROFILE_ENV}={path}: profile {prof.name!r} was measured on {prof.device!r} but this server "
+            f"runs on {server}; calibrate this machine (`sglang-er calibrate --model-path M --out profile.json`) "
+            f"or unset {PROFILE_ENV}")
+    return prof
+
+
+# ---------------------------------------------------------------------- the cost formula
+Num = float | np.ndarray
+# The overheads a phase pays: plain and verify are SGLang forwards, draft is one lean drafter step.
+_FIXED_COL = {"plain": "fixed_plain_s", "draft": "fixed_draft_step_s", "verify": "fixed_verify_s"}
+_SEQ_COL = {"plain": "per_seq_s", "draft": "per_seq_draft_s", "verify": "per_seq_s"}
+
+
+def roofline_seconds(mem_s: Num, compute_s: Num, per_seq_s: Num, batch: Num, fixed_s: Num, forwards: Num = 1,
+                     *, maximum: Callable[[Num, Num], Num] = max) -> Num:
+    """Seconds of ``forwards`` identical forwards of ``batch`` requests: max(bytes/BW, Σ_k flops_k/F_k)
+    + forwards·(per_seq·B + fixed), given ``mem_s`` = bytes/BW and ``compute_s`` = Σ_k flops_k/F_k
+    over all of them. ``maximum=np.maximum`` evaluates it for arrays (fit_profile: every sample at
+    once, for a trial parameter vector that need not be a valid profile)."""
+    return maximum(mem_s, compute_s) + per_seq_s * batch * forwards + fixed_s * forwards
+
+
+def compute_seconds(profile: HardwareProfile, flops: Mapping[str, float]) -> float:
+    """Σ_k flops_k / F_k over compute classes (a class the profile lacks runs at its bf16 rate)."""
+    return sum(f / profile.flops(k) for k, f in flops.items())
+
+
+def phase_seconds(profile: HardwareProfile, phase: str, bytes_: float, compute_s: float, batch: int,
+                  forwards: int = 1) -> float:
+    """:func:`roofline_seconds` with ``profile``'s bandwidth and ``phase``'s overheads;
+    ``forwards=0``: the roofline term alone."""
+    return roofline_seconds(bytes_ / profile.bandwidth_bytes_per_s, compute_s, getattr(profile, _SEQ_COL[phase]),
+                            batch, getattr(profile, _FIXED_COL[phase]), forwards)
 
 
 # ---------------------------------------------------------------------- fitting
@@ -279,7 +396,7 @@ class CalibrationSample(BaseModel):
         return v
 
 
-SampleLike = Union[CalibrationSample, dict, Sequence]
+SampleLike = CalibrationSample | dict | Sequence
 
 
 def _as_sample(s: SampleLike) -> CalibrationSample:
@@ -322,18 +439,19 @@ def _nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 200) -> np.ndarray:
     return x
 
 
-_FIXED_COL = {"plain": "fixed_plain_s", "draft": "fixed_draft_step_s", "verify": "fixed_verify_s"}
-_SEQ_COL = {"plain": "per_seq_s", "draft": "per_seq_draft_s", "verify": "per_seq_s"}
+def sample_seconds(profile: HardwareProfile, s: CalibrationSample) -> float:
+    """:func:`fit_profile`'s model of one sample under ``profile``."""
+    return phase_seconds(profile, s.phase, s.bytes, compute_seconds(profile, s.flops), s.batch, s.forwards)
 
 
 def fit_profile(
     samples: Iterable[SampleLike],
     *,
-    base: Optional[HardwareProfile] = None,
+    base: HardwareProfile | None = None,
     name: str = "calibrated",
-    device: Optional[str] = None,
+    device: str | None = None,
     measured_with: str = "fit_profile",
-    attention_backend: Optional[str] = None,
+    attention_backend: str | None = None,
 ) -> HardwareProfile:
     """Fit BW, F (per compute class) and the overheads to measured samples.
 
@@ -373,6 +491,10 @@ def fit_profile(
             flo[i, j] = s.flops.get(k, 0.0)
         over[i, ci[_SEQ_COL[s.phase]]] = s.forwards * s.batch
         over[i, ci[_FIXED_COL[s.phase]]] = s.forwards
+    seq_col = np.array([ci[_SEQ_COL[s.phase]] for s in ss])
+    fixed_col = np.array([ci[_FIXED_COL[s.phase]] for s in ss])
+    batch = np.array([float(s.batch) for s in ss])
+    fwd = np.array([float(s.forwards) for s in ss])
     intensity = flo.sum(1) / np.maximum(byt, 1e-30)
 
     def solve(mem: np.ndarray) -> np.ndarray:
@@ -385,7 +507,8 @@ def fit_profile(
         return _nnls(A / scale, t * wgt) / scale
 
     def predict(x: np.ndarray) -> np.ndarray:
-        return np.maximum(byt * x[0], flo @ x[1:1 + len(classes)]) + over @ x
+        return roofline_seconds(byt * x[0], flo @ x[1:1 + len(classes)], x[seq_col], batch, x[fixed_col], fwd,
+                                maximum=np.maximum)
 
     def classify(x: np.ndarray) -> np.ndarray:
         return byt * x[0] >= flo @ x[1:1 + len(classes)]

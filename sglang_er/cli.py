@@ -1,4 +1,5 @@
-"""The ``sglang-er`` command: ``--version``, ``doctor``, ``model``, ``demo``, ``calibrate``."""
+"""The ``sglang-er`` command: ``--version``, ``doctor``, ``model``, ``demo``, ``eval``, ``calibrate``
+(and ``bench``, which points at the source checkout's benchmark)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _doctor(_args) -> int:
         name = type(current_platform).__name__
         oot = " (out-of-tree)" if current_platform.is_out_of_tree() else ""
         rows.append(("sglang platform", f"{name}{oot}"))
-    except Exception as e:  # doctor reports problems instead of dying on them
+    except Exception as e:  # noqa: BLE001 - doctor reports problems instead of dying on them
         rows.append(("sglang platform", f"ERROR: {e}"))
     ops = torch.ops.aten
     rows.append(("int4 CPU matmul", "yes" if hasattr(ops, "_weight_int4pack_mm_for_cpu") else "MISSING"))
@@ -39,7 +40,7 @@ def _doctor(_args) -> int:
             from sgl_kernel import gptq_marlin_gemm  # noqa: F401
 
             rows.append(("AWQ-Marlin (CUDA)", "yes"))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - reported as missing
             rows.append(("AWQ-Marlin (CUDA)", f"MISSING ({e})"))
     rows.append(("portable CPU platform", f"SGLANG_PLATFORM={PLATFORM_NAME} or automatic without accelerator"))
     width = max(len(k) for k, _ in rows)
@@ -55,10 +56,10 @@ def _model(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
+def _demo(rest: list[str]) -> int:
     from sglang_er.demo import main as demo_main
 
-    return demo_main(args.rest)
+    return demo_main(rest)
 
 
 def _calibrate(args) -> int:
@@ -67,16 +68,24 @@ def _calibrate(args) -> int:
     return run(args)
 
 
-def _checkout_tool(module: str, rest: list[str]) -> int:
-    """The eval tools live in the checkout's ``eval/`` package, beside ``sglang_er``."""
-    import importlib
+def _eval(rest: list[str]) -> int:
+    from sglang_er.evaluation.math_eval import main as eval_main
 
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise RuntimeError(f"{module} is part of the sglang-er checkout; run from its root "
-                           f"(python -m {module} ...): {e}") from None
-    return mod.main(rest) or 0
+    return eval_main(rest)
+
+
+def _bench(_rest: list[str]) -> int:
+    """The benchmarks are tools of the source checkout (its ``eval/`` folder), not installed."""
+    raise RuntimeError("the rollout benchmark is not installed with the package: from a source checkout's root run "
+                       "`python -m eval.rollout_bench --help`")
+
+
+# Commands with their own argument parsers: everything after the name is theirs, --help included.
+FORWARDED = {
+    "demo": (_demo, "start a server on a built-in model, run requests, report (--help for its options)"),
+    "eval": (_eval, "math eval over the OpenAI API (GSM8K sample, GSM8K, MATH-500, jsonl, HF)"),
+    "bench": (_bench, "RL-shaped rollout benchmark: plain vs EFFROLLOUT (source checkout only)"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,29 +94,32 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd")
     sub.add_parser("doctor", help="versions, platform, accelerator, kernels").set_defaults(fn=_doctor)
     m = sub.add_parser("model", help="build a model from code and print its directory")
-    m.add_argument("name", help="tiny | tiny-llama | qwen2-0.5b | smollm2-135m-instruct | qwen2.5-0.5b-instruct (real, from the registry) | gsm8k-lm (trained, ~15 min once) | gsm8k-lm-rl (gsm8k-lm sharpened: a low-entropy late-RL policy)")
+    m.add_argument("name", help="tiny | tiny-llama | qwen2-0.5b | smollm2-135m-instruct | qwen2.5-0.5b-instruct "
+                   "(real, from the registry) | gsm8k-lm (trained on $SGLANG_ER_DATA/gsm8k/train.jsonl, ~15 min once) "
+                   "| gsm8k-lm-rl (gsm8k-lm sharpened: a low-entropy late-RL policy)")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=_model)
-    d = sub.add_parser("demo", help="start a server on a built-in model, run requests, report")
-    d.add_argument("rest", nargs=argparse.REMAINDER)
-    d.set_defaults(fn=_demo)
-    for name, module, help_ in (("eval", "eval.math_eval", "math eval over the OpenAI API (GSM8K, MATH-500, jsonl, HF)"),
-                                ("bench", "eval.rollout_bench", "RL-shaped rollout benchmark: plain vs EFFROLLOUT")):
+    for name, (fn, help_) in FORWARDED.items():  # listed in --help; main() hands them their arguments
         e = sub.add_parser(name, help=help_, add_help=False)
         e.add_argument("rest", nargs=argparse.REMAINDER)
-        e.set_defaults(fn=lambda a, _m=module: _checkout_tool(_m, a.rest))
+        e.set_defaults(fn=lambda a, _fn=fn: _fn(a.rest))
     from sglang_er.calibrate import add_arguments as _calibrate_arguments  # stdlib-only import
 
     c = sub.add_parser("calibrate", help="measure T_T/T_D/T_V and fit a hardware profile, or validate one")
     _calibrate_arguments(c)
     c.set_defaults(fn=_calibrate)
-    args = p.parse_args(argv)
-    if not getattr(args, "fn", None):
-        p.print_help()
-        return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in FORWARDED:  # argparse's REMAINDER would reject a leading option such as --n
+        fn, fn_args = FORWARDED[argv[0]][0], argv[1:]
+    else:
+        args = p.parse_args(argv)
+        if not getattr(args, "fn", None):
+            p.print_help()
+            return 2
+        fn, fn_args = args.fn, args
     try:
-        return args.fn(args)
-    except (ValueError, RuntimeError) as e:
+        return fn(fn_args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"sglang-er: error: {e}", file=sys.stderr)
         return 1
 

@@ -39,7 +39,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-MAX_GAMMA = 16
+from sglang_er.limits import MAX_GAMMA
+
 # field -> the variable that sets it (from_env reads them; errors name them)
 _ENV = {"mode": "SGLANG_ER_MODE", "draft_head": "SGLANG_ER_DRAFT_HEAD", "quant": "SGLANG_ER_QUANT",
         "awq_min_tokens": "SGLANG_ER_AWQ_MIN_TOKENS", "awq_sample_every": "SGLANG_ER_AWQ_SAMPLE_EVERY",
@@ -64,7 +65,7 @@ class EffRolloutConfig(BaseModel):
     timeline_size: int = Field(2048, ge=0, le=1 << 20)
     min_gain: float = Field(1.05, ge=1.0, le=4.0)
     hysteresis: float = Field(0.02, ge=0.0, le=1.0)
-    # auto: re-measure what the policy does not choose (see Policy._explore); 0 turns that off,
+    # auto: re-measure what the policy does not choose (see GammaPolicy._explore); 0 turns that off,
     # leaving every decision to the cost model (tests of the model's own verdict)
     explore_every: int = Field(32, ge=0, le=1 << 16)
     history: Literal["off", "group", "all"] = "off"

@@ -1,37 +1,35 @@
-"""The thin adapter between the engine-free policy (:mod:`sglang_er.policy`) and the worker.
+"""The thin adapter between the engine-free γ choice (:mod:`sglang_er.gamma`) and the worker.
 
 Per decode iteration: read the batch's real sequence lengths, the prompt groups that share a
-radix-cached prefix (GRPO's n samples of one prompt), and the request ids; ask the policy for
+radix-cached prefix (GRPO's n samples of one prompt), and the request ids; ask the γ policy for
 γ; afterwards feed it the measured phase times and the accepted lengths, so the cost model and
 the acceptance model follow this machine and this policy checkpoint.
 
 Modes (env ``SGLANG_ER_MODE``): ``auto`` (default) chooses γ ∈ {0} ∪ 1..γmax every iteration;
 ``fixed`` uses ``SGLANG_ER_GAMMA`` (or γmax). A hardware profile comes from
-``SGLANG_ER_PROFILE=path.json`` (see ``sglang-er calibrate``) or the built-in one for the device.
+``SGLANG_ER_PROFILE=path.json`` (see ``sglang-er calibrate``) or the built-in one for the device
+(a GPU without one: the labelled ``generic-gpu`` placeholder, with a warning).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 
 import torch
 
-from sglang_er.calibration import HardwareProfile, builtin_profile
-from sglang_er.policy import KV_READ_RULE, AcceptanceModel, BatchStats, CostModel, ModelCost, Policy, batch_stats
+from sglang_er.calibration import HardwareProfile, builtin_profile_for_device, profile_from_env
+from sglang_er.gamma import KV_READ_RULE, AcceptanceModel, BatchStats, CostModel, GammaPolicy, ModelCost, batch_stats
 
 logger = logging.getLogger(__name__)
 
 
 def default_profile(device: torch.device) -> HardwareProfile:
-    path = os.environ.get("SGLANG_ER_PROFILE")
-    if path:
-        return HardwareProfile.load(path)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return builtin_profile("a100" if "A100" in name else "h100")
-    return builtin_profile("cpu")
+    """``SGLANG_ER_PROFILE``, else the built-in profile of ``device``."""
+    prof = profile_from_env(device.type)
+    if prof is not None:
+        return prof
+    return builtin_profile_for_device(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
 
 class Controller:
@@ -45,8 +43,8 @@ class Controller:
             hf_config, w4_head=draft_head == "w4", w8_head=draft_head == "w8"), attention_backend=attention_backend,
                          kv_read_rule=KV_READ_RULE.get(attention_backend, "per_request"))
         self.acceptance = AcceptanceModel(gamma_max)
-        self.policy = Policy(cost, self.acceptance, ladder=list(range(1, gamma_max + 1)),
-                             min_gain=min_gain, hysteresis=hysteresis, explore_every=explore_every)
+        self.gamma_policy = GammaPolicy(cost, self.acceptance, ladder=list(range(1, gamma_max + 1)),
+                                        min_gain=min_gain, hysteresis=hysteresis, explore_every=explore_every)
         self.cost = cost
         self._live_rids: set = set()
         self._rids: list = []  # the last batch's request ids, in order
@@ -67,7 +65,7 @@ class Controller:
             st = BatchStats(st.batch, st.sum_len, st.max_len, self._shared)
         # summarised once: the feedback after the forwards reuses it (the decision's O(B) part)
         self._st, self._rids = st, rids
-        self.last_decision = self.policy.choose(st, None, rids)
+        self.last_decision = self.gamma_policy.choose(st, None, rids)
         return self.last_decision.gamma
 
     def _forget_departed(self, rids) -> None:
@@ -107,7 +105,7 @@ class Controller:
     def drafter_changed(self) -> None:
         """The drafter was re-quantized: its acceptance must be measured afresh."""
         self.acceptance.reset()
-        self.policy.reset()
+        self.gamma_policy.reset()
 
     def w4_expected_tokens(self) -> list[float]:
         """E[L | W4, γ] for γ = 0..γmax (server-wide acceptance)."""
@@ -120,7 +118,7 @@ class Controller:
         st = self._st
         t_v = self.cost.t_verify(st, gamma) + self.cost.t_outside(gamma, st.batch)
         t_t = self.cost.t_plain(st) + self.cost.t_outside(0, st.batch)
-        return expected_tokens / t_v / (self.policy.min_gain * st.batch / t_t)
+        return expected_tokens / t_v / (self.gamma_policy.min_gain * st.batch / t_t)
 
     def state(self) -> dict:
         d = self.last_decision

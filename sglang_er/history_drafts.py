@@ -7,7 +7,7 @@ Sources: ``group`` (another sample of the same prompt or an earlier request with
 A history proposal costs no forward: only its share of the verify. Acceptance stays exact: a
 proposal x is one-hot q, so the rejection sampler accepts it with probability p(x) and on a
 rejection resamples from p with x removed (greedy: argmax match). Each source keeps its own
-per-position acceptance (:class:`~sglang_er.policy.AcceptanceModel`), and the choice compares
+per-position acceptance (:class:`~sglang_er.gamma.acceptance.AcceptanceModel`), and the choice compares
 expected committed tokens: a request takes its history proposal where E[L | history, length]
 beats E[L | W4, γ]; an iteration the W4 policy would decode plainly runs a verify-only
 iteration when the cost model predicts more tokens/s from the history proposals alone, by
@@ -32,7 +32,7 @@ import random
 import torch
 
 from sglang_er.history import HistoryIndex
-from sglang_er.policy import AcceptanceModel
+from sglang_er.gamma import AcceptanceModel
 
 HISTORY_SOURCES = ("group", "prompt", "self")
 CONTEXT_TAIL = 64  # tokens of a request's text a match may span (bounds a lookup's cost)

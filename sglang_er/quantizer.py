@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sglang_er.limits import SUPPORTED_GROUP_SIZES, largest_group_size
+
 __all__ = [
     "SUPPORTED_GROUP_SIZES",
     "QuantizedTensor",
@@ -41,8 +43,6 @@ __all__ = [
 ]
 
 QMAX = 15
-# Intersection of the CPU int4pack kernel's {32, 64, 128, 256} and Marlin's {32, 64, 128}.
-SUPPORTED_GROUP_SIZES = (128, 64, 32)
 # AutoAWQ stores output column ``8*c + AWQ_PACK_ORDER[p]`` in nibble ``p`` of int32 ``c``
 # (SGLang undoes it with the reverse order [0, 4, 1, 5, 2, 6, 3, 7]).
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -64,9 +64,9 @@ def choose_group_size(in_features: int, preferred: int = 128) -> int:
             f"group size {preferred} is not supported; choose one of {SUPPORTED_GROUP_SIZES} "
             "(accepted by both the CPU int4pack kernel and CUDA Marlin)"
         )
-    for g in SUPPORTED_GROUP_SIZES:
-        if g <= preferred and in_features % g == 0:
-            return g
+    g = largest_group_size(in_features, preferred)
+    if g is not None:
+        return g
     raise ValueError(
         f"no 4-bit group size <= {preferred} from {SUPPORTED_GROUP_SIZES} divides "
         f"in_features={in_features}; a linear layer with K={in_features} cannot be W4-quantized"

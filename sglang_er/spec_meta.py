@@ -13,7 +13,7 @@ timeline, returned as ``meta_info["spec_gamma"]`` -- and rewrites SGLang's field
 - ``spec_accept_length``: tokens per drafting iteration, (completion − plain iterations) / verify_ct;
 - ``spec_correct_drafts_histogram``: γ = 0 iterations removed from bucket 0.
 
-Where the iteration mixed sources (history drafts, issue 9) the tag also names the request's
+Where the iteration mixed sources (history drafts) the tag also names the request's
 source, and ``meta_info["spec_sources"]`` splits the request's drafts by it:
 ``{source: {"iterations", "proposed", "accepted"}}`` with source ∈ w4 | group | prompt | self | none.
 """

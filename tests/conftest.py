@@ -9,8 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from eval import CHECKOUT_DATA
+
 # Keep test servers and helpers on the portable CPU platform and small.
 os.environ.setdefault("SGLANG_ER_CACHE", os.path.expanduser("~/.cache/sglang-er"))
+# GSM8K / MATH-500 (and gsm8k-lm's training data) come from the checkout's ../shared/data; the
+# installed package reads data only from SGLANG_ER_DATA.
+if CHECKOUT_DATA.is_dir():
+    os.environ.setdefault("SGLANG_ER_DATA", str(CHECKOUT_DATA))
 
 
 @pytest.fixture(scope="session")

@@ -17,13 +17,13 @@ from sglang_er.calibration import (
     builtin_profile,
     fit_profile,
 )
-from sglang_er.policy import (
+from sglang_er.gamma import (
     KV_READ_RULE,
     AcceptanceModel,
     BatchStats,
     CostModel,
+    GammaPolicy,
     ModelCost,
-    Policy,
 )
 
 QWEN2_05B = {
@@ -45,14 +45,14 @@ def qwen():
     return ModelCost.from_config(QWEN2_05B)
 
 
-def _policy(profile: str, model: ModelCost, alpha: float = 0.8, gamma_max: int = 4, **kw) -> Policy:
+def _policy(profile: str, model: ModelCost, alpha: float = 0.8, gamma_max: int = 4, **kw) -> GammaPolicy:
     cm = CostModel(builtin_profile(profile), model)
-    return Policy(cm, AcceptanceModel(gamma_max, prior_alpha=alpha), **kw)
+    return GammaPolicy(cm, AcceptanceModel(gamma_max, prior_alpha=alpha), **kw)
 
 
 def test_policy_modules_do_not_import_sglang():
     # The policy must be usable (and testable) without the engine, and light to import.
-    code = ("import sys, sglang_er.policy, sglang_er.calibration; "
+    code = ("import sys, sglang_er.gamma, sglang_er.calibration; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sglang', 'torch')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -82,12 +82,12 @@ def test_model_cost_qwen2_05b(qwen):
 
 
 def test_model_cost_group_rule_matches_quantizer():
-    from sglang_er import policy
+    from sglang_er.gamma import model_cost
     from sglang_er.quantizer import SUPPORTED_GROUP_SIZES, choose_group_size
 
-    assert policy._SUPPORTED_GROUPS == SUPPORTED_GROUP_SIZES
+    assert model_cost._SUPPORTED_GROUPS == SUPPORTED_GROUP_SIZES
     for k in (576, 896, 1536, 4864, 1152, 160):
-        assert policy._w4_group(k, 128) == choose_group_size(k, 128)
+        assert model_cost._w4_group(k, 128) == choose_group_size(k, 128)
 
 
 def test_model_cost_config_errors():
@@ -333,10 +333,10 @@ def test_policy_deterministic_hysteresis_and_fixed(qwen):
         _policy("cpu", qwen, ladder=[1, 8])
 
     # fixed mode, with and without models
-    assert Policy.fixed(3).choose([10] * 100).gamma == 3
-    assert Policy.fixed(0).choose([10]).gamma == 0
+    assert GammaPolicy.fixed(3).choose([10] * 100).gamma == 3
+    assert GammaPolicy.fixed(0).choose([10]).gamma == 0
     cm = CostModel(builtin_profile("cpu"), qwen)
-    fx = Policy.fixed(2, cm, AcceptanceModel(4))
+    fx = GammaPolicy.fixed(2, cm, AcceptanceModel(4))
     d = fx.choose([512] * 256)
     assert d.gamma == 2 and d.predicted_tokens_per_s[2] < d.predicted_tokens_per_s[0]
 
@@ -344,7 +344,7 @@ def test_policy_deterministic_hysteresis_and_fixed(qwen):
     acc = AcceptanceModel(4, prior_alpha=0.8)
     for _ in range(10):
         acc.observe_request("bad", 4, 0)
-    pol = Policy(cm, acc)
+    pol = GammaPolicy(cm, acc)
     assert pol.evaluate([512], rids=["bad"]).gamma == 0
     assert pol.evaluate([512], rids=["new"]).gamma > 0
 
@@ -390,6 +390,48 @@ def test_profile_json_round_trip(tmp_path):
     assert builtin_profile("cpu").fixed_plain_s == pytest.approx(19e-3)
     with pytest.raises(ValueError, match="unknown built-in"):
         builtin_profile("tpu")
+
+
+def test_gpu_without_builtin_profile_gets_labelled_generic_one(caplog):
+    from sglang_er.calibration import GENERIC_GPU, builtin_profile_for_device
+
+    with caplog.at_level("WARNING", logger="sglang_er.calibration"):
+        assert builtin_profile_for_device(None).name == "cpu-2core"
+        assert builtin_profile_for_device("NVIDIA A100-SXM4-80GB").name == "a100-80gb"
+        assert builtin_profile_for_device("NVIDIA H100 80GB HBM3").name == "h100-sxm"
+        assert not caplog.records  # the GPUs that have a profile get it silently
+        prof = builtin_profile_for_device("NVIDIA H200")
+    # never another GPU's numbers: a placeholder that says what it is, and a warning naming the fix
+    assert prof.name == GENERIC_GPU and prof != BUILTIN_PROFILES["h100-sxm"]
+    assert "sglang-er calibrate" in prof.measured_with and "no built-in profile" in prof.device
+    (rec,) = caplog.records
+    assert rec.levelname == "WARNING"
+    assert "NVIDIA H200" in rec.getMessage() and "sglang-er calibrate" in rec.getMessage()
+    assert "SGLANG_ER_PROFILE" in rec.getMessage()
+    caplog.clear()
+    assert builtin_profile_for_device("NVIDIA L4", warn=False).name == GENERIC_GPU and not caplog.records
+
+
+def test_server_profile_for_unknown_gpu_and_from_env(monkeypatch, tmp_path, caplog):
+    torch = pytest.importorskip("torch")
+    from sglang_er import controller
+    from sglang_er.calibration import GENERIC_GPU, profile_from_env
+
+    monkeypatch.delenv("SGLANG_ER_PROFILE", raising=False)
+    monkeypatch.setattr(controller.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    with caplog.at_level("WARNING", logger="sglang_er.calibration"):
+        assert controller.default_profile(torch.device("cuda")).name == GENERIC_GPU
+    assert "sglang-er calibrate" in caplog.text
+    assert controller.default_profile(torch.device("cpu")).name == "cpu-2core"
+    # SGLANG_ER_PROFILE: the one loader, for the startup check and the worker alike
+    cpu_json = str(builtin_profile("cpu").save(tmp_path / "cpu.json"))
+    assert profile_from_env("cpu", {}) is None
+    assert profile_from_env("cpu", {"SGLANG_ER_PROFILE": cpu_json}).name == "cpu-2core"
+    with pytest.raises(ValueError, match="measured on 'cpu-2core' but this server runs on cuda"):
+        profile_from_env("cuda:0", {"SGLANG_ER_PROFILE": cpu_json})
+    monkeypatch.setenv("SGLANG_ER_PROFILE", str(_corrupt(tmp_path, "{")))
+    with pytest.raises(ValueError, match=r"^SGLANG_ER_PROFILE=.*not valid JSON.*unset SGLANG_ER_PROFILE"):
+        controller.default_profile(torch.device("cpu"))
 
 
 def _corrupt(tmp_path, text: str, name="p.json"):
@@ -475,11 +517,11 @@ def test_policy_explores_when_a_low_acceptance_estimate_keeps_it_plain(qwen):
     explore_every-th plain iteration does, unless clearly compute-bound (there only the
     once-per-octave measurement); a better measured α then turns speculation back on. An
     exploration is EXPLORE_RUN speculative iterations in a row (the first one runs cold)."""
-    from sglang_er.policy import EXPLORE_RUN
+    from sglang_er.gamma import EXPLORE_RUN
 
     assert EXPLORE_RUN == 2
     acc = AcceptanceModel(4, prior_alpha=0.05)  # the estimate after a bad start
-    pol = Policy(CostModel(builtin_profile("cpu"), qwen), acc, explore_every=8, explore_floor=0.5)
+    pol = GammaPolicy(CostModel(builtin_profile("cpu"), qwen), acc, explore_every=8, explore_floor=0.5)
     picks = [pol.choose([512]).gamma for _ in range(32)]
     explored = [i for i, g in enumerate(picks) if g > 0]
     assert explored == [3, 4, 12, 13, 21, 22, 30, 31], picks
@@ -488,7 +530,7 @@ def test_policy_explores_when_a_low_acceptance_estimate_keeps_it_plain(qwen):
     for _ in range(64):  # the exploratory iterations measured a good drafter
         acc.observe(4, [4])
     assert pol.choose([512]).gamma > 0
-    assert Policy(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.05),
+    assert GammaPolicy(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.05),
                   explore_every=0).choose([512]).gamma == 0
     acc.reset()  # a new drafter: back to the prior
     assert acc.num_observations == 0 and acc.alphas() == pytest.approx([0.05] * 4)
@@ -525,7 +567,7 @@ def test_policy_times_the_plain_step_while_speculating(qwen):
     until plain has been timed, then every explore_every-th iteration; the first
     measurement replaces the profile's guess, and a plain step measured fast turns speculation off."""
     cm = CostModel(builtin_profile("cpu"), qwen)
-    pol = Policy(cm, AcceptanceModel(4, prior_alpha=0.8), explore_every=8, explore_floor=0.3)
+    pol = GammaPolicy(cm, AcceptanceModel(4, prior_alpha=0.8), explore_every=8, explore_floor=0.3)
     lens = [512] * 2
     picks = [pol.choose(lens).gamma for _ in range(6)]
     assert picks[:3] == [picks[0]] * 3 and picks[0] > 0 and picks[3] == 0 and picks[4] > 0, picks
@@ -577,9 +619,9 @@ def test_policy_measures_again_however_low_its_estimate(qwen):
     """An estimate below the exploration floor (here: acceptance ~0) is still re-measured once
     every FORCED_EXPLORE_PERIODS · explore_every plain iterations, after the batch-size octave's
     first measurement (the 4th plain iteration)."""
-    from sglang_er.policy import FORCED_EXPLORE_PERIODS
+    from sglang_er.gamma import FORCED_EXPLORE_PERIODS
 
-    pol = Policy(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.001),
+    pol = GammaPolicy(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.001),
                  explore_every=4, explore_floor=0.99)
     n = FORCED_EXPLORE_PERIODS * 4 + 1  # + the exploration's second (timed) iteration
     picks = [pol.choose([512]).gamma for _ in range(3 * n)]
@@ -591,7 +633,7 @@ def test_draft_correction_is_per_step_with_a_measured_setup(qwen):
     across batch sizes, a correction fitted per iteration extrapolates its B-slope to γ (a
     gsm8k-lm server priced γ = 7 at B = 1 at 4x its cost and stayed at γ = 1); per step it
     predicts γ = 7 from γ = 1 within the setup's share. κ follows first-step vs rest timings."""
-    from sglang_er.policy import DRAFT_SETUP_PRIOR
+    from sglang_er.gamma import DRAFT_SETUP_PRIOR
 
     cm = CostModel(builtin_profile("cpu"), qwen)
     assert cm.draft_setup == DRAFT_SETUP_PRIOR

@@ -129,36 +129,3 @@ def test_gamma_max_sets_the_ladder_of_auto_and_hybrid_only():
     assert parse_config("fixed:7", 16)[1][-2:] == ["--speculative-num-steps", "7"]
     with pytest.raises(ValueError, match="use 1..16"):
         parse_config("auto", 17)
-
-
-def test_demo_turns_eval_samples_and_timeline_into_report_plots(tmp_path):
-    """The README's main command (``sglang_er.demo``) draws its plots from the eval's samples and
-    the worker's timeline through the rollout report; checked here without servers (the command
-    itself runs end to end in ``make demo``)."""
-    import time
-    import types
-
-    from eval.report import write_rollout_report
-    from sglang_er.demo import _as_rollout
-
-    t = time.time()
-    rollouts = []
-    for label, spec in (("plain", False), ("effrollout", True)):
-        (tmp_path / label).mkdir()
-        (tmp_path / label / "samples.jsonl").write_text("".join(
-            json.dumps({"t_send": t + i, "latency_s": 2.0 + i, "completion_tokens": 40, "finish_reason": "stop"})
-            + "\n" for i in range(4)))
-        summary = types.SimpleNamespace(out_dir=str(tmp_path / label), makespan_s=5.0, output_tokens=160)
-        poll = types.SimpleNamespace(
-            records={1: {"time": t + 0.5, "gamma": 3, "batch_size": 4}, 2: {"time": t + 4, "gamma": 0, "batch_size": 1}},
-            start_state={"metrics": {"drafted": 0, "accepted": 0}} if spec else None,
-            end_state={"metrics": {"drafted": 30, "accepted": 21, "position_acceptance": [0.9, 0.7, 0.5]}}
-            if spec else None)
-        rollouts.append(_as_rollout(label, summary, poll))
-    assert [len(r.requests) for r in rollouts] == [4, 4]
-    assert rollouts[0].accept_rate is None and rollouts[1].accept_rate == pytest.approx(0.7)
-    assert rollouts[1].requests[3]["t_done"] == pytest.approx(t + 3 + 5.0)
-    report = write_rollout_report(rollouts, tmp_path, "demo")
-    for f in ("report.md", "throughput.png", "timeline.png", "latency_cdf.png", "acceptance.png"):
-        assert (tmp_path / f).stat().st_size > 0, f
-    assert " | 0.700 | " in report  # the speculating config's acceptance reaches the headline table

@@ -8,8 +8,13 @@ in ``The answer is \\boxed{n}.``, so its next-token distributions are peaked the
 policy's are, its samples of one prompt share phrasing (what history drafts feed on) and its
 outputs end at EOS after a long-tailed number of tokens.
 
-    build_trained()                    # cached directory, trained on first use (~10 min)
-    python -m sglang_er.models.trained [--steps N] [--out DIR]
+    build_trained(data=PATH)           # cached directory, trained on first use (~10 min)
+    python -m sglang_er.models.trained [--steps N] [--data train.jsonl] [--cache-dir DIR]
+
+A benchmark model, not a runtime feature: it needs GSM8K's train split, which does not ship with the
+package. Pass ``data=`` / ``--data``, or set ``SGLANG_ER_DATA`` to a directory holding
+``gsm8k/train.jsonl`` (``build_model("gsm8k-lm")`` and ``sglang-er model gsm8k-lm`` read that;
+the checkout's ``eval`` package sets it to ``../shared/data``).
 
 Deterministic given (spec, steps, seed, data file): the cache key covers all four. Shapes are
 Qwen2 (SGLang serves it natively), widths multiples of 128 so W4 group-128 applies as is.
@@ -27,8 +32,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sglang_er.models.factory import (ModelSpec, _token_id, _write_config, _write_tokenizer, cached_build,
-                                      default_cache_dir)
+from sglang_er.models.factory import (
+    ModelSpec,
+    _token_id,
+    _write_config,
+    _write_tokenizer,
+    cached_build,
+    default_cache_dir,
+)
 
 NAME = "gsm8k-lm"
 TRAINER_VERSION = 1  # bump when the bytes a build produces change
@@ -48,12 +59,19 @@ class TrainConfig:
 
 
 def data_path() -> Path:
-    """GSM8K's train split: ``$SGLANG_ER_DATA/gsm8k/train.jsonl``, else the shared data beside the
-    checkout (the same place the eval harness looks)."""
-    root = Path(os.environ.get("SGLANG_ER_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
-    path = root / "gsm8k" / "train.jsonl"
+    """GSM8K's train split: ``$SGLANG_ER_DATA/gsm8k/train.jsonl`` (the same place the eval harness
+    looks). Raises FileNotFoundError, naming what to set, when it is unset or the file is missing."""
+    root = os.environ.get("SGLANG_ER_DATA")
+    if not root:
+        raise FileNotFoundError(
+            f"{NAME} trains on GSM8K's train split, which does not ship with sglang-er: set SGLANG_ER_DATA to a "
+            "directory holding gsm8k/train.jsonl (grade_school_math/data/train.jsonl from "
+            "github.com/openai/grade-school-math), or pass build_trained(data=PATH) / "
+            "`python -m sglang_er.models.trained --data PATH`")
+    path = Path(root) / "gsm8k" / "train.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: set SGLANG_ER_DATA to the directory holding gsm8k/train.jsonl")
+        raise FileNotFoundError(f"{path} not found: set SGLANG_ER_DATA to the directory holding gsm8k/train.jsonl, "
+                                "or pass build_trained(data=PATH) / --data PATH")
     return path
 
 
@@ -173,7 +191,8 @@ def _train(out: Path, convs, cfg: TrainConfig, log) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
-    ap.add_argument("--data", type=Path, default=None, help="GSM8K train.jsonl (default: the shared data)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="GSM8K train.jsonl (default: $SGLANG_ER_DATA/gsm8k/train.jsonl)")
     ap.add_argument("--cache-dir", type=Path, default=None)
     args = ap.parse_args(argv)
     print(build_trained(cache_dir=args.cache_dir, cfg=TrainConfig(steps=args.steps), data=args.data))

@@ -1,0 +1,7 @@
+"""The math eval harness that ships with the package: datasets (:mod:`.math_data`, including a
+packaged GSM8K sample), grading (:mod:`.grading`) and the OpenAI-API client and report
+(:mod:`.math_eval`, ``sglang-er eval``). The demo runs its rollouts through it.
+
+The checkout's ``eval`` package keeps the benchmarks and re-exports these modules under their old
+names (``eval.grading``, ``eval.math_data``, ``eval.math_eval``).
+"""

@@ -1,0 +1,262 @@
+"""The γ choice: each decode iteration, γ = argmax over {0} ∪ ladder of predicted tokens/s.
+
+γ = 0 is one plain target forward (1 token per request); γ ≥ 1 is γ W4-drafter steps plus one
+verify over γ+1 tokens, committing E[L|γ] tokens per request. RL rollouts start with a large
+batch (compute-bound: speculation loses) and end in a long tail of few requests (memory- and
+overhead-bound: it wins), so γ must follow the batch. What is never chosen is never measured, so
+the choice also explores the option it rejects now and then (:meth:`GammaPolicy._explore`).
+"Policy" elsewhere means the RL model; this is the :class:`GammaPolicy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sglang_er.gamma.acceptance import AcceptanceModel
+from sglang_er.gamma.batch import BatchStats, PrefixGroups, SeqLens, batch_stats
+from sglang_er.gamma.cost_model import CostModel
+
+__all__ = ["EXPLORE_RUN", "FORCED_EXPLORE_PERIODS", "RETIME_ITERATIONS", "Decision", "GammaPolicy"]
+
+# A batch-size octave where plain, or speculation, has not run for this many iterations gets one
+# iteration of it (see GammaPolicy._explore).
+RETIME_ITERATIONS = 2048
+# Whatever it predicts, the γ policy speculates once after this many explore_every periods of
+# plain iterations (256 by default: at most 0.4% of iterations at a predicted loss), so an
+# estimate that a bad measurement pushed below the exploration floor is measured again.
+FORCED_EXPLORE_PERIODS = 8
+# An exploration of speculation runs this many iterations in a row: the first speculative
+# iteration after plain ones finds the drafter's weights out of cache and is not timed (see
+# Controller.observe), so a single one would teach the cost model nothing (cold draft steps ran
+# 1.5-2.5x warm ones on gsm8k-lm).
+EXPLORE_RUN = 2
+
+
+@dataclass(frozen=True)
+class Decision:
+    """γ for this iteration and why. Per candidate γ (0 = plain): predicted tokens/s of the
+    batch, predicted iteration seconds, expected tokens committed (Σ_b E[L_b|γ])."""
+
+    gamma: int
+    predicted_tokens_per_s: dict[int, float]
+    reason: str
+    predicted_iter_s: dict[int, float] = field(default_factory=dict)
+    expected_tokens: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        """Predicted tokens/s at the chosen γ over plain decoding (nan without predictions)."""
+        tps = self.predicted_tokens_per_s
+        if self.gamma in tps and tps.get(0):
+            return tps[self.gamma] / tps[0]
+        return float("nan")
+
+    @property
+    def best_spec_speedup(self) -> float:
+        """The best speculative γ's predicted tokens/s over plain (on a plain iteration: by how
+        much speculation was predicted to lose; nan without predictions)."""
+        tps = self.predicted_tokens_per_s
+        spec = [v for g, v in tps.items() if g]
+        return max(spec) / tps[0] if spec and tps.get(0) else float("nan")
+
+
+class GammaPolicy:
+    """γ* = argmax over {0} ∪ ladder of predicted tokens/s, O(|ladder|·γmax + B) per call.
+
+    tokens/s(γ) = Σ_b E[L_b|γ] / (Σ_{j<γ} T_D(j) + T_V(γ)); tokens/s(0) = B / T_T.
+    Ties go to the smaller γ. Speculation must beat plain by ``min_gain`` (1.0: any gain). A
+    change from the previous choice must gain more than ``hysteresis`` (relative), so γ does
+    not flap between two nearly equal options as lengths creep up. The decision is a pure
+    function of (inputs, previous γ, the models' state); :meth:`evaluate` ignores the
+    previous γ. ``fixed_gamma``: always that γ (predictions still reported when a cost model
+    and acceptance model are given).
+    """
+
+    def __init__(self, cost_model: CostModel | None, acceptance: AcceptanceModel | None,
+                 ladder: Iterable[int] | None = None, min_gain: float = 1.0, hysteresis: float = 0.02,
+                 fixed_gamma: int | None = None, explore_every: int = 32, explore_floor: float = 0.7) -> None:
+        self.cost_model = cost_model
+        self.acceptance = acceptance
+        gmax = acceptance.gamma_max if acceptance is not None else None
+        if ladder is None:
+            if gmax is None:
+                ladder = [] if fixed_gamma is None else ([fixed_gamma] if fixed_gamma else [])
+            else:
+                ladder = range(1, gmax + 1)
+        lad = sorted({int(g) for g in ladder} - {0})
+        if any(g < 0 for g in lad):
+            raise ValueError(f"ladder entries must be >= 0, got {sorted(ladder)}")
+        if gmax is not None and lad and lad[-1] > gmax:
+            raise ValueError(f"ladder {lad} exceeds the acceptance model's γmax = {gmax}")
+        if fixed_gamma is None and (cost_model is None or acceptance is None):
+            raise ValueError("an adaptive γ policy needs a cost model and an acceptance model")
+        if fixed_gamma is not None:
+            fixed_gamma = int(fixed_gamma)
+            if fixed_gamma < 0 or (gmax is not None and fixed_gamma > gmax):
+                raise ValueError(f"fixed γ = {fixed_gamma} is outside 0..{gmax}")
+        if min_gain <= 0 or hysteresis < 0:
+            raise ValueError("min_gain must be > 0 and hysteresis >= 0")
+        self.ladder = lad
+        self.min_gain = float(min_gain)
+        self.hysteresis = float(hysteresis)
+        self.fixed_gamma = fixed_gamma
+        if explore_every < 0 or not 0.0 <= explore_floor <= 1.0:
+            raise ValueError("explore_every must be >= 0 and explore_floor in [0, 1]")
+        self.explore_every = int(explore_every)
+        self.explore_floor = float(explore_floor)
+        self.last_gamma: int | None = None
+        self._plain_streak = self._spec_streak = 0
+        self._iteration = 0
+        self._explore_run, self._explore_gamma = 0, 0  # iterations left of a speculative exploration
+        self._plain_timed: dict[int, int] = {}  # batch-size octave -> iteration plain last ran
+        self._spec_timed: dict[int, int] = {}  # batch-size octave -> iteration speculation last ran
+
+    @classmethod
+    def fixed(cls, gamma: int, cost_model: CostModel | None = None,
+              acceptance: AcceptanceModel | None = None) -> GammaPolicy:
+        """A γ policy that always returns ``gamma`` (baselines, A/B runs, γ = 0: speculation off)."""
+        ladder = [gamma] if gamma and acceptance is None else None
+        return cls(cost_model, acceptance, ladder=ladder, fixed_gamma=gamma)
+
+    def reset(self) -> None:
+        self.last_gamma = None
+
+    # ------------------------------------------------------------------ evaluation
+    def _predict(self, st: BatchStats, rids) -> tuple[dict, dict, dict]:
+        cm, acc = self.cost_model, self.acceptance
+        exp = acc.batch_expected_tokens(st.batch, rids)
+        cands = [0, *self.ladder]
+        if self.fixed_gamma is not None and self.fixed_gamma not in cands:
+            cands.append(self.fixed_gamma)
+        secs = cm.iteration_times(st, cands)
+        toks = {g: exp[g] for g in cands}
+        tps = {g: exp[g] / secs[g] for g in cands}
+        return tps, secs, toks
+
+    def evaluate(self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups = None, rids: Sequence[Any] | None = None) -> Decision:
+        """The best γ for this batch, ignoring the previous choice (no hysteresis, no state)."""
+        return self._decide(seq_lens, prefix_groups, rids, prev=None)
+
+    def choose(self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups = None, rids: Sequence[Any] | None = None) -> Decision:
+        """γ for this iteration (with hysteresis against the previous choice, which it updates).
+
+        seq_lens [B]: committed length of each request; prefix_groups: radix-shared prefixes
+        (shared_prefix_len, member indices); rids [B]: request ids for per-request acceptance.
+        ``seq_lens`` may be a :class:`BatchStats` already summarised (then no ``prefix_groups``).
+        """
+        st = batch_stats(seq_lens, prefix_groups)
+        d = self._decide(st, None, rids, prev=self.last_gamma)
+        d = self._explore(d, st.batch)
+        self.last_gamma = d.gamma
+        self._iteration += 1
+        (self._spec_timed if d.gamma else self._plain_timed)[st.batch.bit_length()] = self._iteration
+        return d
+
+    def _explore(self, d: Decision, batch: int) -> Decision:
+        """What is never chosen is never measured, so a wrong estimate of it would stand for good.
+
+        While γ = 0 is chosen, acceptance is not measured: an estimate that was low once (a cold
+        start, the RTN drafter before AWQ, an old policy) would keep speculation off. While
+        speculating, the plain step is not timed: a profile that overestimates it (its fixed
+        overhead was measured on a deeper model) would keep speculation on. So every
+        ``explore_every``-th consecutive iteration of one kind runs the other once -- the best
+        γ, or plain -- where that is predicted within ``explore_floor`` of the choice (never in a
+        clearly one-sided regime). Besides, plain runs once after 4 speculative iterations in
+        every batch-size octave where it has not been timed for ``RETIME_ITERATIONS``:
+        as a rollout's batch shrinks, that gives the correction plain times across batch sizes
+        (a handful of iterations per rollout). Likewise the best γ runs once after 4 plain
+        iterations in every octave where speculation has not run for that long, whatever is
+        predicted: a profile whose error grows with the batch (seen on gsm8k-lm) otherwise keeps a large batch plain,
+        because the tail's speculative iterations reset the plain streak the forced exploration
+        waits for. Otherwise at most 1/explore_every of the iterations, each losing at most
+        1 − floor -- plus, whatever is predicted, one γ iteration after
+        ``FORCED_EXPLORE_PERIODS · explore_every`` consecutive plain ones, so that no
+        estimate, however it went wrong, keeps speculation off without being measured again."""
+        if self.fixed_gamma is not None or not self.explore_every or not self.ladder:
+            self._plain_streak = self._spec_streak = 0
+            return d
+        tps = d.predicted_tokens_per_s
+        if self._explore_run:
+            self._explore_run -= 1
+            if not d.gamma and self._explore_gamma in tps:  # the exploration's timed iteration(s)
+                self._spec_streak += 1
+                g = self._explore_gamma
+                return Decision(g, tps, f"explore γ={g}, continued (the first speculative iteration "
+                                f"after plain runs cold and is not timed)", d.predicted_iter_s, d.expected_tokens)
+            self._explore_run = 0
+        if d.gamma:
+            self._plain_streak = 0
+            self._spec_streak += 1
+            # a batch-size octave where plain was not timed lately: the correction's shape there
+            # is a guess (fixed overhead vs per-request slope), so time it once whatever it predicts
+            unseen = self._unseen(self._plain_timed, batch)
+            if (unseen and self._spec_streak >= min(4, self.explore_every)) or (
+                    self._spec_streak >= self.explore_every and tps[0] >= self.explore_floor * tps[d.gamma]):
+                self._spec_streak = 0
+                return Decision(0, tps, f"explore plain: re-time the plain step at batch {batch} "
+                                f"(predicted {tps[0] / tps[d.gamma]:.3f}× γ={d.gamma})",
+                                d.predicted_iter_s, d.expected_tokens)
+            return d
+        self._spec_streak = 0
+        self._plain_streak += 1
+        best = max(self.ladder, key=lambda g: (tps.get(g, 0.0), -g))
+        forced = self._plain_streak >= FORCED_EXPLORE_PERIODS * self.explore_every or (
+            self._unseen(self._spec_timed, batch) and self._plain_streak >= min(4, self.explore_every))
+        if forced or (self._plain_streak >= self.explore_every and tps.get(best, 0.0) >= self.explore_floor * tps[0]):
+            streak, self._plain_streak = self._plain_streak, 0
+            self._explore_run, self._explore_gamma = EXPLORE_RUN - 1, best
+            return Decision(best, tps, f"explore γ={best}: refresh acceptance after {streak} plain "
+                            f"iterations (predicted {tps[best] / tps[0]:.3f}× plain)",
+                            d.predicted_iter_s, d.expected_tokens)
+        return d
+
+    def _unseen(self, timed: dict, batch: int) -> bool:
+        """No iteration of that kind in this batch-size octave for RETIME_ITERATIONS iterations."""
+        last = timed.get(batch.bit_length())
+        return last is None or self._iteration - last > RETIME_ITERATIONS
+
+    def _decide(self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups, rids: Sequence[Any] | None,
+                prev: int | None) -> Decision:
+        if self.fixed_gamma is not None and (self.cost_model is None or self.acceptance is None):
+            return Decision(self.fixed_gamma, {}, f"fixed γ={self.fixed_gamma}")
+        st = batch_stats(seq_lens, prefix_groups)
+        if rids is not None and len(rids) != st.batch:
+            raise ValueError(f"{len(rids)} rids for a batch of {st.batch}")
+        tps, secs, toks = self._predict(st, rids)
+        if self.fixed_gamma is not None:
+            return Decision(self.fixed_gamma, tps, f"fixed γ={self.fixed_gamma}", secs, toks)
+        best = 0
+        for g in self.ladder:  # ascending, strict '>': ties keep the smaller γ
+            if tps[g] > tps[best]:
+                best = g
+        plain = tps[0]
+        if best and tps[best] < self.min_gain * plain:
+            reason = (f"plain: best γ={best} predicts {tps[best] / plain:.3f}× plain, "
+                      f"below min_gain {self.min_gain:g}")
+            best = 0
+        elif best:
+            reason = f"γ={best}: {tps[best]:.4g} tok/s vs plain {plain:.4g} (×{tps[best] / plain:.3f})"
+        else:
+            sb = max(self.ladder, key=lambda g: (tps[g], -g)) if self.ladder else None
+            reason = ("plain: no speculative γ in the ladder" if sb is None else
+                      f"plain: best γ={sb} predicts only {tps[sb] / plain:.3f}× plain")
+        # Stick with the previous γ unless the new best beats it by the hysteresis margin; a
+        # previous speculative γ must still clear min_gain within that margin to be kept.
+        prev_ok = prev in tps and (prev == 0 or tps[prev] * (1.0 + self.hysteresis) >= self.min_gain * plain)
+        if prev is not None and prev != best and prev_ok and tps[best] <= tps[prev] * (1.0 + self.hysteresis):
+            reason = (f"kept γ={prev} (hysteresis {self.hysteresis:g}): γ={best} predicts only "
+                      f"{tps[best] / tps[prev]:.3f}× it")
+            best = prev
+        return Decision(best, tps, reason, secs, toks)
+
+    def crossover_batch(self, seq_len: int, max_batch: int = 4096) -> int | None:
+        """Smallest batch of ``seq_len``-token requests (no sharing, server-wide acceptance)
+        at which the γ policy stops speculating; None if it still speculates at ``max_batch``.
+        (The first such batch: per-sequence overheads and KV-bound verifies can make
+        speculation pay again at very large batches, so the set need not be an interval.)"""
+        for b in range(1, max_batch + 1):
+            if self._decide(BatchStats.uniform(b, seq_len), None, None, prev=None).gamma == 0:
+                return b
+        return None
