@@ -19,6 +19,8 @@ demo: $(STAMP)
 	$(PY) -m sglang_er.demo
 
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -ra --durations=25 tests
 
 bench: $(STAMP)

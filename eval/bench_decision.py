@@ -35,16 +35,19 @@ def main(argv=None) -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64, 256])
     p.add_argument("--gamma-max", type=int, default=7)
     p.add_argument("--iterations", type=int, default=2000)
-    p.add_argument("--profiles", nargs="+", default=["cpu", "h100"],
-                   help="built-in hardware profiles: on 'cpu' a 0.5B model is compute-bound from B≈16 "
-                        "(the policy decodes plainly), on 'h100' it speculates at every B")
+    p.add_argument(
+        "--profiles",
+        nargs="+",
+        default=["cpu", "h100"],
+        help="built-in hardware profiles: on 'cpu' a 0.5B model is compute-bound from B≈16 "
+        "(the policy decodes plainly), on 'h100' it speculates at every B",
+    )
     p.add_argument("--history", action="store_true", help="also time the history drafts' upkeep")
     args = p.parse_args(argv)
     cfg = json.loads((build_model(args.model) / "config.json").read_text())
     rng = random.Random(0)
     for prof in args.profiles:
-        print(f"auto-policy overhead per decode iteration ({args.model}, γ ladder 1..{args.gamma_max}, "
-              f"profile {prof})")
+        print(f"auto-policy overhead per decode iteration ({args.model}, γ ladder 1..{args.gamma_max}, profile {prof})")
         for b in args.batches:
             _bench(cfg, builtin_profile(prof), b, args, rng)
     if args.history:
@@ -63,11 +66,12 @@ def _bench_history(b: int, rng, iterations: int = 100, warm: int = 40) -> None:
         while True:
             yield from (rng.choice(phrases[:60]) if rng.random() < 0.7 else rng.choice(phrases))
 
-    w4 = [1 + sum(0.96 ** k for k in range(1, g + 1)) for g in range(8)]
+    w4 = [1 + sum(0.96**k for k in range(1, g + 1)) for g in range(8)]
     hd = HistoryDrafts(gamma_max=7)
     prompts = [[rng.randrange(4096) for _ in range(80)] for _ in range(-(-b // 8))]
-    reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=prompts[i // 8], output_ids=[], text=text())
-            for i in range(b)]
+    reqs = [
+        SimpleNamespace(rid=f"r{i}", origin_input_ids=prompts[i // 8], output_ids=[], text=text()) for i in range(b)
+    ]
     spent = 0.0
     for it in range(iterations):
         for r in reqs:
@@ -77,8 +81,10 @@ def _bench_history(b: int, rng, iterations: int = 100, warm: int = 40) -> None:
         hd.plan(reqs, 7, w4)
         if it >= warm:
             spent += time.perf_counter() - t0
-    print(f"B={b:4d}: {spent / (iterations - warm) * 1e6:7.0f} µs per iteration "
-          f"({hd.lookups} lookups, {hd.skipped_lookups} iterations without)")
+    print(
+        f"B={b:4d}: {spent / (iterations - warm) * 1e6:7.0f} µs per iteration "
+        f"({hd.lookups} lookups, {hd.skipped_lookups} iterations without)"
+    )
 
 
 def _bench(cfg, profile, b, args, rng) -> None:
@@ -106,8 +112,10 @@ def _bench(cfg, profile, b, args, rng) -> None:
         t_choose += t1 - t0
         t_observe += t2 - t1
     n = args.iterations
-    print(f"B={b:4d}: choose {t_choose / n * 1e6:7.1f} µs + feedback {t_observe / n * 1e6:7.1f} µs "
-          f"= {(t_choose + t_observe) / n * 1e6:7.1f} µs per iteration ({n_spec / n:.0%} speculating)")
+    print(
+        f"B={b:4d}: choose {t_choose / n * 1e6:7.1f} µs + feedback {t_observe / n * 1e6:7.1f} µs "
+        f"= {(t_choose + t_observe) / n * 1e6:7.1f} µs per iteration ({n_spec / n:.0%} speculating)"
+    )
 
 
 if __name__ == "__main__":

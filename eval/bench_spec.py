@@ -25,19 +25,20 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
 
 import requests
 
 from eval.provenance import provenance
+from sglang_er.gamma import expected_lengths
 from sglang_er.launcher import Server
 from sglang_er.models.factory import build_model
-from sglang_er.gamma import expected_lengths
 
-PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-          "How many clips did Natalia sell altogether in April and May? Let's think step by step.")
+PROMPT = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May? Let's think step by step."
+)
 
-_METRIC = re.compile(r'^(sglang_er:\w+?)(?:_total)?(?:\{([^}]*)\})? ([0-9.eE+-]+)$')
+_METRIC = re.compile(r"^(sglang_er:\w+?)(?:_total)?(?:\{([^}]*)\})? ([0-9.eE+-]+)$")
 
 
 def scrape(url: str) -> dict:
@@ -65,9 +66,19 @@ def gsm8k_chat_prompts(model_path, k: int = 64) -> list[str]:
 
     tok = AutoTokenizer.from_pretrained(model_path)
     items = load_problems("gsm8k", limit=k)
-    return [tok.apply_chat_template([{"role": "user", "content": it.question + " Please reason step by step, and "
-                                      "put your final answer within \\boxed{}."}],
-                                    tokenize=False, add_generation_prompt=True) for it in items]
+    return [
+        tok.apply_chat_template(
+            [
+                {
+                    "role": "user",
+                    "content": it.question + " Please reason step by step, and put your final answer within \\boxed{}.",
+                }
+            ],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for it in items
+    ]
 
 
 def eos_ids(model_path) -> set[int]:
@@ -89,8 +100,16 @@ def past_eos(output_ids: list[int], eos: set[int]) -> int:
     return 0
 
 
-def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamma: int, prompts=None,
-              ignore_eos: bool = False, eos: set[int] = frozenset()) -> dict:
+def run_batch(
+    srv: Server,
+    batch: int,
+    new_tokens: int,
+    temperature: float,
+    gamma: int,
+    prompts=None,
+    ignore_eos: bool = False,
+    eos: set[int] = frozenset(),
+) -> dict:
     def one(i):
         text = prompts[i % len(prompts)] if prompts else f"[{i}] {PROMPT}"
         return srv.generate(text, max_new_tokens=new_tokens, temperature=temperature, ignore_eos=ignore_eos)
@@ -112,20 +131,29 @@ def run_batch(srv: Server, batch: int, new_tokens: int, temperature: float, gamm
     verified = drafted / gamma if gamma else 0.0  # request-iterations that were verified
     spec_it = d.get(("sglang_er:iterations", 'mode="spec"'), 0.0)
     plain_it = d.get(("sglang_er:iterations", 'mode="plain"'), 0.0)
-    pos = [(d.get(("sglang_er:position_accepted", f'position="{k}"'), 0.0),
-            d.get(("sglang_er:position_proposed", f'position="{k}"'), 0.0)) for k in range(gamma)]
+    pos = [
+        (
+            d.get(("sglang_er:position_accepted", f'position="{k}"'), 0.0),
+            d.get(("sglang_er:position_proposed", f'position="{k}"'), 0.0),
+        )
+        for k in range(gamma)
+    ]
     return {
         "spec_share": spec_it / (spec_it + plain_it) if spec_it + plain_it else None,
         "tok_s": toks / dt,
         "tokens": toks,
         "tokens_past_eos": beyond,
-        "t_plain": per_call("plain"), "t_draft_step": per_call("draft_step"), "t_verify": per_call("verify"),
+        "t_plain": per_call("plain"),
+        "t_draft_step": per_call("draft_step"),
+        "t_verify": per_call("verify"),
         "accept_rate": accepted / drafted if drafted else None,
         "accept_length": 1 + accepted / verified if verified else None,  # tokens per verify, bonus included
         # α_k = P(draft k accepted | drafts 0..k-1 accepted); the counters hold P(accept_len > k)
-        "position_acceptance": [round(a / prev, 3) if prev else None
-                                for (a, _), prev in zip(pos, [p for _, p in pos[:1]] + [a for a, _ in pos[:-1]])]
-                               or None,
+        "position_acceptance": [
+            round(a / prev, 3) if prev else None
+            for (a, _), prev in zip(pos, [p for _, p in pos[:1]] + [a for a, _ in pos[:-1]])
+        ]
+        or None,
     }
 
 
@@ -141,8 +169,9 @@ def best_other(results: dict, names: list[str], temp: float, b: int) -> tuple[st
     return best, others[best]
 
 
-def paired_ratio(results: dict, names: list[str], temp: float, b: int, of: str = "auto",
-                 against: Optional[str] = None) -> Optional[float]:
+def paired_ratio(
+    results: dict, names: list[str], temp: float, b: int, of: str = "auto", against: str | None = None
+) -> float | None:
     """Median over interleaved rounds of ``of``'s tok/s over the best other configuration's in
     the same round (or ``against``'s): this machine's speed drifts by 10-15% over minutes, the
     same for every server, so a ratio within one round is steadier than a ratio of medians.
@@ -160,7 +189,9 @@ def markdown_table(results: dict, names: list[str], temp: float, batches: list[i
     """One README table: plain tok/s, then each configuration's speed-up over plain with its
     acceptance; for auto also the ratio to the best other configuration and its speculating share."""
     cols = [n for n in names if n not in ("plain", "gamma=0")]
-    head = "| B | plain tok/s | " + " | ".join(cols) + (" | auto vs best | auto speculating |" if "auto" in cols else " |")
+    head = (
+        "| B | plain tok/s | " + " | ".join(cols) + (" | auto vs best | auto speculating |" if "auto" in cols else " |")
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for b in batches:
         base = results[("plain", temp, b)]["tok_s"]
@@ -173,20 +204,29 @@ def markdown_table(results: dict, names: list[str], temp: float, batches: list[i
         if "auto" in cols:
             a = results[("auto", temp, b)]
             paired = paired_ratio(results, names, temp, b)
-            row += (f" {a['tok_s'] / best_other(results, names, temp, b)[1]:.2f}x"
-                    + (f" ({paired:.2f}x per round)" if paired else "") + f" | {(a['spec_share'] or 0) * 100:.0f}% |")
+            row += (
+                f" {a['tok_s'] / best_other(results, names, temp, b)[1]:.2f}x"
+                + (f" ({paired:.2f}x per round)" if paired else "")
+                + f" | {(a['spec_share'] or 0) * 100:.0f}% |"
+            )
         lines.append(row)
     return "\n".join(lines)
 
 
-def physics_bound(r: dict, t_t: Optional[float], gamma: int) -> Optional[float]:
+def physics_bound(r: dict, t_t: float | None, gamma: int) -> float | None:
     """E[L|γ] / (γ·r + v): the speed-up over the worker's own plain step that a fixed γ reaches
     with no overhead beyond its draft steps and verify, from the cell's measured per-position
     acceptance α_k, r = T_D/T_T and v = T_V/T_T. The gap to the measured speed-up is what the
     scheduler, sampling and the acceptance bookkeeping cost."""
     alphas = r.get("position_acceptance") or []
-    if not gamma or not t_t or not r.get("t_draft_step") or not r.get("t_verify") or len(alphas) < gamma \
-            or any(a is None for a in alphas[:gamma]):
+    if (
+        not gamma
+        or not t_t
+        or not r.get("t_draft_step")
+        or not r.get("t_verify")
+        or len(alphas) < gamma
+        or any(a is None for a in alphas[:gamma])
+    ):
         return None
     e_len = expected_lengths(alphas[:gamma])[gamma]
     return e_len / (gamma * r["t_draft_step"] / t_t + r["t_verify"] / t_t)
@@ -198,12 +238,19 @@ def round_ratios(results: dict, name: str, temp: float, b: int, base: str = "pla
     return [m / t for m, t in zip(mine, theirs)]
 
 
-def dump(path, results: dict, model_errors: dict, meta: Optional[dict] = None) -> None:
+def dump(path, results: dict, model_errors: dict, meta: dict | None = None) -> None:
     """Write the results so far (after every cell, so a crash mid-sweep keeps what was measured)."""
     if path:
         with open(path, "w") as f:
-            json.dump({**({"meta": meta} if meta else {}), **{f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()},
-                       **{f"{k}|model_error": v for k, v in model_errors.items()}}, f, indent=1)
+            json.dump(
+                {
+                    **({"meta": meta} if meta else {}),
+                    **{f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()},
+                    **{f"{k}|model_error": v for k, v in model_errors.items()},
+                },
+                f,
+                indent=1,
+            )
 
 
 def _warm(srv: Server, name: str, prompts) -> None:
@@ -234,8 +281,15 @@ def measure(configs: list, args, prompts, path) -> tuple[dict, dict]:
     names = [c[0] for c in configs]
 
     def open_server(stack, name, extra, env):
-        srv = stack.enter_context(Server(path, ["--dtype", args.dtype, "--enable-metrics", *extra], env=env,
-                                         max_total_tokens=args.max_total_tokens, stop_grace=1.0))
+        srv = stack.enter_context(
+            Server(
+                path,
+                ["--dtype", args.dtype, "--enable-metrics", *extra],
+                env=env,
+                max_total_tokens=args.max_total_tokens,
+                stop_grace=1.0,
+            )
+        )
         _warm(srv, name, prompts)
         return srv
 
@@ -247,19 +301,31 @@ def measure(configs: list, args, prompts, path) -> tuple[dict, dict]:
         r["tok_s_runs"] = [round(x["tok_s"], 2) for x in runs]
         results[(name, temp, b)] = r
         dump(args.json, results, model_errors, args.meta)
-        print(f"{args.model} {name:>8} T={temp:g} B={b:3d}: {r['tok_s']:7.1f} tok/s  "
-              + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in r.items() if k not in ("tok_s", "tok_s_runs") and v is not None)
-              + (f"  runs={r['tok_s_runs']}" if len(runs) > 1 else ""), flush=True)
+        print(
+            f"{args.model} {name:>8} T={temp:g} B={b:3d}: {r['tok_s']:7.1f} tok/s  "
+            + "  ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in r.items()
+                if k not in ("tok_s", "tok_s_runs") and v is not None
+            )
+            + (f"  runs={r['tok_s_runs']}" if len(runs) > 1 else ""),
+            flush=True,
+        )
 
     def model_error(srv, name):
         policy = (srv.effrollout_state() or {}).get("policy") or {}
         if policy.get("model_error"):  # auto: the live cost model's error over this whole sweep
             model_errors[name] = policy["model_error"]
-            print(f"{name}: cost model mean |predicted - measured| / measured per phase (profile alone -> "
-                  "live-corrected): " + ", ".join(
-                      f"{ph} {e['mean_rel_err_raw']:.1%} -> {e['mean_rel_err_corrected']:.1%} (n={e['n']})"
-                      for ph, e in policy["model_error"].items() if e.get("n")), flush=True)
+            print(
+                f"{name}: cost model mean |predicted - measured| / measured per phase (profile alone -> "
+                "live-corrected): "
+                + ", ".join(
+                    f"{ph} {e['mean_rel_err_raw']:.1%} -> {e['mean_rel_err_corrected']:.1%} (n={e['n']})"
+                    for ph, e in policy["model_error"].items()
+                    if e.get("n")
+                ),
+                flush=True,
+            )
 
     def reps(b):
         return args.repeats if args.repeat_batches is None or b in args.repeat_batches else 1
@@ -277,6 +343,7 @@ def measure(configs: list, args, prompts, path) -> tuple[dict, dict]:
                         keep(name, temp, b, runs)
                 model_error(srv, name)
         return results, model_errors
+
     def wanted(temp, b, prev_b):
         """Runs per configuration at (T, B): ``reps(b)``, but one for a fixed γ that reached less
         than ``--contender-ratio`` of the best at the previous batch size (past its crossover a
@@ -285,8 +352,11 @@ def measure(configs: list, args, prompts, path) -> tuple[dict, dict]:
         if prev_b is not None and args.contender_ratio:
             best = max(results[(n, temp, prev_b)]["tok_s"] for n in names)
             for n in names:
-                if n.startswith("gamma=") and n != "gamma=0" and \
-                        results[(n, temp, prev_b)]["tok_s"] < args.contender_ratio * best:
+                if (
+                    n.startswith("gamma=")
+                    and n != "gamma=0"
+                    and results[(n, temp, prev_b)]["tok_s"] < args.contender_ratio * best
+                ):
                     n_runs[n] = 1
         return n_runs
 
@@ -329,46 +399,97 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--gammas", nargs="+", type=int, default=[2, 3, 4, 6, 8])
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
-    p.add_argument("--new-tokens", type=int, default=256,
-                   help="at most this many tokens per request; they end at the model's EOS unless --ignore-eos")
-    p.add_argument("--ignore-eos", action="store_true",
-                   help="generate exactly --new-tokens per request, past the model's EOS (labelled in the report; "
-                        "such text is easy to predict, so acceptance and speed-ups read high)")
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        default=256,
+        help="at most this many tokens per request; they end at the model's EOS unless --ignore-eos",
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="generate exactly --new-tokens per request, past the model's EOS (labelled in the report; "
+        "such text is easy to predict, so acceptance and speed-ups read high)",
+    )
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--draft-heads", nargs="+", default=["auto"], choices=["auto", "shared", "w8", "w4"],
-                   help="drafter lm_head: the server's default (auto), the target's (shared), an int8 and/or a W4 copy")
-    p.add_argument("--quant", nargs="+", default=["awq"], choices=["awq", "rtn"],
-                   help="drafter quantizer(s); AWQ switches on after its live statistics are ready")
-    p.add_argument("--no-overlap-plain", action="store_true",
-                   help="also run plain SGLang with --disable-overlap-schedule: SGLang turns its overlap "
-                        "scheduler off for a speculative algorithm that does not support it, so this is "
-                        "the plain decoding an EFFROLLOUT server's γ = 0 iterations compare with")
-    p.add_argument("--skip-gamma0", action="store_true",
-                   help="skip the γ=0 EFFROLLOUT server (it only measures T_T for the T_D/T_T and T_V/T_T columns)")
+    p.add_argument(
+        "--draft-heads",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "shared", "w8", "w4"],
+        help="drafter lm_head: the server's default (auto), the target's (shared), an int8 and/or a W4 copy",
+    )
+    p.add_argument(
+        "--quant",
+        nargs="+",
+        default=["awq"],
+        choices=["awq", "rtn"],
+        help="drafter quantizer(s); AWQ switches on after its live statistics are ready",
+    )
+    p.add_argument(
+        "--no-overlap-plain",
+        action="store_true",
+        help="also run plain SGLang with --disable-overlap-schedule: SGLang turns its overlap "
+        "scheduler off for a speculative algorithm that does not support it, so this is "
+        "the plain decoding an EFFROLLOUT server's γ = 0 iterations compare with",
+    )
+    p.add_argument(
+        "--skip-gamma0",
+        action="store_true",
+        help="skip the γ=0 EFFROLLOUT server (it only measures T_T for the T_D/T_T and T_V/T_T columns)",
+    )
     p.add_argument("--auto", action="store_true", help="also run the auto policy (γ chosen per iteration)")
-    p.add_argument("--hybrid", action="store_true",
-                   help="also run auto with history drafts (SGLANG_ER_HISTORY=all); implies --auto")
-    p.add_argument("--twin", action="store_true",
-                   help="also run a second, identical auto server (auto-twin): how far two servers of one "
-                        "configuration differ here (each computes its own AWQ scales from its own traffic), "
-                        "the yardstick for hybrid vs auto; implies --auto")
-    p.add_argument("--profile", default=None,
-                   help="hardware profile for auto/hybrid (SGLANG_ER_PROFILE; `sglang-er calibrate` writes one)")
-    p.add_argument("--prompts", choices=["synthetic", "gsm8k"], default="gsm8k",
-                   help="gsm8k: GSM8K questions in the model's chat template; synthetic: one fixed text "
-                        "(random-weight models)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="measure every (B, T) cell this many times on its server and keep the median run "
-                        "(this machine's throughput wanders by ±15%% between runs)")
-    p.add_argument("--repeat-batches", nargs="+", type=int, default=None,
-                   help="only these batch sizes get --repeats (default: all); the large batches take longest, "
-                        "and there the configurations are far apart")
-    p.add_argument("--contender-ratio", type=float, default=0.8,
-                   help="a fixed γ below this fraction of the best at the previous batch size gets one run "
-                        "instead of --repeats (interleaved mode; 0: repeat every configuration)")
-    p.add_argument("--one-at-a-time", action="store_true",
-                   help="start the servers in turn instead of all at once (interleaved rounds need every "
-                        "configuration's server in memory together)")
+    p.add_argument(
+        "--hybrid",
+        action="store_true",
+        help="also run auto with history drafts (SGLANG_ER_HISTORY=all); implies --auto",
+    )
+    p.add_argument(
+        "--twin",
+        action="store_true",
+        help="also run a second, identical auto server (auto-twin): how far two servers of one "
+        "configuration differ here (each computes its own AWQ scales from its own traffic), "
+        "the yardstick for hybrid vs auto; implies --auto",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="hardware profile for auto/hybrid (SGLANG_ER_PROFILE; `sglang-er calibrate` writes one)",
+    )
+    p.add_argument(
+        "--prompts",
+        choices=["synthetic", "gsm8k"],
+        default="gsm8k",
+        help="gsm8k: GSM8K questions in the model's chat template; synthetic: one fixed text (random-weight models)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure every (B, T) cell this many times on its server and keep the median run "
+        "(this machine's throughput wanders by ±15%% between runs)",
+    )
+    p.add_argument(
+        "--repeat-batches",
+        nargs="+",
+        type=int,
+        default=None,
+        help="only these batch sizes get --repeats (default: all); the large batches take longest, "
+        "and there the configurations are far apart",
+    )
+    p.add_argument(
+        "--contender-ratio",
+        type=float,
+        default=0.8,
+        help="a fixed γ below this fraction of the best at the previous batch size gets one run "
+        "instead of --repeats (interleaved mode; 0: repeat every configuration)",
+    )
+    p.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="start the servers in turn instead of all at once (interleaved rounds need every "
+        "configuration's server in memory together)",
+    )
     p.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool of every server, in tokens")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
@@ -377,34 +498,66 @@ def main() -> None:
     path = build_model(args.model)
     prompts = gsm8k_chat_prompts(path) if args.prompts == "gsm8k" else None
     args.eos = eos_ids(path)
-    eos_mode = (f"ignore_eos: every request generates {args.new_tokens} tokens, past the model's EOS"
-                if args.ignore_eos else f"natural EOS, at most {args.new_tokens} new tokens")
+    eos_mode = (
+        f"ignore_eos: every request generates {args.new_tokens} tokens, past the model's EOS"
+        if args.ignore_eos
+        else f"natural EOS, at most {args.new_tokens} new tokens"
+    )
     args.meta = provenance(f"{args.model} ({path.name})", rounds=args.repeats, eos=eos_mode, prompts=args.prompts)
     print(f"[bench_spec] {eos_mode}; {args.meta['command']} at {args.meta['commit']}", flush=True)
     gmax = max(args.gammas)
     spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(gmax)]
-    configs = [("plain", 0, [], {})] + (
-        [("plain/no-overlap", 0, ["--disable-overlap-schedule"], {})] if args.no_overlap_plain else []) + ([] if args.skip_gamma0 else [("gamma=0", 0, spec, {"SGLANG_ER_GAMMA": "0"})]) + [
-        (f"gamma={g}" + ("" if head == "auto" else f"/{head}") + ("" if q == "awq" else f"/{q}"), g, spec,
-         {"SGLANG_ER_GAMMA": str(g), "SGLANG_ER_DRAFT_HEAD": head, "SGLANG_ER_QUANT": q, **AWQ_WARM})
-        for q in args.quant for head in args.draft_heads for g in args.gammas
-    ]
+    configs = (
+        [("plain", 0, [], {})]
+        + ([("plain/no-overlap", 0, ["--disable-overlap-schedule"], {})] if args.no_overlap_plain else [])
+        + ([] if args.skip_gamma0 else [("gamma=0", 0, spec, {"SGLANG_ER_GAMMA": "0"})])
+        + [
+            (
+                f"gamma={g}" + ("" if head == "auto" else f"/{head}") + ("" if q == "awq" else f"/{q}"),
+                g,
+                spec,
+                {"SGLANG_ER_GAMMA": str(g), "SGLANG_ER_DRAFT_HEAD": head, "SGLANG_ER_QUANT": q, **AWQ_WARM},
+            )
+            for q in args.quant
+            for head in args.draft_heads
+            for g in args.gammas
+        ]
+    )
     args.auto = args.auto or args.hybrid or args.twin
     prof = {"SGLANG_ER_PROFILE": str(Path(args.profile).resolve())} if args.profile else {}
     if args.hybrid:
-        configs.append(("hybrid", 0, spec, {"SGLANG_ER_MODE": "auto", "SGLANG_ER_HISTORY": "all",
-                                            "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
-                                            "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM, **prof}))
+        configs.append(
+            (
+                "hybrid",
+                0,
+                spec,
+                {
+                    "SGLANG_ER_MODE": "auto",
+                    "SGLANG_ER_HISTORY": "all",
+                    "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
+                    "SGLANG_ER_QUANT": args.quant[0],
+                    **AWQ_WARM,
+                    **prof,
+                },
+            )
+        )
     if args.auto:
-        auto_env = {"SGLANG_ER_MODE": "auto", "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
-                    "SGLANG_ER_QUANT": args.quant[0], **AWQ_WARM, **prof}
+        auto_env = {
+            "SGLANG_ER_MODE": "auto",
+            "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
+            "SGLANG_ER_QUANT": args.quant[0],
+            **AWQ_WARM,
+            **prof,
+        }
         configs.append(("auto", 0, spec, auto_env))
         if args.twin:
             configs.append(("auto-twin", 0, spec, dict(auto_env)))
     spec_configs = [c for c in configs if c[0] not in ("plain", "gamma=0", "plain/no-overlap")]
     results, model_errors = measure(configs, args, prompts, path)
-    print(f"\nratios vs plain ({args.model}, {eos_mode}, same run; per-round range in brackets; "
-          "bound = E[L|γ]/(γ·r + v) from the measured α_k, r = T_D/T_T, v = T_V/T_T)")
+    print(
+        f"\nratios vs plain ({args.model}, {eos_mode}, same run; per-round range in brackets; "
+        "bound = E[L|γ]/(γ·r + v) from the measured α_k, r = T_D/T_T, v = T_V/T_T)"
+    )
     for temp in args.temperatures:
         for b in args.batches:
             base = results[("plain", temp, b)]["tok_s"]
@@ -417,37 +570,57 @@ def main() -> None:
                 gamma = next(c[1] for c in spec_configs if c[0] == name)
                 bound = physics_bound(r, t_t, gamma)
                 rr = round_ratios(results, name, temp, b)
-                cells.append(f"{name}: {r['tok_s'] / base:4.2f}x"
-                             + (f" [{min(rr):.2f}-{max(rr):.2f}]" if len(rr) > 1 else "")
-                             + f" (r {rd:.2f}, v {rv:.2f}, α {r['accept_rate'] or 0:.2f}, L {r['accept_length'] or 0:.2f}"
-                             + (f", bound {bound:.2f}x" if bound else "")
-                             + (f", {r['tokens_past_eos']} of {r['tokens']} tokens past EOS" if args.ignore_eos else "")
-                             + ")")
+                cells.append(
+                    f"{name}: {r['tok_s'] / base:4.2f}x"
+                    + (f" [{min(rr):.2f}-{max(rr):.2f}]" if len(rr) > 1 else "")
+                    + f" (r {rd:.2f}, v {rv:.2f}, α {r['accept_rate'] or 0:.2f}, L {r['accept_length'] or 0:.2f}"
+                    + (f", bound {bound:.2f}x" if bound else "")
+                    + (f", {r['tokens_past_eos']} of {r['tokens']} tokens past EOS" if args.ignore_eos else "")
+                    + ")"
+                )
             print(f"T={temp:g} B={b:3d}  " + "\n              ".join(cells), flush=True)
     if args.auto:
         print("\nauto policy vs the best other configuration (same run)")
         for temp in args.temperatures:
-            crossover = max((b for b in args.batches if any(
-                results[(c[0], temp, b)]["tok_s"] > results[("plain", temp, b)]["tok_s"]
-                for c in spec_configs if c[0] not in POLICIES)), default=None)
+            crossover = max(
+                (
+                    b
+                    for b in args.batches
+                    if any(
+                        results[(c[0], temp, b)]["tok_s"] > results[("plain", temp, b)]["tok_s"]
+                        for c in spec_configs
+                        if c[0] not in POLICIES
+                    )
+                ),
+                default=None,
+            )
             for b in args.batches:
                 best, best_tok_s = best_other(results, [c[0] for c in configs], temp, b)
                 a = results[("auto", temp, b)]
                 paired = paired_ratio(results, [c[0] for c in configs], temp, b)
-                print(f"T={temp:g} B={b:3d}  auto {a['tok_s']:7.1f} tok/s = {a['tok_s'] / best_tok_s:4.2f}x best "
-                      f"({best}), {a['tok_s'] / results[('plain', temp, b)]['tok_s']:4.2f}x plain, speculating in "
-                      f"{(a['spec_share'] or 0) * 100:.0f}% of iterations"
-                      + (f"; per round {paired:4.2f}x the round's best" if paired else ""), flush=True)
+                print(
+                    f"T={temp:g} B={b:3d}  auto {a['tok_s']:7.1f} tok/s = {a['tok_s'] / best_tok_s:4.2f}x best "
+                    f"({best}), {a['tok_s'] / results[('plain', temp, b)]['tok_s']:4.2f}x plain, speculating in "
+                    f"{(a['spec_share'] or 0) * 100:.0f}% of iterations"
+                    + (f"; per round {paired:4.2f}x the round's best" if paired else ""),
+                    flush=True,
+                )
                 for other, label in (("hybrid", "auto (W4 only)"), ("auto-twin", "auto (same configuration)")):
                     if other in [c[0] for c in configs]:
                         h = results[(other, temp, b)]
                         hp = paired_ratio(results, [c[0] for c in configs], temp, b, of=other, against="auto")
-                        print(f"              {other} {h['tok_s']:7.1f} tok/s = {h['tok_s'] / a['tok_s']:4.2f}x {label}"
-                              + (f"; per round {hp:4.2f}x" if hp else ""), flush=True)
+                        print(
+                            f"              {other} {h['tok_s']:7.1f} tok/s = {h['tok_s'] / a['tok_s']:4.2f}x {label}"
+                            + (f"; per round {hp:4.2f}x" if hp else ""),
+                            flush=True,
+                        )
             print(f"T={temp:g} crossover: fixed γ beats plain up to B = {crossover}")
     for temp in args.temperatures:
-        print(f"\nT={temp:g}, speed-up over plain (acceptance α):\n"
-              + markdown_table(results, [c[0] for c in configs], temp, args.batches), flush=True)
+        print(
+            f"\nT={temp:g}, speed-up over plain (acceptance α):\n"
+            + markdown_table(results, [c[0] for c in configs], temp, args.batches),
+            flush=True,
+        )
     dump(args.json, results, model_errors, args.meta)
 
 

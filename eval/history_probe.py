@@ -80,14 +80,21 @@ def probe_prompt(model, ids: list[int], args, key: int) -> tuple[list[dict], int
     records, steps = [], 0
     for epoch in range(args.epochs):
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids] * args.n), do_sample=True, temperature=1.0, top_k=0,
-                                 top_p=1.0, max_new_tokens=args.max_tokens, pad_token_id=eos[0])
-        samples = [_until_eos(row, eos) for row in out[:, len(ids):].tolist()]
+            out = model.generate(
+                torch.tensor([ids] * args.n),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=args.max_tokens,
+                pad_token_id=eos[0],
+            )
+        samples = [_until_eos(row, eos) for row in out[:, len(ids) :].tolist()]
         scorers = [Scorer(model, ids + s) for s in samples]
         for t in range(max(len(s) for s in samples)):
             for i, s in enumerate(samples):  # lockstep: every sibling's first t tokens are indexed
                 have = index.stream_len(key, (epoch, i))
-                index.extend(key, (epoch, i), s[have: min(t, len(s))])
+                index.extend(key, (epoch, i), s[have : min(t, len(s))])
             for i, s in enumerate(samples):
                 if t >= len(s) - 1:
                     continue
@@ -95,11 +102,19 @@ def probe_prompt(model, ids: list[int], args, key: int) -> tuple[list[dict], int
                 context = (ids + s[:t])[-64:]
                 p = index.propose(key, (epoch, i), context, args.gamma)
                 if p is not None:
-                    records.append({"epoch": epoch, "step": t, "match_len": p.match_len, "votes": p.votes,
-                                    "support": p.support, "source": p.source,
-                                    "p": scorers[i](len(ids) + t, p.tokens)})
+                    records.append(
+                        {
+                            "epoch": epoch,
+                            "step": t,
+                            "match_len": p.match_len,
+                            "votes": p.votes,
+                            "support": p.support,
+                            "source": p.source,
+                            "p": scorers[i](len(ids) + t, p.tokens),
+                        }
+                    )
         for i, s in enumerate(samples):
-            index.extend(key, (epoch, i), s[index.stream_len(key, (epoch, i)):])
+            index.extend(key, (epoch, i), s[index.stream_len(key, (epoch, i)) :])
         print(f"  prompt {key} epoch {epoch}: lengths {sorted(len(s) for s in samples)}", flush=True)
     return records, steps
 
@@ -120,11 +135,13 @@ def summarize(records: list[dict], steps: int) -> dict:
     for (kind, epoch), rs in sorted(classes.items()):
         cut = [expected_accepted(r["p"][: agreed_prefix(r["votes"])]) for r in rs]
         out["classes"][f"{kind} epoch {epoch}"] = {
-            "proposals": len(rs), "share_of_steps": len(rs) / max(1, steps),
+            "proposals": len(rs),
+            "share_of_steps": len(rs) / max(1, steps),
             "mean_len": sum(len(r["p"]) for r in rs) / len(rs),
             "p_first": sum(r["p"][0] for r in rs) / len(rs),
             "expected_accepted": sum(expected_accepted(r["p"]) for r in rs) / len(rs),
-            "expected_accepted_agreed_prefix": sum(cut) / len(rs)}
+            "expected_accepted_agreed_prefix": sum(cut) / len(rs),
+        }
     return out
 
 
@@ -159,8 +176,10 @@ def main(argv=None) -> int:
     print(f"{summary['proposals']} proposals over {summary['steps']} decode steps (γ = {args.gamma})")
     print(f"{'class':<18}{'proposals':>10}{'of steps':>10}{'len':>6}{'p(h1)':>8}{'E[L]':>7}{'E[L] agreed':>13}")
     for name, c in summary["classes"].items():
-        print(f"{name:<18}{c['proposals']:>10}{c['share_of_steps']:>10.1%}{c['mean_len']:>6.1f}"
-              f"{c['p_first']:>8.3f}{c['expected_accepted']:>7.2f}{c['expected_accepted_agreed_prefix']:>13.2f}")
+        print(
+            f"{name:<18}{c['proposals']:>10}{c['share_of_steps']:>10.1%}{c['mean_len']:>6.1f}"
+            f"{c['p_first']:>8.3f}{c['expected_accepted']:>7.2f}{c['expected_accepted_agreed_prefix']:>13.2f}"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "summary": summary, "records": records}))
     return 0

@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _commit() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -58,8 +59,13 @@ def machine() -> dict:
             gpu = torch.cuda.get_device_name(0)
     except Exception:  # noqa: BLE001 - a broken CUDA install must not stop a CPU benchmark's report
         gpu = None
-    return {"cpu": _cpu(), "cores": len(os.sched_getaffinity(0)), "memory_gib": mem_gib, "gpu": gpu,
-            "host": platform.node()}
+    return {
+        "cpu": _cpu(),
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": mem_gib,
+        "gpu": gpu,
+        "host": platform.node(),
+    }
 
 
 def provenance(model: str, *, rounds: int | None = None, argv: list[str] | None = None, **extra) -> dict:
@@ -82,13 +88,18 @@ def header(p: dict) -> str:
     """Markdown lines that open a report: how to re-run it and where it ran."""
     m = p["machine"]
     where = f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB" + (f", GPU {m['gpu']}" if m["gpu"] else "")
-    extra = [f"- {k.replace('_', ' ')}: {v}" for k, v in p.items()
-             if k not in ("command", "commit", "model", "machine", "rounds", "versions", "date")]
-    return "\n".join([
-        f"- command: `{p['command']}`",
-        f"- commit: {p['commit']}; {p['date']}; " + ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v),
-        f"- model: {p['model']}",
-        f"- machine: {where}",
-        *([f"- rounds: {p['rounds']}"] if p.get("rounds") is not None else []),
-        *extra,
-    ])
+    extra = [
+        f"- {k.replace('_', ' ')}: {v}"
+        for k, v in p.items()
+        if k not in ("command", "commit", "model", "machine", "rounds", "versions", "date")
+    ]
+    return "\n".join(
+        [
+            f"- command: `{p['command']}`",
+            f"- commit: {p['commit']}; {p['date']}; " + ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v),
+            f"- model: {p['model']}",
+            f"- machine: {where}",
+            *([f"- rounds: {p['rounds']}"] if p.get("rounds") is not None else []),
+            *extra,
+        ]
+    )

@@ -42,8 +42,9 @@ def length_summary(requests: list[dict]) -> str:
     return f"output tokens median {pick(0.5)}, p90 {pick(0.9)}, longest {toks[-1]}"
 
 
-def speedup_interval(base: list[float], other: list[float], level: float = 0.9, draws: int = 4000,
-                     seed: int = 0) -> tuple[float, float]:
+def speedup_interval(
+    base: list[float], other: list[float], level: float = 0.9, draws: int = 4000, seed: int = 0
+) -> tuple[float, float]:
     """Bootstrap interval of ``sum(base) / sum(other)`` (a makespan speed-up over rollouts).
 
     Each config's rollouts are resampled with replacement on their own: one rollout's makespan
@@ -51,8 +52,7 @@ def speedup_interval(base: list[float], other: list[float], level: float = 0.9, 
     rollouts can differ by 30% with no difference in speed (measured: plain epochs 6.1-8.4 s).
     """
     rng = random.Random(seed)
-    ratios = sorted(sum(rng.choices(base, k=len(base))) / sum(rng.choices(other, k=len(other)))
-                    for _ in range(draws))
+    ratios = sorted(sum(rng.choices(base, k=len(base))) / sum(rng.choices(other, k=len(other))) for _ in range(draws))
     tail = (1 - level) / 2
     return ratios[int(tail * (draws - 1))], ratios[int((1 - tail) * (draws - 1))]
 
@@ -93,8 +93,10 @@ def config_totals(rollouts) -> dict[str, dict]:
     tokens, iterations (speculating ones too) from the worker's timeline."""
     out: dict[str, dict] = {}
     for r in rollouts:
-        t = out.setdefault(r.config, {"makespan_s": 0.0, "tokens": 0, "drafted": 0, "accepted": 0,
-                                      "iterations": 0, "spec_iterations": 0})
+        t = out.setdefault(
+            r.config,
+            {"makespan_s": 0.0, "tokens": 0, "drafted": 0, "accepted": 0, "iterations": 0, "spec_iterations": 0},
+        )
         t["makespan_s"] += r.makespan_s
         t["tokens"] += r.output_tokens
         t["drafted"] += r.extra.get("drafted", 0)
@@ -114,13 +116,14 @@ def write_rollout_report(rollouts, out: Path, workload: str, meta: dict | None =
     labels = [r.config for r in firsts]
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "makespan_s", "makespan (s, lower is better)"),
-                           (axes[1], "tokens_per_s", "output tokens/s (higher is better)")):
+    for ax, key, title in (
+        (axes[0], "makespan_s", "makespan (s, lower is better)"),
+        (axes[1], "tokens_per_s", "output tokens/s (higher is better)"),
+    ):
         vals = [getattr(r, key) for r in firsts]
         bars = ax.bar(labels, vals, color=["#888888"] + ["#1f77b4"] * (len(vals) - 1))
         for b, v in zip(bars, vals):
-            ax.annotate(f"{v / getattr(base, key):.2f}x", (b.get_x() + b.get_width() / 2, v), ha="center",
-                        va="bottom")
+            ax.annotate(f"{v / getattr(base, key):.2f}x", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom")
         ax.set_title(title)
     fig.suptitle(workload, fontsize=8)
     fig.tight_layout()
@@ -136,8 +139,14 @@ def write_rollout_report(rollouts, out: Path, workload: str, meta: dict | None =
         ax.set_title(f"{r.config}: makespan {r.makespan_s:.1f}s", fontsize=9)
         if r.timeline:
             ax2 = ax.twinx()
-            ax2.step([x["time"] - t0 for x in r.timeline], [x["gamma"] for x in r.timeline], where="post",
-                     color="#d62728", alpha=0.7, label="γ")
+            ax2.step(
+                [x["time"] - t0 for x in r.timeline],
+                [x["gamma"] for x in r.timeline],
+                where="post",
+                color="#d62728",
+                alpha=0.7,
+                label="γ",
+            )
             ax2.set_ylabel("γ", color="#d62728")
     axes[-1, 0].set_xlabel("seconds since the rollout started")
     fig.tight_layout()
@@ -179,14 +188,17 @@ def write_rollout_report(rollouts, out: Path, workload: str, meta: dict | None =
     ci = min(len(v) for v in spans.values()) >= 3  # an interval from fewer rollouts says little
     from eval.provenance import header
 
-    lines = [f"# Rollout benchmark\n\n{header(meta)}\n" if meta else "# Rollout benchmark\n",
-             f"Workload: {workload}. Same prompts and seeds."
-             + (" Figures are totals over every rollout of a config (table below)." if many else "") + "\n",
-             f"Plain's first rollout: {length_summary(base.requests)}; the last quarter of its requests (the "
-             f"tail) took {tail_share(base.requests):.0%} of its makespan.\n",
-             "| config | makespan s | vs plain | tokens | tokens/s | vs plain | acceptance | iterations speculating |"
-             + (" makespan speed-up, 90% bootstrap interval over rollouts |" if ci else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if ci else "")]
+    lines = [
+        f"# Rollout benchmark\n\n{header(meta)}\n" if meta else "# Rollout benchmark\n",
+        f"Workload: {workload}. Same prompts and seeds."
+        + (" Figures are totals over every rollout of a config (table below)." if many else "")
+        + "\n",
+        f"Plain's first rollout: {length_summary(base.requests)}; the last quarter of its requests (the "
+        f"tail) took {tail_share(base.requests):.0%} of its makespan.\n",
+        "| config | makespan s | vs plain | tokens | tokens/s | vs plain | acceptance | iterations speculating |"
+        + (" makespan speed-up, 90% bootstrap interval over rollouts |" if ci else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if ci else ""),
+    ]
     for label, t in totals.items():
         acc = f"{t['accepted'] / t['drafted']:.3f}" if t["drafted"] else "-"
         share = f"{t['spec_iterations'] / t['iterations']:.0%}" if t["iterations"] else "-"
@@ -194,48 +206,69 @@ def write_rollout_report(rollouts, out: Path, workload: str, meta: dict | None =
         if ci:
             lo, hi = speedup_interval(spans[base.config], spans[label])
             interval = f" {lo:.2f}x-{hi:.2f}x |"
-        lines.append(f"| {label} | {t['makespan_s']:.1f} | {b['makespan_s'] / t['makespan_s']:.2f}x faster | "
-                     f"{t['tokens']} | {t['tokens_per_s']:.1f} | {t['tokens_per_s'] / b['tokens_per_s']:.2f}x | "
-                     f"{acc} | {share} |{interval}")
+        lines.append(
+            f"| {label} | {t['makespan_s']:.1f} | {b['makespan_s'] / t['makespan_s']:.2f}x faster | "
+            f"{t['tokens']} | {t['tokens_per_s']:.1f} | {t['tokens_per_s'] / b['tokens_per_s']:.2f}x | "
+            f"{acc} | {share} |{interval}"
+        )
     if many:
-        lines += ["\n## Every rollout (steps: perturbed weights pushed with update_weights_from_tensor; "
-                  "epochs: the same prompts again)\n",
-                  "| config | step | epoch | re-quantization s | acceptance | makespan s | tokens/s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "\n## Every rollout (steps: perturbed weights pushed with update_weights_from_tensor; "
+            "epochs: the same prompts again)\n",
+            "| config | step | epoch | re-quantization s | acceptance | makespan s | tokens/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in rollouts:
             rq = f"{r.requantize_s:.2f}" if r.requantize_s else "-"
             acc = f"{r.accept_rate:.3f}" if r.accept_rate is not None else "-"
-            lines.append(f"| {r.config} | {r.step} | {r.epoch} | {rq} | {acc} | {r.makespan_s:.1f} | "
-                         f"{r.tokens_per_s:.1f} |")
+            lines.append(
+                f"| {r.config} | {r.step} | {r.epoch} | {rq} | {acc} | {r.makespan_s:.1f} | {r.tokens_per_s:.1f} |"
+            )
     sourced = [r for r in rollouts if r.extra.get("by_source")]
     if sourced:
-        lines += ["\n## Drafts by source (history drafts: group, prompt, self)\n",
-                  "| config | step | source | drafted | accepted | acceptance |", "|---|---|---|---|---|---|"]
+        lines += [
+            "\n## Drafts by source (history drafts: group, prompt, self)\n",
+            "| config | step | source | drafted | accepted | acceptance |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in sourced:
             for src, c in sorted(r.extra["by_source"].items()):
                 if c["drafted"]:
-                    lines.append(f"| {r.config} | {r.step}.{r.epoch} | {src} | {c['drafted']} | {c['accepted']} | "
-                                 f"{c['accepted'] / c['drafted']:.3f} |")
+                    lines.append(
+                        f"| {r.config} | {r.step}.{r.epoch} | {src} | {c['drafted']} | {c['accepted']} | "
+                        f"{c['accepted'] / c['drafted']:.3f} |"
+                    )
         for r in sourced:
             if r.extra.get("history_index"):
                 h = r.extra["history_index"]
-                lines.append(f"\n{r.config} step {r.step} epoch {r.epoch}: history index {h['groups']} prompts, "
-                             f"{h['indexed_tokens']} tokens, hit rate {h['hits'] / max(1, h['lookups']):.2f}")
+                lines.append(
+                    f"\n{r.config} step {r.step} epoch {r.epoch}: history index {h['groups']} prompts, "
+                    f"{h['indexed_tokens']} tokens, hit rate {h['hits'] / max(1, h['lookups']):.2f}"
+                )
     graded = {c: mean_at_n([q for r in rollouts if r.config == c for q in r.requests]) for c in totals}
     if any(graded.values()):
-        lines += ["\n## Accuracy (mean@n over every sample; 95% interval over question means)\n",
-                  "| config | accuracy | 95% interval | questions | samples |", "|---|---|---|---|---|"]
+        lines += [
+            "\n## Accuracy (mean@n over every sample; 95% interval over question means)\n",
+            "| config | accuracy | 95% interval | questions | samples |",
+            "|---|---|---|---|---|",
+        ]
         for c, g in graded.items():
             if g:
                 k = sum(1 for r in rollouts if r.config == c for q in r.requests if "correct" in q)
                 lines.append(f"| {c} | {g[0]:.3f} | ± {g[1]:.3f} | {g[2]} | {k} |")
     beyond = {c: sum(q.get("past_eos") or 0 for r in rollouts if r.config == c for q in r.requests) for c in totals}
     if any(r.extra.get("lengths") == "replayed" for r in rollouts):
-        lines += ["\n## Tokens past each config's own EOS (replayed lengths)\n",
-                  "| config | tokens past EOS | of tokens |", "|---|---|---|"]
+        lines += [
+            "\n## Tokens past each config's own EOS (replayed lengths)\n",
+            "| config | tokens past EOS | of tokens |",
+            "|---|---|---|",
+        ]
         lines += [f"| {c} | {beyond[c]} | {totals[c]['tokens']} |" for c in totals]
-    lines.append("\nPlots: throughput.png, timeline.png (active requests and γ), latency_cdf.png"
-                 + (", acceptance.png" if with_acc else "") + ".")
+    lines.append(
+        "\nPlots: throughput.png, timeline.png (active requests and γ), latency_cdf.png"
+        + (", acceptance.png" if with_acc else "")
+        + "."
+    )
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text

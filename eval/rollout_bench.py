@@ -73,12 +73,17 @@ def parse_config(spec: str, gamma_max: int = 7) -> tuple[str, list[str], dict]:
     if spec == "auto":
         return "auto", [*eff, "--speculative-num-steps", str(gamma_max)], {"SGLANG_ER_MODE": "auto"}
     if spec in ("hybrid", "hybrid:group"):  # auto W4 + history drafts (earlier epochs too, unless :group)
-        return spec, [*eff, "--speculative-num-steps", str(gamma_max)], {
-            "SGLANG_ER_MODE": "auto", "SGLANG_ER_HISTORY": "group" if spec.endswith(":group") else "all"}
+        return (
+            spec,
+            [*eff, "--speculative-num-steps", str(gamma_max)],
+            {"SGLANG_ER_MODE": "auto", "SGLANG_ER_HISTORY": "group" if spec.endswith(":group") else "all"},
+        )
     if spec.startswith("fixed:") and spec[6:].isdigit() and 1 <= int(spec[6:]) <= MAX_GAMMA:
         g = int(spec[6:])
         return f"fixed γ={g}", [*eff, "--speculative-num-steps", str(g)], {"SGLANG_ER_GAMMA": str(g)}
-    raise ValueError(f"unknown config {spec!r}: use plain, auto, hybrid, hybrid:group or fixed:G with 1 <= G <= {MAX_GAMMA}")
+    raise ValueError(
+        f"unknown config {spec!r}: use plain, auto, hybrid, hybrid:group or fixed:G with 1 <= G <= {MAX_GAMMA}"
+    )
 
 
 def chat_prompts(model_path, k: int) -> tuple[list[list[dict]], list[str]]:
@@ -87,8 +92,10 @@ def chat_prompts(model_path, k: int) -> tuple[list[list[dict]], list[str]]:
 
     problems = load_problems("gsm8k", limit=k)
     # the eval harness's prompt: question, newline, instruction (what gsm8k-lm was trained on)
-    return ([[{"role": "user", "content": f"{p.question.strip()}\n{INSTRUCTION}"}] for p in problems],
-            [p.reference for p in problems])
+    return (
+        [[{"role": "user", "content": f"{p.question.strip()}\n{INSTRUCTION}"}] for p in problems],
+        [p.reference for p in problems],
+    )
 
 
 def eos_token_strings(model_path) -> set[str]:
@@ -145,9 +152,19 @@ def _own_answer(choice: dict, eos_tokens: set[str]) -> tuple[str, int]:
     return choice["message"]["content"] or "", 0
 
 
-def run_rollout(srv: Server, label: str, step: int, prompts, n: int, max_tokens: int, temperature: float,
-                seed: int, lengths: list[int] | None = None, references: list[str] | None = None,
-                eos_tokens: set[str] = frozenset()) -> Rollout:
+def run_rollout(
+    srv: Server,
+    label: str,
+    step: int,
+    prompts,
+    n: int,
+    max_tokens: int,
+    temperature: float,
+    seed: int,
+    lengths: list[int] | None = None,
+    references: list[str] | None = None,
+    eos_tokens: set[str] = frozenset(),
+) -> Rollout:
     """One rollout: every prompt × n samples sent at once. ``lengths`` (one per request, prompt-major):
     each request generates exactly that many tokens (``ignore_eos``) instead of stopping at EOS; the
     tokens it generates past its own first EOS are counted (``past_eos``). ``references``: each
@@ -159,19 +176,32 @@ def run_rollout(srv: Server, label: str, step: int, prompts, n: int, max_tokens:
     def one(job):
         i, j = job
         t0 = time.time()
-        body = {"model": "m", "messages": prompts[i], "max_tokens": max_tokens, "temperature": temperature,
-                "seed": seed + 1000 * i + j}
+        body = {
+            "model": "m",
+            "messages": prompts[i],
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "seed": seed + 1000 * i + j,
+        }
         if lengths is not None:
-            body.update(max_tokens=max(1, lengths[i * n + j]), ignore_eos=True, logprobs=True,
-                        skip_special_tokens=False)
+            body.update(
+                max_tokens=max(1, lengths[i * n + j]), ignore_eos=True, logprobs=True, skip_special_tokens=False
+            )
         r = requests.post(srv.url + "/v1/chat/completions", json=body, timeout=3600)
         r.raise_for_status()
         out = r.json()
         choice = out["choices"][0]
-        text, beyond = (_own_answer(choice, eos_tokens) if lengths is not None
-                        else (choice["message"]["content"] or "", None))
-        rec = {"t_send": t0, "t_done": time.time(), "tokens": out["usage"]["completion_tokens"],
-               "finish": choice["finish_reason"], "question": i, "past_eos": beyond}
+        text, beyond = (
+            _own_answer(choice, eos_tokens) if lengths is not None else (choice["message"]["content"] or "", None)
+        )
+        rec = {
+            "t_send": t0,
+            "t_done": time.time(),
+            "tokens": out["usage"]["completion_tokens"],
+            "finish": choice["finish_reason"],
+            "question": i,
+            "past_eos": beyond,
+        }
         if references is not None:
             rec["correct"] = grade(text, references[i]).correct
         return rec
@@ -190,8 +220,10 @@ def run_rollout(srv: Server, label: str, step: int, prompts, n: int, max_tokens:
         ro.accept_rate = ro.extra["accepted"] / ro.extra["drafted"]
         ro.position_acceptance = after["position_acceptance"]
         b0 = before.get("by_source", {})
-        ro.extra["by_source"] = {k: {f: v[f] - b0.get(k, {}).get(f, 0) for f in ("drafted", "accepted")}
-                                 for k, v in after.get("by_source", {}).items()}
+        ro.extra["by_source"] = {
+            k: {f: v[f] - b0.get(k, {}).get(f, 0) for f in ("drafted", "accepted")}
+            for k, v in after.get("by_source", {}).items()
+        }
     hist = (poll.end_state or {}).get("history")
     if hist:
         ro.extra["history_index"] = {k: hist[k] for k in ("groups", "indexed_tokens", "lookups", "hits")}
@@ -229,19 +261,32 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=1, help="rollouts of the same prompts per policy step")
     p.add_argument("--perturb", type=float, default=0.02, help="policy-step noise, relative to each weight's std")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", default=None,
-                   help="hardware profile for the EFFROLLOUT servers (SGLANG_ER_PROFILE; see `sglang-er calibrate`)")
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="hardware profile for the EFFROLLOUT servers (SGLANG_ER_PROFILE; see `sglang-er calibrate`)",
+    )
     p.add_argument("--server-args", default="", help="extra SGLang args, e.g. '--dtype bfloat16'")
-    p.add_argument("--one-at-a-time", action="store_true",
-                   help="start the servers in turn instead of all at once with interleaved rollouts "
-                        "(less memory; this machine's drift then lands in the ratios)")
-    p.add_argument("--same-lengths", action="store_true",
-                   help="every config generates the lengths plain's rollout of the same epoch drew (plain runs "
-                        "first, with natural EOS; the others with ignore_eos): the makespan ratio then "
-                        "compares the systems on one workload, not on each config's draw of long samples")
-    p.add_argument("--gamma-max", type=int, default=7,
-                   help="auto and hybrid choose γ from 0..G each iteration (--speculative-num-steps G); "
-                        "a long ladder pays where acceptance is high and the batch small (the tail)")
+    p.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="start the servers in turn instead of all at once with interleaved rollouts "
+        "(less memory; this machine's drift then lands in the ratios)",
+    )
+    p.add_argument(
+        "--same-lengths",
+        action="store_true",
+        help="every config generates the lengths plain's rollout of the same epoch drew (plain runs "
+        "first, with natural EOS; the others with ignore_eos): the makespan ratio then "
+        "compares the systems on one workload, not on each config's draw of long samples",
+    )
+    p.add_argument(
+        "--gamma-max",
+        type=int,
+        default=7,
+        help="auto and hybrid choose γ from 0..G each iteration (--speculative-num-steps G); "
+        "a long ladder pays where acceptance is high and the batch small (the tail)",
+    )
     p.add_argument("--out", default="eval/out/rollout")
     args = p.parse_args(argv)
     try:
@@ -251,8 +296,10 @@ def main(argv=None) -> int:
     if args.policy_steps < 1 or args.epochs < 1:
         raise SystemExit("--policy-steps and --epochs must be >= 1")
     if args.same_lengths and (args.one_at_a_time or "plain" not in [c[0] for c in configs]):
-        raise SystemExit("--same-lengths replays plain's lengths in interleaved rollouts: add plain to --configs "
-                         "and drop --one-at-a-time")
+        raise SystemExit(
+            "--same-lengths replays plain's lengths in interleaved rollouts: add plain to --configs "
+            "and drop --one-at-a-time"
+        )
     model_path = Path(args.model_path) if args.model_path else build_model(args.model)
     if not (model_path / "config.json").exists():
         raise SystemExit(f"{model_path} is not a model directory (no config.json); pass --model-path DIR")
@@ -265,8 +312,11 @@ def main(argv=None) -> int:
     def start(stack, label, server_args, env) -> Server:
         if args.profile and server_args:
             env = {**env, "SGLANG_ER_PROFILE": str(Path(args.profile).resolve())}
-        srv = stack.enter_context(Server(model_path, [*server_args, *args.server_args.split()], env=env,
-                                         max_total_tokens=32768, stop_grace=1.0))
+        srv = stack.enter_context(
+            Server(
+                model_path, [*server_args, *args.server_args.split()], env=env, max_total_tokens=32768, stop_grace=1.0
+            )
+        )
         print(f"[rollout] {label}: server up in {srv.startup_seconds:.0f}s", flush=True)
         return srv
 
@@ -274,15 +324,29 @@ def main(argv=None) -> int:
 
     def rollout(srv, label, step, epoch, req_s):
         lengths = drawn.get((step, epoch)) if label != "plain" else None
-        ro = run_rollout(srv, label, step, prompts, args.n, args.max_tokens, args.temperature,
-                         args.seed + 7919 * epoch, lengths, references, eos_tokens)
+        ro = run_rollout(
+            srv,
+            label,
+            step,
+            prompts,
+            args.n,
+            args.max_tokens,
+            args.temperature,
+            args.seed + 7919 * epoch,
+            lengths,
+            references,
+            eos_tokens,
+        )
         if args.same_lengths and label == "plain":
             drawn[(step, epoch)] = [q["tokens"] for q in ro.requests]
         ro.requantize_s, ro.epoch = (req_s if epoch == 0 else None), epoch
         rollouts.append(ro)
-        print(f"[rollout] {label} step {step} epoch {epoch}: makespan {ro.makespan_s:.1f}s, {ro.output_tokens} tokens, "
-              f"{ro.tokens_per_s:.1f} tok/s, acceptance {ro.accept_rate if ro.accept_rate is not None else '-'}"
-              + (f", re-quantized in {req_s:.2f}s" if ro.requantize_s else ""), flush=True)
+        print(
+            f"[rollout] {label} step {step} epoch {epoch}: makespan {ro.makespan_s:.1f}s, {ro.output_tokens} tokens, "
+            f"{ro.tokens_per_s:.1f} tok/s, acceptance {ro.accept_rate if ro.accept_rate is not None else '-'}"
+            + (f", re-quantized in {req_s:.2f}s" if ro.requantize_s else ""),
+            flush=True,
+        )
 
     if args.one_at_a_time:
         for label, server_args, env in configs:
@@ -300,8 +364,10 @@ def main(argv=None) -> int:
             servers = [(label, start(stack, label, server_args, env)) for label, server_args, env in configs]
             k = 0
             for step in range(args.policy_steps):
-                req = {label: perturb_policy(srv, model_path, step + 1, args.perturb) if step else None
-                       for label, srv in servers}
+                req = {
+                    label: perturb_policy(srv, model_path, step + 1, args.perturb) if step else None
+                    for label, srv in servers
+                }
                 for epoch in range(args.epochs):
                     order = servers[k:] + servers[:k]
                     if args.same_lengths:  # plain draws the lengths; the others keep their rotation
@@ -313,21 +379,34 @@ def main(argv=None) -> int:
         rollouts.sort(key=lambda r: (order[r.config], r.step, r.epoch))
     from eval.report import write_rollout_report
 
-    workload = (f"{args.prompts} GSM8K prompts × n={args.n}, temperature {args.temperature}, max {args.max_tokens} "
-                f"tokens, natural EOS"
-                + (" for plain only: every other config replays plain's lengths with ignore_eos (--same-lengths), "
-                   "so part of its text lies past its own EOS (counted below)" if args.same_lengths else "")
-                + f", model {model_path.name}"
-                + (f", auto and hybrid choose γ ≤ {args.gamma_max}"
-                   if any(c[0] in ("auto", "hybrid", "hybrid:group") for c in configs) else "")
-                + (f", {args.epochs} epochs of the same prompts" if args.epochs > 1 else "")
-                + ("; one server at a time" if args.one_at_a_time else
-                   "; every server up at once, the rollouts alternating between them in a rotated order"))
+    workload = (
+        f"{args.prompts} GSM8K prompts × n={args.n}, temperature {args.temperature}, max {args.max_tokens} "
+        f"tokens, natural EOS"
+        + (
+            " for plain only: every other config replays plain's lengths with ignore_eos (--same-lengths), "
+            "so part of its text lies past its own EOS (counted below)"
+            if args.same_lengths
+            else ""
+        )
+        + f", model {model_path.name}"
+        + (
+            f", auto and hybrid choose γ ≤ {args.gamma_max}"
+            if any(c[0] in ("auto", "hybrid", "hybrid:group") for c in configs)
+            else ""
+        )
+        + (f", {args.epochs} epochs of the same prompts" if args.epochs > 1 else "")
+        + (
+            "; one server at a time"
+            if args.one_at_a_time
+            else "; every server up at once, the rollouts alternating between them in a rotated order"
+        )
+    )
     from eval.provenance import provenance
 
     meta = provenance(model_path.name, rounds=args.epochs * args.policy_steps)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "workload": workload,
-                                                  "rollouts": [asdict(r) for r in rollouts]}))
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "workload": workload, "rollouts": [asdict(r) for r in rollouts]})
+    )
     report = write_rollout_report(rollouts, out, workload, meta)
     print(report)
     print(f"[rollout] report, plots and results in {out}/")

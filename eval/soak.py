@@ -25,8 +25,12 @@ import requests
 from sglang_er.launcher import Server
 from sglang_er.models.factory import build_model
 
-PROMPTS = ["Alice has 12 apples. She buys 7 more. How many", "Solve for x: 3x + 5 = 20.",
-           "A train travels 60 km in 1.5 hours. Its speed is", "The sum of the first 10 odd numbers is"]
+PROMPTS = [
+    "Alice has 12 apples. She buys 7 more. How many",
+    "Solve for x: 3x + 5 = 20.",
+    "A train travels 60 km in 1.5 hours. Its speed is",
+    "The sum of the first 10 odd numbers is",
+]
 
 
 def tree_rss_mb(pgid: int) -> float:
@@ -55,14 +59,20 @@ def one_request(srv: Server, i: int) -> None:
     elif kind == 2:
         srv.post("/v1/completions", {"model": "m", "prompt": p, "n": 4, "max_tokens": 32, "temperature": 1.0})
     elif kind == 3:
-        with requests.post(srv.url + "/v1/completions", stream=True, timeout=300,
-                           json={"model": "m", "prompt": p, "max_tokens": 48, "stream": True}) as r:
+        with requests.post(
+            srv.url + "/v1/completions",
+            stream=True,
+            timeout=300,
+            json={"model": "m", "prompt": p, "max_tokens": 48, "stream": True},
+        ) as r:
             r.raise_for_status()
             for _ in r.iter_lines():
                 pass
     else:
-        srv.post("/generate", {"text": p, "return_logprob": True,
-                               "sampling_params": {"max_new_tokens": 24, "temperature": 0.7}})
+        srv.post(
+            "/generate",
+            {"text": p, "return_logprob": True, "sampling_params": {"max_new_tokens": 24, "temperature": 0.7}},
+        )
 
 
 def main(argv=None) -> int:
@@ -84,8 +94,11 @@ def main(argv=None) -> int:
     served, errors, counter = [0], [], iter(range(10**9))
     lock = threading.Lock()
 
-    with Server(policies[0], ["--speculative-algorithm", "EFFROLLOUT", "--enable-metrics"],
-                env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}) as srv:
+    with Server(
+        policies[0],
+        ["--speculative-algorithm", "EFFROLLOUT", "--enable-metrics"],
+        env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"},
+    ) as srv:
         pgid = os.getpgid(srv.proc.pid)
 
         def client():
@@ -139,12 +152,21 @@ def main(argv=None) -> int:
         healthy = requests.get(srv.url + "/health", timeout=30).status_code == 200
 
     report = {
-        "model": args.model, "minutes": args.minutes, "concurrency": args.concurrency,
-        "requests_served": served[0], "errors": len(errors), "first_errors": errors[:5],
-        "weight_updates": len(updates), "update_call_s": updates,
-        "requantizations": state.get("requantizations"), "last_requantize_s": state.get("last_requantize_s"),
-        "rss_mb_after_warmup": rss_start, "rss_mb_peak": rss_peak, "rss_mb_end": rss_end,
-        "kv_tokens_used_when_idle": load["num_used_tokens"], "healthy_at_end": healthy,
+        "model": args.model,
+        "minutes": args.minutes,
+        "concurrency": args.concurrency,
+        "requests_served": served[0],
+        "errors": len(errors),
+        "first_errors": errors[:5],
+        "weight_updates": len(updates),
+        "update_call_s": updates,
+        "requantizations": state.get("requantizations"),
+        "last_requantize_s": state.get("last_requantize_s"),
+        "rss_mb_after_warmup": rss_start,
+        "rss_mb_peak": rss_peak,
+        "rss_mb_end": rss_end,
+        "kv_tokens_used_when_idle": load["num_used_tokens"],
+        "healthy_at_end": healthy,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))

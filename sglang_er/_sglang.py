@@ -72,24 +72,26 @@ def model_view(model: torch.nn.Module) -> ModelView:
     layers = []
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        layers.append(LayerView(
-            layer_id=attn.attn.layer_id,
-            qkv_weight=attn.qkv_proj.weight,
-            qkv_bias=getattr(attn.qkv_proj, "bias", None),
-            o_weight=attn.o_proj.weight,
-            gate_up_weight=mlp.gate_up_proj.weight,
-            down_weight=mlp.down_proj.weight,
-            input_norm=layer.input_layernorm.weight,
-            input_norm_eps=layer.input_layernorm.variance_epsilon,
-            post_norm=layer.post_attention_layernorm.weight,
-            post_norm_eps=layer.post_attention_layernorm.variance_epsilon,
-            rotary_emb=attn.rotary_emb,
-            linears={"qkv": attn.qkv_proj, "o": attn.o_proj, "gate_up": mlp.gate_up_proj, "down": mlp.down_proj},
-            num_heads=attn.num_heads,
-            num_kv_heads=attn.num_kv_heads,
-            head_dim=attn.head_dim,
-            scaling=attn.scaling,
-        ))
+        layers.append(
+            LayerView(
+                layer_id=attn.attn.layer_id,
+                qkv_weight=attn.qkv_proj.weight,
+                qkv_bias=getattr(attn.qkv_proj, "bias", None),
+                o_weight=attn.o_proj.weight,
+                gate_up_weight=mlp.gate_up_proj.weight,
+                down_weight=mlp.down_proj.weight,
+                input_norm=layer.input_layernorm.weight,
+                input_norm_eps=layer.input_layernorm.variance_epsilon,
+                post_norm=layer.post_attention_layernorm.weight,
+                post_norm_eps=layer.post_attention_layernorm.variance_epsilon,
+                rotary_emb=attn.rotary_emb,
+                linears={"qkv": attn.qkv_proj, "o": attn.o_proj, "gate_up": mlp.gate_up_proj, "down": mlp.down_proj},
+                num_heads=attn.num_heads,
+                num_kv_heads=attn.num_kv_heads,
+                head_dim=attn.head_dim,
+                scaling=attn.scaling,
+            )
+        )
     return ModelView(
         layers=layers,
         embed=inner.embed_tokens,
@@ -107,8 +109,11 @@ def neox_rope_table(rotary_emb, head_dim: int) -> torch.Tensor | None:
     from sglang.srt.layers.rotary_embedding import RotaryEmbedding
 
     t = type(rotary_emb)
-    stock = (isinstance(rotary_emb, RotaryEmbedding) and t.forward_native is RotaryEmbedding.forward_native
-             and t.forward_cpu is RotaryEmbedding.forward_cpu)
+    stock = (
+        isinstance(rotary_emb, RotaryEmbedding)
+        and t.forward_native is RotaryEmbedding.forward_native
+        and t.forward_cpu is RotaryEmbedding.forward_cpu
+    )
     if not stock or not rotary_emb.is_neox_style or hasattr(rotary_emb, "sin_cos_cache"):
         return None
     if rotary_emb.rotary_dim != head_dim or rotary_emb.head_size != head_dim:
@@ -134,8 +139,9 @@ def kv_view(model_runner) -> KVView:
     )
 
 
-def verify_forward(target_worker, batch, input_ids: torch.Tensor, out_cache_loc: torch.Tensor,
-                   prefix_lens: torch.Tensor, width: int):
+def verify_forward(
+    target_worker, batch, input_ids: torch.Tensor, out_cache_loc: torch.Tensor, prefix_lens: torch.Tensor, width: int
+):
     """One target forward over ``width`` new tokens per request; returns logits [bs * width, V].
 
     input_ids, out_cache_loc: [bs * width]; prefix_lens [bs] = committed tokens with KV.
@@ -167,8 +173,9 @@ def verify_forward(target_worker, batch, input_ids: torch.Tensor, out_cache_loc:
     return out.logits_output
 
 
-def decode_forward(target_worker, batch, input_ids: torch.Tensor, out_cache_loc: torch.Tensor,
-                   prefix_lens: torch.Tensor):
+def decode_forward(
+    target_worker, batch, input_ids: torch.Tensor, out_cache_loc: torch.Tensor, prefix_lens: torch.Tensor
+):
     """A plain decode step through SGLang's sampler: the γ = 0 iteration.
 
     ``batch.return_logprob`` is cleared (the scheduler restores it): a speculative server's result

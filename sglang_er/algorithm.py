@@ -44,7 +44,9 @@ def resolve_gamma(num_draft_tokens, num_steps) -> int:
             f"EFFROLLOUT drafts a chain: --speculative-num-draft-tokens ({num_draft_tokens}) must equal "
             f"--speculative-num-steps + 1 ({num_steps + 1}); pass only one of them"
         )
-    gamma = num_draft_tokens - 1 if num_draft_tokens is not None else num_steps if num_steps is not None else DEFAULT_GAMMA
+    gamma = (
+        num_draft_tokens - 1 if num_draft_tokens is not None else num_steps if num_steps is not None else DEFAULT_GAMMA
+    )
     if not 1 <= gamma <= MAX_GAMMA:
         raise ValueError(
             f"EFFROLLOUT γ = {gamma} is out of range: use --speculative-num-draft-tokens between 2 and "
@@ -61,7 +63,9 @@ def validate_server_args(args) -> None:
     if args.speculative_eagle_topk not in (None, 1):
         raise ValueError("EFFROLLOUT drafts a single chain: remove --speculative-eagle-topk or set it to 1")
     for flag, value, ok in (
-        ("--pp-size", args.pp_size, 1), ("--tp-size", args.tp_size, 1), ("--dp-size", args.dp_size, 1),
+        ("--pp-size", args.pp_size, 1),
+        ("--tp-size", args.tp_size, 1),
+        ("--dp-size", args.dp_size, 1),
         ("--page-size", args.page_size, 1),
     ):
         if value not in (None, ok):
@@ -99,8 +103,9 @@ def register() -> None:
     if get_spec(NAME) is not None:
         return
 
-    @SpeculativeAlgorithm.register(NAME, supports_overlap=False, validate_server_args=validate_server_args,
-                                   spec_class=EffRolloutAlgo)
+    @SpeculativeAlgorithm.register(
+        NAME, supports_overlap=False, validate_server_args=validate_server_args, spec_class=EffRolloutAlgo
+    )
     def _factory(server_args):
         from sglang_er.worker import EffRolloutWorker
 

@@ -59,8 +59,8 @@ e.g. from the verify / prefill pass, outside CUDA-graph capture.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -118,13 +118,13 @@ class ActivationStats:
     def __init__(
         self,
         num_channels: int,
-        device: Union[str, torch.device, None] = None,
+        device: str | torch.device | None = None,
         decay: float = 0.99,
         *,
         sample_every: int = 1,
         max_tokens: int = 256,
         reservoir_size: int = 128,
-        reservoir_per_update: Optional[int] = None,
+        reservoir_per_update: int | None = None,
         reservoir_dtype: torch.dtype = torch.float32,
         seed: int = 0,
     ):
@@ -152,7 +152,7 @@ class ActivationStats:
         self.tokens_seen = 0  # rows offered to update()
         self.tokens_used = 0  # rows that entered the statistics (<= max_tokens per update)
         self.num_updates = 0
-        self._gen: Optional[torch.Generator] = None
+        self._gen: torch.Generator | None = None
 
     # ------------------------------------------------------------------ sampling policy
     def should_sample(self, iteration: int) -> bool:
@@ -271,12 +271,17 @@ class ActivationStats:
             self._generator().set_state(state["rng_state"])
 
     @classmethod
-    def from_state_dict(cls, state: dict, device=None, reservoir_dtype: Optional[torch.dtype] = None) -> "ActivationStats":
+    def from_state_dict(cls, state: dict, device=None, reservoir_dtype: torch.dtype | None = None) -> ActivationStats:
         obj = cls(
-            state["num_channels"], device, state["decay"],
-            sample_every=state["sample_every"], max_tokens=state["max_tokens"],
-            reservoir_size=state["reservoir_size"], reservoir_per_update=state["reservoir_per_update"],
-            reservoir_dtype=reservoir_dtype or state["reservoir"].dtype, seed=state["seed"],
+            state["num_channels"],
+            device,
+            state["decay"],
+            sample_every=state["sample_every"],
+            max_tokens=state["max_tokens"],
+            reservoir_size=state["reservoir_size"],
+            reservoir_per_update=state["reservoir_per_update"],
+            reservoir_dtype=reservoir_dtype or state["reservoir"].dtype,
+            seed=state["seed"],
         )
         obj.load_state_dict(state)
         return obj
@@ -289,7 +294,7 @@ class ActivationStats:
 
 
 # ============================================================================ search
-def _row_subset(weights: Union[torch.Tensor, Sequence[torch.Tensor]], max_rows: int):
+def _row_subset(weights: torch.Tensor | Sequence[torch.Tensor], max_rows: int):
     """About ``max_rows`` evenly spaced rows of the group, spread over its members by size."""
     ws = [weights] if isinstance(weights, torch.Tensor) else list(weights)
     total = sum(w.shape[0] for w in ws)
@@ -299,7 +304,7 @@ def _row_subset(weights: Union[torch.Tensor, Sequence[torch.Tensor]], max_rows: 
     return [w[::step] for w in ws]
 
 
-def _as_weight(weights: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+def _as_weight(weights: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """One float32 [ΣN_i, K] matrix: members of a group share the input and s, and RTN groups are
     per row, so quantizing the concatenation equals quantizing each member."""
     if isinstance(weights, torch.Tensor):
@@ -360,7 +365,7 @@ def scale_weight(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def output_errors(
-    weights: Union[torch.Tensor, Sequence[torch.Tensor]],
+    weights: torch.Tensor | Sequence[torch.Tensor],
     x_sample: torch.Tensor,
     scales: Sequence[torch.Tensor],
     group_size: int,
@@ -383,11 +388,11 @@ def output_errors(
 
 @torch.no_grad()
 def search_scales(
-    weights: Union[torch.Tensor, Sequence[torch.Tensor]],
+    weights: torch.Tensor | Sequence[torch.Tensor],
     x_mean_abs: torch.Tensor,
     x_sample: torch.Tensor,
-    group_size: Optional[int] = None,
-    betas: Optional[Iterable[float]] = None,
+    group_size: int | None = None,
+    betas: Iterable[float] | None = None,
     *,
     return_all: bool = False,
 ):
@@ -424,7 +429,7 @@ def search_scales(
     return out
 
 
-def fold_into_norm(norm_weight: torch.Tensor, s: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def fold_into_norm(norm_weight: torch.Tensor, s: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``norm_weight / s`` (computed in float32, returned in ``dtype``, default the norm's dtype).
 
     Use for qkv (after ``input_layernorm``) and gate_up (after ``post_attention_layernorm``):
@@ -470,7 +475,7 @@ class AWQChoice:
         return self.beta == 0.0
 
 
-WeightGroup = Union[torch.Tensor, Sequence[torch.Tensor]]
+WeightGroup = torch.Tensor | Sequence[torch.Tensor]
 
 
 class AWQQuantizer:
@@ -508,13 +513,13 @@ class AWQQuantizer:
         self,
         *,
         min_tokens: int = 256,
-        betas: Optional[Iterable[float]] = None,
-        group_size: Optional[int] = None,
+        betas: Iterable[float] | None = None,
+        group_size: int | None = None,
         sample_every: int = 1,
-        device: Union[str, torch.device, None] = None,
-        local_step: Optional[float] = 0.1,
+        device: str | torch.device | None = None,
+        local_step: float | None = 0.1,
         full_search_every: int = 8,
-        max_rows: Optional[int] = 256,
+        max_rows: int | None = 256,
         **stats_kwargs,
     ):
         self.min_tokens = int(min_tokens)
@@ -558,8 +563,10 @@ class AWQQuantizer:
         if not self.ready(layer, group):
             first = weights if isinstance(weights, torch.Tensor) else weights[0]
             return AWQChoice(
-                torch.ones(first.shape[-1], dtype=torch.float32, device=first.device), 0.0,
-                fallback=True, tokens=0 if st is None else st.tokens_used,
+                torch.ones(first.shape[-1], dtype=torch.float32, device=first.device),
+                0.0,
+                fallback=True,
+                tokens=0 if st is None else st.tokens_used,
             )
         if self.max_rows is not None:
             weights = _row_subset(weights, self.max_rows)
@@ -619,12 +626,14 @@ def hf_llama_layer_weights(model) -> list[dict[str, list[torch.Tensor]]]:
     out = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
-        out.append({
-            "qkv": [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight],
-            "o": [a.o_proj.weight],
-            "gate_up": [m.gate_proj.weight, m.up_proj.weight],
-            "down": [m.down_proj.weight],
-        })
+        out.append(
+            {
+                "qkv": [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight],
+                "o": [a.o_proj.weight],
+                "gate_up": [m.gate_proj.weight, m.up_proj.weight],
+                "down": [m.down_proj.weight],
+            }
+        )
     return out
 
 
@@ -635,7 +644,9 @@ def register_hf_llama_hooks(model, awq: AWQQuantizer) -> list:
     for i, layer in enumerate(model.model.layers):
         a, m = layer.self_attn, layer.mlp
         for group, mod in (("qkv", a.q_proj), ("o", a.o_proj), ("gate_up", m.gate_proj), ("down", m.down_proj)):
+
             def hook(_mod, args, _i=i, _g=group):
                 awq.observe(_i, _g, args[0])
+
             handles.append(mod.register_forward_pre_hook(hook))
     return handles

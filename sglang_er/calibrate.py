@@ -48,9 +48,9 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 from sglang_er.limits import MAX_GAMMA as _MAX_GAMMA
 
@@ -59,8 +59,10 @@ _PHASE_OF = {"target_decode": "plain", "drafter_decode": "draft", "target_verify
 REQUIRED_COLUMNS = ("batch", "seq", "gamma", "mode", "median_ms")
 CSV_COLUMNS = (*REQUIRED_COLUMNS, "n", "ctx")
 NOISY_RMS = 0.25  # fit error above which the command warns that the sweep is unreliable
-_FIX_CSV = (f"a sweep CSV needs the header {','.join(REQUIRED_COLUMNS)} (mode one of {', '.join(MODES)}; "
-            "median_ms > 0; batch, seq >= 1; gamma >= 1 except for target_decode)")
+_FIX_CSV = (
+    f"a sweep CSV needs the header {','.join(REQUIRED_COLUMNS)} (mode one of {', '.join(MODES)}; "
+    "median_ms > 0; batch, seq >= 1; gamma >= 1 except for target_decode)"
+)
 
 
 # ====================================================================== sweep rows
@@ -74,8 +76,8 @@ class SweepRow:
     gamma: int
     mode: str
     median_ms: float
-    n: Optional[int] = None
-    ctx: Optional[float] = None
+    n: int | None = None
+    ctx: float | None = None
 
     @property
     def context(self) -> int:
@@ -88,8 +90,10 @@ def read_sweep_csv(path) -> list[SweepRow]:
     try:
         text = p.read_text(encoding="utf-8-sig")
     except OSError as e:
-        raise ValueError(f"sweep CSV {p}: cannot read ({e.strerror or e}); pass an existing file "
-                         "(written by `sglang-er calibrate --sweep-csv`)") from None
+        raise ValueError(
+            f"sweep CSV {p}: cannot read ({e.strerror or e}); pass an existing file "
+            "(written by `sglang-er calibrate --sweep-csv`)"
+        ) from None
     except UnicodeDecodeError:
         raise ValueError(f"sweep CSV {p}: not UTF-8 text; {_FIX_CSV}") from None
     reader = csv.DictReader(text.splitlines())
@@ -97,8 +101,10 @@ def read_sweep_csv(path) -> list[SweepRow]:
     reader.fieldnames = header
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise ValueError(f"sweep CSV {p}: missing column(s) {', '.join(missing)} "
-                         f"(header: {','.join(header) or '<empty>'}); {_FIX_CSV}")
+        raise ValueError(
+            f"sweep CSV {p}: missing column(s) {', '.join(missing)} "
+            f"(header: {','.join(header) or '<empty>'}); {_FIX_CSV}"
+        )
     rows = []
     for line, rec in enumerate(reader, start=2):  # line 1 is the header
         if not any((v or "").strip() for k, v in rec.items() if k is not None):
@@ -161,8 +167,17 @@ def write_sweep_csv(path, rows: Iterable[SweepRow]) -> Path:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for r in rows:
-            w.writerow([r.batch, r.seq, r.gamma, r.mode, f"{r.median_ms:.6g}",
-                        "" if r.n is None else r.n, "" if r.ctx is None else f"{r.ctx:.1f}"])
+            w.writerow(
+                [
+                    r.batch,
+                    r.seq,
+                    r.gamma,
+                    r.mode,
+                    f"{r.median_ms:.6g}",
+                    "" if r.n is None else r.n,
+                    "" if r.ctx is None else f"{r.ctx:.1f}",
+                ]
+            )
     return p
 
 
@@ -181,21 +196,23 @@ def load_model_config(path) -> dict:
             raise ValueError(f"model config {p}: expected a JSON object; pass the model's HF config.json")
         return cfg
     if Path(path).exists():
-        raise ValueError(f"model config {path}: no config.json there; pass the model's HF config.json "
-                         "or its directory")
+        raise ValueError(f"model config {path}: no config.json there; pass the model's HF config.json or its directory")
     if os.sep in str(path) or str(path).endswith(".json") or str(path).startswith("."):
-        raise ValueError(f"model config {path}: no such file or directory; pass the model's HF config.json "
-                         "or its directory")
+        raise ValueError(
+            f"model config {path}: no such file or directory; pass the model's HF config.json or its directory"
+        )
     try:  # a hub id such as Qwen/Qwen2-0.5B
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(str(path)).to_dict()
     except Exception as e:
-        raise ValueError(f"model config {path}: not a file or directory, and not loadable as a model id "
-                         f"({type(e).__name__}); pass the model's HF config.json") from None
+        raise ValueError(
+            f"model config {path}: not a file or directory, and not loadable as a model id "
+            f"({type(e).__name__}); pass the model's HF config.json"
+        ) from None
 
 
-def _base_profile(name: Optional[str]):
+def _base_profile(name: str | None):
     from sglang_er.calibration import builtin_profile, load_profile
 
     if name:
@@ -205,12 +222,16 @@ def _base_profile(name: Optional[str]):
     return builtin_profile("cpu")
 
 
-def cost_model(profile, config: dict, attention_backend: Optional[str] = None):
+def cost_model(profile, config: dict, attention_backend: str | None = None):
     from sglang_er.gamma import KV_READ_RULE, CostModel, ModelCost
 
     backend = attention_backend or profile.attention_backend
-    return CostModel(profile, ModelCost.from_config(config), attention_backend=backend,
-                     kv_read_rule=KV_READ_RULE.get(backend, "per_request"))
+    return CostModel(
+        profile,
+        ModelCost.from_config(config),
+        attention_backend=backend,
+        kv_read_rule=KV_READ_RULE.get(backend, "per_request"),
+    )
 
 
 # ====================================================================== predictions, errors
@@ -254,8 +275,16 @@ def evaluate(cost, rows: list[SweepRow], alpha: float) -> dict:
     for r in rows:
         pred = predict_ms(cost, r)
         per_mode[r.mode].append(abs(pred - r.median_ms) / r.median_ms)
-        preds.append({"batch": r.batch, "seq": r.seq, "gamma": r.gamma, "mode": r.mode,
-                      "measured_ms": r.median_ms, "predicted_ms": pred})
+        preds.append(
+            {
+                "batch": r.batch,
+                "seq": r.seq,
+                "gamma": r.gamma,
+                "mode": r.mode,
+                "measured_ms": r.median_ms,
+                "predicted_ms": pred,
+            }
+        )
     mape = {m: (sum(v) / len(v) if v else None) for m, v in per_mode.items()}
     counts = {m: len(v) for m, v in per_mode.items()}
 
@@ -271,7 +300,7 @@ def evaluate(cost, rows: list[SweepRow], alpha: float) -> dict:
         return statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)
 
     cases = []
-    for (b, s, g, mode) in sorted(groups):
+    for b, s, g, mode in sorted(groups):
         if mode != "target_verify":
             continue
         tt = med((b, s, g, "target_decode")) or med((b, s, 0, "target_decode"))
@@ -281,14 +310,27 @@ def evaluate(cost, rows: list[SweepRow], alpha: float) -> dict:
         e = expected_tokens(alpha, g)
         gm = e * tt[0] / (g * td[0] + tv[0])
         gp = e * tt[1] / (g * td[1] + tv[1])
-        cases.append({"batch": b, "seq": s, "gamma": g, "measured_gain": gm, "predicted_gain": gp,
-                      "match": _sign(gm - 1.0) == _sign(gp - 1.0)})
+        cases.append(
+            {
+                "batch": b,
+                "seq": s,
+                "gamma": g,
+                "measured_gain": gm,
+                "predicted_gain": gp,
+                "match": _sign(gm - 1.0) == _sign(gp - 1.0),
+            }
+        )
     ok = sum(c["match"] for c in cases)
     return {
         "mape": mape,
         "rows": counts,
-        "toggle": {"alpha": alpha, "cases": len(cases), "correct": ok,
-                   "accuracy": ok / len(cases) if cases else None, "detail": cases},
+        "toggle": {
+            "alpha": alpha,
+            "cases": len(cases),
+            "correct": ok,
+            "accuracy": ok / len(cases) if cases else None,
+            "detail": cases,
+        },
         "predictions": preds,
     }
 
@@ -314,9 +356,12 @@ def fit_chain(samples: list, *, base, **kw):
     variants = [
         ("", lambda s: s),
         ("compute rates kept from the base profile", lambda s: s.model_copy(update={"flops": {}})),
-        ("overhead-bound: bandwidth and compute rates kept from the base profile",
-         lambda s: s.model_copy(update={"bytes": 0.0, "flops": {},
-                                        "seconds": max(s.seconds - roofline_only(s), 0.05 * s.seconds)})),
+        (
+            "overhead-bound: bandwidth and compute rates kept from the base profile",
+            lambda s: s.model_copy(
+                update={"bytes": 0.0, "flops": {}, "seconds": max(s.seconds - roofline_only(s), 0.05 * s.seconds)}
+            ),
+        ),
     ]
     best, errors = None, []
     for note, tf in variants:
@@ -325,13 +370,14 @@ def fit_chain(samples: list, *, base, **kw):
         except ValueError as e:
             errors.append(str(e))
             continue
-        rms = math.sqrt(sum(((sample_seconds(prof, s) - s.seconds) / s.seconds) ** 2 for s in samples)
-                        / len(samples))
+        rms = math.sqrt(sum(((sample_seconds(prof, s) - s.seconds) / s.seconds) ** 2 for s in samples) / len(samples))
         if best is None or rms < best[0] * (1 - 1e-6):
             best = (rms, prof.model_copy(update={"fit_rel_rms": rms}), note)
     if best is None:
-        raise ValueError(f"no plausible profile fits the samples ({errors[-1]}); timings this far off "
-                         "usually mean other work on the machine: recalibrate on an idle machine")
+        raise ValueError(
+            f"no plausible profile fits the samples ({errors[-1]}); timings this far off "
+            "usually mean other work on the machine: recalibrate on an idle machine"
+        )
     return best[1], best[2]
 
 
@@ -360,7 +406,7 @@ class Measurement:
     """Full-batch timeline records per (batch, seq) config, after warm-up."""
 
     records: dict[tuple[int, int], list[dict]] = field(default_factory=dict)
-    attention_backend: Optional[str] = None
+    attention_backend: str | None = None
     device: str = ""
     base_name: str = "cpu"
     dropped_records: int = 0  # records the server's timeline buffer lost (should be 0)
@@ -390,23 +436,37 @@ def _timeline(srv) -> tuple[list[dict], dict]:
         states = info["internal_states"]
         tl = next(s["effrollout"]["timeline"] for s in states if isinstance(s, dict) and "effrollout" in s)
     except (KeyError, TypeError, StopIteration):
-        raise RuntimeError("the server's /get_server_info has no internal_states[..].effrollout.timeline; "
-                           "is it an EFFROLLOUT server of this sglang-er version?") from None
+        raise RuntimeError(
+            "the server's /get_server_info has no internal_states[..].effrollout.timeline; "
+            "is it an EFFROLLOUT server of this sglang-er version?"
+        ) from None
     return tl, info
 
 
-def measure(model_path, config: dict, *, batch_sizes: list[int], seq_lens: list[int], gammas: list[int],
-            max_new_tokens: int, kv_tokens: Optional[int] = None, warmup: int = 2, seed: int = 0,
-            server_args: Iterable[str] = (), log: Callable[[str], None] = print) -> Measurement:
+def measure(
+    model_path,
+    config: dict,
+    *,
+    batch_sizes: list[int],
+    seq_lens: list[int],
+    gammas: list[int],
+    max_new_tokens: int,
+    kv_tokens: int | None = None,
+    warmup: int = 2,
+    seed: int = 0,
+    server_args: Iterable[str] = (),
+    log: Callable[[str], None] = print,
+) -> Measurement:
     """Run the sweep against one real EFFROLLOUT server (always stopped on return)."""
-    from sglang_er.launcher import DEFAULT_MAX_TOTAL_TOKENS, Server
-
     from sglang_er.calibration import GENERIC_GPU
+    from sglang_er.launcher import DEFAULT_MAX_TOTAL_TOKENS, Server
 
     device, base_name = _device_and_base()
     if base_name == GENERIC_GPU:
-        log(f"note: no built-in profile for {device}: what the sweep cannot determine comes from the "
-            "uncalibrated generic-gpu placeholder")
+        log(
+            f"note: no built-in profile for {device}: what the sweep cannot determine comes from the "
+            "uncalibrated generic-gpu placeholder"
+        )
     gmax = max(gammas)
     need = max(batch_sizes) * (max(seq_lens) + max_new_tokens + gmax + 8)
     kv = kv_tokens or max(DEFAULT_MAX_TOTAL_TOKENS, int(need * 1.25))
@@ -417,8 +477,15 @@ def measure(model_path, config: dict, *, batch_sizes: list[int], seq_lens: list[
         raise ValueError("model config has no usable vocab_size")
     cycle = ",".join(str(g) for g in [0, *gammas])
     env = {"SGLANG_ER_GAMMA": cycle, "SGLANG_ER_TIMELINE": str(max(1024, 4 * max_new_tokens + 64))}
-    args = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(gmax),
-            "--max-running-requests", str(max(max(batch_sizes), 8)), *server_args]
+    args = [
+        "--speculative-algorithm",
+        "EFFROLLOUT",
+        "--speculative-num-steps",
+        str(gmax),
+        "--max-running-requests",
+        str(max(max(batch_sizes), 8)),
+        *server_args,
+    ]
     rng = random.Random(seed)
     out = Measurement(device=device, base_name=base_name)
     log(f"starting an EFFROLLOUT server on {model_path} (γ cycle {cycle}, KV {kv} tokens) ...")
@@ -428,8 +495,14 @@ def measure(model_path, config: dict, *, batch_sizes: list[int], seq_lens: list[
 
         def run(B: int, S: int) -> None:
             ids = [[rng.randrange(vocab) for _ in range(S)] for _ in range(B)]
-            srv.post("/generate", {"input_ids": ids, "sampling_params": {
-                "max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}, timeout=1800)
+            srv.post(
+                "/generate",
+                {
+                    "input_ids": ids,
+                    "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
+                },
+                timeout=1800,
+            )
 
         run(1, min(seq_lens))  # warm-up (not recorded): first-call allocations, lazy imports
         tl, info = _timeline(srv)
@@ -442,21 +515,23 @@ def measure(model_path, config: dict, *, batch_sizes: list[int], seq_lens: list[
                 new = {r["iteration"]: r for r in tl if r["iteration"] > last}
                 if new:
                     lo, hi = min(new), max(new)
-                    out.dropped_records += (lo - last - 1)
+                    out.dropped_records += lo - last - 1
                     last = hi
                 full = [new[i] for i in sorted(new) if new[i]["batch_size"] == B][warmup:]
                 out.records[(B, S)] = full
                 by_g = defaultdict(int)
                 for r in full:
                     by_g[r["gamma"]] += 1
-                log(f"  B={B:<3} S={S:<5} {len(full):3d} full-batch iterations "
-                    + " ".join(f"γ{g}:{by_g[g]}" for g in [0, *gammas]))
+                log(
+                    f"  B={B:<3} S={S:<5} {len(full):3d} full-batch iterations "
+                    + " ".join(f"γ{g}:{by_g[g]}" for g in [0, *gammas])
+                )
     if out.dropped_records:
         log(f"warning: the server's timeline dropped {out.dropped_records} iteration records")
     return out
 
 
-def _pos(x) -> Optional[float]:
+def _pos(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) and x > 0 else None
 
 
@@ -493,8 +568,9 @@ def measurement_rows(m: Measurement, gammas: list[int]) -> list[SweepRow]:
                 if _pos(r.get("verify_s")):
                     vals[(g, "target_verify")].append((r["verify_s"], ctx))
         for (g, mode), v in sorted(vals.items(), key=lambda kv: (kv[0][0], MODES.index(kv[0][1]))):
-            rows.append(SweepRow(B, S, g, mode, statistics.median(x[0] for x in v) * 1e3, len(v),
-                                 sum(x[1] for x in v) / len(v)))
+            rows.append(
+                SweepRow(B, S, g, mode, statistics.median(x[0] for x in v) * 1e3, len(v), sum(x[1] for x in v) / len(v))
+            )
     return rows
 
 
@@ -506,12 +582,13 @@ def format_report(ev: dict, title: str) -> str:
         lines.append(f"  {m:<16}{ev['rows'][m]:>6}{'—' if v is None else f'{100 * v:8.1f}%':>9}")
     t = ev["toggle"]
     if t["cases"]:
-        lines.append(f"  toggle-sign accuracy (α = {t['alpha']:g}): {t['correct']}/{t['cases']} = "
-                     f"{t['accuracy']:.2f}")
+        lines.append(f"  toggle-sign accuracy (α = {t['alpha']:g}): {t['correct']}/{t['cases']} = {t['accuracy']:.2f}")
         bad = [c for c in t["detail"] if not c["match"]]
         for c in bad[:8]:
-            lines.append(f"    wrong side: B={c['batch']} S={c['seq']} γ={c['gamma']}: measured gain "
-                         f"{c['measured_gain']:.3f}×, predicted {c['predicted_gain']:.3f}×")
+            lines.append(
+                f"    wrong side: B={c['batch']} S={c['seq']} γ={c['gamma']}: measured gain "
+                f"{c['measured_gain']:.3f}×, predicted {c['predicted_gain']:.3f}×"
+            )
     else:
         lines.append("  toggle-sign accuracy: no (batch, seq, γ) has all three modes")
     return "\n".join(lines)
@@ -519,17 +596,18 @@ def format_report(ev: dict, title: str) -> str:
 
 def format_profile(p) -> str:
     fl = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in p.flops_per_s.items())
-    return (f"  bandwidth {p.bandwidth_bytes_per_s / 1e9:.3g} GB/s; GFLOP/s {fl}\n"
-            f"  fixed plain {p.fixed_plain_s * 1e3:.3g} ms, draft step {p.fixed_draft_step_s * 1e3:.3g} ms, "
-            f"verify {p.fixed_verify_s * 1e3:.3g} ms; per seq {p.per_seq_s * 1e3:.3g} ms, "
-            f"per seq (draft) {p.per_seq_draft_s * 1e3:.3g} ms\n"
-            f"  fit relative RMS {p.fit_rel_rms if p.fit_rel_rms is not None else float('nan'):.3f}; "
-            f"fitted: {', '.join(p.fitted) or 'nothing'}")
+    return (
+        f"  bandwidth {p.bandwidth_bytes_per_s / 1e9:.3g} GB/s; GFLOP/s {fl}\n"
+        f"  fixed plain {p.fixed_plain_s * 1e3:.3g} ms, draft step {p.fixed_draft_step_s * 1e3:.3g} ms, "
+        f"verify {p.fixed_verify_s * 1e3:.3g} ms; per seq {p.per_seq_s * 1e3:.3g} ms, "
+        f"per seq (draft) {p.per_seq_draft_s * 1e3:.3g} ms\n"
+        f"  fit relative RMS {p.fit_rel_rms if p.fit_rel_rms is not None else float('nan'):.3f}; "
+        f"fitted: {', '.join(p.fitted) or 'nothing'}"
+    )
 
 
 def _json_ready(ev: dict, **extra) -> dict:
-    return {**extra, "mape": ev["mape"], "rows": ev["rows"], "toggle": ev["toggle"],
-            "predictions": ev["predictions"]}
+    return {**extra, "mape": ev["mape"], "rows": ev["rows"], "toggle": ev["toggle"], "predictions": ev["predictions"]}
 
 
 # ====================================================================== command
@@ -538,10 +616,11 @@ def _int_list(name: str, lo: int, hi: int):
         try:
             v = [int(x) for x in s.split(",") if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: {s!r} is not a comma list of integers (e.g. 1,2,4)")
+            raise argparse.ArgumentTypeError(f"{name}: {s!r} is not a comma list of integers (e.g. 1,2,4)") from None
         if not v or any(not lo <= x <= hi for x in v):
             raise argparse.ArgumentTypeError(f"{name}: values must lie in {lo}..{hi}, got {s!r}")
         return sorted(set(v))
+
     return parse
 
 
@@ -549,26 +628,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[0] + " See the module docstring of sglang_er.calibrate."
     g = p.add_argument_group("measure (real SGLang server on this machine)")
     g.add_argument("--model-path", help="model directory (HF layout) to run; with --validate/--csv: its config")
-    g.add_argument("--batch-sizes", type=_int_list("--batch-sizes", 1, 4096), default=[1, 2, 4, 8, 16, 32],
-                   help="concurrent requests per config (default 1,2,4,8,16,32)")
-    g.add_argument("--seq-lens", type=_int_list("--seq-lens", 1, 1 << 20), default=[64, 512],
-                   help="prompt lengths, random token ids (default 64,512)")
-    g.add_argument("--gammas", type=_int_list("--gammas", 1, _MAX_GAMMA), default=[1, 3, 5, 7],
-                   help="draft lengths cycled with γ=0 (default 1,3,5,7)")
-    g.add_argument("--max-new-tokens", type=int, default=128,
-                   help="tokens per request and config (default 128)")
+    g.add_argument(
+        "--batch-sizes",
+        type=_int_list("--batch-sizes", 1, 4096),
+        default=[1, 2, 4, 8, 16, 32],
+        help="concurrent requests per config (default 1,2,4,8,16,32)",
+    )
+    g.add_argument(
+        "--seq-lens",
+        type=_int_list("--seq-lens", 1, 1 << 20),
+        default=[64, 512],
+        help="prompt lengths, random token ids (default 64,512)",
+    )
+    g.add_argument(
+        "--gammas",
+        type=_int_list("--gammas", 1, _MAX_GAMMA),
+        default=[1, 3, 5, 7],
+        help="draft lengths cycled with γ=0 (default 1,3,5,7)",
+    )
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens per request and config (default 128)")
     g.add_argument("--kv-tokens", type=int, default=None, help="server KV pool (default: enough for the grid)")
     g.add_argument("--sweep-csv", help="also write the medians (batch,seq,gamma,mode,median_ms,n,ctx)")
     g = p.add_argument_group("fit from / validate against a sweep CSV")
     g.add_argument("--csv", help="sweep CSV (batch,seq,gamma,mode,median_ms) to fit from or validate against")
     g.add_argument("--validate", metavar="PROFILE", help="profile JSON to validate against --csv")
     g.add_argument("--model-config", help="HF config.json (or model directory) for the sweep's model")
-    g.add_argument("--alpha", type=float, default=0.8,
-                   help="assumed per-position acceptance for toggle-sign accuracy (default 0.8)")
+    g.add_argument(
+        "--alpha",
+        type=float,
+        default=0.8,
+        help="assumed per-position acceptance for toggle-sign accuracy (default 0.8)",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--out", help="profile JSON to write (measure: default profile.json)")
-    g.add_argument("--base", help="built-in profile (cpu, h100, a100) or profile JSON for the parameters a "
-                                  "sweep cannot determine (default: this machine's built-in)")
+    g.add_argument(
+        "--base",
+        help="built-in profile (cpu, h100, a100) or profile JSON for the parameters a "
+        "sweep cannot determine (default: this machine's built-in)",
+    )
     g.add_argument("--name", help="profile name (default calibrated-<model>)")
     g.add_argument("--device", help="device name recorded in the profile (default: this machine / --base)")
     g.add_argument("--json", action="store_true", help="print machine-readable numbers instead of tables")
@@ -583,8 +680,10 @@ def run(args) -> int:
         return _cmd_fit_csv(args)
     if args.model_path:
         return _cmd_measure(args)
-    raise ValueError("nothing to do: pass --model-path M (measure on this machine), "
-                     "--csv sweep.csv --model-config config.json (fit), or --validate profile.json --csv sweep.csv")
+    raise ValueError(
+        "nothing to do: pass --model-path M (measure on this machine), "
+        "--csv sweep.csv --model-config config.json (fit), or --validate profile.json --csv sweep.csv"
+    )
 
 
 def _config_arg(args) -> dict:
@@ -610,10 +709,12 @@ def _cmd_validate(args) -> int:
     return 0
 
 
-def _fit_and_report(args, cost_of, samples, rows, base, *, device, name, measured_with, backend,
-                    extra_json: dict) -> int:
-    prof, dropped, note = fit_robust(samples, base=base, name=name, device=device, measured_with=measured_with,
-                                     attention_backend=backend)
+def _fit_and_report(
+    args, cost_of, samples, rows, base, *, device, name, measured_with, backend, extra_json: dict
+) -> int:
+    prof, dropped, note = fit_robust(
+        samples, base=base, name=name, device=device, measured_with=measured_with, attention_backend=backend
+    )
     if dropped:
         measured_with += f"; robust refit without {dropped} of {len(samples)} samples (> 3 MAD)"
     if note:
@@ -624,20 +725,37 @@ def _fit_and_report(args, cost_of, samples, rows, base, *, device, name, measure
     if args.out:
         out = prof.save(args.out)
     if args.json:
-        print(json.dumps(_json_ready(ev, **extra_json, profile=str(out) if out else None,
-                                     samples=len(samples), dropped=dropped, note=note or None,
-                                     fitted_profile=json.loads(prof.to_json())), indent=2))
+        print(
+            json.dumps(
+                _json_ready(
+                    ev,
+                    **extra_json,
+                    profile=str(out) if out else None,
+                    samples=len(samples),
+                    dropped=dropped,
+                    note=note or None,
+                    fitted_profile=json.loads(prof.to_json()),
+                ),
+                indent=2,
+            )
+        )
         return 0
-    print(f"fitted profile {prof.name!r} from {len(samples)} samples"
-          + (f" ({dropped} outliers > 3 MAD dropped)" if dropped else "") + ":")
+    print(
+        f"fitted profile {prof.name!r} from {len(samples)} samples"
+        + (f" ({dropped} outliers > 3 MAD dropped)" if dropped else "")
+        + ":"
+    )
     if note:
         print(f"  note: {note} ({base.name})")
     print(format_profile(prof))
     print(format_report(ev, "uncorrected predictions vs the sweep medians:"))
     if prof.fit_rel_rms is not None and prof.fit_rel_rms > NOISY_RMS:
-        print(f"warning: relative RMS error {prof.fit_rel_rms:.2f} > {NOISY_RMS}: the timings are noisy (other "
-              "work on this machine?) or do not follow the roofline form; inspect the sweep medians and "
-              "recalibrate on an idle machine", file=sys.stderr)
+        print(
+            f"warning: relative RMS error {prof.fit_rel_rms:.2f} > {NOISY_RMS}: the timings are noisy (other "
+            "work on this machine?) or do not follow the roofline form; inspect the sweep medians and "
+            "recalibrate on an idle machine",
+            file=sys.stderr,
+        )
     if out:
         print(f"profile written to {out}  (use: SGLANG_ER_PROFILE={out})")
     else:
@@ -653,10 +771,17 @@ def _cmd_fit_csv(args) -> int:
     cost = cost_model(base, config)  # accounting only: samples carry bytes/flops, not times
     samples = rows_to_samples(cost, rows)
     return _fit_and_report(
-        args, lambda p: cost_model(p, config), samples, rows, base,
-        device=args.device or base.device, name=args.name or f"calibrated-{Path(args.csv).stem}",
+        args,
+        lambda p: cost_model(p, config),
+        samples,
+        rows,
+        base,
+        device=args.device or base.device,
+        name=args.name or f"calibrated-{Path(args.csv).stem}",
         measured_with=f"sglang-er calibrate --csv {Path(args.csv).name} (sweep medians)",
-        backend=None, extra_json={"csv": str(args.csv)})
+        backend=None,
+        extra_json={"csv": str(args.csv)},
+    )
 
 
 def _cmd_measure(args) -> int:
@@ -666,29 +791,46 @@ def _cmd_measure(args) -> int:
     from sglang_er.gamma import ModelCost
 
     ModelCost.from_config(config)  # fail before starting a server if the shapes are unsupported
-    m = measure(args.model_path, config, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens,
-                gammas=args.gammas, max_new_tokens=args.max_new_tokens, kv_tokens=args.kv_tokens,
-                log=(lambda s: print(s, file=sys.stderr)) if args.json else print)
+    m = measure(
+        args.model_path,
+        config,
+        batch_sizes=args.batch_sizes,
+        seq_lens=args.seq_lens,
+        gammas=args.gammas,
+        max_new_tokens=args.max_new_tokens,
+        kv_tokens=args.kv_tokens,
+        log=(lambda s: print(s, file=sys.stderr)) if args.json else print,
+    )
     base = _base_profile(args.base or m.base_name)
     backend = m.attention_backend or base.attention_backend
     cost = cost_model(base, config, backend)
     samples = measurement_samples(cost, m, args.gammas)
     rows = measurement_rows(m, args.gammas)
     if len({s.phase for s in samples}) < 3:
-        raise RuntimeError(f"the sweep produced too few full-batch iterations ({len(samples)} samples over "
-                           f"phases {sorted({s.phase for s in samples})}); raise --max-new-tokens")
+        raise RuntimeError(
+            f"the sweep produced too few full-batch iterations ({len(samples)} samples over "
+            f"phases {sorted({s.phase for s in samples})}); raise --max-new-tokens"
+        )
     if args.sweep_csv:
         write_sweep_csv(args.sweep_csv, rows)
     args.out = args.out or "profile.json"
-    grid = (f"batch {','.join(map(str, args.batch_sizes))} seq {','.join(map(str, args.seq_lens))} "
-            f"γ {','.join(map(str, args.gammas))} new {args.max_new_tokens}")
+    grid = (
+        f"batch {','.join(map(str, args.batch_sizes))} seq {','.join(map(str, args.seq_lens))} "
+        f"γ {','.join(map(str, args.gammas))} new {args.max_new_tokens}"
+    )
     rc = _fit_and_report(
-        args, lambda p: cost_model(p, config, backend), samples, rows, base,
-        device=args.device or m.device, name=args.name or f"calibrated-{Path(str(args.model_path)).name}",
+        args,
+        lambda p: cost_model(p, config, backend),
+        samples,
+        rows,
+        base,
+        device=args.device or m.device,
+        name=args.name or f"calibrated-{Path(str(args.model_path)).name}",
         measured_with=f"sglang-er calibrate on {Path(str(args.model_path)).name}: {grid}; "
-                      f"{len(samples)} per-iteration samples",
-        backend=backend, extra_json={"model_path": str(args.model_path),
-                                     "sweep_csv": args.sweep_csv})
+        f"{len(samples)} per-iteration samples",
+        backend=backend,
+        extra_json={"model_path": str(args.model_path), "sweep_csv": args.sweep_csv},
+    )
     if args.sweep_csv and not args.json:
         print(f"sweep medians written to {args.sweep_csv}")
     return rc

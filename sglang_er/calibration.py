@@ -125,8 +125,9 @@ class HardwareProfile(BaseModel):
             raise ValueError("must contain 'bf16' (the target's compute class)")
         for k, f in v.items():
             if not (_F_RANGE[0] <= f <= _F_RANGE[1]):
-                raise ValueError(f"{k}: {f:g} flop/s is outside the plausible range "
-                                 f"[{_F_RANGE[0]:g}, {_F_RANGE[1]:g}] (unit error?)")
+                raise ValueError(
+                    f"{k}: {f:g} flop/s is outside the plausible range [{_F_RANGE[0]:g}, {_F_RANGE[1]:g}] (unit error?)"
+                )
         return v
 
     @model_validator(mode="after")
@@ -160,8 +161,7 @@ class HardwareProfile(BaseModel):
         return self.model_dump_json(indent=2)
 
     @classmethod
-    def from_json(cls, text: str | bytes, *, source: str = "<string>",
-                  device: str | None = None) -> HardwareProfile:
+    def from_json(cls, text: str | bytes, *, source: str = "<string>", device: str | None = None) -> HardwareProfile:
         """Parse a profile from JSON text (data only). ``device``: refuse a profile of another device."""
         try:
             raw = json.loads(text)
@@ -280,8 +280,9 @@ def builtin_profile(name: str) -> HardwareProfile:
     aliases cpu/h100/a100)."""
     key = _ALIASES.get(name, name)
     if key not in BUILTIN_PROFILES:
-        raise ValueError(f"unknown built-in hardware profile {name!r}; choose one of "
-                         f"{', '.join([*BUILTIN_PROFILES, *_ALIASES])}")
+        raise ValueError(
+            f"unknown built-in hardware profile {name!r}; choose one of {', '.join([*BUILTIN_PROFILES, *_ALIASES])}"
+        )
     return BUILTIN_PROFILES[key]
 
 
@@ -295,10 +296,15 @@ def builtin_profile_for_device(gpu_name: str | None, *, warn: bool = True) -> Ha
         if needle in gpu_name:
             return BUILTIN_PROFILES[key]
     if warn:
-        logger.warning("no built-in hardware profile for GPU %r: starting from the uncalibrated %r placeholder "
-                       "(live correction adjusts it as the server decodes). For good decisions from the first "
-                       "iterations run `sglang-er calibrate --model-path M --out profile.json` on this GPU and "
-                       "start the server with %s=profile.json", gpu_name, GENERIC_GPU, PROFILE_ENV)
+        logger.warning(
+            "no built-in hardware profile for GPU %r: starting from the uncalibrated %r placeholder "
+            "(live correction adjusts it as the server decodes). For good decisions from the first "
+            "iterations run `sglang-er calibrate --model-path M --out profile.json` on this GPU and "
+            "start the server with %s=profile.json",
+            gpu_name,
+            GENERIC_GPU,
+            PROFILE_ENV,
+        )
     return BUILTIN_PROFILES[GENERIC_GPU]
 
 
@@ -323,14 +329,18 @@ def profile_from_env(server: str, environ: Mapping[str, str] | None = None) -> H
     path = (os.environ if environ is None else environ).get(PROFILE_ENV)
     if not path:
         return None
-    prof = load_profile(path, context=f"{PROFILE_ENV}={path}: ",
-                        fix=f"fix the file, re-create it with `sglang-er calibrate`, or unset {PROFILE_ENV}")
+    prof = load_profile(
+        path,
+        context=f"{PROFILE_ENV}={path}: ",
+        fix=f"fix the file, re-create it with `sglang-er calibrate`, or unset {PROFILE_ENV}",
+    )
     server = server.split(":")[0].lower()
     if (server == "cpu") != prof.device.lower().startswith("cpu"):
         raise ValueError(
             f"{PROFILE_ENV}={path}: profile {prof.name!r} was measured on {prof.device!r} but this server "
             f"runs on {server}; calibrate this machine (`sglang-er calibrate --model-path M --out profile.json`) "
-            f"or unset {PROFILE_ENV}")
+            f"or unset {PROFILE_ENV}"
+        )
     return prof
 
 
@@ -341,8 +351,16 @@ _FIXED_COL = {"plain": "fixed_plain_s", "draft": "fixed_draft_step_s", "verify":
 _SEQ_COL = {"plain": "per_seq_s", "draft": "per_seq_draft_s", "verify": "per_seq_s"}
 
 
-def roofline_seconds(mem_s: Num, compute_s: Num, per_seq_s: Num, batch: Num, fixed_s: Num, forwards: Num = 1,
-                     *, maximum: Callable[[Num, Num], Num] = max) -> Num:
+def roofline_seconds(
+    mem_s: Num,
+    compute_s: Num,
+    per_seq_s: Num,
+    batch: Num,
+    fixed_s: Num,
+    forwards: Num = 1,
+    *,
+    maximum: Callable[[Num, Num], Num] = max,
+) -> Num:
     """Seconds of ``forwards`` identical forwards of ``batch`` requests: max(bytes/BW, Σ_k flops_k/F_k)
     + forwards·(per_seq·B + fixed), given ``mem_s`` = bytes/BW and ``compute_s`` = Σ_k flops_k/F_k
     over all of them. ``maximum=np.maximum`` evaluates it for arrays (fit_profile: every sample at
@@ -355,12 +373,19 @@ def compute_seconds(profile: HardwareProfile, flops: Mapping[str, float]) -> flo
     return sum(f / profile.flops(k) for k, f in flops.items())
 
 
-def phase_seconds(profile: HardwareProfile, phase: str, bytes_: float, compute_s: float, batch: int,
-                  forwards: int = 1) -> float:
+def phase_seconds(
+    profile: HardwareProfile, phase: str, bytes_: float, compute_s: float, batch: int, forwards: int = 1
+) -> float:
     """:func:`roofline_seconds` with ``profile``'s bandwidth and ``phase``'s overheads;
     ``forwards=0``: the roofline term alone."""
-    return roofline_seconds(bytes_ / profile.bandwidth_bytes_per_s, compute_s, getattr(profile, _SEQ_COL[phase]),
-                            batch, getattr(profile, _FIXED_COL[phase]), forwards)
+    return roofline_seconds(
+        bytes_ / profile.bandwidth_bytes_per_s,
+        compute_s,
+        getattr(profile, _SEQ_COL[phase]),
+        batch,
+        getattr(profile, _FIXED_COL[phase]),
+        forwards,
+    )
 
 
 # ---------------------------------------------------------------------- fitting
@@ -409,8 +434,10 @@ def _as_sample(s: SampleLike) -> CalibrationSample:
         return CalibrationSample(bytes=s[0], flops=s[1], batch=s[2], seconds=s[3])
     if len(s) == 5:  # (phase, bytes, flops, batch, seconds)
         return CalibrationSample(phase=s[0], bytes=s[1], flops=s[2], batch=s[3], seconds=s[4])
-    raise ValueError(f"a calibration sample is (bytes, flops, batch, seconds) or "
-                     f"(phase, bytes, flops, batch, seconds), got {len(s)} values")
+    raise ValueError(
+        f"a calibration sample is (bytes, flops, batch, seconds) or "
+        f"(phase, bytes, flops, batch, seconds), got {len(s)} values"
+    )
 
 
 def _nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 200) -> np.ndarray:
@@ -476,8 +503,15 @@ def fit_profile(
         raise ValueError(f"fit_profile needs at least 2 samples, got {len(ss)}")
     base = base or BUILTIN_PROFILES["cpu-2core"]
     classes = sorted({k for s in ss for k, f in s.flops.items() if f > 0})
-    cols = ["inv_bw", *[f"inv_f:{k}" for k in classes], "per_seq_s", "per_seq_draft_s",
-            "fixed_plain_s", "fixed_draft_step_s", "fixed_verify_s"]
+    cols = [
+        "inv_bw",
+        *[f"inv_f:{k}" for k in classes],
+        "per_seq_s",
+        "per_seq_draft_s",
+        "fixed_plain_s",
+        "fixed_draft_step_s",
+        "fixed_verify_s",
+    ]
     ci = {c: i for i, c in enumerate(cols)}
     m, n = len(ss), len(cols)
 
@@ -500,18 +534,19 @@ def fit_profile(
     def solve(mem: np.ndarray) -> np.ndarray:
         A = over.copy()
         A[:, 0] = np.where(mem, byt, 0.0)
-        A[:, 1:1 + len(classes)] = np.where(mem[:, None], 0.0, flo)
+        A[:, 1 : 1 + len(classes)] = np.where(mem[:, None], 0.0, flo)
         A *= wgt[:, None]
         scale = np.linalg.norm(A, axis=0)
         scale[scale == 0] = 1.0  # an empty column stays 0: unidentified
         return _nnls(A / scale, t * wgt) / scale
 
     def predict(x: np.ndarray) -> np.ndarray:
-        return roofline_seconds(byt * x[0], flo @ x[1:1 + len(classes)], x[seq_col], batch, x[fixed_col], fwd,
-                                maximum=np.maximum)
+        return roofline_seconds(
+            byt * x[0], flo @ x[1 : 1 + len(classes)], x[seq_col], batch, x[fixed_col], fwd, maximum=np.maximum
+        )
 
     def classify(x: np.ndarray) -> np.ndarray:
-        return byt * x[0] >= flo @ x[1:1 + len(classes)]
+        return byt * x[0] >= flo @ x[1 : 1 + len(classes)]
 
     thresholds = np.unique(intensity)
     if len(thresholds) > 64:
@@ -534,7 +569,7 @@ def fit_profile(
     used[0] = bool((mem & (byt > 0)).any())
     for j in range(len(classes)):
         used[1 + j] = bool(((~mem) & (flo[:, j] > 0)).any())
-    used[1 + len(classes):] = (over != 0).any(0)[1 + len(classes):]
+    used[1 + len(classes) :] = (over != 0).any(0)[1 + len(classes) :]
 
     fitted: list[str] = []
     fields = base.model_dump()
@@ -547,17 +582,19 @@ def fit_profile(
             flops[k] = float(1.0 / x[1 + j])
             fitted.append(f"flops_per_s.{k}")
     fields["flops_per_s"] = flops
-    for c in cols[1 + len(classes):]:
+    for c in cols[1 + len(classes) :]:
         if used[ci[c]]:
             fields[c] = float(x[ci[c]])
             fitted.append(c)
-    fields.update(name=name, device=device or base.device, measured_with=measured_with,
-                  fit_rel_rms=best_err, fitted=fitted)
+    fields.update(
+        name=name, device=device or base.device, measured_with=measured_with, fit_rel_rms=best_err, fitted=fitted
+    )
     if attention_backend is not None:
         fields["attention_backend"] = attention_backend
     try:
         return HardwareProfile.model_validate(fields)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ValueError(f"fit_profile produced an implausible profile ({problems}); "
-                         "the samples do not follow the roofline form") from None
+        raise ValueError(
+            f"fit_profile produced an implausible profile ({problems}); the samples do not follow the roofline form"
+        ) from None

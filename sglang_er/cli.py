@@ -76,8 +76,10 @@ def _eval(rest: list[str]) -> int:
 
 def _bench(_rest: list[str]) -> int:
     """The benchmarks are tools of the source checkout (its ``eval/`` folder), not installed."""
-    raise RuntimeError("the rollout benchmark is not installed with the package: from a source checkout's root run "
-                       "`python -m eval.rollout_bench --help`")
+    raise RuntimeError(
+        "the rollout benchmark is not installed with the package: from a source checkout's root run "
+        "`python -m eval.rollout_bench --help`"
+    )
 
 
 # Commands with their own argument parsers: everything after the name is theirs, --help included.
@@ -94,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd")
     sub.add_parser("doctor", help="versions, platform, accelerator, kernels").set_defaults(fn=_doctor)
     m = sub.add_parser("model", help="build a model from code and print its directory")
-    m.add_argument("name", help="tiny | tiny-llama | qwen2-0.5b | smollm2-135m-instruct | qwen2.5-0.5b-instruct "
-                   "(real, from the registry) | gsm8k-lm (trained on $SGLANG_ER_DATA/gsm8k/train.jsonl, ~15 min once) "
-                   "| gsm8k-lm-rl (gsm8k-lm sharpened: a low-entropy late-RL policy)")
+    m.add_argument(
+        "name",
+        help="tiny | tiny-llama | qwen2-0.5b | smollm2-135m-instruct | qwen2.5-0.5b-instruct "
+        "(real, from the registry) | gsm8k-lm (trained on $SGLANG_ER_DATA/gsm8k/train.jsonl, ~15 min once) "
+        "| gsm8k-lm-rl (gsm8k-lm sharpened: a low-entropy late-RL policy)",
+    )
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=_model)
     for name, (fn, help_) in FORWARDED.items():  # listed in --help; main() hands them their arguments

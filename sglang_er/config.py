@@ -34,7 +34,6 @@ have no SGLang flag are environment variables, read in every SGLang process alik
 from __future__ import annotations
 
 import os
-
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -42,13 +41,22 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from sglang_er.limits import MAX_GAMMA
 
 # field -> the variable that sets it (from_env reads them; errors name them)
-_ENV = {"mode": "SGLANG_ER_MODE", "draft_head": "SGLANG_ER_DRAFT_HEAD", "quant": "SGLANG_ER_QUANT",
-        "awq_min_tokens": "SGLANG_ER_AWQ_MIN_TOKENS", "awq_sample_every": "SGLANG_ER_AWQ_SAMPLE_EVERY",
-        "inject_fault": "SGLANG_ER_INJECT_FAULT", "requantize": "SGLANG_ER_REQUANTIZE",
-        "timeline_size": "SGLANG_ER_TIMELINE", "min_gain": "SGLANG_ER_MIN_GAIN",
-        "hysteresis": "SGLANG_ER_HYSTERESIS", "explore_every": "SGLANG_ER_EXPLORE_EVERY",
-        "history": "SGLANG_ER_HISTORY",
-        "history_min_match": "SGLANG_ER_HISTORY_MIN_MATCH", "history_budget": "SGLANG_ER_HISTORY_BUDGET"}
+_ENV = {
+    "mode": "SGLANG_ER_MODE",
+    "draft_head": "SGLANG_ER_DRAFT_HEAD",
+    "quant": "SGLANG_ER_QUANT",
+    "awq_min_tokens": "SGLANG_ER_AWQ_MIN_TOKENS",
+    "awq_sample_every": "SGLANG_ER_AWQ_SAMPLE_EVERY",
+    "inject_fault": "SGLANG_ER_INJECT_FAULT",
+    "requantize": "SGLANG_ER_REQUANTIZE",
+    "timeline_size": "SGLANG_ER_TIMELINE",
+    "min_gain": "SGLANG_ER_MIN_GAIN",
+    "hysteresis": "SGLANG_ER_HYSTERESIS",
+    "explore_every": "SGLANG_ER_EXPLORE_EVERY",
+    "history": "SGLANG_ER_HISTORY",
+    "history_min_match": "SGLANG_ER_HISTORY_MIN_MATCH",
+    "history_budget": "SGLANG_ER_HISTORY_BUDGET",
+}
 DEFAULT_GAMMA = 4
 
 
@@ -95,7 +103,7 @@ class EffRolloutConfig(BaseModel):
         return self.gamma_schedule[it % len(self.gamma_schedule)]
 
     @classmethod
-    def from_env(cls, gamma_max: int, environ=os.environ) -> "EffRolloutConfig":
+    def from_env(cls, gamma_max: int, environ=os.environ) -> EffRolloutConfig:
         raw = environ.get("SGLANG_ER_GAMMA", "").strip()
         schedule = None
         if raw:
@@ -121,6 +129,9 @@ class EffRolloutConfig(BaseModel):
             return cls(gamma_max=gamma_max, gamma_schedule=schedule, mode=mode, **set_vars)
         except ValidationError as e:
             # name the variable to change, not the pydantic field
-            why = "; ".join(f"{_ENV.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else 'settings'}"
-                            f"={err.get('input')!r}: {err['msg']}" for err in e.errors())
+            why = "; ".join(
+                f"{_ENV.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else 'settings'}"
+                f"={err.get('input')!r}: {err['msg']}"
+                for err in e.errors()
+            )
             raise ValueError(f"invalid EFFROLLOUT settings: {why}") from None

@@ -33,18 +33,36 @@ def default_profile(device: torch.device) -> HardwareProfile:
 
 
 class Controller:
-    def __init__(self, hf_config: dict, gamma_max: int, device: torch.device, attention_backend: str,
-                 draft_head: str = "shared", profile: HardwareProfile | None = None,
-                 min_gain: float = 1.05, hysteresis: float = 0.02, explore_every: int = 32):
+    def __init__(
+        self,
+        hf_config: dict,
+        gamma_max: int,
+        device: torch.device,
+        attention_backend: str,
+        draft_head: str = "shared",
+        profile: HardwareProfile | None = None,
+        min_gain: float = 1.05,
+        hysteresis: float = 0.02,
+        explore_every: int = 32,
+    ):
         self.device = device
         profile = profile or default_profile(device)
         # An unknown backend is modelled like the plain paged kernels: every request reads its own KV.
-        cost = CostModel(profile, ModelCost.from_config(
-            hf_config, w4_head=draft_head == "w4", w8_head=draft_head == "w8"), attention_backend=attention_backend,
-                         kv_read_rule=KV_READ_RULE.get(attention_backend, "per_request"))
+        cost = CostModel(
+            profile,
+            ModelCost.from_config(hf_config, w4_head=draft_head == "w4", w8_head=draft_head == "w8"),
+            attention_backend=attention_backend,
+            kv_read_rule=KV_READ_RULE.get(attention_backend, "per_request"),
+        )
         self.acceptance = AcceptanceModel(gamma_max)
-        self.gamma_policy = GammaPolicy(cost, self.acceptance, ladder=list(range(1, gamma_max + 1)),
-                                        min_gain=min_gain, hysteresis=hysteresis, explore_every=explore_every)
+        self.gamma_policy = GammaPolicy(
+            cost,
+            self.acceptance,
+            ladder=list(range(1, gamma_max + 1)),
+            min_gain=min_gain,
+            hysteresis=hysteresis,
+            explore_every=explore_every,
+        )
         self.cost = cost
         self._live_rids: set = set()
         self._rids: list = []  # the last batch's request ids, in order
@@ -75,8 +93,14 @@ class Controller:
         self._live_rids = now
 
     # ------------------------------------------------------------------ measurements
-    def observe(self, gamma: int, phases: dict[str, float], accept_lens=None, rows: list[int] | None = None,
-                draft_split: tuple[float, float] | None = None) -> None:
+    def observe(
+        self,
+        gamma: int,
+        phases: dict[str, float],
+        accept_lens=None,
+        rows: list[int] | None = None,
+        draft_split: tuple[float, float] | None = None,
+    ) -> None:
         """Phase times (seconds) and accepted drafts [B] of the iteration ``choose`` decided;
         ``rows``: the requests whose drafts came from the W4 drafter (default: all);
         ``draft_split``: (first draft step, the other γ − 1) seconds, for γ ≥ 2.
@@ -126,8 +150,9 @@ class Controller:
             "profile": self.cost.profile.name,
             "alphas": self.acceptance.alphas(),
             # JSON has no NaN (an empty window): report it as null
-            "model_error": {p: {k: (v if v == v else None) for k, v in e.items()}
-                            for p, e in self.cost.error_stats().items()},
+            "model_error": {
+                p: {k: (v if v == v else None) for k, v in e.items()} for p, e in self.cost.error_stats().items()
+            },
             "last_decision": None if d is None else {"gamma": d.gamma, "reason": d.reason},
             "outside_s": self.cost.outside_fit,  # per mode (a, b): a + b·batch seconds
             "draft_setup_steps": self.cost.draft_setup,  # κ: the first draft step's extra, in steps

@@ -5,19 +5,26 @@ reached, and is tested against a plain-torch reference or SGLang's own original
 (tests/test_cpu_ops.py). They are installed through SGLang's HookRegistry only when the
 portable CPU platform is active.
 
-| target | reached when | replacement |
-|---|---|---|
-| ``MHATokenToKVPool._init_kv_copy_and_warmup`` | any speculative algorithm is on: the pool warms a Triton KV-copy kernel at creation | no copy config (a chain drafter never moves KV between slots) |
-| ``allocation.assign_req_to_token_pool_func`` | speculative decode allocation writes new slots into ``req_to_token`` | :func:`assign_req_to_token_pool` |
-| ``utils.common.get_device`` (AROUND) | a server started without ``--device``: SGLang asks the out-of-tree platform for the device and gets a ``torch.device``, then calls ``.split(":")`` on it | the same device as a string |
-| ``TorchNativeAttnBackend._run_sdpa_forward_decode`` | every DECODE forward under ``--attention-backend torch_native`` (plain decoding, and EFFROLLOUT's γ = 0 iterations): one SDPA per request | :func:`sdpa_forward_decode`: one padded SDPA over the batch (same math, 1.2–1.9x faster at B ≥ 4); cross attention / encoder-decoder go to SGLang's original |
-| ``TorchNativeAttnBackend._run_sdpa_forward_extend`` | every EXTEND forward under ``--attention-backend torch_native``: prefill, chunked prefill / radix hits, and our verify (γ+1 tokens after L committed, run as EXTEND then flipped to TARGET_VERIFY). SGLang pads each request's queries to the full KV length and runs an L×L causal SDPA, so a verify costs ~L/(γ+1) times the useful work | :func:`sdpa_forward_extend`: only the extend rows, a (γ+1)×L SDPA whose causal mask is offset by the prefix length (same math); non-causal / encoder-decoder calls go to SGLang's original |
+- ``MHATokenToKVPool._init_kv_copy_and_warmup``: any speculative algorithm makes the pool warm a
+  Triton KV-copy kernel at creation; replaced by no copy config (a chain drafter never moves KV).
+- ``allocation.assign_req_to_token_pool_func``: speculative decode allocation writes new slots into
+  ``req_to_token``; replaced by :func:`assign_req_to_token_pool`.
+- ``utils.common.get_device`` (AROUND): a server started without ``--device`` gets a ``torch.device``
+  from the out-of-tree platform and calls ``.split(":")`` on it; returns the same device as a string.
+- ``TorchNativeAttnBackend._run_sdpa_forward_decode``: every DECODE forward under torch_native (plain
+  decoding, EFFROLLOUT's γ = 0 iterations) ran one SDPA per request; :func:`sdpa_forward_decode` runs
+  one padded SDPA over the batch (same math, 1.2–1.9x faster at B ≥ 4); cross attention and
+  encoder-decoder calls go to SGLang's original.
+- ``TorchNativeAttnBackend._run_sdpa_forward_extend``: every EXTEND forward (prefill, radix hits, and
+  the verify: γ+1 tokens after L committed, run as EXTEND then flipped to TARGET_VERIFY). SGLang pads
+  each request's queries to the full KV length and runs an L×L causal SDPA, ~L/(γ+1) times the useful
+  work of a verify; :func:`sdpa_forward_extend` runs only the extend rows, a (γ+1)×L SDPA with the
+  causal mask offset by the prefix length (same math); non-causal calls go to SGLang's original.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Optional
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
@@ -26,12 +33,8 @@ from sglang_er import kv_rows
 from sglang_er.config import MAX_GAMMA
 
 _installed = False
-_EXTEND_TARGET = (
-    "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend"
-)
-_DECODE_TARGET = (
-    "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_decode"
-)
+_EXTEND_TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend"
+_DECODE_TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_decode"
 # SGLang's own functions we still call. Kept inside a dict: HookRegistry's apply_hooks rebinds
 # every module attribute that *is* a patched original to the wrapper, which for a plain global
 # here would turn the fallback into a call back into the replacement.
@@ -99,12 +102,12 @@ def sdpa_forward_decode(
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
-    encoder_lens: Optional[torch.Tensor] = None,
+    encoder_lens: torch.Tensor | None = None,
     scaling=None,
     enable_gqa=False,
     causal=False,
     is_cross_attn=False,
-    sliding_window_size: Optional[int] = None,
+    sliding_window_size: int | None = None,
 ):
     """Drop-in for ``TorchNativeAttnBackend._run_sdpa_forward_decode``: same arguments, same result.
 
@@ -114,16 +117,32 @@ def sdpa_forward_decode(
     """
     bs = seq_lens.shape[0]
     kv_lens = seq_lens.tolist()
-    if (encoder_lens is not None or is_cross_attn or bs == 0
-            or not _batched_fits(bs, max(kv_lens), k_cache, v_cache, query)):
+    if (
+        encoder_lens is not None
+        or is_cross_attn
+        or bs == 0
+        or not _batched_fits(bs, max(kv_lens), k_cache, v_cache, query)
+    ):
         return sglang_sdpa_forward_decode()(
-            self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-            encoder_lens, scaling=scaling, enable_gqa=enable_gqa, causal=causal,
-            is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size,
+            self,
+            query,
+            output,
+            k_cache,
+            v_cache,
+            req_to_token,
+            req_pool_indices,
+            seq_lens,
+            encoder_lens,
+            scaling=scaling,
+            enable_gqa=enable_gqa,
+            causal=causal,
+            is_cross_attn=is_cross_attn,
+            sliding_window_size=sliding_window_size,
         )
     window = sliding_window_size if sliding_window_size is not None and sliding_window_size > -1 else None
-    return _batched_short_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices, kv_lens,
-                                 seq_lens - 1, 1, scaling, window)
+    return _batched_short_extend(
+        query, output, k_cache, v_cache, req_to_token, req_pool_indices, kv_lens, seq_lens - 1, 1, scaling, window
+    )
 
 
 def sdpa_forward_extend(
@@ -137,12 +156,12 @@ def sdpa_forward_extend(
     seq_lens: torch.Tensor,
     extend_prefix_lens: torch.Tensor,
     extend_seq_lens: torch.Tensor,
-    encoder_lens: Optional[torch.Tensor] = None,
+    encoder_lens: torch.Tensor | None = None,
     scaling=None,
     enable_gqa=False,
     causal=False,
     is_cross_attn=False,
-    sliding_window_size: Optional[int] = None,
+    sliding_window_size: int | None = None,
 ):
     """Drop-in for ``TorchNativeAttnBackend._run_sdpa_forward_extend``: same arguments, same result.
 
@@ -161,9 +180,21 @@ def sdpa_forward_extend(
     if not causal or is_cross_attn or encoder_lens is not None:
         # Encoder-only / cross attention / encoder-decoder: SGLang's own code path.
         return sglang_sdpa_forward_extend()(
-            self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-            extend_prefix_lens, extend_seq_lens, encoder_lens, scaling=scaling,
-            enable_gqa=enable_gqa, causal=causal, is_cross_attn=is_cross_attn,
+            self,
+            query,
+            output,
+            k_cache,
+            v_cache,
+            req_to_token,
+            req_pool_indices,
+            seq_lens,
+            extend_prefix_lens,
+            extend_seq_lens,
+            encoder_lens,
+            scaling=scaling,
+            enable_gqa=enable_gqa,
+            causal=causal,
+            is_cross_attn=is_cross_attn,
             sliding_window_size=sliding_window_size,
         )
     assert seq_lens.shape[0] == extend_prefix_lens.shape[0]
@@ -176,10 +207,24 @@ def sdpa_forward_extend(
     prefixes = extend_prefix_lens.tolist()
     q_lens = extend_seq_lens.tolist()
     q0 = q_lens[0]
-    if 0 < q0 <= BATCHED_MAX_EXTEND and q_lens.count(q0) == bs and _batched_fits(
-            bs, max(kv_lens), k_cache, v_cache, query):
-        return _batched_short_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices,
-                                     kv_lens, extend_prefix_lens, q0, scaling, window)
+    if (
+        0 < q0 <= BATCHED_MAX_EXTEND
+        and q_lens.count(q0) == bs
+        and _batched_fits(bs, max(kv_lens), k_cache, v_cache, query)
+    ):
+        return _batched_short_extend(
+            query,
+            output,
+            k_cache,
+            v_cache,
+            req_to_token,
+            req_pool_indices,
+            kv_lens,
+            extend_prefix_lens,
+            q0,
+            scaling,
+            window,
+        )
     pool_rows = req_pool_indices.tolist()
     dtype = query.dtype
     dev = query.device
@@ -204,8 +249,9 @@ def sdpa_forward_extend(
             if window is not None:
                 mask &= k_pos >= q_pos - window
             is_causal = False
-        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa,
-                                           scale=scaling, is_causal=is_causal)
+        out = scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scaling, is_causal=is_causal
+        )
         output[start_q:end_q] = out.squeeze(0).movedim(-2, 0)
         start_q = end_q
     return output
@@ -219,12 +265,15 @@ BATCHED_MAX_BYTES = 256 << 20
 
 def _batched_fits(bs: int, max_len: int, k_cache, v_cache, query) -> bool:
     """Whether the padded KV of one layer stays under BATCHED_MAX_BYTES."""
-    return bs * max_len * k_cache.shape[1] * (k_cache.shape[2] + v_cache.shape[2]) * query.element_size() \
+    return (
+        bs * max_len * k_cache.shape[1] * (k_cache.shape[2] + v_cache.shape[2]) * query.element_size()
         <= BATCHED_MAX_BYTES
+    )
 
 
-def _batched_short_extend(query, output, k_cache, v_cache, req_to_token, req_pool_indices, kv_lens,
-                          extend_prefix_lens, q_len, scaling, window):
+def _batched_short_extend(
+    query, output, k_cache, v_cache, req_to_token, req_pool_indices, kv_lens, extend_prefix_lens, q_len, scaling, window
+):
     """Every request extends by ``q_len`` tokens: one padded SDPA for the whole batch.
 
     query [bs·q, H, D] -> output [bs·q, H, Dv]. The KV rows are gathered with one flat
@@ -273,11 +322,13 @@ def install() -> None:
 
     HookRegistry.register(
         "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._init_kv_copy_and_warmup",
-        _no_kv_copy_warmup, HookType.REPLACE,
+        _no_kv_copy_warmup,
+        HookType.REPLACE,
     )
     HookRegistry.register(
         "sglang.srt.mem_cache.allocation.assign_req_to_token_pool_func",
-        assign_req_to_token_pool, HookType.REPLACE,
+        assign_req_to_token_pool,
+        HookType.REPLACE,
     )
     sglang_sdpa_forward_extend()  # keep SGLang's originals for the non-causal / cross paths
     sglang_sdpa_forward_decode()

@@ -75,8 +75,15 @@ class DraftAttention:
     attention, gsm8k-lm shapes: 0.38 -> 0.24 ms at B = 1, 0.72 -> 0.44 at B = 4, 1.5 -> 1.0 at B = 8).
     """
 
-    def __init__(self, kv: KVView, kv_index: torch.Tensor, seq_lens: torch.Tensor, gamma: int,
-                 num_layers: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        kv: KVView,
+        kv_index: torch.Tensor,
+        seq_lens: torch.Tensor,
+        gamma: int,
+        num_layers: int,
+        dtype: torch.dtype,
+    ):
         B, Lp = kv_index.shape
         k0 = kv.k[0]
         elems = 2 * B * Lp * k0.shape[1] * k0.shape[2]  # one layer's prefix K + V
@@ -84,8 +91,9 @@ class DraftAttention:
             dtype = torch.float32
         self.kv, self.kv_index, self.gamma, self.dtype, self.lp = kv, kv_index, gamma, dtype, Lp
         self.bias = torch.zeros(B, 1, 1, Lp + gamma, device=kv_index.device)
-        self.bias[..., :Lp].masked_fill_((torch.arange(Lp, device=kv_index.device)[None, :] >= seq_lens[:, None])
-                                         .view(B, 1, 1, Lp), float("-inf"))
+        self.bias[..., :Lp].masked_fill_(
+            (torch.arange(Lp, device=kv_index.device)[None, :] >= seq_lens[:, None]).view(B, 1, 1, Lp), float("-inf")
+        )
         self.cache_prefix = elems * dtype.itemsize * num_layers <= PREFIX_CACHE_BYTES
         # per layer: (K^T [B, KVH, hd, W], V [B, KVH, W, hd]); W = Lp + γ with the prefix cached, else
         # γ (the memory-lean path keeps only the draft tokens and gathers the prefix every call)
@@ -100,15 +108,18 @@ class DraftAttention:
         vals = kv_rows.gather(vbuf, flat).view(B, Lp, *vbuf.shape[1:]).transpose(1, 2)
         return keys, vals
 
-    def __call__(self, layer: int, j: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 scale: float) -> torch.Tensor:
+    def __call__(
+        self, layer: int, j: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         buf = self.buffers[layer]
         lp = self.lp if self.cache_prefix else 0  # column of draft token 0
         if buf is None:
             B, KVH, hd = k.shape
             width = lp + self.gamma
-            buf = self.buffers[layer] = (torch.empty(B, KVH, hd, width, dtype=self.dtype, device=k.device),
-                                         torch.empty(B, KVH, width, hd, dtype=self.dtype, device=k.device))
+            buf = self.buffers[layer] = (
+                torch.empty(B, KVH, hd, width, dtype=self.dtype, device=k.device),
+                torch.empty(B, KVH, width, hd, dtype=self.dtype, device=k.device),
+            )
             if self.cache_prefix:
                 keys, vals = self._prefix(layer)
                 buf[0][..., :lp] = keys
@@ -149,8 +160,9 @@ class DraftLayer:
             self.gate_up.requantize_(v.gate_up_weight)
             self.down.requantize_(v.down_weight)
             return
-        c = self.awq.search_layer(self.index, {"qkv": v.qkv_weight, "o": v.o_weight,
-                                               "gate_up": v.gate_up_weight, "down": v.down_weight})
+        c = self.awq.search_layer(
+            self.index, {"qkv": v.qkv_weight, "o": v.o_weight, "gate_up": v.gate_up_weight, "down": v.down_weight}
+        )
         self.betas = {g: ch.beta for g, ch in c.items()}
         # qkv / gate_up: y = (norm(h) / s) Q(W diag(s)), with 1/s folded into the norm copy
         self.input_norm.copy_(fold_into_norm(v.input_norm, c["qkv"].s))
@@ -223,15 +235,22 @@ class Drafter:
         """How many linear groups run AWQ scales (β > 0) and their mean β."""
         betas = [b for layer in self.layers for b in layer.betas.values()]
         scaled = [b for b in betas if b > 0]
-        return {"groups": len(betas), "awq_groups": len(scaled),
-                "mean_beta": sum(scaled) / len(scaled) if scaled else 0.0}
+        return {
+            "groups": len(betas),
+            "awq_groups": len(scaled),
+            "mean_beta": sum(scaled) / len(scaled) if scaled else 0.0,
+        }
 
     def weight_bytes(self) -> int:
         """Bytes the drafter adds to the target's: packed weights, scales, zeros, norm copies."""
         lins = [lin for layer in self.layers for lin in layer.linears()] + ([self.head] if self.head else [])
         norms = sum(2 * layer.input_norm.numel() * layer.input_norm.element_size() for layer in self.layers)
-        return norms + sum(b.numel() * b.element_size() for lin in lins for name, b in lin.named_buffers()
-                           if b is not None and name != "w_dequant")
+        return norms + sum(
+            b.numel() * b.element_size()
+            for lin in lins
+            for name, b in lin.named_buffers()
+            if b is not None and name != "w_dequant"
+        )
 
     def attention(self, kv: KVView, kv_index: torch.Tensor, seq_lens: torch.Tensor, gamma: int) -> DraftAttention:
         """The per-iteration attention state of a γ-step draft (see :class:`DraftAttention`)."""
@@ -262,7 +281,7 @@ class Drafter:
                 qk = qkv[:, : (H + KVH) * hd].view(B, H + KVH, hd)
                 qk = qk * rope[0] + qk.roll(hd // 2, -1) * rope[1]
                 q, k = qk[:, :H], qk[:, H:]
-            v = qkv[:, (H + KVH) * hd:].view(B, KVH, hd)
+            v = qkv[:, (H + KVH) * hd :].view(B, KVH, hd)
             out = attn(i, j, q.reshape(B, KVH, H // KVH, hd), k, v, lv.scaling)
             residual = residual + layer.o(out.to(residual.dtype).reshape(B, H * hd))
             x = _rms_norm(residual, layer.post_norm, lv.post_norm_eps)

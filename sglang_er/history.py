@@ -22,8 +22,8 @@ request's own earlier tokens: n-gram lookup).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
 
 PROMPT_STREAM = "<prompt>"
 
@@ -55,7 +55,7 @@ class HistoryIndex:
         self.min_match = int(min_match)
         self.budget_tokens = int(budget_tokens)
         self.max_candidates = int(max_candidates)
-        self._groups: "OrderedDict[Hashable, _Group]" = OrderedDict()
+        self._groups: OrderedDict[Hashable, _Group] = OrderedDict()
         self.tokens = 0
         self.evicted_groups = 0
 
@@ -139,7 +139,7 @@ class HistoryIndex:
             return None
         best, matched = 0, []
         prompt = g.streams.get(PROMPT_STREAM, [])
-        for s_id, end in reversed(cands[-self.max_candidates:]):  # most recent first
+        for s_id, end in reversed(cands[-self.max_candidates :]):  # most recent first
             stream = g.streams[s_id]
             if end >= len(stream):
                 continue  # nothing follows yet (e.g. the requester's own last tokens)

@@ -25,14 +25,13 @@ hybrid 10-17% against W4-only auto at B = 1-4 while 64 exploratory records were 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import random
+from dataclasses import dataclass
 
 import torch
 
-from sglang_er.history import HistoryIndex
 from sglang_er.gamma import AcceptanceModel
+from sglang_er.history import HistoryIndex
 
 HISTORY_SOURCES = ("group", "prompt", "self")
 CONTEXT_TAIL = 64  # tokens of a request's text a match may span (bounds a lookup's cost)
@@ -71,8 +70,14 @@ class Plan:
 
 
 class HistoryDrafts:
-    def __init__(self, gamma_max: int, min_match: int = 3, budget_tokens: int = 4_000_000,
-                 include_finished: bool = True, probe_every: int = PROBE_EVERY):
+    def __init__(
+        self,
+        gamma_max: int,
+        min_match: int = 3,
+        budget_tokens: int = 4_000_000,
+        include_finished: bool = True,
+        probe_every: int = PROBE_EVERY,
+    ):
         self.gamma_max = gamma_max
         self.probe_every = max(1, int(probe_every))
         self._since_probe = 0
@@ -148,7 +153,8 @@ class HistoryDrafts:
             # Could any verify-only plan pay, even with every request proposing at the vouched
             # rate? If not, skip the B lookups, which are pure Python.
             if verify_only_gain is None or not any(
-                    verify_only_gain(g, len(reqs) * vouched[g]) > 1.0 for g in range(1, self.gamma_max + 1)):
+                verify_only_gain(g, len(reqs) * vouched[g]) > 1.0 for g in range(1, self.gamma_max + 1)
+            ):
                 return None
         elif w4_expected is not None and table[gamma_w4] < w4_expected[gamma_w4]:
             self._since_probe += 1  # E[L] grows with a proposal's length: none could be used
@@ -161,7 +167,9 @@ class HistoryDrafts:
         for r in reqs:
             self.lookups += 1
             out = r.output_ids
-            ctx = out[-CONTEXT_TAIL:] if len(out) >= CONTEXT_TAIL else r.origin_input_ids[len(out) - CONTEXT_TAIL:] + out
+            ctx = (
+                out[-CONTEXT_TAIL:] if len(out) >= CONTEXT_TAIL else r.origin_input_ids[len(out) - CONTEXT_TAIL :] + out
+            )
             p = self.index.propose(r._er_hkey, r.rid, ctx, self.gamma_max)
             self.hits += p is not None
             props.append(p)
@@ -169,8 +177,10 @@ class HistoryDrafts:
             return None
         if gamma_w4 == 0:
             longest = max(len(p.tokens) for p in props if p)
-            gains = {g: verify_only_gain(g, sum(vouched[min(len(p.tokens), g)] if p else 1.0 for p in props))
-                     for g in range(1, longest + 1)}
+            gains = {
+                g: verify_only_gain(g, sum(vouched[min(len(p.tokens), g)] if p else 1.0 for p in props))
+                for g in range(1, longest + 1)
+            }
             gamma = max(gains, key=gains.get)
             return self._plan(props, [p is not None for p in props], gamma, 0) if gains[gamma] > 1.0 else None
         gamma = gamma_w4
@@ -206,8 +216,9 @@ class HistoryDrafts:
             n = plan.lengths[i]
             self.acceptance.observe(n, [min(accept_len[i], n)])
 
-    def observe_shadow(self, drafts: torch.Tensor, probs: torch.Tensor | None = None,
-                       argmax: torch.Tensor | None = None) -> None:
+    def observe_shadow(
+        self, drafts: torch.Tensor, probs: torch.Tensor | None = None, argmax: torch.Tensor | None = None
+    ) -> None:
         """Measure this iteration's unused proposals (:attr:`shadow`) against the verify's output.
 
         drafts [B, γ]: the tokens verified; probs [B, γ+1, V]: the target's distribution at each
@@ -240,10 +251,16 @@ class HistoryDrafts:
         self.shadow_records += len(scored)
 
     def state(self) -> dict:
-        return {"groups": self.index.num_groups, "indexed_tokens": self.index.tokens,
-                "evicted_groups": self.index.evicted_groups, "lookups": self.lookups, "hits": self.hits,
-                "shadow_records": self.shadow_records, "skipped_lookups": self.skipped_lookups,
-                "alphas": [round(a, 4) for a in self.acceptance.alphas()]}
+        return {
+            "groups": self.index.num_groups,
+            "indexed_tokens": self.index.tokens,
+            "evicted_groups": self.index.evicted_groups,
+            "lookups": self.lookups,
+            "hits": self.hits,
+            "shadow_records": self.shadow_records,
+            "skipped_lookups": self.skipped_lookups,
+            "alphas": [round(a, 4) for a in self.acceptance.alphas()],
+        }
 
 
 def merge_tokens(plan: Plan, x0: torch.Tensor, w4_tokens: torch.Tensor | None) -> torch.Tensor:

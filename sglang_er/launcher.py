@@ -57,9 +57,15 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         extra = list(extra_args or [])
         self.args = [
-            sys.executable, "-m", "sglang.launch_server",
-            "--model-path", str(model_path),
-            "--host", "127.0.0.1", "--port", str(self.port),
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            str(model_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
             *(["--device", "cpu"] if "--device" not in extra and _no_accelerator() else []),
             *(["--max-total-tokens", str(max_total_tokens)] if "--max-total-tokens" not in extra else []),
             *extra,
@@ -73,11 +79,15 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         t0 = time.monotonic()
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            self.args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
             preexec_fn=_die_with_parent,
         )
         while time.monotonic() - t0 < self.startup_timeout:
@@ -123,7 +133,7 @@ class Server:
         except OSError:
             return ""
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -34,7 +34,8 @@ class LiveStats:
         self._active = False
         self._handles = [
             lv.linears[group].register_forward_pre_hook(partial(self._hook, i, group))
-            for i, lv in enumerate(view.layers) for group in LINEAR_GROUPS
+            for i, lv in enumerate(view.layers)
+            for group in LINEAR_GROUPS
         ]
 
     def _hook(self, layer: int, group: str, _module, args):

@@ -27,21 +27,41 @@ class _Prom:
         self.phase_seconds = Counter("sglang_er:phase_seconds", "Wall time per phase", ["phase"])
         self.phase_calls = Counter("sglang_er:phase_calls", "Forwards per phase", ["phase"])
         self.gamma = Gauge("sglang_er:gamma", "γ of the last decode iteration", multiprocess_mode="mostrecent")
-        self.gamma_hist = Histogram("sglang_er:gamma_chosen", "γ per decode iteration",
-                                    buckets=[g + 0.5 for g in range(gamma_max)] + [float("inf")])
-        self.bw_util = Gauge("sglang_er:bandwidth_utilisation", "Achieved fraction of the profile's peak "
-                             "bandwidth (auto mode, recent window)", ["phase"], multiprocess_mode="mostrecent")
-        self.model_error = Gauge("sglang_er:model_rel_error", "Mean |predicted - measured| / measured phase "
-                                 "time after live correction (auto mode)", ["phase"], multiprocess_mode="mostrecent")
-        self.alpha = Gauge("sglang_er:alpha", "Acceptance α_k at draft position k (auto mode)", ["position"],
-                           multiprocess_mode="mostrecent")
-        self.source_drafted = Counter("sglang_er:source_drafted_tokens", "Draft tokens proposed, by source "
-                                      "(w4; group, prompt, self: history drafts; none: verify-only padding)", ["source"])
-        self.source_accepted = Counter("sglang_er:source_accepted_tokens", "Draft tokens accepted, by source",
-                                       ["source"])
+        self.gamma_hist = Histogram(
+            "sglang_er:gamma_chosen",
+            "γ per decode iteration",
+            buckets=[g + 0.5 for g in range(gamma_max)] + [float("inf")],
+        )
+        self.bw_util = Gauge(
+            "sglang_er:bandwidth_utilisation",
+            "Achieved fraction of the profile's peak bandwidth (auto mode, recent window)",
+            ["phase"],
+            multiprocess_mode="mostrecent",
+        )
+        self.model_error = Gauge(
+            "sglang_er:model_rel_error",
+            "Mean |predicted - measured| / measured phase time after live correction (auto mode)",
+            ["phase"],
+            multiprocess_mode="mostrecent",
+        )
+        self.alpha = Gauge(
+            "sglang_er:alpha",
+            "Acceptance α_k at draft position k (auto mode)",
+            ["position"],
+            multiprocess_mode="mostrecent",
+        )
+        self.source_drafted = Counter(
+            "sglang_er:source_drafted_tokens",
+            "Draft tokens proposed, by source (w4; group, prompt, self: history drafts; none: verify-only padding)",
+            ["source"],
+        )
+        self.source_accepted = Counter(
+            "sglang_er:source_accepted_tokens", "Draft tokens accepted, by source", ["source"]
+        )
         self.requantizations = Counter("sglang_er:requantizations", "Drafter re-quantizations after weight updates")
-        self.requantize_seconds = Gauge("sglang_er:last_requantize_seconds", "Wall time of the last re-quantization",
-                                        multiprocess_mode="mostrecent")
+        self.requantize_seconds = Gauge(
+            "sglang_er:last_requantize_seconds", "Wall time of the last re-quantization", multiprocess_mode="mostrecent"
+        )
 
 
 class SpecMetrics:
@@ -64,8 +84,14 @@ class SpecMetrics:
         self.phase_calls = {"plain": 0, "draft_step": 0, "verify": 0}
         self._prom = _Prom(gamma_max) if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
 
-    def record(self, gamma: int, accept_lens: torch.Tensor | None, bs: int,
-               phases: dict[str, tuple[float, int]] | None = None, sources: list[str] | None = None) -> None:
+    def record(
+        self,
+        gamma: int,
+        accept_lens: torch.Tensor | None,
+        bs: int,
+        phases: dict[str, tuple[float, int]] | None = None,
+        sources: list[str] | None = None,
+    ) -> None:
         """One iteration: γ, accepted drafts per request [B] (None for γ = 0),
         ``phases`` = {name: (seconds, forwards)}, and where each request's drafts came from
         (``sources`` [B]; None: all from the W4 drafter)."""

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 
-
-
 PLATFORM_NAME = "portable_cpu"
 # Imported only once SGLang resolves the platform: this module must not import SGLang, since
 # SGLang imports it while its own platform package is still initialising.

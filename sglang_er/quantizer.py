@@ -100,10 +100,8 @@ class QuantizedTensor:
         w = (q - z) * self.scales.to(torch.float32).unsqueeze(-1)
         return w.reshape(n, k).to(dtype)
 
-    def to(self, device) -> "QuantizedTensor":
-        return QuantizedTensor(
-            self.q.to(device), self.scales.to(device), self.zeros.to(device), self.group_size
-        )
+    def to(self, device) -> QuantizedTensor:
+        return QuantizedTensor(self.q.to(device), self.scales.to(device), self.zeros.to(device), self.group_size)
 
 
 def _check_shape(w: torch.Tensor, group_size: int) -> None:
@@ -111,8 +109,7 @@ def _check_shape(w: torch.Tensor, group_size: int) -> None:
         raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
     if group_size <= 0 or w.shape[1] % group_size != 0:
         raise ValueError(
-            f"group_size={group_size} does not divide in_features={w.shape[1]} "
-            f"(weight shape {tuple(w.shape)})"
+            f"group_size={group_size} does not divide in_features={w.shape[1]} (weight shape {tuple(w.shape)})"
         )
 
 

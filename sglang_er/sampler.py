@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -87,7 +87,7 @@ class SamplingParamsTensor:
     need_top_p_sampling: bool
     need_top_k_sampling: bool
     need_min_p_sampling: bool
-    max_top_k: Optional[int] = None
+    max_top_k: int | None = None
     backend: str = "pytorch"
 
     def __len__(self) -> int:
@@ -98,7 +98,7 @@ class SamplingParamsTensor:
         """[B] bool: rows SGLang treats as greedy (top_k <= 1)."""
         return self.top_k <= 1
 
-    def to(self, device) -> "SamplingParamsTensor":
+    def to(self, device) -> SamplingParamsTensor:
         return dataclasses.replace(
             self,
             temperature=self.temperature.to(device),
@@ -111,12 +111,12 @@ class SamplingParamsTensor:
     def from_lists(
         cls,
         temperature: Sequence[float],
-        top_p: Optional[Sequence[float]] = None,
-        top_k: Optional[Sequence[int]] = None,
-        min_p: Optional[Sequence[float]] = None,
-        device: Union[str, torch.device, None] = None,
+        top_p: Sequence[float] | None = None,
+        top_k: Sequence[int] | None = None,
+        min_p: Sequence[float] | None = None,
+        device: str | torch.device | None = None,
         backend: str = "pytorch",
-    ) -> "SamplingParamsTensor":
+    ) -> SamplingParamsTensor:
         """Build from user-facing values, normalised like
         ``SamplingParams.normalize`` + ``SamplingBatchInfo.from_schedule_batch``:
         temperature in [0, 1e-6) -> (temperature 1.0, top_k 1); top_k -1 ->
@@ -147,16 +147,12 @@ class SamplingParamsTensor:
             need_top_p_sampling=any(p != 1.0 for p in ps),
             need_top_k_sampling=any(k != TOP_K_ALL for k in ks),
             need_min_p_sampling=any(m > 0 for m in mps),
-            max_top_k=(
-                max(ks) if ks and all(1 <= k < TOP_K_ALL for k in ks) else None
-            ),
+            max_top_k=(max(ks) if ks and all(1 <= k < TOP_K_ALL for k in ks) else None),
             backend=backend,
         )
 
     @classmethod
-    def from_sampling_info(
-        cls, sampling_info, backend: Optional[str] = None
-    ) -> "SamplingParamsTensor":
+    def from_sampling_info(cls, sampling_info, backend: str | None = None) -> SamplingParamsTensor:
         """Read SGLang's ``SamplingBatchInfo`` (already normalised by SGLang).
 
         ``backend=None`` asks the running SGLang for ``--sampling-backend``
@@ -201,7 +197,7 @@ def _filter_pytorch(
     top_ps: torch.Tensor,
     min_ps: torch.Tensor,
     need_min_p: bool,
-    max_top_k: Optional[int],
+    max_top_k: int | None,
 ) -> torch.Tensor:
     """Same ops, same order as ``top_k_top_p_min_p_sampling_from_probs_torch``.
 
@@ -241,9 +237,7 @@ def _top_k_renorm(probs: torch.Tensor, top_ks: torch.Tensor) -> torch.Tensor:
 def _top_p_renorm(probs: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
     probs_sort, probs_idx = probs.sort(dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
-    probs_sort = probs_sort.masked_fill(
-        (probs_sum - probs_sort) > top_ps.view(-1, 1), 0.0
-    )
+    probs_sort = probs_sort.masked_fill((probs_sum - probs_sort) > top_ps.view(-1, 1), 0.0)
     probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
     return torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort)
 
@@ -268,9 +262,7 @@ def _filter_flashinfer(
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
-def target_probs(
-    logits: torch.Tensor, params: SamplingParamsTensor
-) -> torch.Tensor:
+def target_probs(logits: torch.Tensor, params: SamplingParamsTensor) -> torch.Tensor:
     """The exact distribution SGLang's sampler draws from.
 
     logits: [B, V] or [B, T, V] (any float dtype; SGLang's are float32).
@@ -309,7 +301,7 @@ def target_probs(
     return out.squeeze(1) if squeeze else out
 
 
-def _inverse_cdf(weights: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Index ~ weights / weights.sum() along the last dim, [..., V] -> [...] int64.
 
     One uniform per row against the running sum, where an exponential (Gumbel-max) race needs
@@ -326,9 +318,7 @@ def _inverse_cdf(weights: torch.Tensor, generator: Optional[torch.Generator]) ->
     return torch.minimum(idx, cdf.argmax(dim=-1))
 
 
-def sample(
-    probs: torch.Tensor, generator: Optional[torch.Generator] = None
-) -> torch.Tensor:
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """probs [B, V] (or [..., V]) -> tokens [B] (or [...]) int64."""
     return _inverse_cdf(probs, generator)
 
@@ -337,8 +327,8 @@ def verify(
     draft_tokens: torch.Tensor,
     draft_probs: torch.Tensor,
     target_probs: torch.Tensor,
-    generator: Optional[torch.Generator] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lossless speculative sampling over a chain of gamma drafts.
 
     draft_tokens [B, G] int64: x_k ~ q_k, G = gamma >= 0.
@@ -366,9 +356,7 @@ def verify(
     if gamma > 0:
         p_x = p_all[:, :gamma].gather(-1, tok.unsqueeze(-1)).squeeze(-1)  # [B, G]
         q_x = q_all.gather(-1, tok.unsqueeze(-1)).squeeze(-1)  # [B, G]
-        u = torch.rand(
-            (bsz, gamma), dtype=torch.float32, device=device, generator=generator
-        )
+        u = torch.rand((bsz, gamma), dtype=torch.float32, device=device, generator=generator)
         # u < p/q  <=>  u*q < p: no division, P(accept) = min(1, p/q) for
         # u ~ U[0,1); one-hot p,q give accept iff p_x == 1 for every u.
         accepted = u * q_x < p_x
@@ -402,9 +390,7 @@ def verify(
     return accept_len, out
 
 
-def verify_greedy(
-    draft_tokens: torch.Tensor, target_logits: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def verify_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast path for an all-greedy batch: argmax matching, no softmax.
 
     draft_tokens [B, G] int64, target_logits [B, G+1, V].
@@ -435,7 +421,7 @@ def _return_original_logprob() -> bool:
 def output_logprobs(
     logits: torch.Tensor,
     params: SamplingParamsTensor,
-    return_original: Optional[bool] = None,
+    return_original: bool | None = None,
 ) -> torch.Tensor:
     """The log-probabilities SGLang reports for output tokens.
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import weakref
 
-_TARGET = ("sglang.srt.managers.scheduler_components.internal_state."
-           "SchedulerInternalStateController._add_speculative")
-_workers: "weakref.WeakSet" = weakref.WeakSet()
+_TARGET = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_speculative"
+_workers: weakref.WeakSet = weakref.WeakSet()
 
 
 def track(worker) -> None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ def cpu_int4pack_supports(n: int, k: int, group_size: int) -> bool:
     return n % 16 == 0 and group_size in _CPU_INT4_GROUPS and k % group_size == 0
 
 
-def marlin_padded_n(n: int, k: int, group_size: int) -> Optional[int]:
+def marlin_padded_n(n: int, k: int, group_size: int) -> int | None:
     """Smallest N' >= n Marlin accepts for this K and group, or None if K itself is refused."""
     if group_size not in _MARLIN_GROUPS or k % group_size != 0:
         return None
@@ -83,7 +83,7 @@ def _marlin_available() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _marlin_gemm_and_type():  # pragma: no cover - CUDA only
     # Resolved once: the per-call import/lookup would show up in a 1-token drafter step.
     from sglang.kernels.ops.gemm.gptq_marlin import gptq_marlin_gemm
@@ -92,9 +92,7 @@ def _marlin_gemm_and_type():  # pragma: no cover - CUDA only
     return gptq_marlin_gemm, get_scalar_types()[1].uint4
 
 
-def select_kernel(
-    device: torch.device, act_dtype: torch.dtype, n: int, k: int, group_size: int
-) -> tuple[str, str]:
+def select_kernel(device: torch.device, act_dtype: torch.dtype, n: int, k: int, group_size: int) -> tuple[str, str]:
     """``(kernel, reason)`` for a weight [n, k] living on ``device`` fed ``act_dtype`` inputs."""
     if device.type == "cpu":
         if act_dtype not in (torch.bfloat16, torch.float16):
@@ -146,13 +144,13 @@ class W4Linear(nn.Module):
     def __init__(
         self,
         qt: QuantizedTensor,
-        bias: Optional[torch.Tensor] = None,
-        input_scale: Optional[torch.Tensor] = None,
+        bias: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
         act_dtype: torch.dtype = torch.bfloat16,
-        kernel: Optional[str] = None,
+        kernel: str | None = None,
         quantizer: Callable[[torch.Tensor, int], QuantizedTensor] = quantize_rtn,
         validate: bool = True,
-        cache_dequantized: Optional[bool] = None,
+        cache_dequantized: bool | None = None,
     ):
         super().__init__()
         n, k = qt.shape
@@ -178,9 +176,7 @@ class W4Linear(nn.Module):
             if kernel not in KERNELS:
                 raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
             reason = "requested"
-            if kernel == "cpu_int4pack" and not (
-                device.type == "cpu" and cpu_int4pack_supports(n, k, self.group_size)
-            ):
+            if kernel == "cpu_int4pack" and not (device.type == "cpu" and cpu_int4pack_supports(n, k, self.group_size)):
                 raise ValueError(f"cpu_int4pack cannot run N={n}, K={k}, group={self.group_size} on {device}")
             if kernel == "marlin" and marlin_padded_n(n, k, self.group_size) is None:
                 raise ValueError(f"marlin cannot run K={k}, group={self.group_size}")
@@ -211,16 +207,16 @@ class W4Linear(nn.Module):
     def from_float(
         cls,
         weight: torch.Tensor,
-        bias: Optional[torch.Tensor] = None,
-        group_size: Optional[int] = None,
-        input_scale: Optional[torch.Tensor] = None,
+        bias: torch.Tensor | None = None,
+        group_size: int | None = None,
+        input_scale: torch.Tensor | None = None,
         *,
-        act_dtype: Optional[torch.dtype] = None,
-        kernel: Optional[str] = None,
+        act_dtype: torch.dtype | None = None,
+        kernel: str | None = None,
         quantizer: Callable[[torch.Tensor, int], QuantizedTensor] = quantize_rtn,
         validate: bool = True,
-        cache_dequantized: Optional[bool] = None,
-    ) -> "W4Linear":
+        cache_dequantized: bool | None = None,
+    ) -> W4Linear:
         """Quantize ``weight [N, K]`` (bias [N], input_scale [K]) on ``weight.device``.
 
         ``group_size`` defaults to :func:`choose_group_size` (K); ``act_dtype`` to the weight's
@@ -229,7 +225,9 @@ class W4Linear(nn.Module):
         weight = weight.detach()
         g = choose_group_size(weight.shape[1]) if group_size is None else group_size
         if act_dtype is None:
-            act_dtype = weight.dtype if weight.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+            act_dtype = (
+                weight.dtype if weight.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+            )
         qt = quantizer(cls._scaled(weight, input_scale), g)
         return cls(qt, bias, input_scale, act_dtype, kernel, quantizer, validate, cache_dequantized)
 
@@ -237,26 +235,25 @@ class W4Linear(nn.Module):
     def from_quantized(
         cls,
         qt: QuantizedTensor,
-        bias: Optional[torch.Tensor] = None,
-        input_scale: Optional[torch.Tensor] = None,
+        bias: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
         *,
         act_dtype: torch.dtype = torch.bfloat16,
-        kernel: Optional[str] = None,
+        kernel: str | None = None,
         validate: bool = True,
-        cache_dequantized: Optional[bool] = None,
-    ) -> "W4Linear":
+        cache_dequantized: bool | None = None,
+    ) -> W4Linear:
         """Wrap an already-quantized weight (e.g. from an AWQ search) of ``W · diag(input_scale)``."""
         return cls(qt, bias, input_scale, act_dtype, kernel, quantize_rtn, validate, cache_dequantized)
 
     @staticmethod
-    def _scaled(weight: torch.Tensor, input_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    def _scaled(weight: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
         if input_scale is None:
             return weight
         return weight.to(torch.float32) * input_scale.to(weight.device, torch.float32)[None, :]
 
     def _kernel_buffers(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         """Kernel-specific packed tensors for ``qt``; same shapes every call (for in-place reloads)."""
-        g = self.group_size
         if self.kernel == "cpu_int4pack":
             packed = _int4pack_cpu(qt.q)
             s = qt.scales.to(self.act_dtype)
@@ -319,16 +316,16 @@ class W4Linear(nn.Module):
     def requantize_(
         self,
         weight: torch.Tensor,
-        input_scale: Optional[torch.Tensor] = None,
-        bias: Optional[torch.Tensor] = None,
-        weight_scale: Optional[torch.Tensor] = None,
+        input_scale: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        weight_scale: torch.Tensor | None = None,
     ) -> None:
         """Re-quantize from ``weight [N, K]`` with this layer's quantizer, in place.
 
         ``weight_scale`` s [K]: quantize ``W · diag(s)`` with no run-time division (AWQ with
-        ``1/s`` folded into the preceding norm). Every buffer keeps its storage (captured graphs stay valid). A layer built without an
-        input scale cannot gain one (the graph would not contain the division): build it with
-        ``input_scale=torch.ones(K)`` to reserve one. ``input_scale=None`` on a layer that has
+        ``1/s`` folded into the preceding norm). Every buffer keeps its storage (captured graphs stay
+        valid). A layer built without an input scale cannot gain one (the graph would not contain the
+        division): build it with ``input_scale=torch.ones(K)`` to reserve one. ``input_scale=None`` on a layer that has
         one resets it to ones. Buffers created under ``torch.inference_mode`` can only be
         updated under it too (torch forbids in-place updates of inference tensors outside).
         """
@@ -352,8 +349,8 @@ class W4Linear(nn.Module):
     def load_quantized_(
         self,
         qt: QuantizedTensor,
-        input_scale: Optional[torch.Tensor] = None,
-        bias: Optional[torch.Tensor] = None,
+        input_scale: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> None:
         """Copy an already-quantized weight into the existing buffers (same rules as requantize_)."""
         if qt.shape != (self.out_features, self.in_features) or qt.group_size != self.group_size:
@@ -404,9 +401,7 @@ class W4Linear(nn.Module):
         if not x2.is_contiguous():  # both kernels read a dense row-major [M, K]
             x2 = x2.contiguous()
         if self.kernel == "cpu_int4pack":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2, self.int4_packed, self.group_size, self.int4_scale_zeros
-            )
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.int4_packed, self.group_size, self.int4_scale_zeros)
         else:  # pragma: no cover - CUDA only
             y = self._marlin_mm(x2)
         if self.bias is not None:

@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 _BLOCK_ROWS = 512  # cache-sized row blocks: a head re-quantizes after every policy update
 
 

@@ -23,13 +23,12 @@ import logging
 import time
 
 import torch
-
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
 from sglang_er import _sglang, history_drafts, sampler, server_info, spec_meta
+from sglang_er.awq import AWQQuantizer
 from sglang_er.config import EffRolloutConfig
 from sglang_er.controller import Controller
-from sglang_er.awq import AWQQuantizer
 from sglang_er.drafter import Drafter
 from sglang_er.live_stats import LiveStats
 from sglang_er.metrics import SpecMetrics, Timeline
@@ -59,26 +58,37 @@ class EffRolloutWorker(BaseSpecWorker):
             self.awq = AWQQuantizer(min_tokens=self.config.awq_min_tokens, device=self.device)
             self.live_stats = LiveStats(view, self.awq, self.config.awq_sample_every)
         self.awq_active = False
-        self.drafter = Drafter(view, head=self.config.resolved_head(self.device.type, view.lm_head_weight.dtype), awq=self.awq)
+        self.drafter = Drafter(
+            view, head=self.config.resolved_head(self.device.type, view.lm_head_weight.dtype), awq=self.awq
+        )
         self.requantizations = 0
         self.last_requantize_s = None
         server_info.track(self)
         self.history = None
         if self.config.history != "off":
             self.history = history_drafts.HistoryDrafts(
-                self.speculative_num_steps, self.config.history_min_match, self.config.history_budget,
-                include_finished=self.config.history == "all")
+                self.speculative_num_steps,
+                self.config.history_min_match,
+                self.config.history_budget,
+                include_finished=self.config.history == "all",
+            )
         self.controller = None
         if self.config.mode == "auto":
             self.controller = Controller(
-                self.model_runner.model_config.hf_config.to_dict(), self.speculative_num_steps, self.device,
-                _sglang.attention_backend_name(self.model_runner), self.drafter.head_kind,
-                min_gain=self.config.min_gain, hysteresis=self.config.hysteresis,
+                self.model_runner.model_config.hf_config.to_dict(),
+                self.speculative_num_steps,
+                self.device,
+                _sglang.attention_backend_name(self.model_runner),
+                self.drafter.head_kind,
+                min_gain=self.config.min_gain,
+                hysteresis=self.config.hysteresis,
                 explore_every=self.config.explore_every,
             )
         logger.info(
             "EFFROLLOUT drafter ready: %d layers, W4 weights %.1f MB, γ max %d, schedule %s",
-            len(self.drafter.layers), self.drafter.weight_bytes() / 2**20, self.speculative_num_steps,
+            len(self.drafter.layers),
+            self.drafter.weight_bytes() / 2**20,
+            self.speculative_num_steps,
             self.config.gamma_schedule or "fixed",
         )
 
@@ -102,8 +112,11 @@ class EffRolloutWorker(BaseSpecWorker):
         if self.controller is not None:
             self.controller.drafter_changed()  # acceptance measured on the old policy's drafter
         self.metrics.record_requantize(self.last_requantize_s)
-        logger.info("EFFROLLOUT drafter re-quantized from the updated policy in %.3f s (#%d)",
-                    self.last_requantize_s, self.requantizations)
+        logger.info(
+            "EFFROLLOUT drafter re-quantized from the updated policy in %.3f s (#%d)",
+            self.last_requantize_s,
+            self.requantizations,
+        )
 
     def state(self) -> dict:
         """What ``/get_server_info`` reports under ``internal_states[i]["effrollout"]``."""
@@ -127,9 +140,14 @@ class EffRolloutWorker(BaseSpecWorker):
     def _quantizer_state(self) -> dict:
         if self.awq is None:
             return {"kind": "rtn"}
-        return {"kind": "awq", "active": self.awq_active, "tokens_observed": self.live_stats.tokens(),
-                "min_tokens": self.config.awq_min_tokens, "forwards_sampled": self.live_stats.sampled,
-                **self.drafter.awq_summary()}
+        return {
+            "kind": "awq",
+            "active": self.awq_active,
+            "tokens_observed": self.live_stats.tokens(),
+            "min_tokens": self.config.awq_min_tokens,
+            "forwards_sampled": self.live_stats.sampled,
+            **self.drafter.awq_summary(),
+        }
 
     def _maybe_activate_awq(self) -> bool:
         """Cold start ends: once every linear has enough live statistics, re-quantize with AWQ
@@ -143,9 +161,15 @@ class EffRolloutWorker(BaseSpecWorker):
         if self.controller is not None:
             self.controller.drafter_changed()  # acceptance measured on the RTN drafter
         s = self.drafter.awq_summary()
-        logger.info("EFFROLLOUT drafter switched from RTN to AWQ after %d observed tokens in %.3f s "
-                    "(%d of %d linear groups scaled, mean β %.2f)", self.live_stats.tokens(),
-                    time.perf_counter() - t0, s["awq_groups"], s["groups"], s["mean_beta"])
+        logger.info(
+            "EFFROLLOUT drafter switched from RTN to AWQ after %d observed tokens in %.3f s "
+            "(%d of %d linear groups scaled, mean β %.2f)",
+            self.live_stats.tokens(),
+            time.perf_counter() - t0,
+            s["awq_groups"],
+            s["groups"],
+            s["mean_beta"],
+        )
         return True
 
     def alloc_memory_pool(self, **kwargs):
@@ -219,8 +243,9 @@ class EffRolloutWorker(BaseSpecWorker):
         if logits_only or (self.controller is None and gamma == 0):
             return None
         ctl = self.controller
-        return self.history.plan(batch.reqs, gamma, ctl.w4_expected_tokens() if ctl else None,
-                                 ctl.verify_only_gain if ctl else None)
+        return self.history.plan(
+            batch.reqs, gamma, ctl.w4_expected_tokens() if ctl else None, ctl.verify_only_gain if ctl else None
+        )
 
     def _prefill(self, batch):
         with self._observed():
@@ -336,8 +361,9 @@ class EffRolloutWorker(BaseSpecWorker):
         if self.history is not None and self.history.shadow:  # unused proposals, measured for free
             self.history.observe_shadow(draft_tokens, p, target_logits.argmax(-1) if greedy else None)
         if self.config.inject_fault is not None:
-            accept_len, out_tokens = self._inject_fault(plan, draft_tokens, target_logits, params, accept_len,
-                                                        out_tokens)
+            accept_len, out_tokens = self._inject_fault(
+                plan, draft_tokens, target_logits, params, accept_len, out_tokens
+            )
         next_token_ids = out_tokens.clamp_min(0).flatten()
         if want_logprob:
             _sglang.spec_logprobs(batch, logits_output, next_token_ids, width)
@@ -352,13 +378,20 @@ class EffRolloutWorker(BaseSpecWorker):
             self.history.observe(plan, accepted_host.tolist())
         if self.controller:
             timed = {"draft": t_draft, "verify": t_verify} if run_drafter else {"verify": t_verify}
-            self.controller.observe(gamma, timed, accepted_host, rows=plan.w4_rows if plan else None,
-                                    draft_split=draft_split)
-        self._log_iteration(batch, logits_output, gamma, (accepted_host + 1).tolist(),
-                            draft_s=t_draft if run_drafter else None, verify_s=t_verify,
-                            accepted=int(accepted_host.sum()),
-                            history_rows=len(plan.history_rows) if plan else 0,
-                            sources=plan.source if plan else None)
+            self.controller.observe(
+                gamma, timed, accepted_host, rows=plan.w4_rows if plan else None, draft_split=draft_split
+            )
+        self._log_iteration(
+            batch,
+            logits_output,
+            gamma,
+            (accepted_host + 1).tolist(),
+            draft_s=t_draft if run_drafter else None,
+            verify_s=t_verify,
+            accepted=int(accepted_host.sum()),
+            history_rows=len(plan.history_rows) if plan else 0,
+            sources=plan.source if plan else None,
+        )
         return _sglang.generation_result(
             logits_output=logits_output,
             next_token_ids=next_token_ids,
@@ -375,30 +408,45 @@ class EffRolloutWorker(BaseSpecWorker):
         gamma = draft_tokens.shape[1]
         rows = torch.ones_like(accept_len, dtype=torch.bool)
         if self.config.inject_fault == "accept_all_history":
-            rows = torch.tensor([s in history_drafts.HISTORY_SOURCES for s in plan.source], device=self.device) \
-                if plan is not None else torch.zeros_like(rows)
+            rows = (
+                torch.tensor([s in history_drafts.HISTORY_SOURCES for s in plan.source], device=self.device)
+                if plan is not None
+                else torch.zeros_like(rows)
+            )
         p = sampler.target_probs(target_logits, params)
         forced = torch.cat([draft_tokens, sampler.sample(p[:, gamma])[:, None]], 1)
-        return (torch.where(rows, torch.full_like(accept_len, gamma), accept_len),
-                torch.where(rows[:, None], forced, out_tokens))
+        return (
+            torch.where(rows, torch.full_like(accept_len, gamma), accept_len),
+            torch.where(rows[:, None], forced, out_tokens),
+        )
 
     def _log_iteration(self, batch, logits_output, gamma: int, new_tokens: list[int], **times) -> None:
         bs = len(batch.reqs)
         if self.controller is not None and self.iteration % 64 == 0:
             state = self.controller.state()
             self.metrics.record_policy(state)
-            logger.info("EFFROLLOUT auto: %s speculating so far, α %s, phase error %s",
-                        f"{self.metrics.iterations_spec / max(1, self.iteration):.0%}",
-                        [round(a, 2) for a in state["alphas"]],
-                        {p: round(e["mean_rel_err_corrected"], 2) for p, e in state["model_error"].items()
-                         if e["window"] and e["mean_rel_err_corrected"] is not None})
+            logger.info(
+                "EFFROLLOUT auto: %s speculating so far, α %s, phase error %s",
+                f"{self.metrics.iterations_spec / max(1, self.iteration):.0%}",
+                [round(a, 2) for a in state["alphas"]],
+                {
+                    p: round(e["mean_rel_err_corrected"], 2)
+                    for p, e in state["model_error"].items()
+                    if e["window"] and e["mean_rel_err_corrected"] is not None
+                },
+            )
         spec_meta.tag(batch.reqs, self.iteration, gamma, new_tokens, times.get("sources"))
         decision = self.controller.last_decision if self.controller is not None else None
         self._last_record = self.timeline.append(
-            iteration=self.iteration, gamma=gamma, batch_size=bs,
+            iteration=self.iteration,
+            gamma=gamma,
+            batch_size=bs,
             seq_lens=self._seq_list,
-            plain_s=times.get("plain_s"), draft_s=times.get("draft_s"), verify_s=times.get("verify_s"),
-            accepted=times.get("accepted"), history_rows=times.get("history_rows", 0),
+            plain_s=times.get("plain_s"),
+            draft_s=times.get("draft_s"),
+            verify_s=times.get("verify_s"),
+            accepted=times.get("accepted"),
+            history_rows=times.get("history_rows", 0),
             predicted_speedup=None if decision is None else _finite(decision.speedup),
             best_spec_speedup=None if decision is None else _finite(decision.best_spec_speedup),
         )

@@ -80,9 +80,11 @@ def joint_first3(srv, prompt, n, per_call=None, **sampling):
     per_call = per_call or n // 10
 
     def chunk(k):
-        r = requests.post(srv.url + "/generate", json={
-            "text": [prompt] * k, "sampling_params": {"max_new_tokens": 3, "ignore_eos": True, **sampling}},
-            timeout=600)
+        r = requests.post(
+            srv.url + "/generate",
+            json={"text": [prompt] * k, "sampling_params": {"max_new_tokens": 3, "ignore_eos": True, **sampling}},
+            timeout=600,
+        )
         r.raise_for_status()
         return [tuple(o["output_ids"][:3]) for o in r.json()]
 

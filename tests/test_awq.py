@@ -255,7 +255,12 @@ def test_stats_state_round_trip():
         assert torch.equal(o.mean_abs(), a.mean_abs())
         assert torch.equal(o.sample(), a.sample())
         assert (o.tokens_seen, o.tokens_used, o.num_updates, o.reservoir_ptr, o.decay, o.max_tokens) == (
-            a.tokens_seen, a.tokens_used, a.num_updates, a.reservoir_ptr, a.decay, a.max_tokens
+            a.tokens_seen,
+            a.tokens_used,
+            a.num_updates,
+            a.reservoir_ptr,
+            a.decay,
+            a.max_tokens,
         )
     # the random stream continues identically
     nxt = _acts(20, k, seed=9)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from conftest import start_server
+
 from sglang_er.models.corpus import math_corpus
 
 FACTOR = 50.0
@@ -51,8 +51,16 @@ def outlier_model(tiny_model, tmp_path_factory):
 
 
 def _run(model, quant):
-    srv = start_server(model, ARGS, env={"SGLANG_ER_GAMMA": "3", "SGLANG_ER_QUANT": quant,
-                                         "SGLANG_ER_AWQ_MIN_TOKENS": "256", "SGLANG_ER_AWQ_SAMPLE_EVERY": "1"})
+    srv = start_server(
+        model,
+        ARGS,
+        env={
+            "SGLANG_ER_GAMMA": "3",
+            "SGLANG_ER_QUANT": quant,
+            "SGLANG_ER_AWQ_MIN_TOKENS": "256",
+            "SGLANG_ER_AWQ_SAMPLE_EVERY": "1",
+        },
+    )
     try:
         docs = math_corpus(24, seed=3)
         for d in docs[:12]:  # live traffic the statistics are collected from

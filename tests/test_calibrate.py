@@ -30,10 +30,15 @@ SMALL_LLAMA = {
     "torch_dtype": "bfloat16",
 }
 TRUTH = HardwareProfile(
-    name="truth", device="test-box", bandwidth_bytes_per_s=20e9,
+    name="truth",
+    device="test-box",
+    bandwidth_bytes_per_s=20e9,
     flops_per_s={"bf16": 4e11, "w4": 1.5e11},
-    fixed_plain_s=10e-3, fixed_draft_step_s=1.5e-3, fixed_verify_s=12e-3,
-    per_seq_s=0.2e-3, per_seq_draft_s=0.03e-3,
+    fixed_plain_s=10e-3,
+    fixed_draft_step_s=1.5e-3,
+    fixed_verify_s=12e-3,
+    per_seq_s=0.2e-3,
+    per_seq_draft_s=0.03e-3,
 )
 
 
@@ -62,8 +67,18 @@ def _rel(a, b):
 
 def test_fit_from_sweep_recovers_profile(sweep, capsys):
     out = sweep / "fit.json"
-    rc = main(["calibrate", "--csv", str(sweep / "sweep.csv"), "--model-config", str(sweep / "config.json"),
-               "--out", str(out), "--json"])
+    rc = main(
+        [
+            "calibrate",
+            "--csv",
+            str(sweep / "sweep.csv"),
+            "--model-config",
+            str(sweep / "config.json"),
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
     p = HardwareProfile.load(out)
@@ -76,8 +91,15 @@ def test_fit_from_sweep_recovers_profile(sweep, capsys):
 
 
 def test_validate_exact_profile(sweep, capsys):
-    args = ["calibrate", "--validate", str(sweep / "truth.json"), "--csv", str(sweep / "sweep.csv"),
-            "--model-config", str(sweep / "config.json")]
+    args = [
+        "calibrate",
+        "--validate",
+        str(sweep / "truth.json"),
+        "--csv",
+        str(sweep / "sweep.csv"),
+        "--model-config",
+        str(sweep / "config.json"),
+    ]
     assert main([*args, "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert all(rep["mape"][m] < 1e-4 for m in MODES)
@@ -94,8 +116,21 @@ def test_validate_wrong_profile_flags_errors(sweep, capsys):
     # 4× the overheads: decode MAPE far from 0 and speculation looks better than it is somewhere
     bad = TRUTH.model_copy(update={"name": "bad", "fixed_plain_s": 40e-3, "fixed_draft_step_s": 0.2e-3})
     bad.save(sweep / "bad.json")
-    assert main(["calibrate", "--validate", str(sweep / "bad.json"), "--csv", str(sweep / "sweep.csv"),
-                 "--model-config", str(sweep / "config.json"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--validate",
+                str(sweep / "bad.json"),
+                "--csv",
+                str(sweep / "sweep.csv"),
+                "--model-config",
+                str(sweep / "config.json"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     rep = json.loads(capsys.readouterr().out)
     assert rep["mape"]["target_decode"] > 0.3
     assert rep["toggle"]["accuracy"] < 1.0
@@ -110,8 +145,21 @@ def test_robust_fit_ignores_outliers(sweep, capsys):
         w.writeheader()
         w.writerows(rows)
     out = sweep / "noisy.json"
-    assert main(["calibrate", "--csv", str(sweep / "noisy.csv"), "--model-config", str(sweep / "config.json"),
-                 "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--csv",
+                str(sweep / "noisy.csv"),
+                "--model-config",
+                str(sweep / "config.json"),
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     rep = json.loads(capsys.readouterr().out)
     assert rep["dropped"] == 2
     p = HardwareProfile.load(out)
@@ -124,14 +172,19 @@ def test_overhead_bound_sweep_fits_consistently():
     # is not identifiable, and the profile must not add the base profile's roofline on top of
     # overheads fitted as if it were zero.
     from sglang_er.calibrate import fit_robust
-    from sglang_er.calibration import sample_seconds
-    from sglang_er.calibration import builtin_profile
+    from sglang_er.calibration import builtin_profile, sample_seconds
     from sglang_er.models.factory import SPECS
 
     spec = SPECS["tiny"]
-    cfg = {"model_type": "qwen2", "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
-           "num_hidden_layers": spec.num_hidden_layers, "num_attention_heads": spec.num_attention_heads,
-           "num_key_value_heads": spec.num_key_value_heads, "vocab_size": spec.vocab_size}
+    cfg = {
+        "model_type": "qwen2",
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "vocab_size": spec.vocab_size,
+    }
     base = builtin_profile("cpu")
     cm = CostModel(base, ModelCost.from_config(cfg))
     samples = []
@@ -154,17 +207,29 @@ def test_expected_tokens():
     assert expected_tokens(1.0, 4) == 5.0
 
 
-@pytest.mark.parametrize("content, needle", [
-    ("batch,seq,gamma,median_ms\n1,64,0,3.0\n", "missing column(s) mode"),
-    ("batch,seq,gamma,mode,median_ms\n1,64,0,decode,3.0\n", "line 2: unknown mode 'decode'; use one of"),
-    ("batch,seq,gamma,mode,median_ms\n1,64,1,target_verify,fast\n", "line 2: median_ms 'fast' is not a number"),
-    ("batch,seq,gamma,mode,median_ms\n1,64,0,drafter_decode,3.0\n", "drafter_decode needs gamma in 1..16"),
-    ("batch,seq,gamma,mode,median_ms\n", "no data rows"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("batch,seq,gamma,median_ms\n1,64,0,3.0\n", "missing column(s) mode"),
+        ("batch,seq,gamma,mode,median_ms\n1,64,0,decode,3.0\n", "line 2: unknown mode 'decode'; use one of"),
+        ("batch,seq,gamma,mode,median_ms\n1,64,1,target_verify,fast\n", "line 2: median_ms 'fast' is not a number"),
+        ("batch,seq,gamma,mode,median_ms\n1,64,0,drafter_decode,3.0\n", "drafter_decode needs gamma in 1..16"),
+        ("batch,seq,gamma,mode,median_ms\n", "no data rows"),
+    ],
+)
 def test_bad_csv(sweep, capsys, content, needle):
     (sweep / "bad.csv").write_text(content)
-    rc = main(["calibrate", "--validate", str(sweep / "truth.json"), "--csv", str(sweep / "bad.csv"),
-               "--model-config", str(sweep / "config.json")])
+    rc = main(
+        [
+            "calibrate",
+            "--validate",
+            str(sweep / "truth.json"),
+            "--csv",
+            str(sweep / "bad.csv"),
+            "--model-config",
+            str(sweep / "config.json"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert needle in err and "Traceback" not in err
@@ -178,10 +243,14 @@ def test_bad_profile_and_missing_files(sweep, capsys):
     cases = [
         (["--validate", str(sweep / "corrupt.json"), "--csv", csv_, "--model-config", cfg], "not valid JSON"),
         (["--validate", str(sweep / "missing.json"), "--csv", csv_, "--model-config", cfg], "cannot read"),
-        (["--validate", str(sweep / "truth.json"), "--csv", str(sweep / "missing.csv"), "--model-config", cfg],
-         "cannot read"),
-        (["--validate", str(sweep / "truth.json"), "--csv", csv_, "--model-config", str(sweep / "no.json")],
-         "no such file"),
+        (
+            ["--validate", str(sweep / "truth.json"), "--csv", str(sweep / "missing.csv"), "--model-config", cfg],
+            "cannot read",
+        ),
+        (
+            ["--validate", str(sweep / "truth.json"), "--csv", csv_, "--model-config", str(sweep / "no.json")],
+            "no such file",
+        ),
         (["--validate", str(sweep / "truth.json")], "--validate needs --csv"),
         (["--csv", csv_], "pass --model-config"),
         ([], "nothing to do"),
@@ -207,8 +276,25 @@ def test_csv_roundtrip_keeps_extra_columns(tmp_path):
 # ---------------------------------------------------------------------- end to end (real server)
 def test_measure_real_server(tiny_model, tmp_path, capsys):
     out, sweep_csv = tmp_path / "profile.json", tmp_path / "sweep.csv"
-    rc = main(["calibrate", "--model-path", str(tiny_model), "--batch-sizes", "1,2", "--seq-lens", "32",
-               "--gammas", "1,3", "--max-new-tokens", "24", "--out", str(out), "--sweep-csv", str(sweep_csv)])
+    rc = main(
+        [
+            "calibrate",
+            "--model-path",
+            str(tiny_model),
+            "--batch-sizes",
+            "1,2",
+            "--seq-lens",
+            "32",
+            "--gammas",
+            "1,3",
+            "--max-new-tokens",
+            "24",
+            "--out",
+            str(out),
+            "--sweep-csv",
+            str(sweep_csv),
+        ]
+    )
     cap = capsys.readouterr()
     text = cap.out
     assert rc == 0, text + cap.err
@@ -221,11 +307,18 @@ def test_measure_real_server(tiny_model, tmp_path, capsys):
     assert {r.mode for r in rows} == set(MODES)
     for b in (1, 2):
         got = {(r.gamma, r.mode) for r in rows if r.batch == b and r.seq == 32}
-        assert got == {(0, "target_decode"), (1, "drafter_decode"), (1, "target_verify"),
-                       (3, "drafter_decode"), (3, "target_verify")}, got
+        assert got == {
+            (0, "target_decode"),
+            (1, "drafter_decode"),
+            (1, "target_verify"),
+            (3, "drafter_decode"),
+            (3, "target_verify"),
+        }, got
     assert all(r.n >= 1 and r.ctx >= 32 for r in rows)
     # the measured sweep validates against its own profile
-    assert main(["calibrate", "--validate", str(out), "--csv", str(sweep_csv), "--model-path", str(tiny_model),
-                 "--json"]) == 0
+    assert (
+        main(["calibrate", "--validate", str(out), "--csv", str(sweep_csv), "--model-path", str(tiny_model), "--json"])
+        == 0
+    )
     rep = json.loads(capsys.readouterr().out)
     assert rep["toggle"]["cases"] == 4 and all(rep["mape"][m] is not None for m in MODES)

@@ -34,6 +34,7 @@ def test_assign_req_to_token_pool_matches_reference():
 
 # --- TorchNativeAttnBackend._run_sdpa_forward_extend --------------------------------------
 
+
 def _extend_inputs(prefixes, extends, heads, kv_heads, head_dim, dtype, seed):
     """Random KV pool, a shuffled req_to_token (pool rows out of order) and packed queries."""
     g = torch.Generator().manual_seed(seed)
@@ -50,19 +51,28 @@ def _extend_inputs(prefixes, extends, heads, kv_heads, head_dim, dtype, seed):
         req_to_token[pool[b], :n] = free[ofs : ofs + n].to(torch.int32)
         ofs += n
     query = torch.randn(sum(extends), heads, head_dim, generator=g).to(dtype)
-    return (query, k_cache, v_cache, req_to_token, pool, torch.tensor(seq),
-            torch.tensor(prefixes), torch.tensor(extends))
+    return (
+        query,
+        k_cache,
+        v_cache,
+        req_to_token,
+        pool,
+        torch.tensor(seq),
+        torch.tensor(prefixes),
+        torch.tensor(extends),
+    )
 
 
-def _run_both(prefixes, extends, *, heads=4, kv_heads=2, head_dim=16, dtype=torch.float32,
-              causal=True, window=None, seed=0):
+def _run_both(
+    prefixes, extends, *, heads=4, kv_heads=2, head_dim=16, dtype=torch.float32, causal=True, window=None, seed=0
+):
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
     backend = TorchNativeAttnBackend.__new__(TorchNativeAttnBackend)  # the method reads no state
     query, k_cache, v_cache, r2t, pool, seq, pre, ext = _extend_inputs(
-        prefixes, extends, heads, kv_heads, head_dim, dtype, seed)
-    kw = dict(scaling=head_dim**-0.5, enable_gqa=heads != kv_heads, causal=causal,
-              sliding_window_size=window)
+        prefixes, extends, heads, kv_heads, head_dim, dtype, seed
+    )
+    kw = dict(scaling=head_dim**-0.5, enable_gqa=heads != kv_heads, causal=causal, sliding_window_size=window)
     outs = []
     for fn in (cpu_ops.sglang_sdpa_forward_extend(), cpu_ops.sdpa_forward_extend):
         out = torch.full(query.shape, float("nan"), dtype=dtype)
@@ -108,8 +118,7 @@ def test_widest_verify_runs_batched(monkeypatch):
 def test_extend_attention_heads_and_bf16(heads, kv_heads):
     ref, new = _run_both([0, 11, 3], [7, 4, 4], heads=heads, kv_heads=kv_heads, seed=1)
     torch.testing.assert_close(new, ref, rtol=0, atol=1e-5)
-    ref, new = _run_both([0, 11, 3], [7, 4, 4], heads=heads, kv_heads=kv_heads,
-                         dtype=torch.bfloat16, seed=2)
+    ref, new = _run_both([0, 11, 3], [7, 4, 4], heads=heads, kv_heads=kv_heads, dtype=torch.bfloat16, seed=2)
     torch.testing.assert_close(new.float(), ref.float(), rtol=0, atol=2e-2)
 
 
@@ -140,16 +149,17 @@ def test_device_as_str():
 
 # --- TorchNativeAttnBackend._run_sdpa_forward_decode --------------------------------------
 
+
 @pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
-@pytest.mark.parametrize("heads,kv_heads,dtype", [(4, 4, torch.float32), (6, 2, torch.float32),
-                                                   (8, 2, torch.bfloat16)])
+@pytest.mark.parametrize("heads,kv_heads,dtype", [(4, 4, torch.float32), (6, 2, torch.float32), (8, 2, torch.bfloat16)])
 def test_decode_attention_matches_sglang(heads, kv_heads, dtype, window):
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
     backend = TorchNativeAttnBackend.__new__(TorchNativeAttnBackend)
     prefixes = [0, 7, 30, 2, 64, 11]  # decode: each request's one query at position seq_len - 1
     query, k_cache, v_cache, r2t, pool, seq, _, _ = _extend_inputs(
-        prefixes, [1] * len(prefixes), heads, kv_heads, 16, dtype, seed=3)
+        prefixes, [1] * len(prefixes), heads, kv_heads, 16, dtype, seed=3
+    )
     kw = dict(scaling=16**-0.5, enable_gqa=heads != kv_heads, causal=False, sliding_window_size=window)
     outs = []
     for fn in (cpu_ops.sglang_sdpa_forward_decode(), cpu_ops.sdpa_forward_decode):

@@ -15,14 +15,21 @@ from sglang_er.evaluation.math_data import SAMPLE, SAMPLE_PATH, load_problems
 
 def _summary(out_dir, tok_s: float, accuracy: float):
     return types.SimpleNamespace(
-        out_dir=str(out_dir), accuracy=accuracy, accuracy_flexible=accuracy, makespan_s=160 / tok_s,
-        output_tokens=160, output_tokens_per_s=tok_s, latency_s=types.SimpleNamespace(p50=2.0))
+        out_dir=str(out_dir),
+        accuracy=accuracy,
+        accuracy_flexible=accuracy,
+        makespan_s=160 / tok_s,
+        output_tokens=160,
+        output_tokens_per_s=tok_s,
+        latency_s=types.SimpleNamespace(p50=2.0),
+    )
 
 
 def _samples(out_dir) -> None:
     out_dir.mkdir(parents=True)
-    (out_dir / "samples.jsonl").write_text(json.dumps(
-        {"question": "Q?", "response": r"so \boxed{18}", "reference": "18", "correct": True}) + "\n")
+    (out_dir / "samples.jsonl").write_text(
+        json.dumps({"question": "Q?", "response": r"so \boxed{18}", "reference": "18", "correct": True}) + "\n"
+    )
 
 
 def test_the_demo_questions_ship_with_the_package():
@@ -44,8 +51,9 @@ def test_gsm8k_without_a_data_directory_names_the_fix(monkeypatch):
 
 def test_report_from_the_eval_summaries_and_the_workers_counters(tmp_path):
     assert demo.speculation_counters(None) is None  # a plain server reports no worker state
-    counters = demo.speculation_counters({"metrics": {"iterations_spec": 9, "iterations_plain": 3, "drafted": 30,
-                                                      "accepted": 21}})
+    counters = demo.speculation_counters(
+        {"metrics": {"iterations_spec": 9, "iterations_plain": 3, "drafted": 30, "accepted": 21}}
+    )
     _samples(tmp_path / "effrollout")
     plain, eff = _summary(tmp_path / "plain", 10.0, 0.5), _summary(tmp_path / "effrollout", 15.0, 0.75)
     rows = demo.report_rows(plain, eff, counters)
@@ -68,5 +76,6 @@ def test_the_demo_ends_with_the_real_model_command(tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert "draft acceptance rate" in out and (tmp_path / "out" / "report.md").exists()
     assert out.rstrip().splitlines()[-1].strip() == demo.REAL_MODEL_COMMAND
-    assert demo.REAL_MODEL_COMMAND == ("python -m sglang_er.demo --model qwen2.5-0.5b-instruct --questions 2 --n 2 "
-                                       "--max-tokens 256")
+    assert demo.REAL_MODEL_COMMAND == (
+        "python -m sglang_er.demo --model qwen2.5-0.5b-instruct --questions 2 --n 2 --max-tokens 256"
+    )

@@ -20,8 +20,9 @@ def _gather(kbuf, vbuf, kv_index, dtype):
     return keys, vals
 
 
-def _reference_attention(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, kv_index: torch.Tensor,
-                         bias: torch.Tensor, scale: float) -> torch.Tensor:
+def _reference_attention(
+    q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, kv_index: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Reference: one query token per request over its KV rows, grouped-query heads as matmuls.
 
     q [B, KVH, G, hd] (query head h = kv·G + g), kbuf/vbuf [slots, KVH, hd] (the target's pool),
@@ -44,9 +45,13 @@ def test_decode_attention_matches_sdpa(heads, kv_heads):
     pad = torch.arange(L)[None, :] >= kv_len[:, None]
     bias = torch.zeros(B, 1, 1, L).masked_fill_(pad.view(B, 1, 1, L), float("-inf"))
     got = _reference_attention(q.view(B, kv_heads, heads // kv_heads, hd), kbuf, vbuf, kv_index, bias, hd**-0.5)
-    ref = F.scaled_dot_product_attention(q.view(B, heads, 1, hd), kbuf[kv_index].transpose(1, 2),
-                                         vbuf[kv_index].transpose(1, 2), attn_mask=~pad.view(B, 1, 1, L),
-                                         enable_gqa=heads != kv_heads)
+    ref = F.scaled_dot_product_attention(
+        q.view(B, heads, 1, hd),
+        kbuf[kv_index].transpose(1, 2),
+        vbuf[kv_index].transpose(1, 2),
+        attn_mask=~pad.view(B, 1, 1, L),
+        enable_gqa=heads != kv_heads,
+    )
     torch.testing.assert_close(got.reshape(B, heads * hd), ref.reshape(B, heads * hd), rtol=1e-5, atol=1e-5)
 
 
@@ -78,8 +83,12 @@ def test_draft_attention_equals_attention_over_the_pool_with_draft_kv_written():
             loc = rows[torch.arange(B), seq_lens + j]
             pool_k[loc], pool_v[loc] = k, v
             width = int(seq_lens.max()) + j + 1
-            idx = torch.stack([torch.cat([rows[b, : seq_lens[b] + j + 1],
-                                          rows[b, :1].repeat(width - seq_lens[b] - j - 1)]) for b in range(B)])
+            idx = torch.stack(
+                [
+                    torch.cat([rows[b, : seq_lens[b] + j + 1], rows[b, :1].repeat(width - seq_lens[b] - j - 1)])
+                    for b in range(B)
+                ]
+            )
             pad = torch.arange(width)[None, :] >= (seq_lens + j + 1)[:, None]
             bias = torch.zeros(B, 1, 1, width).masked_fill_(pad.view(B, 1, 1, width), float("-inf"))
             ref = _reference_attention(q, pool_k, pool_v, idx, bias, hd**-0.5)
@@ -108,7 +117,15 @@ def test_drafter_rotary_is_sglang_rotary_bit_for_bit():
     got = qk * cos + qk.roll(hd // 2, -1) * sin
     assert torch.equal(got[:, :H].reshape(B, -1), ref_q.reshape(B, -1))
     assert torch.equal(got[:, H:].reshape(B, -1), ref_k.reshape(B, -1))
-    assert neox_rope_table(get_rope(hd, rotary_dim=hd, max_position=512, base=10000, is_neox_style=False,
-                                    dtype=torch.bfloat16), hd) is None
-    assert neox_rope_table(get_rope(hd, rotary_dim=hd // 2, max_position=512, base=10000, is_neox_style=True,
-                                    dtype=torch.bfloat16), hd) is None
+    assert (
+        neox_rope_table(
+            get_rope(hd, rotary_dim=hd, max_position=512, base=10000, is_neox_style=False, dtype=torch.bfloat16), hd
+        )
+        is None
+    )
+    assert (
+        neox_rope_table(
+            get_rope(hd, rotary_dim=hd // 2, max_position=512, base=10000, is_neox_style=True, dtype=torch.bfloat16), hd
+        )
+        is None
+    )

@@ -24,18 +24,29 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-
 from conftest import FP32, greedy_all, start_server
 
 PROMPT = "Alice has 12 apples. She buys 7 more. How many"
-EFF_AUTO = [*FP32, "--speculative-algorithm", "EFFROLLOUT", "--enable-metrics",
-            "--schedule-conservativeness", "0.05", "--max-running-requests", "64"]
+EFF_AUTO = [
+    *FP32,
+    "--speculative-algorithm",
+    "EFFROLLOUT",
+    "--enable-metrics",
+    "--schedule-conservativeness",
+    "0.05",
+    "--max-running-requests",
+    "64",
+]
 
 
 @pytest.fixture(scope="module")
 def eff(tiny_model):
-    srv = start_server(tiny_model, EFF_AUTO, max_total_tokens=2048,
-                       env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1", "SGLANG_ER_HISTORY": "all"})
+    srv = start_server(
+        tiny_model,
+        EFF_AUTO,
+        max_total_tokens=2048,
+        env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1", "SGLANG_ER_HISTORY": "all"},
+    )
     yield srv
     srv.stop()
 
@@ -72,8 +83,14 @@ def test_auto_mode_is_lossless_and_reports_its_choices(eff, plain_greedy):
     prompts, expected = plain_greedy
     assert greedy_all(eff, prompts[:12]) == expected[:12]
     metrics = requests.get(eff.url + "/metrics", timeout=30).text
-    for name in ("sglang_er:iterations_total", "sglang_er:gamma", "sglang_er:phase_seconds_total",
-                 "sglang_er:gamma_chosen_bucket", "sglang_er:model_rel_error", "sglang_er:alpha"):
+    for name in (
+        "sglang_er:iterations_total",
+        "sglang_er:gamma",
+        "sglang_er:phase_seconds_total",
+        "sglang_er:gamma_chosen_bucket",
+        "sglang_er:model_rel_error",
+        "sglang_er:alpha",
+    ):
         assert name in metrics, name
     assert eff.effrollout_state()["mode"] == "auto"
 
@@ -101,6 +118,7 @@ def test_load_256_mixed_requests(eff, plain, plain_greedy):
     KV pool (queued, admitted and retracted by SGLang as memory allows): all complete, none
     errors, greedy ones equal the plain server's, KV usage returns to 0."""
     prompts, _ = plain_greedy
+
     def job(i):
         p = prompts[i % len(prompts)]
         kind = i % 5
@@ -110,22 +128,31 @@ def test_load_256_mixed_requests(eff, plain, plain_greedy):
             r = eff.generate(p, max_new_tokens=32, temperature=1.0, top_p=0.9, ignore_eos=True)
             return "sampled", i, len(r["output_ids"])
         if kind == 2:
-            r = eff.post("/v1/completions", {"model": "m", "prompt": p, "n": 4, "max_tokens": 24,
-                                             "temperature": 1.0})
+            r = eff.post("/v1/completions", {"model": "m", "prompt": p, "n": 4, "max_tokens": 24, "temperature": 1.0})
             return "n4", i, len(r["choices"])
         if kind == 3:
             text = []
-            with requests.post(eff.url + "/v1/completions", stream=True, timeout=600,
-                               json={"model": "m", "prompt": p, "max_tokens": 24, "temperature": 0.7,
-                                     "stream": True}) as r:
+            with requests.post(
+                eff.url + "/v1/completions",
+                stream=True,
+                timeout=600,
+                json={"model": "m", "prompt": p, "max_tokens": 24, "temperature": 0.7, "stream": True},
+            ) as r:
                 assert r.status_code == 200, r.text
                 for line in r.iter_lines():
                     if line.startswith(b"data: ") and line != b"data: [DONE]":
                         ch = json.loads(line[6:])["choices"]
                         text.extend(c["text"] for c in ch)
             return "stream", i, len(text)
-        r = eff.post("/generate", {"text": p, "return_logprob": True, "top_logprobs_num": 2,
-                                   "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}})
+        r = eff.post(
+            "/generate",
+            {
+                "text": p,
+                "return_logprob": True,
+                "top_logprobs_num": 2,
+                "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True},
+            },
+        )
         lp = r["meta_info"]["output_token_logprobs"]
         return "logprobs", i, (len(lp), all(v is not None and v <= 0 for v, _, _ in lp))
 
@@ -145,8 +172,10 @@ def test_load_256_mixed_requests(eff, plain, plain_greedy):
     assert all(n > 0 for _, n in by_kind["stream"])
     assert all(out == (16, True) for _, out in by_kind["logprobs"])
     sample = by_kind["greedy"][::4]  # 13 of them, checked against the plain server
-    expected = {i: plain.generate(prompts[i % len(prompts)], max_new_tokens=32, temperature=0,
-                                  ignore_eos=True)["output_ids"] for i, _ in sample}
+    expected = {
+        i: plain.generate(prompts[i % len(prompts)], max_new_tokens=32, temperature=0, ignore_eos=True)["output_ids"]
+        for i, _ in sample
+    }
     assert all(out == expected[i] for i, out in sample)
     assert _wait_idle(eff)["num_used_tokens"] == 0
     _assert_healthy_and_lossless(eff, plain)
@@ -159,25 +188,40 @@ def test_aborts_and_disconnects_leak_nothing(eff, plain):
     done = {}
 
     def hang_up(i):
-        with requests.post(eff.url + "/generate", stream=True, timeout=300, json={
-                "text": f"{PROMPT} {i}", "stream": True,
-                "sampling_params": {"max_new_tokens": 2000, "temperature": 1.0, "ignore_eos": True}}) as r:
+        with requests.post(
+            eff.url + "/generate",
+            stream=True,
+            timeout=300,
+            json={
+                "text": f"{PROMPT} {i}",
+                "stream": True,
+                "sampling_params": {"max_new_tokens": 2000, "temperature": 1.0, "ignore_eos": True},
+            },
+        ) as r:
             for k, _ in enumerate(r.iter_lines()):
                 if k >= 5 + i:
                     break  # leaving the with-block closes the connection mid-stream
 
     def aborted(i):
-        r = requests.post(eff.url + "/generate", timeout=300, json={
-            "text": f"{PROMPT} abort {i}", "rid": f"abort-{i}",
-            "sampling_params": {"max_new_tokens": 2000, "temperature": 1.0, "ignore_eos": True}})
+        r = requests.post(
+            eff.url + "/generate",
+            timeout=300,
+            json={
+                "text": f"{PROMPT} abort {i}",
+                "rid": f"abort-{i}",
+                "sampling_params": {"max_new_tokens": 2000, "temperature": 1.0, "ignore_eos": True},
+            },
+        )
         done[f"abort-{i}"] = r.json()["meta_info"]["finish_reason"]["type"]
 
     def survivor(i):
         done[f"keep-{i}"] = eff.generate(PROMPT, max_new_tokens=120, temperature=0, ignore_eos=True)["output_ids"]
 
-    threads = ([threading.Thread(target=hang_up, args=(i,)) for i in range(6)]
-               + [threading.Thread(target=aborted, args=(i,)) for i in range(4)]
-               + [threading.Thread(target=survivor, args=(i,)) for i in range(3)])
+    threads = (
+        [threading.Thread(target=hang_up, args=(i,)) for i in range(6)]
+        + [threading.Thread(target=aborted, args=(i,)) for i in range(4)]
+        + [threading.Thread(target=survivor, args=(i,)) for i in range(3)]
+    )
     for t in threads:
         t.start()
     time.sleep(3.0)
@@ -209,11 +253,15 @@ def test_bad_sampling_parameters_get_a_clear_4xx(eff, case):
     assert r.text.strip(), case
 
 
-@pytest.mark.parametrize("case,body", [
-    ("max_tokens beyond the context", {"prompt": PROMPT, "max_tokens": 100_000}),
-    ("empty prompt", {"prompt": "", "max_tokens": 8}),
-    ("temperature not a number", {"prompt": PROMPT, "max_tokens": 8, "temperature": "hot"}),
-], ids=["beyond-context", "empty-prompt", "temperature-string"])
+@pytest.mark.parametrize(
+    "case,body",
+    [
+        ("max_tokens beyond the context", {"prompt": PROMPT, "max_tokens": 100_000}),
+        ("empty prompt", {"prompt": "", "max_tokens": 8}),
+        ("temperature not a number", {"prompt": PROMPT, "max_tokens": 8, "temperature": "hot"}),
+    ],
+    ids=["beyond-context", "empty-prompt", "temperature-string"],
+)
 def test_bad_openai_requests_get_a_clear_4xx(eff, plain, case, body):
     r = requests.post(eff.url + "/v1/completions", json={"model": "m", **body}, timeout=60)
     assert 400 <= r.status_code < 500, (case, r.status_code, r.text[:300])
@@ -223,9 +271,11 @@ def test_bad_openai_requests_get_a_clear_4xx(eff, plain, case, body):
 def test_die_with_parent_leaves_no_orphan():
     """A process started the way the launcher starts SGLang dies with whoever started it, so a
     killed benchmark or demo leaves no server behind."""
-    code = ("import subprocess, sys, time; from sglang_er.launcher import _die_with_parent; "
-            "p = subprocess.Popen(['sleep', '120'], start_new_session=True, preexec_fn=_die_with_parent); "
-            "print(p.pid, flush=True); time.sleep(120)")
+    code = (
+        "import subprocess, sys, time; from sglang_er.launcher import _die_with_parent; "
+        "p = subprocess.Popen(['sleep', '120'], start_new_session=True, preexec_fn=_die_with_parent); "
+        "print(p.pid, flush=True); time.sleep(120)"
+    )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     parent.kill()

@@ -154,13 +154,15 @@ def test_memory_per_indexed_token_is_bounded():
 def test_meta_info_splits_a_requests_drafts_by_source():
     from sglang_er import spec_meta
 
-    tagged = ([(1, 0)] + [(2, 3, "group")] * 4 + [(3, 3, "w4")] * 2 + [(4, 2, "none")] * 1)
+    tagged = [(1, 0)] + [(2, 3, "group")] * 4 + [(3, 3, "w4")] * 2 + [(4, 2, "none")] * 1
     meta = {spec_meta.KEY: tagged, "completion_tokens": 8, "spec_num_correct_drafts": 4}
     spec_meta.correct(meta)
     assert meta["spec_gamma"] == [0, 3, 3, 2]
-    assert meta["spec_sources"] == {"group": {"iterations": 1, "proposed": 3, "accepted": 3},
-                                    "w4": {"iterations": 1, "proposed": 3, "accepted": 1},
-                                    "none": {"iterations": 1, "proposed": 0, "accepted": 0}}
+    assert meta["spec_sources"] == {
+        "group": {"iterations": 1, "proposed": 3, "accepted": 3},
+        "w4": {"iterations": 1, "proposed": 3, "accepted": 1},
+        "none": {"iterations": 1, "proposed": 0, "accepted": 0},
+    }
 
 
 def _group_with_history(n: int, probe_every: int = 1):
@@ -236,7 +238,6 @@ def test_unused_proposals_are_measured_in_the_shadow_of_the_w4_drafts():
     assert greedy.acceptance._srv.tried[:2] == [16, 16] and greedy.acceptance._srv.acc[:2] == [16, 0]
 
 
-
 def test_lookups_are_sampled_while_no_proposal_could_beat_the_w4_drafter():
     """While the measured E[L] of a full-length proposal is below the W4 drafter's, the lookups
     only feed the shadow measurement: one W4 iteration in ``probe_every`` makes them. Live
@@ -283,7 +284,7 @@ def test_verify_only_iterations_need_measured_history_acceptance():
     _target_agrees(hd, 8)
     plan = hd.plan(reqs, 0, None, pays)  # 8 records of full acceptance: E[L|4] = 1 + Σ (8/16)^k
     assert plan is not None and plan.history_rows == list(range(8)) and not plan.run_drafter
-    assert asked[-1] == pytest.approx(len(reqs) * sum(0.5 ** k for k in range(5)))
+    assert asked[-1] == pytest.approx(len(reqs) * sum(0.5**k for k in range(5)))
 
 
 def test_a_verify_only_iteration_runs_at_the_width_with_the_best_predicted_gain():
@@ -317,10 +318,10 @@ def test_controller_prices_a_verify_only_iteration_against_a_plain_step():
     from types import SimpleNamespace
 
     import torch
+    from test_policy import QWEN2_05B
 
     from sglang_er.calibration import builtin_profile
     from sglang_er.controller import Controller
-    from test_policy import QWEN2_05B
 
     ctl = Controller(QWEN2_05B, 7, torch.device("cpu"), "torch_native", profile=builtin_profile("h100"))
     reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=[i, 1, 2]) for i in range(2)]

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-
 from conftest import FP32, joint_first3, same_distribution_pvalue, start_server, tiny_prompts
 
 EFF_HIST = [*FP32, "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", "4", "--enable-metrics"]
@@ -66,8 +65,9 @@ def test_sampled_distribution_matches_plain(hist, plain, sampling):
     before = _by_source(hist)
 
     def pvalue():
-        return same_distribution_pvalue(joint_first3(plain, PROMPT, 2000, **sampling),
-                                        joint_first3(hist, PROMPT, 2000, per_call=4, **sampling))
+        return same_distribution_pvalue(
+            joint_first3(plain, PROMPT, 2000, **sampling), joint_first3(hist, PROMPT, 2000, per_call=4, **sampling)
+        )
 
     p = pvalue()
     if p <= 0.01:  # a correct sampler lands here 1% of the time: one fresh draw decides
@@ -84,7 +84,9 @@ def test_history_proposed_for_seen_prompts_only(hist):
     first = hist.generate(fresh, max_new_tokens=24, temperature=0, ignore_eos=True)["meta_info"]
     assert _by_source(hist).get("group", (0.0, 0.0))[0] == before, "group drafts for a prompt never seen"
     assert "group" not in first["spec_sources"]
-    again = hist.generate(fresh, max_new_tokens=24, temperature=0, ignore_eos=True)["meta_info"]  # an earlier epoch now exists
+    again = hist.generate(fresh, max_new_tokens=24, temperature=0, ignore_eos=True)[
+        "meta_info"
+    ]  # an earlier epoch now exists
     assert _by_source(hist)["group"][0] > before
     # the request's own meta_info splits its drafts by source; greedy repeats its earlier epoch
     group = again["spec_sources"]["group"]
@@ -96,8 +98,10 @@ def test_wrong_history_acceptance_rule_is_detected(tiny_model, plain):
     wrong = start_server(tiny_model, EFF_HIST, env={**ENV, "SGLANG_ER_INJECT_FAULT": "accept_all_history"})
     try:
         joint_first3(wrong, PROMPT, 400, per_call=4, temperature=1.0)  # history for the prompt exists from here on
-        p = same_distribution_pvalue(joint_first3(plain, PROMPT, 2000, temperature=1.0),
-                                     joint_first3(wrong, PROMPT, 2000, per_call=4, temperature=1.0))
+        p = same_distribution_pvalue(
+            joint_first3(plain, PROMPT, 2000, temperature=1.0),
+            joint_first3(wrong, PROMPT, 2000, per_call=4, temperature=1.0),
+        )
     finally:
         wrong.stop()
     assert p < 1e-4, f"accepting every history draft went undetected (p={p:.2e})"

@@ -10,31 +10,48 @@ import pytest
 
 from eval import grading
 from eval.grading import (
-    answer_clusters, extract_boxed, grade, is_equiv, maj_at_k, pass_at_k, reference_answer,
+    answer_clusters,
+    extract_boxed,
+    grade,
+    is_equiv,
+    maj_at_k,
+    pass_at_k,
+    reference_answer,
 )
 from eval.math_data import DatasetError, data_root, load_problems
 from eval.math_eval import (
-    INSTRUCTION, EvalConfig, SampleRecord, Summary, acceptance_stats, main, parse_response, percentile, score,
+    INSTRUCTION,
+    EvalConfig,
+    SampleRecord,
+    Summary,
+    acceptance_stats,
+    main,
+    parse_response,
+    percentile,
+    score,
 )
 
 
 # ---------------------------------------------------------------------------------------------
 # Extraction
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, want", [
-    (r"The answer is \boxed{18}.", "18"),
-    (r"first \boxed{1} then \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
-    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)"),
-    (r"nested \boxed{\sqrt{\frac{a^{2}}{b}}} done", r"\sqrt{\frac{a^{2}}{b}}"),
-    (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
-    (r"\fbox{42}", "42"),
-    (r"\boxed{7} and then \fbox{8}", "8"),
-    (r"TeX style \boxed 5$.", "5"),
-    (r"complete \boxed{3} then cut off \boxed{4", "3"),
-    (r"cut off \boxed{4", None),
-    ("no box, 17", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        (r"The answer is \boxed{18}.", "18"),
+        (r"first \boxed{1} then \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"nested \boxed{\sqrt{\frac{a^{2}}{b}}} done", r"\sqrt{\frac{a^{2}}{b}}"),
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+        (r"\fbox{42}", "42"),
+        (r"\boxed{7} and then \fbox{8}", "8"),
+        (r"TeX style \boxed 5$.", "5"),
+        (r"complete \boxed{3} then cut off \boxed{4", "3"),
+        (r"cut off \boxed{4", None),
+        ("no box, 17", None),
+        ("", None),
+    ],
+)
 def test_extract_boxed(text, want):
     assert extract_boxed(text) == want
 
@@ -50,11 +67,23 @@ def test_reference_answers():
 # ---------------------------------------------------------------------------------------------
 # Grading
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pred, ref", [
-    ("0.5", r"\frac{1}{2}"), (r"\dfrac{1}{2}", "1/2"), ("1,000", "1000"), ("18", "18"), (r"\$18.00", "18"),
-    ("x=5", "5"), (r"90^\circ", "90"), ("3, 5, 7", "3,5,7"), (r"\text{Evelyn}", "Evelyn"), ("6 - 5i", "6-5i"),
-    (r"(3, \frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)"), (r"\frac{\sqrt2}{2}", r"\sqrt{2}/2"),
-])
+@pytest.mark.parametrize(
+    "pred, ref",
+    [
+        ("0.5", r"\frac{1}{2}"),
+        (r"\dfrac{1}{2}", "1/2"),
+        ("1,000", "1000"),
+        ("18", "18"),
+        (r"\$18.00", "18"),
+        ("x=5", "5"),
+        (r"90^\circ", "90"),
+        ("3, 5, 7", "3,5,7"),
+        (r"\text{Evelyn}", "Evelyn"),
+        ("6 - 5i", "6-5i"),
+        (r"(3, \frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"\frac{\sqrt2}{2}", r"\sqrt{2}/2"),
+    ],
+)
 def test_equivalent_forms(pred, ref):
     assert is_equiv(pred, ref)
 
@@ -109,11 +138,26 @@ def test_maj_at_k():
 
 def test_score_and_acceptance():
     def rec(p, s, correct, ext, spec=None, toks=10):
-        return SampleRecord(problem_idx=p, source_idx=p, sample_idx=s, question="q", reference="1", response="",
-                            extracted=ext, correct=correct, completion_tokens=toks, spec=spec)
+        return SampleRecord(
+            problem_idx=p,
+            source_idx=p,
+            sample_idx=s,
+            question="q",
+            reference="1",
+            response="",
+            extracted=ext,
+            correct=correct,
+            completion_tokens=toks,
+            spec=spec,
+        )
 
-    spec = {"spec_verify_ct": 4, "spec_num_correct_drafts": 6, "spec_num_proposed_drafts": 12,
-            "spec_accept_length": 2.5, "spec_correct_drafts_histogram": [1, 1, 0, 2]}
+    spec = {
+        "spec_verify_ct": 4,
+        "spec_num_correct_drafts": 6,
+        "spec_num_proposed_drafts": 12,
+        "spec_accept_length": 2.5,
+        "spec_correct_drafts_histogram": [1, 1, 0, 2],
+    }
     recs = [rec(0, 0, True, "1", spec), rec(0, 1, False, "2", spec), rec(1, 0, False, "3"), rec(1, 1, False, None)]
     acc, pk, mk = score(recs, 2, [1, 2])
     assert acc == 0.25 and pk == {"pass@1": 0.25, "pass@2": 0.5} and mk["maj@1"] == 0.25
@@ -143,8 +187,10 @@ def test_builtin_datasets():
 
 def test_jsonl_dataset_and_fields(tmp_path, monkeypatch):
     path = tmp_path / "custom.jsonl"
-    rows = [{"q": "What is 1+1?", "final": 2, "problem": "decoy"}, {"q": "Half of 1?", "final": r"\frac{1}{2}",
-                                                                     "problem": "decoy"}]
+    rows = [
+        {"q": "What is 1+1?", "final": 2, "problem": "decoy"},
+        {"q": "Half of 1?", "final": r"\frac{1}{2}", "problem": "decoy"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     ps = load_problems(str(path), question_field="q", answer_field="final")
     assert [(p.question, p.reference) for p in ps] == [("What is 1+1?", "2"), ("Half of 1?", r"\frac{1}{2}")]
@@ -182,28 +228,42 @@ def test_hf_dataset_error_is_clear(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Responses (shapes as SGLang 0.5.23 returns them with speculative decoding on)
 # ---------------------------------------------------------------------------------------------
-SPEC = {"spec_accept_rate": 0.8, "spec_accept_length": 4.0, "spec_cap_length": 0.0, "spec_num_correct_drafts": 8,
-        "spec_num_proposed_drafts": 9, "spec_verify_ct": 3, "spec_correct_drafts_histogram": [0, 0, 1, 2]}
+SPEC = {
+    "spec_accept_rate": 0.8,
+    "spec_accept_length": 4.0,
+    "spec_cap_length": 0.0,
+    "spec_num_correct_drafts": 8,
+    "spec_num_proposed_drafts": 9,
+    "spec_verify_ct": 3,
+    "spec_correct_drafts_histogram": [0, 0, 1, 2],
+}
 
 
 def test_parse_openai_completions_with_sglext():
-    body = {"choices": [{"index": 1, "text": "b", "finish_reason": "stop"},
-                        {"index": 0, "text": "a", "finish_reason": "length"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 20},
-            "sglext": {"spec_tokens_details": [SPEC, {**SPEC, "spec_accept_length": 2.0, "spec_verify_ct": 4}]}}
+    body = {
+        "choices": [
+            {"index": 1, "text": "b", "finish_reason": "stop"},
+            {"index": 0, "text": "a", "finish_reason": "length"},
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 20},
+        "sglext": {"spec_tokens_details": [SPEC, {**SPEC, "spec_accept_length": 2.0, "spec_verify_ct": 4}]},
+    }
     a, b = parse_response(body, api="openai", chat=False)
     assert (a.text, a.finish_reason, b.text) == ("a", "length", "b")
     assert a.spec["spec_verify_ct"] == 3 and b.spec["spec_verify_ct"] == 4
     assert (a.completion_tokens, b.completion_tokens) == (12, 8)  # accept_length * verify_ct
-    (one,) = parse_response({"choices": [{"index": 0, "text": "x"}], "usage": {"completion_tokens": 7}},
-                            api="openai", chat=False)
+    (one,) = parse_response(
+        {"choices": [{"index": 0, "text": "x"}], "usage": {"completion_tokens": 7}}, api="openai", chat=False
+    )
     assert one.completion_tokens == 7 and one.spec is None
 
 
 def test_parse_chat_meta_info_and_native():
     meta = {"completion_tokens": 12, "prompt_tokens": 26, "finish_reason": {"type": "length"}, **SPEC}
-    body = {"choices": [{"index": 0, "message": {"content": r"\boxed{1}"}, "finish_reason": "length",
-                         "meta_info": meta}], "usage": {"completion_tokens": 12}}
+    body = {
+        "choices": [{"index": 0, "message": {"content": r"\boxed{1}"}, "finish_reason": "length", "meta_info": meta}],
+        "usage": {"completion_tokens": 12},
+    }
     (c,) = parse_response(body, api="openai", chat=True)
     assert c.text == r"\boxed{1}" and c.completion_tokens == 12 and c.spec["spec_accept_length"] == 4.0
     native = [{"text": "t1", "meta_info": meta}, {"text": "t2", "meta_info": {"completion_tokens": 3}}]
@@ -231,8 +291,27 @@ def server(plain):
 
 def test_end_to_end(server, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["--base-url", server.url, "--dataset", "gsm8k", "--limit", "4", "--n", "2", "--max-tokens", "16",
-               "--temperature", "1.0", "--concurrency", "8", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "--base-url",
+            server.url,
+            "--dataset",
+            "gsm8k",
+            "--limit",
+            "4",
+            "--n",
+            "2",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "1.0",
+            "--concurrency",
+            "8",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     table = capsys.readouterr().out
     assert "pass@2" in table and "maj@2" in table and "makespan" in table

@@ -12,7 +12,6 @@ import pytest
 
 from sglang_er.calibration import (
     BUILTIN_PROFILES,
-    CalibrationSample,
     HardwareProfile,
     builtin_profile,
     fit_profile,
@@ -52,9 +51,11 @@ def _policy(profile: str, model: ModelCost, alpha: float = 0.8, gamma_max: int =
 
 def test_policy_modules_do_not_import_sglang():
     # The policy must be usable (and testable) without the engine, and light to import.
-    code = ("import sys, sglang_er.gamma, sglang_er.calibration; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sglang', 'torch')); "
-            "assert not bad, bad")
+    code = (
+        "import sys, sglang_er.gamma, sglang_er.calibration; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sglang', 'torch')); "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -76,8 +77,17 @@ def test_model_cost_qwen2_05b(qwen):
     assert w4h.head_bytes < qwen.head_bytes / 3.5
     assert w4h.drafter_weight_bytes == pytest.approx(w4h.drafter_layer_bytes + w4h.head_bytes)
     assert qwen.flops_per_token == pytest.approx(2 * (lin + 151936 * 896))
-    explicit = ModelCost(num_layers=24, hidden=896, intermediate=4864, num_heads=14, num_kv_heads=2,
-                         head_dim=64, vocab=151936, tie_word_embeddings=True, attention_bias=True)
+    explicit = ModelCost(
+        num_layers=24,
+        hidden=896,
+        intermediate=4864,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        vocab=151936,
+        tie_word_embeddings=True,
+        attention_bias=True,
+    )
     assert explicit == qwen
 
 
@@ -122,8 +132,12 @@ def test_cost_uses_each_requests_length(qwen):
 
 
 def test_kv_read_rule_per_request_vs_shared_once(qwen):
-    assert KV_READ_RULE == {"torch_native": "per_request", "flashinfer": "per_request",
-                            "flashinfer_cascade": "shared_once", "triton": "per_request"}
+    assert KV_READ_RULE == {
+        "torch_native": "per_request",
+        "flashinfer": "per_request",
+        "flashinfer_cascade": "shared_once",
+        "triton": "per_request",
+    }
     prof = builtin_profile("h100")
     per_req = CostModel(prof, qwen, kv_read_rule="per_request")
     shared = CostModel(prof, qwen, kv_read_rule="shared_once")
@@ -161,12 +175,17 @@ def test_kv_read_rule_per_request_vs_shared_once(qwen):
 
 def _slow_twin(p: HardwareProfile, k: float) -> HardwareProfile:
     """The same machine, k× slower in everything: every prediction scales by exactly k."""
-    return p.model_copy(update=dict(
-        bandwidth_bytes_per_s=p.bandwidth_bytes_per_s / k,
-        flops_per_s={c: f / k for c, f in p.flops_per_s.items()},
-        fixed_plain_s=p.fixed_plain_s * k, fixed_draft_step_s=p.fixed_draft_step_s * k,
-        fixed_verify_s=p.fixed_verify_s * k, per_seq_s=p.per_seq_s * k, per_seq_draft_s=p.per_seq_draft_s * k,
-    ))
+    return p.model_copy(
+        update=dict(
+            bandwidth_bytes_per_s=p.bandwidth_bytes_per_s / k,
+            flops_per_s={c: f / k for c, f in p.flops_per_s.items()},
+            fixed_plain_s=p.fixed_plain_s * k,
+            fixed_draft_step_s=p.fixed_draft_step_s * k,
+            fixed_verify_s=p.fixed_verify_s * k,
+            per_seq_s=p.per_seq_s * k,
+            per_seq_draft_s=p.per_seq_draft_s * k,
+        )
+    )
 
 
 def test_live_correction_follows_a_2x_slower_machine(qwen):
@@ -481,11 +500,17 @@ def test_profile_rejects_corrupt_or_mismatched(tmp_path):
 
 
 def test_fit_profile_recovers_roofline(qwen):
-    true = builtin_profile("cpu").model_copy(update=dict(
-        bandwidth_bytes_per_s=11e9, flops_per_s={"bf16": 1.5e11, "w4": 0.8e11},
-        fixed_plain_s=25e-3, fixed_verify_s=30e-3, fixed_draft_step_s=2e-3, per_seq_s=0.5e-3,
-        per_seq_draft_s=0.1e-3,
-    ))
+    true = builtin_profile("cpu").model_copy(
+        update=dict(
+            bandwidth_bytes_per_s=11e9,
+            flops_per_s={"bf16": 1.5e11, "w4": 0.8e11},
+            fixed_plain_s=25e-3,
+            fixed_verify_s=30e-3,
+            fixed_draft_step_s=2e-3,
+            per_seq_s=0.5e-3,
+            per_seq_draft_s=0.1e-3,
+        )
+    )
     cm = CostModel(true, qwen)
     samples = []
     for B in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -530,8 +555,12 @@ def test_policy_explores_when_a_low_acceptance_estimate_keeps_it_plain(qwen):
     for _ in range(64):  # the exploratory iterations measured a good drafter
         acc.observe(4, [4])
     assert pol.choose([512]).gamma > 0
-    assert GammaPolicy(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.05),
-                  explore_every=0).choose([512]).gamma == 0
+    assert (
+        GammaPolicy(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.05), explore_every=0)
+        .choose([512])
+        .gamma
+        == 0
+    )
     acc.reset()  # a new drafter: back to the prior
     assert acc.num_observations == 0 and acc.alphas() == pytest.approx([0.05] * 4)
 
@@ -621,8 +650,12 @@ def test_policy_measures_again_however_low_its_estimate(qwen):
     first measurement (the 4th plain iteration)."""
     from sglang_er.gamma import FORCED_EXPLORE_PERIODS
 
-    pol = GammaPolicy(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.001),
-                 explore_every=4, explore_floor=0.99)
+    pol = GammaPolicy(
+        CostModel(builtin_profile("cpu"), qwen),
+        AcceptanceModel(4, prior_alpha=0.001),
+        explore_every=4,
+        explore_floor=0.99,
+    )
     n = FORCED_EXPLORE_PERIODS * 4 + 1  # + the exploration's second (timed) iteration
     picks = [pol.choose([512]).gamma for _ in range(3 * n)]
     assert [i for i, g in enumerate(picks) if g > 0] == [3, 4, 3 + n, 4 + n, 3 + 2 * n, 4 + 2 * n], picks

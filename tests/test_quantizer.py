@@ -25,7 +25,11 @@ from sglang_er.w4linear import W4Linear, marlin_padded_n, select_kernel
 SMOLLM2_135M = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576)]
 TINY = [("qkv", 128, 256), ("o", 128, 128), ("gate_up", 128, 768), ("down", 384, 128)]
 QWEN2_05B = [("qkv", 896, 1152), ("o", 896, 896), ("gate_up", 896, 9728), ("down", 4864, 896), ("lm_head", 896, 151936)]
-LINEAR_SHAPES = [pytest.param(k, n, id=f"{m}-{name}-{k}x{n}") for m, shapes in (("smollm2", SMOLLM2_135M), ("tiny", TINY)) for name, k, n in shapes]
+LINEAR_SHAPES = [
+    pytest.param(k, n, id=f"{m}-{name}-{k}x{n}")
+    for m, shapes in (("smollm2", SMOLLM2_135M), ("tiny", TINY))
+    for name, k, n in shapes
+]
 
 
 def _weight(n, k, seed=0, dtype=torch.float32):
@@ -309,7 +313,11 @@ def test_input_scale_path():
     mb = W4Linear.from_float(w.to(torch.bfloat16), b.to(torch.bfloat16), input_scale=s)
     assert mb.kernel == "cpu_int4pack"
     xb = x.to(torch.bfloat16)
-    refb = F.linear((xb / s).to(torch.bfloat16).float(), fake_quant(w.to(torch.bfloat16).float() * s[None, :], g), b.to(torch.bfloat16).float())
+    refb = F.linear(
+        (xb / s).to(torch.bfloat16).float(),
+        fake_quant(w.to(torch.bfloat16).float() * s[None, :], g),
+        b.to(torch.bfloat16).float(),
+    )
     assert (mb(xb).float() - refb).norm() / refb.norm() < 1e-2
     # A quantized tensor from another quantizer (AWQ later) plugs in directly.
     qt = quantize_rtn(w * s[None, :], g)

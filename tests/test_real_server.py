@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from conftest import start_server
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -27,8 +26,10 @@ def _questions(k=8):  # one batch of 8: enough to catch a lossy verify, half the
     if not path.exists():
         pytest.skip(f"GSM8K not found at {path}")
     lines = path.read_text().splitlines()[:k]
-    return [json.loads(x)["question"] + " Please reason step by step, and put your final answer within \\boxed{}."
-            for x in lines]
+    return [
+        json.loads(x)["question"] + " Please reason step by step, and put your final answer within \\boxed{}."
+        for x in lines
+    ]
 
 
 # per model: questions in one batch, new tokens (the 0.5B model in float32 is ~5x slower per token)
@@ -37,9 +38,10 @@ SIZES = {"smollm2-135m-instruct": (8, 128), "qwen2.5-0.5b-instruct": (6, 96)}
 
 def _chat_greedy(srv, questions, max_tokens):
     def one(q):
-        r = srv.post("/v1/chat/completions", {
-            "model": "m", "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
-            "temperature": 0})
+        r = srv.post(
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens, "temperature": 0},
+        )
         return r["choices"][0]["message"]["content"], r["usage"]
 
     with ThreadPoolExecutor(8) as ex:
@@ -78,8 +80,11 @@ def test_chat_template_applied(plain_outputs):
 def test_effrollout_greedy_identical_on_gsm8k(real_model, plain_outputs):
     name, path = real_model
     k, max_tokens = SIZES[name]
-    srv = start_server(path, [*ARGS, "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "5"],
-                       env={"SGLANG_ER_GAMMA": "4"})
+    srv = start_server(
+        path,
+        [*ARGS, "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "5"],
+        env={"SGLANG_ER_GAMMA": "4"},
+    )
     try:
         got = _chat_greedy(srv, _questions(k), max_tokens)
         meta = srv.generate("What is 12 * 7?", max_new_tokens=64, temperature=0, ignore_eos=True)["meta_info"]

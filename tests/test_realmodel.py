@@ -47,8 +47,14 @@ def test_build_layout(builds):
     m, d = builds["model"], builds["a"]
     assert d.name == m.cache_key()
     assert not [p for p in d.parent.iterdir() if p.name.startswith(".")], "temporary dir left behind"
-    for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-              "tokenizer_config.json", "manifest.json"):
+    for f in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "manifest.json",
+    ):
         assert (d / f).is_file(), f
     man = rm.read_manifest(d)
     assert man["source"]["sha256"] == m.gguf_sha256

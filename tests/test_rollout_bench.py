@@ -15,15 +15,37 @@ from eval.rollout_bench import main, parse_config
 
 def test_rollout_bench_writes_a_consistent_report(tmp_path, tiny_model):
     out = tmp_path / "rollout"
-    rc = main(["--model-path", str(tiny_model), "--prompts", "3", "--n", "2", "--max-tokens", "24",
-               "--configs", "auto", "--policy-steps", "2", "--epochs", "2", "--out", str(out)])
+    rc = main(
+        [
+            "--model-path",
+            str(tiny_model),
+            "--prompts",
+            "3",
+            "--n",
+            "2",
+            "--max-tokens",
+            "24",
+            "--configs",
+            "auto",
+            "--policy-steps",
+            "2",
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     for f in ("report.md", "results.json", "throughput.png", "timeline.png", "latency_cdf.png"):
         assert (out / f).stat().st_size > 0, f
     res = json.loads((out / "results.json").read_text())
     rolls = res["rollouts"]
     assert [(r["config"], r["step"], r["epoch"]) for r in rolls] == [
-        ("auto", 0, 0), ("auto", 0, 1), ("auto", 1, 0), ("auto", 1, 1)]
+        ("auto", 0, 0),
+        ("auto", 0, 1),
+        ("auto", 1, 0),
+        ("auto", 1, 1),
+    ]
     for r in rolls:
         assert len(r["requests"]) == 6
         assert r["output_tokens"] == sum(q["tokens"] for q in r["requests"]) and 0 < r["output_tokens"] <= 6 * 24
@@ -51,13 +73,32 @@ def test_same_lengths_replays_plains_draw(tmp_path, tiny_model):
     """--same-lengths: plain runs first with natural EOS, and the other config generates exactly
     the lengths plain drew, request by request (ignore_eos)."""
     out = tmp_path / "same"
-    rc = main(["--model-path", str(tiny_model), "--prompts", "2", "--n", "2", "--max-tokens", "24",
-               "--configs", "fixed:2", "plain", "--same-lengths", "--epochs", "2", "--out", str(out)])
+    rc = main(
+        [
+            "--model-path",
+            str(tiny_model),
+            "--prompts",
+            "2",
+            "--n",
+            "2",
+            "--max-tokens",
+            "24",
+            "--configs",
+            "fixed:2",
+            "plain",
+            "--same-lengths",
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     rolls = json.loads((out / "results.json").read_text())["rollouts"]
     for epoch in (0, 1):
-        plain, fixed = (next(r for r in rolls if r["config"].startswith(c) and r["epoch"] == epoch)
-                        for c in ("plain", "fixed"))
+        plain, fixed = (
+            next(r for r in rolls if r["config"].startswith(c) and r["epoch"] == epoch) for c in ("plain", "fixed")
+        )
         assert plain["extra"]["lengths"] == "natural" and fixed["extra"]["lengths"] == "replayed"
         assert [q["tokens"] for q in fixed["requests"]] == [q["tokens"] for q in plain["requests"]]
         assert all(q["past_eos"] is None for q in plain["requests"])
@@ -70,8 +111,10 @@ def test_same_lengths_replays_plains_draw(tmp_path, tiny_model):
 def test_own_answer_stops_at_the_first_eos():
     from eval.rollout_bench import _own_answer
 
-    choice = {"message": {"content": "12<|im_end|>abc"},
-              "logprobs": {"content": [{"token": t} for t in ("1", "2", "<|im_end|>", "a", "b", "c")]}}
+    choice = {
+        "message": {"content": "12<|im_end|>abc"},
+        "logprobs": {"content": [{"token": t} for t in ("1", "2", "<|im_end|>", "a", "b", "c")]},
+    }
     assert _own_answer(choice, {"<|im_end|>"}) == ("12", 3)
     assert _own_answer(choice, {"<|endoftext|>"}) == ("12<|im_end|>abc", 0)
 
@@ -111,8 +154,10 @@ def test_speedup_interval_brackets_the_ratio_of_totals():
 
 def test_tail_share_and_lengths():
     # 8 requests sent at 0; 6 finish by t=2, the last two at 4 and 10: the tail (≤ 2 in flight) is 2..10
-    reqs = [{"t_send": 0.0, "t_done": t, "tokens": n} for t, n in
-            [(1, 10), (1, 11), (1.5, 12), (1.5, 13), (2, 14), (2, 15), (4, 40), (10, 100)]]
+    reqs = [
+        {"t_send": 0.0, "t_done": t, "tokens": n}
+        for t, n in [(1, 10), (1, 11), (1.5, 12), (1.5, 13), (2, 14), (2, 15), (4, 40), (10, 100)]
+    ]
     assert tail_share(reqs) == pytest.approx(0.8)
     assert length_summary(reqs) == "output tokens median 14, p90 100, longest 100"
 

@@ -17,8 +17,6 @@ import torch
 from sglang_er import sampler as S
 from sglang_er.sampler import SamplingParamsTensor as P
 
-
-
 # ----------------------------------------------------------------------------
 # SGLang source access without importing the SGLang runtime
 # ----------------------------------------------------------------------------
@@ -35,9 +33,7 @@ def _sglang_def(rel, name):
     for node in ast.parse(text).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
             return ast.get_source_segment(text, node)
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == name for t in node.targets
-        ):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
             return ast.get_source_segment(text, node)
     raise LookupError(f"{name} not in sglang/{rel}")
 
@@ -102,8 +98,14 @@ def _sglang_reference(fn, logits, params):
     if not (params.need_top_k_sampling or params.need_top_p_sampling or params.need_min_p_sampling):
         return probs
     _, w, idx, _ = fn(
-        probs, params.top_k.to(torch.int32), params.top_p, params.min_p,
-        params.need_min_p_sampling, None, None, return_filtered_probs=True,
+        probs,
+        params.top_k.to(torch.int32),
+        params.top_p,
+        params.min_p,
+        params.need_min_p_sampling,
+        None,
+        None,
+        return_filtered_probs=True,
     )
     w = w / w.sum(-1, keepdim=True)
     return torch.zeros_like(probs).scatter_(-1, idx.long(), w)
@@ -116,7 +118,9 @@ def test_target_probs_matches_sglang_filter_exactly(sgl_torch_sampling):
     cols = list(zip(*COMBOS))
     mixed = P.from_lists(*cols)
     # One combo per batch (own flags) and all combos in one mixed batch.
-    for params, lg in [(P.from_lists(*map(list, zip(c))), logits[i : i + 1]) for i, c in enumerate(COMBOS)] + [(mixed, logits)]:
+    for params, lg in [(P.from_lists(*map(list, zip(c))), logits[i : i + 1]) for i, c in enumerate(COMBOS)] + [
+        (mixed, logits)
+    ]:
         ours = S.target_probs(lg, params)
         ref = _sglang_reference(sgl_torch_sampling, lg, params)
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
@@ -142,8 +146,13 @@ def test_target_probs_monte_carlo_against_sglang_sampler(sgl_torch_sampling):
         x = (logits / params.temperature.view(-1, 1)).expand(N, V)
         probs = torch.softmax(x, -1).contiguous()
         ids = sgl_torch_sampling(
-            probs, params.top_k.to(torch.int32).expand(N), params.top_p.expand(N),
-            params.min_p.expand(N), params.need_min_p_sampling, None, None,
+            probs,
+            params.top_k.to(torch.int32).expand(N),
+            params.top_p.expand(N),
+            params.min_p.expand(N),
+            params.need_min_p_sampling,
+            None,
+            None,
         )
         freq = torch.bincount(ids.long(), minlength=V).double() / N
         assert freq[expect == 0].sum() == 0, combo
@@ -165,6 +174,7 @@ def test_target_probs_3d_and_topk_shortcut():
     p2 = P.from_lists([0.7, 1.2], top_k=[7, 3])
     assert p2.max_top_k == 7
     import dataclasses
+
     full = S.target_probs(logits[:2], dataclasses.replace(p2, max_top_k=None))
     torch.testing.assert_close(S.target_probs(logits[:2], p2), full)
 

@@ -11,7 +11,6 @@ import json
 import pytest
 import requests
 
-
 PROMPT = "Alice has 12 apples. She buys 7 more. How many"
 
 
@@ -42,8 +41,9 @@ def test_greedy_is_deterministic_and_equals_transformers(server, tiny_model):
 
 
 def test_completions_n_logprobs_stop_max_tokens(server):
-    r = server.post("/v1/completions", {
-        "model": "m", "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "n": 4, "logprobs": 2})
+    r = server.post(
+        "/v1/completions", {"model": "m", "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "n": 4, "logprobs": 2}
+    )
     assert len(r["choices"]) == 4
     for c in r["choices"]:
         assert len(c["logprobs"]["token_logprobs"]) <= 12
@@ -53,15 +53,15 @@ def test_completions_n_logprobs_stop_max_tokens(server):
     full = server.post("/v1/completions", {"model": "m", "prompt": PROMPT, "max_tokens": 24, "temperature": 0})
     text = full["choices"][0]["text"]
     stop = text[5:8]  # a string the greedy continuation is known to contain
-    cut = server.post("/v1/completions", {
-        "model": "m", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stop": [stop]})
+    cut = server.post(
+        "/v1/completions", {"model": "m", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stop": [stop]}
+    )
     assert cut["choices"][0]["finish_reason"] == "stop"
     assert cut["choices"][0]["text"] == text[: text.index(stop)]
 
 
 def test_chat_completions_plain_and_streaming(server):
-    body = {"model": "m", "messages": [{"role": "user", "content": "What is 2+3?"}], "max_tokens": 10,
-            "temperature": 0}
+    body = {"model": "m", "messages": [{"role": "user", "content": "What is 2+3?"}], "max_tokens": 10, "temperature": 0}
     plain = server.post("/v1/chat/completions", body)
     content = plain["choices"][0]["message"]["content"]
     assert plain["usage"]["completion_tokens"] <= 10
@@ -69,7 +69,9 @@ def test_chat_completions_plain_and_streaming(server):
     assert plain["usage"]["prompt_tokens"] > 6
 
     chunks = []
-    with requests.post(server.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=120) as r:
+    with requests.post(
+        server.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=120
+    ) as r:
         for line in r.iter_lines():
             if line.startswith(b"data: ") and line != b"data: [DONE]":
                 delta = json.loads(line[6:])["choices"]
@@ -79,8 +81,15 @@ def test_chat_completions_plain_and_streaming(server):
 
 
 def test_generate_logprobs(server):
-    r = server.post("/generate", {"text": PROMPT, "sampling_params": {"max_new_tokens": 8, "temperature": 0},
-                                  "return_logprob": True, "top_logprobs_num": 3})
+    r = server.post(
+        "/generate",
+        {
+            "text": PROMPT,
+            "sampling_params": {"max_new_tokens": 8, "temperature": 0},
+            "return_logprob": True,
+            "top_logprobs_num": 3,
+        },
+    )
     lps = r["meta_info"]["output_token_logprobs"]
     assert [t for _, t, _ in lps] == r["output_ids"]
     tops = r["meta_info"]["output_top_logprobs"]

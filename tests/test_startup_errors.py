@@ -13,7 +13,16 @@ from sglang_er.launcher import free_port
 
 
 def _launch(args, timeout=180):
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--port", str(free_port()), "--max-total-tokens", "2048", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--port",
+        str(free_port()),
+        "--max-total-tokens",
+        "2048",
+        *args,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -21,9 +30,11 @@ def _launch(args, timeout=180):
         if proc.poll() is None:
             proc.kill()
     time.sleep(1)
-    orphans = [p for p in psutil.process_iter(["pid", "cmdline"])
-               if p.info["cmdline"] and any(f"--port" == a for a in p.info["cmdline"])
-               and str(cmd[4]) in p.info["cmdline"]]
+    orphans = [
+        p
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if p.info["cmdline"] and any("--port" == a for a in p.info["cmdline"]) and str(cmd[4]) in p.info["cmdline"]
+    ]
     return proc.returncode, out, orphans
 
 

@@ -13,8 +13,9 @@ from sglang_er.models.trained import INSTRUCTION, TrainConfig, build_trained, co
 
 def test_solution_drops_calculator_marks_and_boxes_the_answer():
     ans = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 in all.\n#### 72"
-    assert solution(ans) == ("Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 in all.\n"
-                             "The answer is \\boxed{72}.")
+    assert solution(ans) == (
+        "Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 in all.\nThe answer is \\boxed{72}."
+    )
 
 
 def test_prompts_match_the_eval_harness():
@@ -45,8 +46,9 @@ def test_short_training_run_builds_a_loadable_cached_model(tmp_path):
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["hidden_size"] % 128 == 0
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ids = tok.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True,
-                                  return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "1+1?"}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert model(ids).logits.shape[-1] == config["vocab_size"]
 

@@ -136,8 +136,9 @@ def test_updates_every_few_seconds_under_load(srv, policies):
     def load(i):
         while not stop.is_set():
             try:
-                r = srv.generate(f"{PROMPT} {i}", max_new_tokens=60, temperature=1.0 if i % 2 else 0,
-                                 ignore_eos=True, timeout=120)
+                r = srv.generate(
+                    f"{PROMPT} {i}", max_new_tokens=60, temperature=1.0 if i % 2 else 0, ignore_eos=True, timeout=120
+                )
                 served.append(len(r["output_ids"]))
             except Exception as e:  # noqa: BLE001 - collected and asserted below
                 errors.append(repr(e))
@@ -147,9 +148,19 @@ def test_updates_every_few_seconds_under_load(srv, policies):
         t.start()
     n0 = _state(srv)["requantizations"]
     try:
-        for k, (push, w) in enumerate(itertools.islice(itertools.cycle(
-                [(_update_from_tensor, "1"), (_update_from_disk, "0"), (_update_from_disk, "1"),
-                 (_update_from_tensor, "0")]), 4)):
+        for k, (push, w) in enumerate(
+            itertools.islice(
+                itertools.cycle(
+                    [
+                        (_update_from_tensor, "1"),
+                        (_update_from_disk, "0"),
+                        (_update_from_disk, "1"),
+                        (_update_from_tensor, "0"),
+                    ]
+                ),
+                4,
+            )
+        ):
             time.sleep(2.0)
             with srv.generation_paused():
                 push(srv, policies["w" + w])

@@ -125,13 +125,16 @@ def test_installed_wheel_needs_nothing_from_the_checkout(tmp_path):
     assert res["sample"] == 50
     assert "SGLANG_ER_DATA" in res["gsm8k_error"] and "SGLANG_ER_DATA" in res["train_error"]
 
-    for args, want in ((["-m", "sglang_er.cli", "--help"], "calibrate"),
-                       (["-m", "sglang_er.cli", "calibrate", "--help"], "--model-path"),
-                       (["-m", "sglang_er.cli", "eval", "--help"], "--base-url"),
-                       (["-m", "sglang_er.demo", "--help"], "--questions")):
+    for args, want in (
+        (["-m", "sglang_er.cli", "--help"], "calibrate"),
+        (["-m", "sglang_er.cli", "calibrate", "--help"], "--model-path"),
+        (["-m", "sglang_er.cli", "eval", "--help"], "--base-url"),
+        (["-m", "sglang_er.demo", "--help"], "--questions"),
+    ):
         r = run(*args)
         assert r.returncode == 0 and want in r.stdout, (
-            f"{args}: rc {r.returncode}\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
+            f"{args}: rc {r.returncode}\n{r.stdout[-2000:]}{r.stderr[-3000:]}"
+        )
 
 
 def test_the_checkout_package_does_not_import_eval():

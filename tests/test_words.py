@@ -31,7 +31,10 @@ def offences(text: str) -> list[str]:
 
 def test_the_pattern_catches_what_it_should():
     assert offences("as measured in session 13 (issue 9), see commit 2f95679") == [
-        "session 13", "issue 9", "commit 2f95679"]
+        "session 13",
+        "issue 9",
+        "commit 2f95679",
+    ]
     assert not offences("one session of the server; an issue with the KV pool; stop the server")
 
 

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-
-from conftest import FP32, greedy_all as _greedy_all, joint_first3, same_distribution_pvalue, start_server
+from conftest import FP32, joint_first3, same_distribution_pvalue, start_server
+from conftest import greedy_all as _greedy_all
 
 EFF = ["--speculative-algorithm", "EFFROLLOUT"]
 
@@ -29,8 +29,9 @@ def eff3(tiny_model):
 
 @pytest.fixture(scope="module")
 def eff_cycle(tiny_model):
-    srv = start_server(tiny_model, [*FP32, *EFF, "--speculative-num-steps", "7"],
-                       env={"SGLANG_ER_GAMMA": "1,7,0,7,3,0"})
+    srv = start_server(
+        tiny_model, [*FP32, *EFF, "--speculative-num-steps", "7"], env={"SGLANG_ER_GAMMA": "1,7,0,7,3,0"}
+    )
     yield srv
     srv.stop()
 
@@ -90,13 +91,20 @@ PROMPT = "Alice has 12 apples. She buys 7 more. How many"
 N_SAMPLES = 2000
 
 
-@pytest.mark.parametrize("sampling", [
-    {"temperature": 1.0}, {"temperature": 1.0, "top_p": 0.9}, {"temperature": 1.0, "top_k": 20},
-], ids=["t1", "top_p", "top_k"])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 1.0},
+        {"temperature": 1.0, "top_p": 0.9},
+        {"temperature": 1.0, "top_k": 20},
+    ],
+    ids=["t1", "top_p", "top_k"],
+)
 def test_sampled_joint_distribution_matches_plain(sampling, plain, eff3):
     def pvalue():
-        return same_distribution_pvalue(joint_first3(plain, PROMPT, N_SAMPLES, **sampling),
-                                         joint_first3(eff3, PROMPT, N_SAMPLES, **sampling))
+        return same_distribution_pvalue(
+            joint_first3(plain, PROMPT, N_SAMPLES, **sampling), joint_first3(eff3, PROMPT, N_SAMPLES, **sampling)
+        )
 
     p = pvalue()
     if p <= 0.01:  # a correct sampler lands here 1% of the time: one fresh draw decides
@@ -105,11 +113,16 @@ def test_sampled_joint_distribution_matches_plain(sampling, plain, eff3):
 
 
 def test_distribution_test_detects_a_wrong_acceptance_rule(tiny_model, plain):
-    wrong = start_server(tiny_model, [*FP32, *EFF, "--speculative-num-draft-tokens", "4"],
-                         env={"SGLANG_ER_GAMMA": "3", "SGLANG_ER_INJECT_FAULT": "accept_all"})
+    wrong = start_server(
+        tiny_model,
+        [*FP32, *EFF, "--speculative-num-draft-tokens", "4"],
+        env={"SGLANG_ER_GAMMA": "3", "SGLANG_ER_INJECT_FAULT": "accept_all"},
+    )
     try:
-        p = same_distribution_pvalue(joint_first3(plain, PROMPT, N_SAMPLES, temperature=1.0),
-                                      joint_first3(wrong, PROMPT, N_SAMPLES, temperature=1.0))
+        p = same_distribution_pvalue(
+            joint_first3(plain, PROMPT, N_SAMPLES, temperature=1.0),
+            joint_first3(wrong, PROMPT, N_SAMPLES, temperature=1.0),
+        )
     finally:
         wrong.stop()
     assert p < 1e-4, f"accept-every-draft went undetected (p={p:.2e})"
@@ -117,12 +130,18 @@ def test_distribution_test_detects_a_wrong_acceptance_rule(tiny_model, plain):
 
 @pytest.mark.parametrize("which", ["eff3", "eff_cycle"])  # eff_cycle: γ = 0 iterations too
 def test_logprobs_are_the_targets(plain, which, request):
-    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True},
-            "return_logprob": True, "top_logprobs_num": 3}
+    body = {
+        "text": PROMPT,
+        "sampling_params": {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True},
+        "return_logprob": True,
+        "top_logprobs_num": 3,
+    }
     a = plain.post("/generate", body)
     b = request.getfixturevalue(which).post("/generate", body)
     assert a["output_ids"] == b["output_ids"]
-    for (la, ta, _), (lb, tb, _) in zip(a["meta_info"]["output_token_logprobs"], b["meta_info"]["output_token_logprobs"]):
+    for (la, ta, _), (lb, tb, _) in zip(
+        a["meta_info"]["output_token_logprobs"], b["meta_info"]["output_token_logprobs"]
+    ):
         assert ta == tb and abs(la - lb) < 1e-3
     for ra, rb in zip(a["meta_info"]["output_top_logprobs"], b["meta_info"]["output_top_logprobs"]):
         assert [t for _, t, _ in ra] == [t for _, t, _ in rb]
@@ -187,9 +206,15 @@ def test_abort_mid_generation_leaves_others_lossless(plain, eff3):
     result = {}
 
     def long_job():
-        r = requests.post(eff3.url + "/generate", json={
-            "text": "Solve for x: 3x + 5 = 20.", "rid": "to-abort",
-            "sampling_params": {"max_new_tokens": 3000, "temperature": 1.0, "ignore_eos": True}}, timeout=300)
+        r = requests.post(
+            eff3.url + "/generate",
+            json={
+                "text": "Solve for x: 3x + 5 = 20.",
+                "rid": "to-abort",
+                "sampling_params": {"max_new_tokens": 3000, "temperature": 1.0, "ignore_eos": True},
+            },
+            timeout=300,
+        )
         result["long"] = r.json()
 
     t = threading.Thread(target=long_job)
@@ -210,14 +235,26 @@ def test_auto_policy_speculates_alone_and_not_in_a_compute_bound_batch(tiny_mode
     from sglang_er.calibration import builtin_profile
 
     base = builtin_profile("cpu")
-    profile = base.model_copy(update=dict(
-        name="test-ridge", bandwidth_bytes_per_s=1e9, flops_per_s={k: 4e9 for k in base.flops_per_s},
-        fixed_plain_s=1e-4, fixed_draft_step_s=1e-4, fixed_verify_s=1e-4, per_seq_s=0.0, per_seq_draft_s=0.0))
+    profile = base.model_copy(
+        update=dict(
+            name="test-ridge",
+            bandwidth_bytes_per_s=1e9,
+            flops_per_s={k: 4e9 for k in base.flops_per_s},
+            fixed_plain_s=1e-4,
+            fixed_draft_step_s=1e-4,
+            fixed_verify_s=1e-4,
+            per_seq_s=0.0,
+            per_seq_draft_s=0.0,
+        )
+    )
     path = profile.save(tmp_path / "profile.json")
     # Exploration off: it would measure speculation at B = 24 once, and on this machine the tiny
     # model's measured speculation pays there, which (rightly) overrides this synthetic profile.
-    srv = start_server(tiny_model, [*FP32, *EFF, "--speculative-num-steps", "7"],
-                       env={"SGLANG_ER_MODE": "auto", "SGLANG_ER_PROFILE": str(path), "SGLANG_ER_EXPLORE_EVERY": "0"})
+    srv = start_server(
+        tiny_model,
+        [*FP32, *EFF, "--speculative-num-steps", "7"],
+        env={"SGLANG_ER_MODE": "auto", "SGLANG_ER_PROFILE": str(path), "SGLANG_ER_EXPLORE_EVERY": "0"},
+    )
     try:
         alone = srv.generate(PROMPT, max_new_tokens=48, temperature=0, ignore_eos=True)
         t_alone = _timeline(srv)
@@ -229,7 +266,9 @@ def test_auto_policy_speculates_alone_and_not_in_a_compute_bound_batch(tiny_mode
         t_all = _timeline(srv)
     finally:
         srv.stop()
-    assert alone["output_ids"] == plain.generate(PROMPT, max_new_tokens=48, temperature=0, ignore_eos=True)["output_ids"]
+    assert (
+        alone["output_ids"] == plain.generate(PROMPT, max_new_tokens=48, temperature=0, ignore_eos=True)["output_ids"]
+    )
     for i, r in enumerate(batch):
         assert r["output_ids"] == expected[i][:40]
     # alone: speculation predicted to pay (live correction may still veto some iterations)

@@ -40,16 +40,19 @@ def test_defaults_are_resolved():
     assert resolve_gamma(None, None) >= 1
 
 
-@pytest.mark.parametrize("kw, fix", [
-    ({"speculative_draft_model_path": "/some/draft"}, "remove --speculative-draft-model-path"),
-    ({"speculative_eagle_topk": 4}, "--speculative-eagle-topk"),
-    ({"speculative_num_draft_tokens": 40}, "--speculative-num-draft-tokens between"),
-    ({"speculative_num_draft_tokens": 4, "speculative_num_steps": 5}, "pass only one"),
-    ({"tp_size": 2}, "remove --tp-size 2"),
-    ({"pp_size": 2}, "remove --pp-size 2"),
-    ({"enable_dp_attention": True}, "--enable-dp-attention"),
-    ({"kv_cache_dtype": "fp8_e5m2"}, "--kv-cache-dtype"),
-])
+@pytest.mark.parametrize(
+    "kw, fix",
+    [
+        ({"speculative_draft_model_path": "/some/draft"}, "remove --speculative-draft-model-path"),
+        ({"speculative_eagle_topk": 4}, "--speculative-eagle-topk"),
+        ({"speculative_num_draft_tokens": 40}, "--speculative-num-draft-tokens between"),
+        ({"speculative_num_draft_tokens": 4, "speculative_num_steps": 5}, "pass only one"),
+        ({"tp_size": 2}, "remove --tp-size 2"),
+        ({"pp_size": 2}, "remove --pp-size 2"),
+        ({"enable_dp_attention": True}, "--enable-dp-attention"),
+        ({"kv_cache_dtype": "fp8_e5m2"}, "--kv-cache-dtype"),
+    ],
+)
 def test_unsupported_settings_name_the_fix(kw, fix):
     with pytest.raises(ValueError, match=fix):
         validate_server_args(_Args(**kw))
@@ -64,11 +67,14 @@ def test_gamma_env(env, fix):
             EffRolloutConfig.from_env(4, {"SGLANG_ER_GAMMA": env})
 
 
-@pytest.mark.parametrize("env, fix", [
-    ({"SGLANG_ER_MIN_GAIN": "0.9"}, "SGLANG_ER_MIN_GAIN='0.9': Input should be greater than or equal to 1"),
-    ({"SGLANG_ER_HYSTERESIS": "lots"}, "SGLANG_ER_HYSTERESIS='lots'"),
-    ({"SGLANG_ER_MODE": "sometimes"}, "SGLANG_ER_MODE='sometimes'"),
-])
+@pytest.mark.parametrize(
+    "env, fix",
+    [
+        ({"SGLANG_ER_MIN_GAIN": "0.9"}, "SGLANG_ER_MIN_GAIN='0.9': Input should be greater than or equal to 1"),
+        ({"SGLANG_ER_HYSTERESIS": "lots"}, "SGLANG_ER_HYSTERESIS='lots'"),
+        ({"SGLANG_ER_MODE": "sometimes"}, "SGLANG_ER_MODE='sometimes'"),
+    ],
+)
 def test_bad_env_names_the_variable(env, fix):
     with pytest.raises(ValueError, match=re.escape(fix)):
         EffRolloutConfig.from_env(4, env)
@@ -114,10 +120,23 @@ def refusals(tiny_model, tmp_path_factory):
     def launch(case):
         args, env, _ = case
         env = {k: special.get(v, v) for k, v in env.items()}
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_model),
-               "--port", str(free_port()), "--max-total-tokens", "2048", "--speculative-algorithm", "EFFROLLOUT", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **env},
-                              start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            str(tiny_model),
+            "--port",
+            str(free_port()),
+            "--max-total-tokens",
+            "2048",
+            "--speculative-algorithm",
+            "EFFROLLOUT",
+            *args,
+        ]
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **env}, start_new_session=True
+        )
 
     with ThreadPoolExecutor(3) as ex:
         return list(ex.map(launch, REFUSALS))

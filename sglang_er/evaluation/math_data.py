@@ -114,9 +114,7 @@ def pick_field(rows: list[dict], wanted: str | None, candidates: Iterable[str], 
     for c in candidates:
         if c in rows[0]:
             return c
-    raise DatasetError(
-        f"{origin}: cannot tell the {what} field among {keys}; pass --{what}-field"
-    )
+    raise DatasetError(f"{origin}: cannot tell the {what} field among {keys}; pass --{what}-field")
 
 
 def load_problems(
@@ -160,7 +158,13 @@ def load_problems(
             raise DatasetError(f"{origin}: row {src} lacks {qf!r} or {af!r}")
         raw = row[af]
         raw_s = raw if isinstance(raw, str) else json.dumps(raw) if isinstance(raw, (list, dict)) else str(raw)
-        problems.append(Problem(
-            idx=i, source_idx=src, question=str(row[qf]), reference=reference_answer(raw_s), raw_reference=raw_s,
-        ))
+        problems.append(
+            Problem(
+                idx=i,
+                source_idx=src,
+                question=str(row[qf]),
+                reference=reference_answer(raw_s),
+                raw_reference=raw_s,
+            )
+        )
     return problems

@@ -50,8 +50,12 @@ from sglang_er.evaluation.math_data import Problem, load_problems
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_OUT_ROOT = Path("eval") / "out"  # relative to the working directory (the checkout's eval/out)
 SPEC_KEYS = (
-    "spec_accept_length", "spec_accept_rate", "spec_verify_ct", "spec_num_correct_drafts",
-    "spec_num_proposed_drafts", "spec_correct_drafts_histogram",
+    "spec_accept_length",
+    "spec_accept_rate",
+    "spec_verify_ct",
+    "spec_num_correct_drafts",
+    "spec_num_proposed_drafts",
+    "spec_correct_drafts_histogram",
 )
 
 
@@ -232,8 +236,11 @@ class Client:
         return "default"
 
     def _load_tokenizer(self):
-        path = self.cfg.tokenizer or (self.model_info or {}).get("tokenizer_path") or (self.model_info or {}).get(
-            "model_path")
+        path = (
+            self.cfg.tokenizer
+            or (self.model_info or {}).get("tokenizer_path")
+            or (self.model_info or {}).get("model_path")
+        )
         if not path:
             raise EvalError("--api native --chat needs a tokenizer: GET /model_info gave no path; pass --tokenizer")
         try:
@@ -260,13 +267,20 @@ class Client:
             payload: dict[str, Any] = {"sampling_params": sp, "return_logprob": False}
             if self.tokenizer is not None:
                 text = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+                    [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+                )
                 payload["input_ids"] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             else:
                 payload["text"] = content
         else:
-            payload = {"model": self.model, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
-                       "top_p": cfg.top_p, "n": n, "stream": False}
+            payload = {
+                "model": self.model,
+                "max_tokens": cfg.max_tokens,
+                "temperature": cfg.temperature,
+                "top_p": cfg.top_p,
+                "n": n,
+                "stream": False,
+            }
             if cfg.chat:
                 payload["messages"] = [{"role": "user", "content": content}]
             else:
@@ -296,8 +310,9 @@ class Client:
             except (requests.ConnectionError, requests.Timeout, _RetryableError) as e:
                 last = e
                 if attempt < self.cfg.retries:
-                    time.sleep(min(2.0 ** attempt, 10.0))
+                    time.sleep(min(2.0**attempt, 10.0))
         raise EvalError(f"POST {self.endpoint} failed after {self.cfg.retries + 1} tries: {last}")
+
 
 def parse_response(body: Any, *, api: str, chat: bool) -> list[_Completion]:
     """Completions of one response body of /generate (api='native') or an OpenAI endpoint."""
@@ -306,10 +321,15 @@ def parse_response(body: Any, *, api: str, chat: bool) -> list[_Completion]:
         out = []
         for it in items:
             meta = it.get("meta_info") or {}
-            out.append(_Completion(
-                text=it.get("text") or "", finish_reason=_finish(meta.get("finish_reason")),
-                prompt_tokens=meta.get("prompt_tokens"), completion_tokens=meta.get("completion_tokens"),
-                spec=_spec_from(meta)))
+            out.append(
+                _Completion(
+                    text=it.get("text") or "",
+                    finish_reason=_finish(meta.get("finish_reason")),
+                    prompt_tokens=meta.get("prompt_tokens"),
+                    completion_tokens=meta.get("completion_tokens"),
+                    spec=_spec_from(meta),
+                )
+            )
         return out
     choices = sorted(body.get("choices") or [], key=lambda c: c.get("index", 0))
     usage = body.get("usage") or {}
@@ -335,10 +355,21 @@ def parse_response(body: Any, *, api: str, chat: bool) -> list[_Completion]:
             # accept_length = completion_tokens / verify_ct (SGLang's definition)
             ctoks = round(float(spec["spec_accept_length"]) * int(spec["spec_verify_ct"]))
         ptoks = (meta or {}).get("prompt_tokens", usage.get("prompt_tokens") if len(choices) == 1 else None)
-        out.append(_Completion(text=text, finish_reason=_finish(c.get("finish_reason")), prompt_tokens=ptoks,
-                               completion_tokens=ctoks, spec=spec))
-    if out and len(choices) > 1 and all(o.completion_tokens is None for o in out) and usage.get(
-            "completion_tokens") is not None:
+        out.append(
+            _Completion(
+                text=text,
+                finish_reason=_finish(c.get("finish_reason")),
+                prompt_tokens=ptoks,
+                completion_tokens=ctoks,
+                spec=spec,
+            )
+        )
+    if (
+        out
+        and len(choices) > 1
+        and all(o.completion_tokens is None for o in out)
+        and usage.get("completion_tokens") is not None
+    ):
         # Only the total is known: spread it evenly so token throughput stays right.
         total = int(usage["completion_tokens"])
         for j, o in enumerate(out):
@@ -362,8 +393,14 @@ def percentile(xs: list[float], q: float) -> float | None:
 def latency_stats(xs: list[float]) -> LatencyStats:
     if not xs:
         return LatencyStats()
-    return LatencyStats(count=len(xs), mean=sum(xs) / len(xs), p50=percentile(xs, 50), p90=percentile(xs, 90),
-                        p99=percentile(xs, 99), max=max(xs))
+    return LatencyStats(
+        count=len(xs),
+        mean=sum(xs) / len(xs),
+        p50=percentile(xs, 50),
+        p90=percentile(xs, 90),
+        p99=percentile(xs, 99),
+        max=max(xs),
+    )
 
 
 def acceptance_stats(records: list[SampleRecord]) -> AcceptanceStats | None:
@@ -383,9 +420,14 @@ def acceptance_stats(records: list[SampleRecord]) -> AcceptanceStats | None:
         for i, v in enumerate(h):
             hist[i] += int(v)
     return AcceptanceStats(
-        samples=len(with_spec), verify_ct=verify, num_correct_drafts=correct, num_proposed_drafts=proposed,
-        accept_rate=correct / proposed if proposed else None, accept_length=toks / verify if verify else None,
-        mean_sample_accept_length=sum(per) / len(per) if per else None, correct_drafts_histogram=hist,
+        samples=len(with_spec),
+        verify_ct=verify,
+        num_correct_drafts=correct,
+        num_proposed_drafts=proposed,
+        accept_rate=correct / proposed if proposed else None,
+        accept_length=toks / verify if verify else None,
+        mean_sample_accept_length=sum(per) / len(per) if per else None,
+        correct_drafts_histogram=hist,
     )
 
 
@@ -424,8 +466,14 @@ def run_eval(config: EvalConfig | dict | None = None, /, **overrides) -> Summary
     else:
         cfg = config.model_copy(update=overrides) if overrides else config
         cfg = EvalConfig.model_validate(cfg.model_dump())
-    problems = load_problems(cfg.dataset, question_field=cfg.question_field, answer_field=cfg.answer_field,
-                             limit=cfg.limit, shuffle=cfg.shuffle, seed=cfg.seed or 0)
+    problems = load_problems(
+        cfg.dataset,
+        question_field=cfg.question_field,
+        answer_field=cfg.answer_field,
+        limit=cfg.limit,
+        shuffle=cfg.shuffle,
+        seed=cfg.seed or 0,
+    )
     if not problems:
         raise EvalError(f"dataset {cfg.dataset!r} gave no problems")
     client = Client(cfg)
@@ -466,8 +514,14 @@ def run_eval(config: EvalConfig | dict | None = None, /, **overrides) -> Summary
 
     from tqdm import tqdm
 
-    bar = tqdm(total=len(problems) * cfg.n, disable=not cfg.progress, unit="sample", desc="math_eval",
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=len(problems) * cfg.n,
+        disable=not cfg.progress,
+        unit="sample",
+        desc="math_eval",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     n_correct = 0
     try:
         with ThreadPoolExecutor(max_workers=cfg.concurrency) as ex:
@@ -482,13 +536,22 @@ def run_eval(config: EvalConfig | dict | None = None, /, **overrides) -> Summary
                         c = comps[j] if comps else None
                         g = grading.grade(c.text, p.reference) if c else grading.Grade(None, False)
                         rec = SampleRecord(
-                            problem_idx=p.idx, source_idx=p.source_idx, sample_idx=j0 + j, question=p.question,
-                            reference=p.reference, response=c.text if c else "", extracted=g.extracted,
-                            correct=g.correct, correct_flexible=g.correct_flexible,
+                            problem_idx=p.idx,
+                            source_idx=p.source_idx,
+                            sample_idx=j0 + j,
+                            question=p.question,
+                            reference=p.reference,
+                            response=c.text if c else "",
+                            extracted=g.extracted,
+                            correct=g.correct,
+                            correct_flexible=g.correct_flexible,
                             finish_reason=c.finish_reason if c else None,
                             prompt_tokens=c.prompt_tokens if c else None,
-                            completion_tokens=c.completion_tokens if c else None, latency_s=t1 - t0,
-                            t_send=wall_offset + t0, spec=c.spec if c else None, error=err,
+                            completion_tokens=c.completion_tokens if c else None,
+                            latency_s=t1 - t0,
+                            t_send=wall_offset + t0,
+                            spec=c.spec if c else None,
+                            error=err,
                         )
                         records.append(rec)
                         n_correct += rec.correct
@@ -510,17 +573,29 @@ def run_eval(config: EvalConfig | dict | None = None, /, **overrides) -> Summary
     out_toks = sum(r.completion_tokens or 0 for r in records)
     ok = [r for r in records if not r.error]
     summary = Summary(
-        model=client.model, dataset=cfg.dataset, api=cfg.api, endpoint=client.endpoint,
-        num_problems=len(problems), n=cfg.n, num_samples=len(records), num_errors=len(errors),
-        num_extracted=sum(r.extracted is not None for r in records), accuracy=acc,
+        model=client.model,
+        dataset=cfg.dataset,
+        api=cfg.api,
+        endpoint=client.endpoint,
+        num_problems=len(problems),
+        n=cfg.n,
+        num_samples=len(records),
+        num_errors=len(errors),
+        num_extracted=sum(r.extracted is not None for r in records),
+        accuracy=acc,
         accuracy_flexible=sum(r.correct_flexible for r in records) / len(records) if records else 0.0,
         pass_at_k=pass_k,
-        maj_at_k=maj_k, latency_s=latency_stats(latencies), makespan_s=makespan, output_tokens=out_toks,
+        maj_at_k=maj_k,
+        latency_s=latency_stats(latencies),
+        makespan_s=makespan,
+        output_tokens=out_toks,
         output_tokens_per_s=out_toks / makespan if makespan > 0 else 0.0,
         mean_output_tokens=out_toks / len(ok) if ok else 0.0,
         finish_reasons=dict(Counter(str(r.finish_reason) for r in ok)),
-        acceptance=acceptance_stats(ok), started_at=started_at,
-        out_dir=str(out_dir) if out_dir else None, config=cfg,
+        acceptance=acceptance_stats(ok),
+        started_at=started_at,
+        out_dir=str(out_dir) if out_dir else None,
+        config=cfg,
     )
     if out_dir:
         (out_dir / "summary.json").write_text(summary.model_dump_json(indent=1) + "\n", encoding="utf-8")
@@ -540,27 +615,34 @@ def _fmt(v, digits=4) -> str:
 
 def format_table(s: Summary) -> str:
     rows: list[tuple[str, str]] = [
-        ("model", s.model), ("dataset", s.dataset), ("endpoint", f"{s.api} {s.endpoint}"),
+        ("model", s.model),
+        ("dataset", s.dataset),
+        ("endpoint", f"{s.api} {s.endpoint}"),
         ("problems x n", f"{s.num_problems} x {s.n} = {s.num_samples} samples"),
-        ("errors", str(s.num_errors)), ("boxed answers", f"{s.num_extracted}/{s.num_samples}"),
+        ("errors", str(s.num_errors)),
+        ("boxed answers", f"{s.num_extracted}/{s.num_samples}"),
         (f"accuracy (mean@{s.n})", _fmt(s.accuracy)),
         ("accuracy, last number if no box", _fmt(s.accuracy_flexible)),
         *[(k, _fmt(v)) for k, v in s.pass_at_k.items()],
         *[(k, _fmt(v)) for k, v in s.maj_at_k.items()],
-        ("latency p50/p90/p99 s",
-         f"{_fmt(s.latency_s.p50, 3)} / {_fmt(s.latency_s.p90, 3)} / {_fmt(s.latency_s.p99, 3)}"),
+        (
+            "latency p50/p90/p99 s",
+            f"{_fmt(s.latency_s.p50, 3)} / {_fmt(s.latency_s.p90, 3)} / {_fmt(s.latency_s.p99, 3)}",
+        ),
         ("makespan s", _fmt(s.makespan_s, 2)),
-        ("output tokens", str(s.output_tokens)), ("output tok/s", _fmt(s.output_tokens_per_s, 1)),
+        ("output tokens", str(s.output_tokens)),
+        ("output tok/s", _fmt(s.output_tokens_per_s, 1)),
         ("mean output tokens", _fmt(s.mean_output_tokens, 1)),
         ("finish reasons", ", ".join(f"{k}={v}" for k, v in sorted(s.finish_reasons.items())) or "-"),
     ]
     a = s.acceptance
     if a is not None:
         rows += [
-            ("spec accept length",
-             f"{_fmt(a.accept_length, 3)} tok/step (mean/request {_fmt(a.mean_sample_accept_length, 3)})"),
-            ("spec accept rate",
-             f"{_fmt(a.accept_rate, 3)} ({a.num_correct_drafts}/{a.num_proposed_drafts} drafts)"),
+            (
+                "spec accept length",
+                f"{_fmt(a.accept_length, 3)} tok/step (mean/request {_fmt(a.mean_sample_accept_length, 3)})",
+            ),
+            ("spec accept rate", f"{_fmt(a.accept_rate, 3)} ({a.num_correct_drafts}/{a.num_proposed_drafts} drafts)"),
             ("spec verify steps", str(a.verify_ct)),
             ("spec accepted-drafts hist", " ".join(map(str, a.correct_drafts_histogram)) or "-"),
         ]
@@ -578,11 +660,16 @@ def format_table(s: Summary) -> str:
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="sglang-er eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="sglang-er eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     d = EvalConfig()
     p.add_argument("--base-url", default=d.base_url)
-    p.add_argument("--dataset", default=d.dataset, help="gsm8k-sample (ships with the package) | gsm8k | math500 "
-                   "(from $SGLANG_ER_DATA) | PATH.jsonl | hf:NAME[:CONFIG]:SPLIT")
+    p.add_argument(
+        "--dataset",
+        default=d.dataset,
+        help="gsm8k-sample (ships with the package) | gsm8k | math500 "
+        "(from $SGLANG_ER_DATA) | PATH.jsonl | hf:NAME[:CONFIG]:SPLIT",
+    )
     p.add_argument("--question-field", default=None, help="default: question or problem")
     p.add_argument("--answer-field", default=None, help="default: answer or solution")
     p.add_argument("--limit", type=int, default=None, help="first N problems (random N with --shuffle)")
@@ -592,15 +679,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight")
-    p.add_argument("--seed", type=int, default=None,
-                   help="per-sample sampling seed base (SGLang sampling_seed; not every sampling backend takes one)")
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=d.chat,
-                   help="chat template (/v1/chat/completions) or raw prompt (/v1/completions)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="per-sample sampling seed base (SGLang sampling_seed; not every sampling backend takes one)",
+    )
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=d.chat,
+        help="chat template (/v1/chat/completions) or raw prompt (/v1/completions)",
+    )
     p.add_argument("--model", default=None, help="OpenAI model name (default: the server's)")
     p.add_argument("--api", choices=["openai", "native"], default=d.api)
     p.add_argument("--n-mode", choices=["separate", "batched"], default=d.n_mode)
-    p.add_argument("--no-sglext", dest="sglext", action="store_false",
-                   help="do not request SGLang's extension fields (spec stats, meta_info)")
+    p.add_argument(
+        "--no-sglext",
+        dest="sglext",
+        action="store_false",
+        help="do not request SGLang's extension fields (spec stats, meta_info)",
+    )
     p.add_argument("--tokenizer", default=None, help="native API + chat: tokenizer path")
     p.add_argument("--instruction", default=d.instruction, help="appended to every question ('' for none)")
     p.add_argument("--k", dest="ks", type=int, nargs="+", default=None, help="pass@k / maj@k values")

@@ -57,9 +57,16 @@ class AcceptanceModel:
     costs memory up to that bound.
     """
 
-    def __init__(self, gamma_max: int, window: int = 4096, prior_alpha: float = 0.7,
-                 prior_weight: float = 8.0, request_min_obs: int = 8, request_weight: float = 8.0,
-                 max_requests: int = 65536) -> None:
+    def __init__(
+        self,
+        gamma_max: int,
+        window: int = 4096,
+        prior_alpha: float = 0.7,
+        prior_weight: float = 8.0,
+        request_min_obs: int = 8,
+        request_weight: float = 8.0,
+        max_requests: int = 65536,
+    ) -> None:
         if not isinstance(gamma_max, int) or gamma_max < 1:
             raise ValueError(f"gamma_max must be an integer >= 1, got {gamma_max!r}")
         if not 0.0 <= prior_alpha < 1.0:

@@ -92,8 +92,10 @@ def batch_stats(seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups = No
                     raise ValueError(f"prefix_groups[{gi}]: member {m} is not a request index in 0..{B - 1}")
             if min(map(lens.__getitem__, members)) < plen:
                 m = next(m for m in members if lens[m] < plen)
-                raise ValueError(f"prefix_groups[{gi}]: shared prefix {plen} is longer than request "
-                                 f"{m}'s sequence ({lens[m]} tokens)")
+                raise ValueError(
+                    f"prefix_groups[{gi}]: shared prefix {plen} is longer than request "
+                    f"{m}'s sequence ({lens[m]} tokens)"
+                )
             for m in members[1:]:  # the first member reads the prefix; the others share it
                 if plen > save.get(m, 0):
                     save[m] = plen

@@ -74,9 +74,17 @@ class GammaPolicy:
     and acceptance model are given).
     """
 
-    def __init__(self, cost_model: CostModel | None, acceptance: AcceptanceModel | None,
-                 ladder: Iterable[int] | None = None, min_gain: float = 1.0, hysteresis: float = 0.02,
-                 fixed_gamma: int | None = None, explore_every: int = 32, explore_floor: float = 0.7) -> None:
+    def __init__(
+        self,
+        cost_model: CostModel | None,
+        acceptance: AcceptanceModel | None,
+        ladder: Iterable[int] | None = None,
+        min_gain: float = 1.0,
+        hysteresis: float = 0.02,
+        fixed_gamma: int | None = None,
+        explore_every: int = 32,
+        explore_floor: float = 0.7,
+    ) -> None:
         self.cost_model = cost_model
         self.acceptance = acceptance
         gmax = acceptance.gamma_max if acceptance is not None else None
@@ -114,8 +122,9 @@ class GammaPolicy:
         self._spec_timed: dict[int, int] = {}  # batch-size octave -> iteration speculation last ran
 
     @classmethod
-    def fixed(cls, gamma: int, cost_model: CostModel | None = None,
-              acceptance: AcceptanceModel | None = None) -> GammaPolicy:
+    def fixed(
+        cls, gamma: int, cost_model: CostModel | None = None, acceptance: AcceptanceModel | None = None
+    ) -> GammaPolicy:
         """A γ policy that always returns ``gamma`` (baselines, A/B runs, γ = 0: speculation off)."""
         ladder = [gamma] if gamma and acceptance is None else None
         return cls(cost_model, acceptance, ladder=ladder, fixed_gamma=gamma)
@@ -135,11 +144,15 @@ class GammaPolicy:
         tps = {g: exp[g] / secs[g] for g in cands}
         return tps, secs, toks
 
-    def evaluate(self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups = None, rids: Sequence[Any] | None = None) -> Decision:
+    def evaluate(
+        self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups = None, rids: Sequence[Any] | None = None
+    ) -> Decision:
         """The best γ for this batch, ignoring the previous choice (no hysteresis, no state)."""
         return self._decide(seq_lens, prefix_groups, rids, prev=None)
 
-    def choose(self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups = None, rids: Sequence[Any] | None = None) -> Decision:
+    def choose(
+        self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups = None, rids: Sequence[Any] | None = None
+    ) -> Decision:
         """γ for this iteration (with hysteresis against the previous choice, which it updates).
 
         seq_lens [B]: committed length of each request; prefix_groups: radix-shared prefixes
@@ -183,8 +196,14 @@ class GammaPolicy:
             if not d.gamma and self._explore_gamma in tps:  # the exploration's timed iteration(s)
                 self._spec_streak += 1
                 g = self._explore_gamma
-                return Decision(g, tps, f"explore γ={g}, continued (the first speculative iteration "
-                                f"after plain runs cold and is not timed)", d.predicted_iter_s, d.expected_tokens)
+                return Decision(
+                    g,
+                    tps,
+                    f"explore γ={g}, continued (the first speculative iteration "
+                    f"after plain runs cold and is not timed)",
+                    d.predicted_iter_s,
+                    d.expected_tokens,
+                )
             self._explore_run = 0
         if d.gamma:
             self._plain_streak = 0
@@ -193,23 +212,35 @@ class GammaPolicy:
             # is a guess (fixed overhead vs per-request slope), so time it once whatever it predicts
             unseen = self._unseen(self._plain_timed, batch)
             if (unseen and self._spec_streak >= min(4, self.explore_every)) or (
-                    self._spec_streak >= self.explore_every and tps[0] >= self.explore_floor * tps[d.gamma]):
+                self._spec_streak >= self.explore_every and tps[0] >= self.explore_floor * tps[d.gamma]
+            ):
                 self._spec_streak = 0
-                return Decision(0, tps, f"explore plain: re-time the plain step at batch {batch} "
-                                f"(predicted {tps[0] / tps[d.gamma]:.3f}× γ={d.gamma})",
-                                d.predicted_iter_s, d.expected_tokens)
+                return Decision(
+                    0,
+                    tps,
+                    f"explore plain: re-time the plain step at batch {batch} "
+                    f"(predicted {tps[0] / tps[d.gamma]:.3f}× γ={d.gamma})",
+                    d.predicted_iter_s,
+                    d.expected_tokens,
+                )
             return d
         self._spec_streak = 0
         self._plain_streak += 1
         best = max(self.ladder, key=lambda g: (tps.get(g, 0.0), -g))
         forced = self._plain_streak >= FORCED_EXPLORE_PERIODS * self.explore_every or (
-            self._unseen(self._spec_timed, batch) and self._plain_streak >= min(4, self.explore_every))
+            self._unseen(self._spec_timed, batch) and self._plain_streak >= min(4, self.explore_every)
+        )
         if forced or (self._plain_streak >= self.explore_every and tps.get(best, 0.0) >= self.explore_floor * tps[0]):
             streak, self._plain_streak = self._plain_streak, 0
             self._explore_run, self._explore_gamma = EXPLORE_RUN - 1, best
-            return Decision(best, tps, f"explore γ={best}: refresh acceptance after {streak} plain "
-                            f"iterations (predicted {tps[best] / tps[0]:.3f}× plain)",
-                            d.predicted_iter_s, d.expected_tokens)
+            return Decision(
+                best,
+                tps,
+                f"explore γ={best}: refresh acceptance after {streak} plain "
+                f"iterations (predicted {tps[best] / tps[0]:.3f}× plain)",
+                d.predicted_iter_s,
+                d.expected_tokens,
+            )
         return d
 
     def _unseen(self, timed: dict, batch: int) -> bool:
@@ -217,8 +248,9 @@ class GammaPolicy:
         last = timed.get(batch.bit_length())
         return last is None or self._iteration - last > RETIME_ITERATIONS
 
-    def _decide(self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups, rids: Sequence[Any] | None,
-                prev: int | None) -> Decision:
+    def _decide(
+        self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups, rids: Sequence[Any] | None, prev: int | None
+    ) -> Decision:
         if self.fixed_gamma is not None and (self.cost_model is None or self.acceptance is None):
             return Decision(self.fixed_gamma, {}, f"fixed γ={self.fixed_gamma}")
         st = batch_stats(seq_lens, prefix_groups)
@@ -233,21 +265,25 @@ class GammaPolicy:
                 best = g
         plain = tps[0]
         if best and tps[best] < self.min_gain * plain:
-            reason = (f"plain: best γ={best} predicts {tps[best] / plain:.3f}× plain, "
-                      f"below min_gain {self.min_gain:g}")
+            reason = f"plain: best γ={best} predicts {tps[best] / plain:.3f}× plain, below min_gain {self.min_gain:g}"
             best = 0
         elif best:
             reason = f"γ={best}: {tps[best]:.4g} tok/s vs plain {plain:.4g} (×{tps[best] / plain:.3f})"
         else:
             sb = max(self.ladder, key=lambda g: (tps[g], -g)) if self.ladder else None
-            reason = ("plain: no speculative γ in the ladder" if sb is None else
-                      f"plain: best γ={sb} predicts only {tps[sb] / plain:.3f}× plain")
+            reason = (
+                "plain: no speculative γ in the ladder"
+                if sb is None
+                else f"plain: best γ={sb} predicts only {tps[sb] / plain:.3f}× plain"
+            )
         # Stick with the previous γ unless the new best beats it by the hysteresis margin; a
         # previous speculative γ must still clear min_gain within that margin to be kept.
         prev_ok = prev in tps and (prev == 0 or tps[prev] * (1.0 + self.hysteresis) >= self.min_gain * plain)
         if prev is not None and prev != best and prev_ok and tps[best] <= tps[prev] * (1.0 + self.hysteresis):
-            reason = (f"kept γ={prev} (hysteresis {self.hysteresis:g}): γ={best} predicts only "
-                      f"{tps[best] / tps[prev]:.3f}× it")
+            reason = (
+                f"kept γ={prev} (hysteresis {self.hysteresis:g}): γ={best} predicts only "
+                f"{tps[best] / tps[prev]:.3f}× it"
+            )
             best = prev
         return Decision(best, tps, reason, secs, toks)
 

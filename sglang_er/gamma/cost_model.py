@@ -190,8 +190,10 @@ class CostModel:
         backend = attention_backend or profile.attention_backend
         if kv_read_rule is None:
             if backend not in KV_READ_RULE:
-                raise ValueError(f"attention backend {backend!r} has no known KV read rule; pass "
-                                 f"kv_read_rule= one of {_RULES} (known backends: {', '.join(KV_READ_RULE)})")
+                raise ValueError(
+                    f"attention backend {backend!r} has no known KV read rule; pass "
+                    f"kv_read_rule= one of {_RULES} (known backends: {', '.join(KV_READ_RULE)})"
+                )
             kv_read_rule = KV_READ_RULE[backend]
         if kv_read_rule not in _RULES:
             raise ValueError(f"kv_read_rule must be one of {_RULES}, got {kv_read_rule!r}")
@@ -201,11 +203,13 @@ class CostModel:
             raise ValueError(f"ema must be in (0, 1], got {ema}")
         self.attention_backend = backend
         self.kv_read_rule = kv_read_rule
-        self.kv_traffic_factor = float(kv_traffic_factor if kv_traffic_factor is not None
-                                       else KV_TRAFFIC_FACTOR.get(backend, 1.0))
+        self.kv_traffic_factor = float(
+            kv_traffic_factor if kv_traffic_factor is not None else KV_TRAFFIC_FACTOR.get(backend, 1.0)
+        )
         self.draft_kv_layout = draft_kv_layout
-        self.draft_kv_traffic_factor = (float(draft_kv_traffic_factor) if draft_kv_layout == "padded"
-                                        else self.kv_traffic_factor)
+        self.draft_kv_traffic_factor = (
+            float(draft_kv_traffic_factor) if draft_kv_layout == "padded" else self.kv_traffic_factor
+        )
         self.ema = float(ema)
         m = model_cost
         # Constants of the hot path, hoisted once.
@@ -262,8 +266,9 @@ class CostModel:
             kv_read = ctx * self._kv_tok * self.draft_kv_traffic_factor
         else:
             ctx = st.sum_len + B * (step + 1)
-            kv_read = (st.prefix_kv_tokens(self.kv_read_rule) + B * (step + 1)) * self._kv_tok \
-                * self.draft_kv_traffic_factor
+            kv_read = (
+                (st.prefix_kv_tokens(self.kv_read_rule) + B * (step + 1)) * self._kv_tok * self.draft_kv_traffic_factor
+            )
         byt = self._w_draft + kv_read + B * (self._kv_tok + self._logit_tok)
         flops = {"layers": B * self._layer_flops_tok + self._attn * ctx, "head": B * self._head_flops_tok}
         return Work(byt, kv_read, flops, B)
@@ -283,14 +288,23 @@ class CostModel:
             raise ValueError(f"γ must be an integer >= 1 here, got {gamma!r}")
         return gamma
 
-    def t_plain(self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups = None, *, corrected: bool = True) -> float:
+    def t_plain(
+        self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups = None, *, corrected: bool = True
+    ) -> float:
         """Seconds of one plain decode forward of the batch (γ = 0)."""
         st = batch_stats(seq_lens, prefix_groups)
         t = self._seconds(self.work_plain(st), "plain")
         return self._correct("plain", t) if corrected else t
 
-    def t_draft_step(self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups = None, *, step: int = 0,
-                     gamma: int | None = None, corrected: bool = True) -> float:
+    def t_draft_step(
+        self,
+        seq_lens: SeqLens | BatchStats,
+        prefix_groups: PrefixGroups = None,
+        *,
+        step: int = 0,
+        gamma: int | None = None,
+        corrected: bool = True,
+    ) -> float:
         """Seconds of drafter step ``step`` (0-based) of a γ-step draft (γ default step + 1)."""
         st = batch_stats(seq_lens, prefix_groups)
         gamma = step + 1 if gamma is None else self._check_gamma(gamma)
@@ -299,7 +313,9 @@ class CostModel:
         t = self._seconds(self.work_draft_step(st, step, gamma), "draft")
         return self._correct("draft", t, steps=1) if corrected else t
 
-    def t_draft(self, seq_lens: SeqLens | BatchStats, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True) -> float:
+    def t_draft(
+        self, seq_lens: SeqLens | BatchStats, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True
+    ) -> float:
         """Seconds of all γ drafter steps of one iteration (Σ_j T_D(step j))."""
         st = batch_stats(seq_lens, prefix_groups)
         gamma = self._check_gamma(gamma)
@@ -309,7 +325,9 @@ class CostModel:
             t = sum(self._seconds(self.work_draft_step(st, j, gamma), "draft") for j in range(gamma))
         return self._correct("draft", t, steps=gamma) if corrected else t
 
-    def t_verify(self, seq_lens: SeqLens | BatchStats, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True) -> float:
+    def t_verify(
+        self, seq_lens: SeqLens | BatchStats, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True
+    ) -> float:
         """Seconds of the target verify forward over γ+1 tokens per request."""
         st = batch_stats(seq_lens, prefix_groups)
         t = self._seconds(self.work_verify(st, self._check_gamma(gamma)), "verify")
@@ -347,8 +365,11 @@ class CostModel:
         for g in gammas:
             if g == 0:
                 byt = self._w_target + (P + B) * kv_tok * kvf + B * out_tok
-                raw = max(byt / bw, (B * self._flops_tok + attn * (L + B)) / self._f_target) \
-                    + p.per_seq_s * B + p.fixed_plain_s
+                raw = (
+                    max(byt / bw, (B * self._flops_tok + attn * (L + B)) / self._f_target)
+                    + p.per_seq_s * B
+                    + p.fixed_plain_s
+                )
                 a, b = cor["plain"]
                 out[g] = (raw * b if a is None else min(max(a + b * raw, lo * raw), hi * raw)) + out_plain
                 continue
@@ -369,7 +390,9 @@ class CostModel:
             out[g] = t_d + t_v + out_spec
         return out
 
-    def t_iteration(self, seq_lens: SeqLens | BatchStats, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True) -> float:
+    def t_iteration(
+        self, seq_lens: SeqLens | BatchStats, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True
+    ) -> float:
         """Seconds of one decode iteration at γ (γ = 0: plain; else draft + verify), and when
         ``corrected`` the measured scheduler time around the forwards."""
         st = batch_stats(seq_lens, prefix_groups)
@@ -395,8 +418,11 @@ class CostModel:
     def t_outside(self, gamma: int, batch: int) -> float:
         """Predicted scheduler seconds around an iteration's forwards; a mode not yet seen
         borrows the other's fit (so an unmeasured mode is neither favoured nor penalised)."""
-        mine, other = (self._outside["spec"], self._outside["plain"]) if gamma else (
-            self._outside["plain"], self._outside["spec"])
+        mine, other = (
+            (self._outside["spec"], self._outside["plain"])
+            if gamma
+            else (self._outside["plain"], self._outside["spec"])
+        )
         fit = mine if mine.n else other
         return fit.predict(batch) if fit.n else 0.0
 
@@ -405,7 +431,9 @@ class CostModel:
         """Per mode (a, b) of outside seconds = a + b·B, None before any observation."""
         return {m: (f.coef() if f.n else None) for m, f in self._outside.items()}
 
-    def predicted_bytes(self, phase: str, seq_lens: SeqLens | BatchStats, gamma: int = 0, prefix_groups: PrefixGroups = None) -> float:
+    def predicted_bytes(
+        self, phase: str, seq_lens: SeqLens | BatchStats, gamma: int = 0, prefix_groups: PrefixGroups = None
+    ) -> float:
         """Bytes the phase moves (draft: all γ steps)."""
         st = batch_stats(seq_lens, prefix_groups)
         if phase == "plain":
@@ -417,8 +445,9 @@ class CostModel:
             return sum(self.work_draft_step(st, j, gamma).bytes for j in range(gamma))
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
 
-    def calibration_sample(self, phase: str, seq_lens: SeqLens | BatchStats, gamma: int, seconds: float,
-                           prefix_groups: PrefixGroups = None) -> CalibrationSample:
+    def calibration_sample(
+        self, phase: str, seq_lens: SeqLens | BatchStats, gamma: int, seconds: float, prefix_groups: PrefixGroups = None
+    ) -> CalibrationSample:
         """A :class:`~sglang_er.calibration.CalibrationSample` for a measured phase, with this
         model's byte/flop accounting (draft: all γ steps, ``forwards`` = γ), for fit_profile."""
         st = batch_stats(seq_lens, prefix_groups)
@@ -436,12 +465,19 @@ class CostModel:
             for comp, f in w.flops.items():
                 cls = self._class_of[comp]
                 flops[cls] = flops.get(cls, 0.0) + f
-        return CalibrationSample(phase=phase, bytes=sum(w.bytes for w in works), flops=flops,
-                                 batch=st.batch, seconds=seconds, forwards=n)
+        return CalibrationSample(
+            phase=phase, bytes=sum(w.bytes for w in works), flops=flops, batch=st.batch, seconds=seconds, forwards=n
+        )
 
     # ------------------------------------------------------------------ live correction
-    def observe(self, phase: str, seq_lens: SeqLens | BatchStats, gamma: int, measured_seconds: float,
-                prefix_groups: PrefixGroups = None) -> Observation:
+    def observe(
+        self,
+        phase: str,
+        seq_lens: SeqLens | BatchStats,
+        gamma: int,
+        measured_seconds: float,
+        prefix_groups: PrefixGroups = None,
+    ) -> Observation:
         """Feed one measured phase time; returns the errors and moves the phase multiplier.
 
         ``phase``: "plain" (γ ignored), "draft" (``measured_seconds`` = all γ steps of the
@@ -474,8 +510,9 @@ class CostModel:
             raw *= (steps + self.draft_setup) / steps
         if self._warmup[phase]:  # reported, never learnt from
             self._warmup[phase] -= 1
-            return Observation(phase, meas, raw, pred, abs(raw - meas) / meas, abs(pred - meas) / meas,
-                               byt / meas / self._bw, m_old)
+            return Observation(
+                phase, meas, raw, pred, abs(raw - meas) / meas, abs(pred - meas) / meas, byt / meas / self._bw, m_old
+            )
         self._fit[phase].add(u_raw, u_meas)
         lo, hi = self.MULT_RANGE
         ratio = min(max(u_meas / u_raw, lo), hi)
@@ -484,8 +521,9 @@ class CostModel:
         log_m = (1.0 - ema) * math.log(m_old) + ema * math.log(ratio)
         m_new = min(max(math.exp(log_m), lo), hi)
         self.multiplier[phase] = m_new
-        obs = Observation(phase, meas, raw, pred, abs(raw - meas) / meas, abs(pred - meas) / meas,
-                          byt / meas / self._bw, m_new)
+        obs = Observation(
+            phase, meas, raw, pred, abs(raw - meas) / meas, abs(pred - meas) / meas, byt / meas / self._bw, m_new
+        )
         self._hist[phase].append((obs.rel_err_raw, obs.rel_err, obs.bw_util))
         self._count[phase] += 1
         return obs

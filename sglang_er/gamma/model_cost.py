@@ -113,8 +113,8 @@ class ModelCost:
     # ------------------------------------------------------------------ shapes
     def linear_shapes(self) -> list[tuple[int, int]]:
         """(out N, in K) of one layer's linears as SGLang fuses them: qkv, o, gate_up, down."""
-        D, H, KVH, hd, I = self.hidden, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate
-        return [((H + 2 * KVH) * hd, D), (D, H * hd), (2 * I, D), (D, I)]
+        D, H, KVH, hd, F = self.hidden, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate
+        return [((H + 2 * KVH) * hd, D), (D, H * hd), (2 * F, D), (D, F)]
 
     @property
     def layer_linear_params(self) -> int:

