@@ -413,6 +413,14 @@ def main() -> None:
     )
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument(
+        "--draft-vocabs",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="fixed-γ servers also run with the draft head scoring only this many tokens (SGLANG_ER_DRAFT_VOCAB; "
+        "0: every token)",
+    )
+    p.add_argument(
         "--draft-heads",
         nargs="+",
         default=["auto"],
@@ -513,13 +521,23 @@ def main() -> None:
         + ([] if args.skip_gamma0 else [("gamma=0", 0, spec, {"SGLANG_ER_GAMMA": "0"})])
         + [
             (
-                f"gamma={g}" + ("" if head == "auto" else f"/{head}") + ("" if q == "awq" else f"/{q}"),
+                f"gamma={g}"
+                + ("" if head == "auto" else f"/{head}")
+                + ("" if q == "awq" else f"/{q}")
+                + (f"/v{dv}" if dv else ""),
                 g,
                 spec,
-                {"SGLANG_ER_GAMMA": str(g), "SGLANG_ER_DRAFT_HEAD": head, "SGLANG_ER_QUANT": q, **AWQ_WARM},
+                {
+                    "SGLANG_ER_GAMMA": str(g),
+                    "SGLANG_ER_DRAFT_HEAD": head,
+                    "SGLANG_ER_QUANT": q,
+                    "SGLANG_ER_DRAFT_VOCAB": str(dv),
+                    **AWQ_WARM,
+                },
             )
             for q in args.quant
             for head in args.draft_heads
+            for dv in args.draft_vocabs
             for g in args.gammas
         ]
     )
@@ -554,7 +572,13 @@ def main() -> None:
             configs.append(("auto-twin", 0, spec, dict(auto_env)))
     spec_configs = [c for c in configs if c[0] not in ("plain", "gamma=0", "plain/no-overlap")]
     results, model_errors = measure(configs, args, prompts, path)
-    print(
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:  # printed, and kept for the markdown report
+        print(text, flush=True)
+        lines.append(text)
+
+    say(
         f"\nratios vs plain ({args.model}, {eos_mode}, same run; per-round range in brackets; "
         "bound = E[L|γ]/(γ·r + v) from the measured α_k, r = T_D/T_T, v = T_V/T_T)"
     )
@@ -578,9 +602,9 @@ def main() -> None:
                     + (f", {r['tokens_past_eos']} of {r['tokens']} tokens past EOS" if args.ignore_eos else "")
                     + ")"
                 )
-            print(f"T={temp:g} B={b:3d}  " + "\n              ".join(cells), flush=True)
+            say(f"T={temp:g} B={b:3d}  " + "\n              ".join(cells))
     if args.auto:
-        print("\nauto policy vs the best other configuration (same run)")
+        say("\nauto policy vs the best other configuration (same run)")
         for temp in args.temperatures:
             crossover = max(
                 (
@@ -598,7 +622,7 @@ def main() -> None:
                 best, best_tok_s = best_other(results, [c[0] for c in configs], temp, b)
                 a = results[("auto", temp, b)]
                 paired = paired_ratio(results, [c[0] for c in configs], temp, b)
-                print(
+                say(
                     f"T={temp:g} B={b:3d}  auto {a['tok_s']:7.1f} tok/s = {a['tok_s'] / best_tok_s:4.2f}x best "
                     f"({best}), {a['tok_s'] / results[('plain', temp, b)]['tok_s']:4.2f}x plain, speculating in "
                     f"{(a['spec_share'] or 0) * 100:.0f}% of iterations"
@@ -609,19 +633,26 @@ def main() -> None:
                     if other in [c[0] for c in configs]:
                         h = results[(other, temp, b)]
                         hp = paired_ratio(results, [c[0] for c in configs], temp, b, of=other, against="auto")
-                        print(
+                        say(
                             f"              {other} {h['tok_s']:7.1f} tok/s = {h['tok_s'] / a['tok_s']:4.2f}x {label}"
                             + (f"; per round {hp:4.2f}x" if hp else ""),
                             flush=True,
                         )
-            print(f"T={temp:g} crossover: fixed γ beats plain up to B = {crossover}")
+            say(f"T={temp:g} crossover: fixed γ beats plain up to B = {crossover}")
     for temp in args.temperatures:
-        print(
+        say(
             f"\nT={temp:g}, speed-up over plain (acceptance α):\n"
             + markdown_table(results, [c[0] for c in configs], temp, args.batches),
             flush=True,
         )
     dump(args.json, results, model_errors, args.meta)
+    if args.json:  # the report a person reads, beside the data
+        from eval.provenance import header
+
+        md = Path(args.json).with_suffix(".md")
+        md.write_text(
+            f"# B sweep: EFFROLLOUT vs plain SGLang\n\n{header(args.meta)}\n\n```\n" + "\n".join(lines) + "\n```\n"
+        )
 
 
 if __name__ == "__main__":

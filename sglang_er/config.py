@@ -12,6 +12,8 @@ have no SGLang flag are environment variables, read in every SGLang process alik
 - ``SGLANG_ER_DRAFT_HEAD``: ``auto`` , ``shared``
   (the target's lm_head), ``w8`` (an int8 copy) or ``w4`` (a 4-bit copy); ``auto`` means ``w8``
   only where its kernel exists (CPU, bf16 model).
+- ``SGLANG_ER_DRAFT_VOCAB``: the draft head scores only this many tokens, the most frequent in the
+  server's own traffic (:mod:`sglang_er.draft_vocab`); ``0`` (default) scores every token.
 - ``SGLANG_ER_QUANT``: ``awq`` (default: activation-aware scales from live traffic, RTN until
   ``SGLANG_ER_AWQ_MIN_TOKENS`` tokens (512) were observed) or ``rtn``;
   ``SGLANG_ER_AWQ_SAMPLE_EVERY``: observe every N-th prefill/verify forward (4).
@@ -44,6 +46,7 @@ from sglang_er.limits import MAX_GAMMA
 _ENV = {
     "mode": "SGLANG_ER_MODE",
     "draft_head": "SGLANG_ER_DRAFT_HEAD",
+    "draft_vocab": "SGLANG_ER_DRAFT_VOCAB",
     "quant": "SGLANG_ER_QUANT",
     "awq_min_tokens": "SGLANG_ER_AWQ_MIN_TOKENS",
     "awq_sample_every": "SGLANG_ER_AWQ_SAMPLE_EVERY",
@@ -65,6 +68,7 @@ class EffRolloutConfig(BaseModel):
     gamma_schedule: list[int] | None = None  # None: always gamma_max
     mode: Literal["auto", "fixed", "off"] = "auto"
     draft_head: Literal["auto", "shared", "w8", "w4"] = "auto"
+    draft_vocab: int = Field(0, ge=0)
     quant: Literal["awq", "rtn"] = "awq"
     awq_min_tokens: int = Field(512, ge=1)
     awq_sample_every: int = Field(4, ge=1)

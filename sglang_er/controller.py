@@ -40,6 +40,7 @@ class Controller:
         device: torch.device,
         attention_backend: str,
         draft_head: str = "shared",
+        draft_vocab: int = 0,
         profile: HardwareProfile | None = None,
         min_gain: float = 1.05,
         hysteresis: float = 0.02,
@@ -50,7 +51,9 @@ class Controller:
         # An unknown backend is modelled like the plain paged kernels: every request reads its own KV.
         cost = CostModel(
             profile,
-            ModelCost.from_config(hf_config, w4_head=draft_head == "w4", w8_head=draft_head == "w8"),
+            ModelCost.from_config(
+                hf_config, w4_head=draft_head == "w4", w8_head=draft_head == "w8", draft_vocab=draft_vocab
+            ),
             attention_backend=attention_backend,
             kv_read_rule=KV_READ_RULE.get(attention_backend, "per_request"),
         )

@@ -198,6 +198,8 @@ class Drafter:
                 self.head = W4Linear.from_float(view.lm_head_weight, None)
             elif head == "w8":
                 self.head = W8Linear(view.lm_head_weight)
+        self.vocab: torch.Tensor | None = None  # [K] ids the head scores (None: every token)
+        self._vocab_heads: tuple = (None, None)  # (the head kind's own K-row head, a dense K-row copy)
         self._bind_rope(view)
 
     def _bind_rope(self, view: ModelView) -> None:
@@ -215,6 +217,40 @@ class Drafter:
         return self.head
 
     @torch.inference_mode()
+    def set_vocab(self, ids: torch.Tensor | None) -> None:
+        """Score only the tokens ``ids`` [K] from now on (None: every token); see
+        :mod:`sglang_er.draft_vocab`. Builds K-row copies of the head from the target's weights."""
+        self.vocab = None if ids is None else ids.to(device=self.view.lm_head_weight.device, dtype=torch.int64)
+        self._build_vocab_heads()
+
+    def _build_vocab_heads(self) -> None:
+        if self.vocab is None:
+            self._vocab_heads = (None, None)
+            return
+        rows = self.view.lm_head_weight.index_select(0, self.vocab)  # [K, D], the target's dtype
+        own = (
+            W8Linear(rows)
+            if self.head_kind == "w8"
+            else W4Linear.from_float(rows, None)
+            if self.head_kind == "w4"
+            else None
+        )
+        self._vocab_heads = (own, rows)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, V] float32 logits of the final hidden states h [B, D]; -inf outside the vocabulary subset."""
+        B = h.shape[0]
+        if self.vocab is None:
+            head = self.head_for(B)
+            logits = head(h) if head is not None else F.linear(h, self.view.lm_head_weight)
+            return logits[:, : self.view.vocab_size].float()
+        own, rows = self._vocab_heads
+        use_own = own is not None and not (self.head_kind == "w8" and B > W8_HEAD_MAX_BATCH)
+        sub = own(h) if use_own else F.linear(h, rows)  # [B, K]
+        logits = torch.full((B, self.view.vocab_size), float("-inf"), dtype=torch.float32, device=h.device)
+        return logits.index_copy_(1, self.vocab, sub.float())
+
+    @torch.inference_mode()
     def requantize(self, view: ModelView | None = None) -> None:
         """Re-quantize every layer from the target's current weights, in place.
 
@@ -230,6 +266,7 @@ class Drafter:
             layer.requantize()
         if self.head is not None:
             self.head.requantize_(self.view.lm_head_weight)
+        self._build_vocab_heads()
 
     def awq_summary(self) -> dict:
         """How many linear groups run AWQ scales (β > 0) and their mean β."""
@@ -287,7 +324,4 @@ class Drafter:
             x = _rms_norm(residual, layer.post_norm, lv.post_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             residual = residual + layer.down(F.silu(gate) * up)
-        h = _rms_norm(residual, self.view.final_norm, self.view.final_norm_eps)
-        head = self.head_for(B)
-        logits = head(h) if head is not None else F.linear(h, self.view.lm_head_weight)
-        return logits[:, : self.view.vocab_size].float()
+        return self._logits(_rms_norm(residual, self.view.final_norm, self.view.final_norm_eps))

@@ -29,6 +29,7 @@ from sglang_er import _sglang, history_drafts, sampler, server_info, spec_meta
 from sglang_er.awq import AWQQuantizer
 from sglang_er.config import EffRolloutConfig
 from sglang_er.controller import Controller
+from sglang_er.draft_vocab import DraftVocab
 from sglang_er.drafter import Drafter
 from sglang_er.live_stats import LiveStats
 from sglang_er.metrics import SpecMetrics, Timeline
@@ -61,6 +62,10 @@ class EffRolloutWorker(BaseSpecWorker):
         self.drafter = Drafter(
             view, head=self.config.resolved_head(self.device.type, view.lm_head_weight.dtype), awq=self.awq
         )
+        self.vocab = None
+        if 0 < self.config.draft_vocab < view.vocab_size:
+            self.vocab = DraftVocab(view.vocab_size, self.config.draft_vocab, self.device)
+            self.drafter.set_vocab(self.vocab.select())
         self.requantizations = 0
         self.last_requantize_s = None
         server_info.track(self)
@@ -80,6 +85,7 @@ class EffRolloutWorker(BaseSpecWorker):
                 self.device,
                 _sglang.attention_backend_name(self.model_runner),
                 self.drafter.head_kind,
+                draft_vocab=self.vocab.k if self.vocab is not None else 0,
                 min_gain=self.config.min_gain,
                 hysteresis=self.config.hysteresis,
                 explore_every=self.config.explore_every,
@@ -135,6 +141,14 @@ class EffRolloutWorker(BaseSpecWorker):
             out["policy"] = self.controller.state()
         if self.history is not None:
             out["history"] = {"mode": self.config.history, **self.history.state()}
+        if self.vocab is not None:
+            v = self.vocab
+            out["draft_vocab"] = {
+                "size": v.k,
+                "selections": v.selections,
+                "tokens_counted": v.seen,
+                "coverage": v.coverage(self.drafter.vocab),
+            }
         return out
 
     def _quantizer_state(self) -> dict:
@@ -183,7 +197,7 @@ class EffRolloutWorker(BaseSpecWorker):
             return self._prefill(batch)
         self._close_iteration(entered)
         self._entered = entered
-        if self._maybe_activate_awq():
+        if self._maybe_activate_awq() | self._maybe_refresh_vocab():
             # one-time work: not the scheduler's per-iteration cost (a 0.17 s switch counted as
             # "outside" time taught the policy that speculating costs 170 ms more per iteration)
             self._entered = time.perf_counter()
@@ -247,9 +261,18 @@ class EffRolloutWorker(BaseSpecWorker):
             batch.reqs, gamma, ctl.w4_expected_tokens() if ctl else None, ctl.verify_only_gain if ctl else None
         )
 
+    def _maybe_refresh_vocab(self) -> bool:
+        """Re-select the draft head's vocabulary once enough new tokens were counted."""
+        if self.vocab is None or not self.vocab.due():
+            return False
+        self.drafter.set_vocab(self.vocab.select())
+        return True
+
     def _prefill(self, batch):
         with self._observed():
             res = self._target_worker.forward_batch_generation(batch)
+        if self.vocab is not None:  # the prompts: what the answers will be written in
+            self.vocab.observe(batch.input_ids)
         bs = len(batch.reqs)
         return _sglang.generation_result(
             logits_output=res.logits_output,
@@ -283,6 +306,8 @@ class EffRolloutWorker(BaseSpecWorker):
         want_logprob = batch.return_logprob  # decode_forward clears it on the batch
         clock = _Clock(self.device)
         res = _sglang.decode_forward(self._target_worker, batch, x0, self._slots(batch, 1)[:, 0], seq_lens)
+        if self.vocab is not None:
+            self.vocab.observe(res.next_token_ids)
         if want_logprob:
             _sglang.spec_logprobs(batch, res.logits_output, res.next_token_ids, 1)
         t_plain = clock.lap()
@@ -365,6 +390,8 @@ class EffRolloutWorker(BaseSpecWorker):
                 plan, draft_tokens, target_logits, params, accept_len, out_tokens
             )
         next_token_ids = out_tokens.clamp_min(0).flatten()
+        if self.vocab is not None:
+            self.vocab.observe(out_tokens)  # -1 pads the rejected positions: not counted
         if want_logprob:
             _sglang.spec_logprobs(batch, logits_output, next_token_ids, width)
         accept_lens = (accept_len + 1).to(torch.int32)

@@ -174,3 +174,14 @@ def test_gamma_max_sets_the_ladder_of_auto_and_hybrid_only():
     assert parse_config("fixed:7", 16)[1][-2:] == ["--speculative-num-steps", "7"]
     with pytest.raises(ValueError, match="use 1..16"):
         parse_config("auto", 17)
+
+
+def test_physics_bound_from_measured_acceptance_and_phase_times():
+    from eval.bench_spec import physics_bound
+
+    cell = {"position_acceptance": [0.9, 0.8, 0.5], "t_draft_step": 0.25, "t_verify": 1.2}
+    # E[L|2] = 1 + 0.9 + 0.9 * 0.8 = 2.62; cost 2 * 0.25 + 1.2 = 1.7 plain steps
+    assert physics_bound(cell, 1.0, 2) == pytest.approx(2.62 / 1.7)
+    assert physics_bound(cell, 2.0, 3) == pytest.approx((2.62 + 0.36) / (3 * 0.125 + 0.6))
+    assert physics_bound(cell, None, 2) is None  # no γ = 0 server: no T_T
+    assert physics_bound({**cell, "position_acceptance": [0.9]}, 1.0, 2) is None

@@ -227,6 +227,7 @@ class CostModel:
         self._flops_tok = m.flops_per_token
         self._layer_flops_tok = m.layer_flops_per_token
         self._head_flops_tok = m.head_flops_per_token
+        self._draft_head_flops_tok = m.draft_head_flops_per_token
         self.multiplier = {p: 1.0 for p in PHASES}
         self.draft_setup = DRAFT_SETUP_PRIOR  # κ: see DRAFT_SETUP_PRIOR
         self._hist = {p: deque(maxlen=window) for p in PHASES}
@@ -270,7 +271,7 @@ class CostModel:
                 (st.prefix_kv_tokens(self.kv_read_rule) + B * (step + 1)) * self._kv_tok * self.draft_kv_traffic_factor
             )
         byt = self._w_draft + kv_read + B * (self._kv_tok + self._logit_tok)
-        flops = {"layers": B * self._layer_flops_tok + self._attn * ctx, "head": B * self._head_flops_tok}
+        flops = {"layers": B * self._layer_flops_tok + self._attn * ctx, "head": B * self._draft_head_flops_tok}
         return Work(byt, kv_read, flops, B)
 
     def _seconds(self, w: Work, phase: str) -> float:
@@ -351,7 +352,7 @@ class CostModel:
             d_kv = kv_tok * self.draft_kv_traffic_factor
             d_bytes0 = self._w_draft + B * out_tok
             d_flops0 = B * self._layer_flops_tok
-            d_head = B * self._head_flops_tok / self._f_draft_head
+            d_head = B * self._draft_head_flops_tok / self._f_draft_head
             f_dl = self._f_draft_layers
             d_fixed = p.per_seq_draft_s * B + p.fixed_draft_step_s
         lo, hi = self.MULT_RANGE

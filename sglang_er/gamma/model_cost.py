@@ -56,6 +56,7 @@ class ModelCost:
     w4_group_bytes: float = 4.0
     w4_head: bool = False
     w8_head: bool = False  # the drafter's int8 per-row copy of the head (1 byte/param + a scale per row)
+    draft_vocab: int = 0  # rows of the head a draft step scores (sglang_er.draft_vocab); 0: all
     logits_bytes: float = 4.0
 
     def __post_init__(self) -> None:
@@ -160,13 +161,19 @@ class ModelCost:
         return self.num_layers * sum(self._w4_bytes(n, k) for n, k in self.linear_shapes())
 
     @property
+    def draft_head_rows(self) -> int:
+        return self.draft_vocab if 0 < self.draft_vocab < self.vocab else self.vocab
+
+    @property
     def head_bytes(self) -> float:
-        """lm_head bytes one drafter step reads: the target's bf16 head, or its W4 copy."""
+        """lm_head bytes one drafter step reads: the target's bf16 head, or its W4 / int8 copy, over
+        the rows it scores."""
+        rows = self.draft_head_rows
         if self.w4_head:
-            return self._w4_bytes(self.vocab, self.hidden)
+            return self._w4_bytes(rows, self.hidden)
         if self.w8_head:
-            return self.vocab * (self.hidden + self.dtype_bytes)
-        return self.head_params * self.dtype_bytes
+            return rows * (self.hidden + self.dtype_bytes)
+        return rows * self.hidden * self.dtype_bytes
 
     @property
     def drafter_weight_bytes(self) -> float:
@@ -193,6 +200,10 @@ class ModelCost:
     @property
     def head_flops_per_token(self) -> float:
         return 2.0 * self.head_params
+
+    @property
+    def draft_head_flops_per_token(self) -> float:
+        return 2.0 * self.draft_head_rows * self.hidden
 
     @property
     def flops_per_token(self) -> float:
