@@ -417,8 +417,8 @@ def main() -> None:
         nargs="+",
         type=int,
         default=[0],
-        help="fixed-γ servers also run with the draft head scoring only this many tokens (SGLANG_ER_DRAFT_VOCAB; "
-        "0: every token)",
+        help="draft head vocabularies (SGLANG_ER_DRAFT_VOCAB; 0: every token): every fixed γ runs with each, "
+        "auto and hybrid with the first",
     )
     p.add_argument(
         "--draft-heads",
@@ -553,6 +553,7 @@ def main() -> None:
                     "SGLANG_ER_MODE": "auto",
                     "SGLANG_ER_HISTORY": "all",
                     "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
+                    "SGLANG_ER_DRAFT_VOCAB": str(args.draft_vocabs[0]),
                     "SGLANG_ER_QUANT": args.quant[0],
                     **AWQ_WARM,
                     **prof,
@@ -563,6 +564,7 @@ def main() -> None:
         auto_env = {
             "SGLANG_ER_MODE": "auto",
             "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
+            "SGLANG_ER_DRAFT_VOCAB": str(args.draft_vocabs[0]),
             "SGLANG_ER_QUANT": args.quant[0],
             **AWQ_WARM,
             **prof,

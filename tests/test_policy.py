@@ -684,3 +684,16 @@ def test_draft_correction_is_per_step_with_a_measured_setup(qwen):
         assert cm.t_draft(lens, 7) == pytest.approx(measured(lens, 7), rel=0.02)
     cm.observe_draft_setup(5e-3, 1e-9, 2)  # an outlier moves κ by at most ema · DRAFT_SETUP_MAX
     assert cm.draft_setup <= 1.0 + cm.ema * 4.0
+
+
+def test_a_draft_vocabulary_subset_shrinks_the_heads_bytes_and_flops():
+    full = ModelCost.from_config(QWEN2_05B, w8_head=True)
+    sub = ModelCost.from_config(QWEN2_05B, w8_head=True, draft_vocab=32768)
+    assert sub.head_bytes == pytest.approx(full.head_bytes * 32768 / 151936)
+    assert full.draft_read_bytes - sub.draft_read_bytes == pytest.approx(full.head_bytes - sub.head_bytes)
+    assert sub.draft_head_flops_per_token == 2.0 * 32768 * 896
+    assert sub.head_flops_per_token == full.head_flops_per_token  # the target still scores every token
+    # a subset as large as the vocabulary is the whole head
+    assert (
+        ModelCost.from_config(QWEN2_05B, draft_vocab=151936).head_bytes == ModelCost.from_config(QWEN2_05B).head_bytes
+    )
