@@ -253,6 +253,19 @@ def dump(path, results: dict, model_errors: dict, meta: dict | None = None) -> N
             )
 
 
+def load(path) -> tuple[dict, dict]:
+    """The results and cost-model errors :func:`dump` wrote."""
+    raw = json.loads(Path(path).read_text())
+    results, errors = {}, {}
+    for key, v in raw.items():
+        parts = key.split("|")
+        if len(parts) == 3:
+            results[(parts[0], float(parts[1]), int(parts[2]))] = v
+        elif len(parts) == 2 and parts[1] == "model_error":
+            errors[parts[0]] = v
+    return results, errors
+
+
 def _warm(srv: Server, name: str, prompts) -> None:
     for i in range(8):  # warm-up; also the traffic the AWQ statistics start from
         srv.generate(prompts[-1 - i] if prompts else f"[{i}] {PROMPT}", max_new_tokens=16, temperature=0)
@@ -499,7 +512,13 @@ def main() -> None:
         "configuration's server in memory together)",
     )
     p.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool of every server, in tokens")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--json", default=None, help="also write the results here (and a markdown report beside them)")
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="measure nothing: print (and with --json write) the report of an earlier run's JSON; pass that "
+        "run's other arguments unchanged",
+    )
     args = p.parse_args()
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -573,10 +592,14 @@ def main() -> None:
         if args.twin:
             configs.append(("auto-twin", 0, spec, dict(auto_env)))
     spec_configs = [c for c in configs if c[0] not in ("plain", "gamma=0", "plain/no-overlap")]
-    results, model_errors = measure(configs, args, prompts, path)
+    if args.from_json:  # re-print the report of an earlier run of the same command
+        results, model_errors = load(args.from_json)
+        args.meta = json.loads(Path(args.from_json).read_text()).get("meta") or args.meta
+    else:
+        results, model_errors = measure(configs, args, prompts, path)
     lines: list[str] = []
 
-    def say(text: str = "") -> None:  # printed, and kept for the markdown report
+    def say(text: str = "", **_print_kw) -> None:  # printed, and kept for the markdown report
         print(text, flush=True)
         lines.append(text)
 
@@ -599,7 +622,8 @@ def main() -> None:
                 cells.append(
                     f"{name}: {r['tok_s'] / base:4.2f}x"
                     + (f" [{min(rr):.2f}-{max(rr):.2f}]" if len(rr) > 1 else "")
-                    + f" (r {rd:.2f}, v {rv:.2f}, α {r['accept_rate'] or 0:.2f}, L {r['accept_length'] or 0:.2f}"
+                    + f" (r {rd:.2f}, v {rv:.2f}, α {r['accept_rate'] or 0:.2f}"
+                    + (f", L {r['accept_length']:.2f}" if r.get("accept_length") else "")
                     + (f", bound {bound:.2f}x" if bound else "")
                     + (f", {r['tokens_past_eos']} of {r['tokens']} tokens past EOS" if args.ignore_eos else "")
                     + ")"

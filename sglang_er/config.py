@@ -13,7 +13,8 @@ have no SGLang flag are environment variables, read in every SGLang process alik
   (the target's lm_head), ``w8`` (an int8 copy) or ``w4`` (a 4-bit copy); ``auto`` means ``w8``
   only where its kernel exists (CPU, bf16 model).
 - ``SGLANG_ER_DRAFT_VOCAB``: the draft head scores only this many tokens, the most frequent in the
-  server's own traffic (:mod:`sglang_er.draft_vocab`); ``0`` (default) scores every token.
+  server's own traffic (:mod:`sglang_er.draft_vocab`; 32768 by default, so a vocabulary of at most
+  that many is scored whole); ``0`` scores every token.
 - ``SGLANG_ER_QUANT``: ``awq`` (default: activation-aware scales from live traffic, RTN until
   ``SGLANG_ER_AWQ_MIN_TOKENS`` tokens (512) were observed) or ``rtn``;
   ``SGLANG_ER_AWQ_SAMPLE_EVERY``: observe every N-th prefill/verify forward (4).
@@ -68,7 +69,7 @@ class EffRolloutConfig(BaseModel):
     gamma_schedule: list[int] | None = None  # None: always gamma_max
     mode: Literal["auto", "fixed", "off"] = "auto"
     draft_head: Literal["auto", "shared", "w8", "w4"] = "auto"
-    draft_vocab: int = Field(0, ge=0)
+    draft_vocab: int = Field(32768, ge=0)
     quant: Literal["awq", "rtn"] = "awq"
     awq_min_tokens: int = Field(512, ge=1)
     awq_sample_every: int = Field(4, ge=1)
