@@ -1,13 +1,14 @@
-"""Shared fixtures: models built from code and one real SGLang server per configuration."""
+"""Shared fixtures: models built from code and one real SGLang server per configuration.
+
+Plain helper functions and constants live in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
 import os
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
+from helpers import FP32, greedy_all, start_server, tiny_prompts
 
 from eval import CHECKOUT_DATA
 
@@ -26,18 +27,6 @@ def tiny_model():
     return build_model("tiny")
 
 
-def start_server(model_path, extra_args=(), **kw):
-    """Start a server; the caller's fixture stops it (process group kill) when the module ends."""
-    from sglang_er.launcher import Server
-
-    kw.setdefault("stop_grace", 1.0)  # nothing to drain: saves ~4 s per server
-    return Server(model_path, list(extra_args), **kw).start()
-
-
-# float32 so that greedy near-ties between the decode and verify kernels cannot decide a comparison
-FP32 = ["--dtype", "float32"]
-
-
 @pytest.fixture(scope="session")
 def plain(tiny_model):
     """The reference: a plain SGLang server on the tiny model, shared by every module."""
@@ -46,64 +35,7 @@ def plain(tiny_model):
     srv.stop()
 
 
-def tiny_prompts(n=52):
-    from sglang_er.models.corpus import math_corpus
-
-    docs = math_corpus(n, seed=7)
-    shared = docs[0][:120]
-    out = []
-    for i, d in enumerate(docs[:n]):
-        # varied lengths; every 4th prompt shares a long prefix (radix-cache hits)
-        out.append(shared + d[: 10 + 7 * i % 90] if i % 4 == 0 else d[: 5 + (13 * i) % 200])
-    return out
-
-
-def greedy_all(srv, prompts):
-    def one(i):
-        # a few long generations (256 tokens), the rest short: the suite must stay fast on 2 cores
-        n = 256 if i % 13 == 0 else 40
-        return srv.generate(prompts[i], max_new_tokens=n, temperature=0, ignore_eos=True)["output_ids"]
-
-    with ThreadPoolExecutor(16) as ex:
-        return list(ex.map(one, range(len(prompts))))
-
-
 @pytest.fixture(scope="session")
 def plain_greedy(plain):
     prompts = tiny_prompts()
     return prompts, greedy_all(plain, prompts)
-
-
-def joint_first3(srv, prompt, n, per_call=None, **sampling):
-    """Counts of the first 3 sampled tokens over n requests (``per_call`` prompts per HTTP call:
-    the batch sizes the server sees)."""
-    per_call = per_call or n // 10
-
-    def chunk(k):
-        r = requests.post(
-            srv.url + "/generate",
-            json={"text": [prompt] * k, "sampling_params": {"max_new_tokens": 3, "ignore_eos": True, **sampling}},
-            timeout=600,
-        )
-        r.raise_for_status()
-        return [tuple(o["output_ids"][:3]) for o in r.json()]
-
-    with ThreadPoolExecutor(4) as ex:
-        outs = [t for part in ex.map(chunk, [per_call] * (n // per_call)) for t in part]
-    return Counter(outs)
-
-
-def same_distribution_pvalue(a: Counter, b: Counter) -> float:
-    from scipy.stats import chi2_contingency
-
-    keys = sorted(set(a) | set(b), key=lambda k: -(a[k] + b[k]))
-    rows, other = [], [0, 0]
-    for k in keys:
-        if a[k] + b[k] >= 10:  # pool rare outcomes so the chi-square approximation holds
-            rows.append([a[k], b[k]])
-        else:
-            other[0] += a[k]
-            other[1] += b[k]
-    if sum(other):
-        rows.append(other)
-    return chi2_contingency(rows)[1]

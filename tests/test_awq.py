@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from sglang_er.awq import (
     FOLD_TARGET,
@@ -132,22 +133,42 @@ def test_output_errors_matches_layer_outputs():
     assert err == pytest.approx(direct, rel=1e-4)
 
 
-def test_vectorised_large_k_is_fast():
-    # Qwen2-0.5B's down_proj input width; a per-channel Python loop would take minutes here
-    k, n = 4864, 256
+class _CountTorchCalls(TorchFunctionMode):
+    """Counts torch function and tensor-method calls made from Python while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _update_and_search_calls(k, n=256):
     x = _acts(128, k, n_outliers=20)
     w = _weight(n, k)
     st = ActivationStats(k, max_tokens=64)
     t0 = time.perf_counter()
-    for _ in range(10):
-        st.update(x)
+    with _CountTorchCalls() as upd:
+        for _ in range(10):
+            st.update(x)
     t_update = (time.perf_counter() - t0) / 10
     t0 = time.perf_counter()
-    s, beta, err = search_scales(w, st.mean_abs(), st.sample(), 128)
-    t_search = time.perf_counter() - t0
-    assert s.shape == (k,) and beta >= 0
-    assert t_update < 0.25, t_update
-    assert t_search < 10.0, t_search  # ~0.2 s on an idle 2-core machine
+    with _CountTorchCalls() as srch:
+        s, beta, err = search_scales(w, st.mean_abs(), st.sample(), 128)
+    print(f"k={k}: update {t_update * 1e3:.1f} ms, search {time.perf_counter() - t0:.2f} s")  # printed, never asserted
+    assert s.shape == (k,) and torch.equal(s, awq_scales(st.mean_abs(), beta))
+    return upd.calls, srch.calls
+
+
+def test_vectorised_large_k_is_fast():
+    # Qwen2-0.5B's down_proj input width; a per-channel Python loop would take minutes here. Vectorised
+    # means the torch calls made from Python do not grow with k: the same count at k=4864 as at k=256
+    # (a per-channel loop would make thousands more).
+    small, large = _update_and_search_calls(256), _update_and_search_calls(4864)
+    assert large == small, (small, large)
+    assert max(large) < 4864 // 4, large
 
 
 # ============================================================================ folding
@@ -278,7 +299,10 @@ def test_stats_under_inference_mode_and_no_host_sync_types():
         st.update(torch.randn(10, k))
     st.update(torch.randn(3, 2, k))  # [..., K] inputs, outside inference mode afterwards
     assert st.tokens_seen == 16 and st.tokens_used == 8
-    assert isinstance(st.mean_abs(), torch.Tensor) and st.weight.dim() == 0
+    # the running weight stays a 0-d tensor (no float(): no host sync): decay * 4 rows + 4 rows
+    assert isinstance(st.weight, torch.Tensor) and st.weight.dim() == 0
+    assert float(st.weight) == pytest.approx(st.decay * 4 + 4)
+    assert st.mean_abs().shape == (k,) and st.mean_abs().dtype == torch.float32
     with pytest.raises(ValueError):
         st.update(torch.randn(2, k + 1))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import start_server
+from helpers import start_server
 
 from sglang_er.models.corpus import math_corpus
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FP32, joint_first3, same_distribution_pvalue, start_server
-from conftest import greedy_all as _greedy_all
+from helpers import FP32, joint_first3, same_distribution_pvalue, start_server
+from helpers import greedy_all as _greedy_all
 
 from sglang_er.draft_vocab import FIRST_REFRESH, DraftVocab
 

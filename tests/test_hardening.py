@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import FP32, greedy_all, start_server
+from helpers import FP32, greedy_all, start_server
 
 PROMPT = "Alice has 12 apples. She buys 7 more. How many"
 EFF_AUTO = [

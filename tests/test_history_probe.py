@@ -7,7 +7,7 @@ import pytest
 
 
 def test_scorer_matches_a_full_forward(tiny_model):
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM
 
     from eval.history_probe import Scorer, agreed_prefix, expected_accepted

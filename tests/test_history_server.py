@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import FP32, joint_first3, same_distribution_pvalue, start_server, tiny_prompts
+from helpers import FP32, joint_first3, same_distribution_pvalue, start_server, tiny_prompts
 
 EFF_HIST = [*FP32, "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", "4", "--enable-metrics"]
 ENV = {"SGLANG_ER_HISTORY": "all", "SGLANG_ER_GAMMA": "2"}

@@ -324,8 +324,11 @@ def test_end_to_end(server, tmp_path, capsys):
 
     summary = Summary.model_validate_json((out / "summary.json").read_text())
     assert summary.num_samples == 8 and summary.num_problems == 4 and summary.n == 2
-    assert 0.0 <= summary.accuracy <= 1.0
-    assert set(summary.pass_at_k) == {"pass@1", "pass@2"} and all(0 <= v <= 1 for v in summary.pass_at_k.values())
+    # the summary's scores are the samples' grades: mean@n, and pass@2 = share of problems with a correct sample
+    assert summary.accuracy == pytest.approx(sum(s.correct for s in samples) / 8)
+    solved = [any(s.correct for s in samples if s.problem_idx == p) for p in range(4)]
+    assert set(summary.pass_at_k) == {"pass@1", "pass@2"}
+    assert summary.pass_at_k["pass@2"] == pytest.approx(sum(solved) / 4)
     assert summary.pass_at_k["pass@1"] == pytest.approx(summary.accuracy)
     assert summary.endpoint == "/v1/chat/completions"
     assert summary.output_tokens == sum(s.completion_tokens for s in samples)

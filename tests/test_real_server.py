@@ -8,27 +8,21 @@ near-tie tokens).
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-from conftest import start_server
+from helpers import start_server
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+from sglang_er.evaluation.math_data import SAMPLE, load_problems
+
 ARGS = ["--dtype", "float32"]
 
 
 def _questions(k=8):  # one batch of 8: enough to catch a lossy verify, half the time of 16
-    import os
-
-    path = Path(os.environ.get("SGLANG_ER_DATA", GSM8K.parents[1])) / "gsm8k" / "test.jsonl"
-    if not path.exists():
-        pytest.skip(f"GSM8K not found at {path}")
-    lines = path.read_text().splitlines()[:k]
+    # the packaged sample: GSM8K's first 50 test questions, so the test never depends on ../shared/data
     return [
-        json.loads(x)["question"] + " Please reason step by step, and put your final answer within \\boxed{}."
-        for x in lines
+        p.question + " Please reason step by step, and put your final answer within \\boxed{}."
+        for p in load_problems(SAMPLE, limit=k)
     ]
 
 
@@ -56,7 +50,9 @@ def real_model(request):
     try:
         return request.param, build_model(request.param)
     except realmodel.SourceUnavailable as e:
-        pytest.skip(f"{request.param} source unavailable: {e}")
+        pytest.skip(
+            f"{request.param} skipped: its GGUF is not installed and the package registry cannot be reached: {e}"
+        )
 
 
 @pytest.fixture(scope="module")

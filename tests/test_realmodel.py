@@ -13,8 +13,9 @@ import json
 
 import pytest
 
-pytest.importorskip("gguf")
-pytest.importorskip("accelerate")
+REALMODEL_EXTRA = "the GGUF converters come with the `realmodel` extra: pip install -e .[realmodel]"
+pytest.importorskip("gguf", reason=f"gguf is not installed; {REALMODEL_EXTRA}")
+pytest.importorskip("accelerate", reason=f"accelerate is not installed; {REALMODEL_EXTRA}")
 
 from sglang_er.models import realmodel as rm  # noqa: E402
 from sglang_er.models.factory import build_model  # noqa: E402
@@ -28,7 +29,7 @@ def _build(name, root):
     try:
         return build_model(name, cache_dir=root)
     except rm.SourceUnavailable as e:
-        pytest.skip(f"{name} source unavailable: {e}")
+        pytest.skip(f"{name} skipped: its GGUF is not installed and the package registry cannot be reached: {e}")
 
 
 @pytest.fixture(scope="module", params=NAMES)

@@ -51,7 +51,7 @@ def test_rollout_bench_writes_a_consistent_report(tmp_path, tiny_model):
         assert r["output_tokens"] == sum(q["tokens"] for q in r["requests"]) and 0 < r["output_tokens"] <= 6 * 24
         assert r["makespan_s"] > 0
     auto = [r for r in rolls if r["config"] == "auto"]
-    assert auto[0]["timeline"] and all(x["gamma"] >= 0 for x in auto[0]["timeline"])
+    assert auto[0]["timeline"]  # the auto config records its γ timeline
     assert auto[2]["requantize_s"] > 0  # the policy step re-quantized the drafter
     assert auto[1]["requantize_s"] is None and auto[3]["requantize_s"] is None  # epochs: same weights
     if any(r["position_acceptance"] for r in auto):

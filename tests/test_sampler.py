@@ -321,7 +321,6 @@ def test_verify_first_and_second_token_distribution():
     V = 10
     p, acc, out, stream = _trials(S.verify, V=V)
     assert out.shape == (N_TRIALS, 4) and out.dtype == torch.int64
-    assert ((acc >= 0) & (acc <= 3)).all()
     # Structure: -1 exactly after the emitted token.
     pos = torch.arange(4).view(1, -1)
     assert ((out == -1) == (pos > acc.view(-1, 1))).all()
@@ -433,7 +432,7 @@ def test_mixed_batch_one_call():
             assert _tv(tok0, p[r, 0], V) < 0.02
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False")
 def test_cuda_smoke():
     g = torch.Generator(device="cuda").manual_seed(0)
     params = P.from_lists([0.0, 0.8, 1.0], [1.0, 0.9, 1.0], [-1, 10, -1], [0.0, 0.0, 0.1], device="cuda")

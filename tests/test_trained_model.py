@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from sglang_er.models.trained import INSTRUCTION, TrainConfig, build_trained, conversations, data_path, solution
 
 
@@ -34,7 +32,7 @@ def _short_run(tmp_path):
 
 
 def test_short_training_run_builds_a_loadable_cached_model(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg, data = _short_run(tmp_path)
@@ -55,7 +53,7 @@ def test_short_training_run_builds_a_loadable_cached_model(tmp_path):
 
 def test_sharpened_model_is_the_trained_one_at_half_the_temperature(tmp_path):
     """gsm8k-lm-rl: logits exactly twice gsm8k-lm's (sampling it at T = 1 is sampling gsm8k-lm at 0.5)."""
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM
 
     from sglang_er.models.trained import build_sharpened

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import start_server
+from helpers import start_server
 
 PROMPT = "Alice has 12 apples. She buys 7 more. How many"
 ARGS = ["--dtype", "float32", "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "4"]

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from sglang_er.algorithm import resolve_gamma, validate_server_args
-from sglang_er.config import EffRolloutConfig
+from sglang_er.config import DEFAULT_GAMMA, EffRolloutConfig
 from sglang_er.launcher import free_port
 
 
@@ -37,7 +37,7 @@ def test_defaults_are_resolved():
     b = _Args(speculative_num_steps=2)
     validate_server_args(b)
     assert b.speculative_num_draft_tokens == 3
-    assert resolve_gamma(None, None) >= 1
+    assert resolve_gamma(None, None) == DEFAULT_GAMMA
 
 
 @pytest.mark.parametrize(
