@@ -429,9 +429,9 @@ def main() -> None:
         "--draft-vocabs",
         nargs="+",
         type=int,
-        default=[0],
-        help="draft head vocabularies (SGLANG_ER_DRAFT_VOCAB; 0: every token): every fixed γ runs with each, "
-        "auto and hybrid with the first",
+        default=[None],
+        help="draft head vocabularies (SGLANG_ER_DRAFT_VOCAB; 0: every token; default: the server's own): every "
+        "fixed γ runs with each, auto and hybrid with the first",
     )
     p.add_argument(
         "--draft-heads",
@@ -550,7 +550,7 @@ def main() -> None:
                     "SGLANG_ER_GAMMA": str(g),
                     "SGLANG_ER_DRAFT_HEAD": head,
                     "SGLANG_ER_QUANT": q,
-                    "SGLANG_ER_DRAFT_VOCAB": str(dv),
+                    **({} if dv is None else {"SGLANG_ER_DRAFT_VOCAB": str(dv)}),
                     **AWQ_WARM,
                 },
             )
@@ -572,7 +572,7 @@ def main() -> None:
                     "SGLANG_ER_MODE": "auto",
                     "SGLANG_ER_HISTORY": "all",
                     "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
-                    "SGLANG_ER_DRAFT_VOCAB": str(args.draft_vocabs[0]),
+                    **({} if args.draft_vocabs[0] is None else {"SGLANG_ER_DRAFT_VOCAB": str(args.draft_vocabs[0])}),
                     "SGLANG_ER_QUANT": args.quant[0],
                     **AWQ_WARM,
                     **prof,
@@ -583,7 +583,7 @@ def main() -> None:
         auto_env = {
             "SGLANG_ER_MODE": "auto",
             "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
-            "SGLANG_ER_DRAFT_VOCAB": str(args.draft_vocabs[0]),
+            **({} if args.draft_vocabs[0] is None else {"SGLANG_ER_DRAFT_VOCAB": str(args.draft_vocabs[0])}),
             "SGLANG_ER_QUANT": args.quant[0],
             **AWQ_WARM,
             **prof,
