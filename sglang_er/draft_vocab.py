@@ -31,31 +31,41 @@ class DraftVocab:
             raise ValueError(f"draft vocabulary of {k} tokens: use 1..{vocab_size - 1} (0 scores every token)")
         self.vocab_size, self.k = vocab_size, k
         self.counts = torch.zeros(vocab_size, dtype=torch.int64, device=device)
-        self.seen = 0  # tokens counted (host side: no device sync)
+        self._offered = 0  # positions passed to observe (a host-side count: no device sync)
         self.next_refresh = FIRST_REFRESH
         self.selections = 0
 
     def observe(self, ids: torch.Tensor) -> None:
-        """Count token ids (any shape; negative or out-of-range ids, e.g. padding, are ignored)."""
+        """Count token ids (any shape; negative or out-of-range ids, e.g. padding, are ignored).
+
+        Called every iteration, so no device sync: out-of-range ids add a weight of 0 instead of
+        being filtered out (a boolean mask would sync to learn its length), and the refresh
+        schedule counts the positions offered, a host-side shape."""
         ids = ids.reshape(-1).to(device=self.counts.device, dtype=torch.int64)
-        ids = ids[(ids >= 0) & (ids < self.vocab_size)]
-        self.counts.index_put_((ids,), torch.ones_like(ids), accumulate=True)
-        self.seen += int(ids.numel())
+        valid = ((ids >= 0) & (ids < self.vocab_size)).to(torch.int64)
+        self.counts.index_add_(0, ids.clamp(0, self.vocab_size - 1), valid)
+        self._offered += ids.numel()
+
+    @property
+    def seen(self) -> int:
+        """Tokens counted (reads the device counts: for reports, not the hot path)."""
+        return int(self.counts.sum())
 
     def due(self) -> bool:
         """Whether enough new tokens were counted to re-select the subset."""
-        return self.seen >= self.next_refresh
+        return self._offered >= self.next_refresh
 
     def select(self) -> torch.Tensor:
         """[K] int64 ids, ascending: the most counted, ties (and no counts) by the lowest id."""
         v = self.vocab_size
         rank = self.counts * v + (v - 1 - torch.arange(v, device=self.counts.device))
         ids = torch.topk(rank, self.k).indices.sort().values
-        self.next_refresh = max(self.next_refresh, min(2 * max(self.seen, 1), self.seen + MAX_REFRESH_PERIOD))
+        n = self._offered
+        self.next_refresh = max(self.next_refresh, min(2 * max(n, 1), n + MAX_REFRESH_PERIOD))
         self.selections += 1
         return ids
 
     def coverage(self, ids: torch.Tensor) -> float:
         """Share of the counted tokens that ``ids`` covers (1.0 before any count)."""
-        total = int(self.counts.sum())
+        total = self.seen
         return float(self.counts[ids].sum()) / total if total else 1.0
