@@ -220,7 +220,10 @@ class Drafter:
     def set_vocab(self, ids: torch.Tensor | None) -> None:
         """Score only the tokens ``ids`` [K] from now on (None: every token); see
         :mod:`sglang_er.draft_vocab`. Builds K-row copies of the head from the target's weights."""
+        was_subset = self.vocab is not None
         self.vocab = None if ids is None else ids.to(device=self.view.lm_head_weight.device, dtype=torch.int64)
+        if was_subset and self.vocab is None and self.head is not None:  # back to the whole head: bring it up to date
+            self.head.requantize_(self.view.lm_head_weight)
         self._build_vocab_heads()
 
     def _build_vocab_heads(self) -> None:
@@ -228,13 +231,11 @@ class Drafter:
             self._vocab_heads = (None, None)
             return
         rows = self.view.lm_head_weight.index_select(0, self.vocab)  # [K, D], the target's dtype
-        own = (
-            W8Linear(rows)
-            if self.head_kind == "w8"
-            else W4Linear.from_float(rows, None)
-            if self.head_kind == "w4"
-            else None
-        )
+        own = None  # shared: the dense rows are the head
+        if self.head_kind == "w8":
+            own = W8Linear(rows)
+        elif self.head_kind == "w4":
+            own = W4Linear.from_float(rows, None)
         self._vocab_heads = (own, rows)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -264,9 +265,11 @@ class Drafter:
             self._bind_rope(view)
         for layer in self.layers:
             layer.requantize()
-        if self.head is not None:
-            self.head.requantize_(self.view.lm_head_weight)
-        self._build_vocab_heads()
+        if self.vocab is None:
+            if self.head is not None:
+                self.head.requantize_(self.view.lm_head_weight)
+        else:  # a subset scores only its own rows: the whole head is brought up to date if it comes back
+            self._build_vocab_heads()
 
     def awq_summary(self) -> dict:
         """How many linear groups run AWQ scales (β > 0) and their mean β."""
