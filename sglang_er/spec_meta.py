@@ -4,7 +4,7 @@ SGLang's tokenizer computes a request's speculative fields from ``spec_verify_ct
 (proposed drafts = verify_ct × (num_draft_tokens − 1)), which assumes every iteration drafted
 the same γ. EFFROLLOUT chooses γ per iteration, 0 included, so the worker tags every token it commits with
 ``(iteration, γ)`` in the request's ``customized_info`` (SGLang streams that channel sliced by
-token offsets, so it must hold one entry per output token), and an AFTER hook on the
+token offsets, so it must hold one entry per output token, None for the prefill's), and an AFTER hook on the
 tokenizer's metric computation turns it back into one γ per iteration -- the request's γ
 timeline, returned as ``meta_info["spec_gamma"]`` -- and rewrites SGLang's fields from it:
 
@@ -32,8 +32,14 @@ def tag(reqs, iteration: int, gamma: int, new_tokens: list[int], sources: list[s
     for i, (req, n) in enumerate(zip(reqs, new_tokens)):
         if req.customized_info is None:
             req.customized_info = {}
+        tags = req.customized_info.setdefault(KEY, [])
+        # SGLang streams ``tags[sent:len(output_ids)]``: the list must stay index-aligned with
+        # output_ids, so tokens no decode iteration committed (prefill's) hold None.
+        committed = len(req.output_ids)
+        del tags[committed:]
+        tags.extend([None] * (committed - len(tags)))
         entry = (iteration, gamma) if sources is None else (iteration, gamma, sources[i])
-        req.customized_info.setdefault(KEY, []).extend([entry] * n)
+        tags.extend([entry] * n)
 
 
 def iterations(tagged) -> list[tuple[int, str, int]]:

@@ -73,6 +73,30 @@ def test_meta_info_counts_plain_iterations_as_plain(eff_cycle):
     assert 1 + n_plain + m["spec_verify_ct"] + m["spec_num_correct_drafts"] >= 64
 
 
+def test_meta_info_adds_up_when_streamed(eff_cycle):
+    """Streamed, SGLang sends the per-token tags in slices at every chunk: the γ timeline must still
+    hold every iteration (one lost entry drops a one-token iteration from it)."""
+    payload = {
+        "text": "Alice has 12 apples. She buys",
+        "sampling_params": {"max_new_tokens": 64, "temperature": 0, "ignore_eos": True},
+        "stream": True,
+    }
+    chunks = []
+    with requests.post(eff_cycle.url + "/generate", json=payload, stream=True, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                chunks.append(json.loads(line[len(b"data: ") :]))
+    assert len(chunks) > 8  # really streamed in many slices
+    m = chunks[-1]["meta_info"]
+    gammas = m["spec_gamma"]
+    n_plain = gammas.count(0)
+    assert m["spec_plain_iterations"] == n_plain
+    assert m["spec_num_proposed_drafts"] == sum(gammas)
+    assert sum(m["spec_correct_drafts_histogram"]) == m["spec_verify_ct"] == len(gammas) - n_plain
+    assert 1 + n_plain + m["spec_verify_ct"] + m["spec_num_correct_drafts"] >= 64
+
+
 def test_kv_capacity_unchanged_and_state_reported(plain, eff3):
     """The drafter owns no KV: the same pool size as the plain server; its state is in server info."""
     a = requests.get(plain.url + "/get_server_info", timeout=30).json()
