@@ -240,12 +240,14 @@ class EffRolloutWorker(BaseSpecWorker):
     @staticmethod
     def _logits_only_features(batch) -> bool:
         """Features SGLang's sampler applies to the logits only: speculating without them would
-        not be lossless, so such batches decode plainly."""
+        not be lossless, so such batches decode plainly. Grammars are read off the requests:
+        SGLang copies them into ``sampling_info.grammars`` only when it builds the forward batch,
+        after this choice (a stale None there let drafts past the grammar: HTTP 500)."""
         info = batch.sampling_info
         return bool(
             (info.penalizer_orchestrator is not None and info.penalizer_orchestrator.is_required)
             or info.logit_bias is not None
-            or info.grammars is not None
+            or any(req.grammar is not None for req in batch.reqs)
             or info.has_custom_logit_processor
         )
 
