@@ -3,13 +3,13 @@
     python -m eval.bench_decision [--model qwen2-0.5b] [--batches 1 4 16 64 256] [--history]
 
 Times what the worker adds to every decode iteration in auto mode, through the worker's own
-adapter (:class:`sglang_er.controller.Controller`) on a stand-in batch (sequence lengths as a
+adapter (:class:`sglang_er.gamma.controller.Controller`) on a stand-in batch (sequence lengths as a
 CPU tensor, requests with ids and prompts: GRPO-like groups of n = 8 samples per prompt):
 ``choose`` (batch summary, cost model for γ ∈ {0} ∪ 1..γmax, acceptance model, hysteresis,
 exploration) and the feedback after it (live correction from the measured phase times,
 acceptance update, scheduler time). Target: ≤ 50 µs per iteration.
 
-``--history`` also times the history drafts' upkeep (:class:`sglang_er.history_drafts.HistoryDrafts`
+``--history`` also times the history drafts' upkeep (:class:`sglang_er.history.proposer.HistoryDrafts`
 ``sync`` + ``plan``) in W4 iterations of γ = 7 where the W4 drafter (α 0.96) out-drafts history,
 each request committing 7 tokens of phrase-reusing text per iteration.
 """
@@ -24,8 +24,9 @@ from types import SimpleNamespace
 
 import torch
 
-from sglang_er.calibration import builtin_profile
-from sglang_er.controller import Controller
+from sglang_er.engine import batch as batch_view
+from sglang_er.gamma.calibration import builtin_profile
+from sglang_er.gamma.controller import Controller
 from sglang_er.models.factory import build_model
 
 
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
 
 
 def _bench_history(b: int, rng, iterations: int = 100, warm: int = 40) -> None:
-    from sglang_er.history_drafts import HistoryDrafts
+    from sglang_er.history.proposer import HistoryDrafts
 
     phrases = [[rng.randrange(4096) for _ in range(rng.randint(3, 12))] for _ in range(300)]
 
@@ -93,14 +94,18 @@ def _bench(cfg, profile, b, args, rng) -> None:
     prompts = [[rng.randrange(1000) for _ in range(80)] for _ in range(-(-b // 8))]
     reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=prompts[i // 8]) for i in range(b)]
     seq = torch.tensor([rng.randint(100, 1000) for _ in range(b)])
+    rids = [r.rid for r in reqs]  # the worker's reads of the batch (engine.batch), here on stand-ins
+
+    def keys():
+        return [batch_view.prompt_key(r) for r in reqs]
+
     t_choose = t_observe = 0.0
     n_spec = 0
     for it in range(args.iterations):
         seq += 1
-        batch = SimpleNamespace(seq_lens_cpu=seq, seq_lens=seq, reqs=reqs)
         accepted = torch.randint(0, 8, (b,))
         t0 = time.perf_counter()
-        g = ctl.choose(batch)
+        g = ctl.choose(seq.tolist(), rids, keys)
         t1 = time.perf_counter()
         if g:
             n_spec += 1

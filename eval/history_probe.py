@@ -3,7 +3,7 @@
     python -m eval.history_probe [--model gsm8k-lm] [--prompts 6] [--n 8] [--epochs 2] [--out F.json]
 
 Samples ``n`` responses per GSM8K prompt for ``epochs`` epochs at temperature 1 with transformers
-(float32), and replays them through :class:`sglang_er.history.HistoryIndex` the way a rollout
+(float32), and replays them through :class:`sglang_er.history.store.HistoryIndex` the way a rollout
 feeds it: the prompt, the earlier epochs' finished responses, and the siblings in lockstep (at step
 t every sample of the epoch has its first t tokens indexed). At every step of every sample it asks
 the index for a proposal of up to γ tokens and scores it exactly against the target: a one-hot
@@ -71,7 +71,7 @@ class Scorer:
 
 def probe_prompt(model, ids: list[int], args, key: int) -> tuple[list[dict], int]:
     """(proposal records, decode steps) of one prompt's epochs."""
-    from sglang_er.history import HistoryIndex
+    from sglang_er.history.store import HistoryIndex
 
     index = HistoryIndex(min_match=args.min_match)
     index.group(key, ids)

@@ -13,12 +13,12 @@ have no SGLang flag are environment variables, read in every SGLang process alik
   (the target's lm_head), ``w8`` (an int8 copy) or ``w4`` (a 4-bit copy); ``auto`` means ``w8``
   only where its kernel exists (CPU, bf16 model).
 - ``SGLANG_ER_DRAFT_VOCAB``: the draft head scores only this many tokens, the most frequent in the
-  server's own traffic (:mod:`sglang_er.draft_vocab`; 32768 by default, so a vocabulary of at most
+  server's own traffic (:mod:`sglang_er.draft.vocab`; 32768 by default, so a vocabulary of at most
   that many is scored whole); ``0`` scores every token.
 - ``SGLANG_ER_QUANT``: ``awq`` (default: activation-aware scales from live traffic, RTN until
   ``SGLANG_ER_AWQ_MIN_TOKENS`` tokens (512) were observed) or ``rtn``;
   ``SGLANG_ER_AWQ_SAMPLE_EVERY``: observe every N-th prefill/verify forward (4).
-- ``SGLANG_ER_HISTORY``: history drafts next to the W4 drafter (:mod:`sglang_er.history_drafts`):
+- ``SGLANG_ER_HISTORY``: history drafts next to the W4 drafter (:mod:`sglang_er.history.proposer`):
   ``off`` (default), ``group`` (the prompt and its in-flight samples) or ``all`` (also finished
   requests with the same prompt: earlier epochs); ``SGLANG_ER_HISTORY_MIN_MATCH`` (3) tokens a
   match needs, ``SGLANG_ER_HISTORY_BUDGET`` (4,000,000) indexed tokens before the least recently

@@ -187,10 +187,11 @@ class Server:
         the receiver to share this process's multiprocessing authkey, which a server does not.
         """
         import torch.multiprocessing
-        from sglang.srt.utils import MultiprocessingSerializer
+
+        from sglang_er.engine.kernels import serialize_named_tensors
 
         torch.multiprocessing.set_sharing_strategy("file_system")
-        payload = MultiprocessingSerializer.serialize(list(named_tensors), output_str=True)
+        payload = serialize_named_tensors(named_tensors)
         self._checked("/begin_weight_update", {}, timeout)
         try:
             self._checked("/update_weights_from_tensor", {"serialized_named_tensors": [payload]}, timeout)
@@ -222,6 +223,6 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 def _no_accelerator() -> bool:
-    from sglang_er.platform import accelerator_present
+    from sglang_er.engine.cpu.platform import accelerator_present
 
     return accelerator_present() is None

@@ -1,6 +1,6 @@
 """Limits shared by the engine-side modules and the light ones (the γ cost model, the ``sglang-er``
 parser), defined here once, stdlib only: :mod:`sglang_er.config` needs pydantic and
-:mod:`sglang_er.quantizer` needs torch, and neither may be a cost of importing :mod:`sglang_er.gamma`
+:mod:`sglang_er.quant.quantizer` needs torch, and neither may be a cost of importing :mod:`sglang_er.gamma`
 or of starting the CLI.
 """
 

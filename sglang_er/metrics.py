@@ -184,7 +184,7 @@ class SpecMetrics:
 
 class Timeline:
     """The last ``capacity`` decode iterations, one dict each, for the eval harness's γ timeline
-    and for calibration sweeps (read through ``/get_server_info``; see :mod:`sglang_er.server_info`).
+    and for calibration sweeps (read through ``/get_server_info``; see :mod:`sglang_er.engine.server_info`).
 
     Record keys: iteration, time (unix s), gamma, batch_size, seq_lens (committed lengths [B]),
     plain_s / draft_s (all γ steps) / verify_s (None where not run), accepted (Σ accepted drafts,

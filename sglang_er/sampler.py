@@ -159,12 +159,9 @@ class SamplingParamsTensor:
         and falls back to "pytorch" outside a server.
         """
         if backend is None:
-            try:
-                from sglang.srt.runtime_context import get_exec
+            from sglang_er.engine.kernels import sampling_backend
 
-                backend = get_exec().kernel.sampling_backend or "pytorch"
-            except Exception:
-                backend = "pytorch"
+            backend = sampling_backend()
         # SGLang skips its topk shortcut when seeded or capturing masks.
         use_topk = (
             getattr(sampling_info, "sampling_seed", None) is None

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from sglang_er.awq import (
+from sglang_er.quant.awq import (
     FOLD_TARGET,
     LINEAR_GROUPS,
     ActivationStats,
@@ -21,8 +21,8 @@ from sglang_er.awq import (
     scale_weight,
     search_scales,
 )
-from sglang_er.quantizer import fake_quant, quantize_rtn
-from sglang_er.w4linear import W4Linear
+from sglang_er.quant.quantizer import fake_quant, quantize_rtn
+from sglang_er.quant.w4linear import W4Linear
 
 
 def _acts(t, k, seed=0, n_outliers=6, factor=20.0):
@@ -405,7 +405,7 @@ def test_quantizer_warm_start_local_search():
 
 
 def test_hf_hooks_feed_every_group():
-    from sglang_er.awq import hf_llama_layer_weights, register_hf_llama_hooks
+    from sglang_er.quant.awq import hf_llama_layer_weights, register_hf_llama_hooks
 
     model = _ToyLlama()
     awq = AWQQuantizer(min_tokens=8)

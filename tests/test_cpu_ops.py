@@ -6,8 +6,9 @@ import pkgutil
 import pytest
 import torch
 
-from sglang_er import cpu_ops
-from sglang_er.cpu_ops import assign_req_to_token_pool
+from sglang_er.engine import hooks
+from sglang_er.engine.cpu import ops as cpu_ops
+from sglang_er.engine.cpu.ops import assign_req_to_token_pool
 
 
 def _reference(req_pool_indices, req_to_token, start, end, out_cache_loc):
@@ -136,7 +137,7 @@ def _call_shape(fn) -> list:
 
 def test_extend_attention_target_resolves_with_same_signature():
     # HookRegistry only logs a target it cannot resolve; make a stale path fail here.
-    obj_path, attr = cpu_ops._EXTEND_TARGET.rsplit(".", 1)
+    obj_path, attr = hooks.target_of("sglang_er.engine.cpu.ops:sdpa_forward_extend").rsplit(".", 1)
     cls = pkgutil.resolve_name(obj_path)
     original = inspect.unwrap(cls.__dict__[attr])
     assert original is cpu_ops.sglang_sdpa_forward_extend()
@@ -147,7 +148,7 @@ def test_extend_attention_target_resolves_with_same_signature():
 
 
 def test_device_as_str():
-    from sglang_er.cpu_ops import device_as_str
+    from sglang_er.engine.cpu.ops import device_as_str
 
     assert device_as_str(lambda: torch.device("cpu")) == "cpu"
     assert device_as_str(lambda i=None: "cuda:1", 1) == "cuda:1"
@@ -187,7 +188,7 @@ def test_decode_attention_target_resolves_with_same_signature():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kv_rows_gather_equals_indexing(dtype):
-    from sglang_er import kv_rows
+    from sglang_er.draft import kv_rows
 
     g = torch.Generator().manual_seed(0)
     buf = torch.randn(50, 4, 8, generator=g).to(dtype)

@@ -9,7 +9,7 @@ import torch
 from helpers import FP32, joint_first3, same_distribution_pvalue, start_server
 from helpers import greedy_all as _greedy_all
 
-from sglang_er.draft_vocab import FIRST_REFRESH, DraftVocab
+from sglang_er.draft.vocab import FIRST_REFRESH, DraftVocab
 
 K = 48
 

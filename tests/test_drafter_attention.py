@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sglang_er.drafter as drafter
-from sglang_er import kv_rows
+import sglang_er.draft.drafter as drafter
+from sglang_er.draft import kv_rows
 
 
 def _gather(kbuf, vbuf, kv_index, dtype):
@@ -101,7 +101,7 @@ def test_drafter_rotary_is_sglang_rotary_bit_for_bit():
     modules it cannot reproduce (GPT-J style, partial rotary) give no table, so the drafter calls them."""
     from sglang.srt.layers.rotary_embedding import get_rope
 
-    from sglang_er._sglang import neox_rope_table
+    from sglang_er.engine.model import neox_rope_table
 
     g = torch.Generator().manual_seed(0)
     H, KVH, hd, B = 8, 2, 64, 5

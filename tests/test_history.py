@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from sglang_er.history import PROMPT_STREAM, HistoryIndex
+from sglang_er.history.store import PROMPT_STREAM, HistoryIndex
 
 
 def brute_force_match_len(streams: dict, context: list[int], m: int) -> int:
@@ -152,7 +152,7 @@ def test_memory_per_indexed_token_is_bounded():
 
 
 def test_meta_info_splits_a_requests_drafts_by_source():
-    from sglang_er import spec_meta
+    from sglang_er.engine import spec_meta
 
     tagged = [(1, 0)] + [(2, 3, "group")] * 4 + [(3, 3, "w4")] * 2 + [(4, 2, "none")] * 1
     meta = {spec_meta.KEY: tagged, "completion_tokens": 8, "spec_num_correct_drafts": 4}
@@ -171,7 +171,7 @@ def _group_with_history(n: int, probe_every: int = 1):
     unless ``probe_every`` says otherwise."""
     from types import SimpleNamespace
 
-    from sglang_er.history_drafts import HistoryDrafts
+    from sglang_er.history.proposer import HistoryDrafts
 
     prompt = list(range(100, 140))
     text = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 3
@@ -203,7 +203,7 @@ def test_unused_proposals_are_measured_in_the_shadow_of_the_w4_drafts():
     first disagreement. Fixed γ (no W4 estimate): every proposal is verified."""
     import torch
 
-    from sglang_er.history_drafts import HistoryDrafts
+    from sglang_er.history.proposer import HistoryDrafts
 
     hd, reqs, done = _group_with_history(16)
     w4 = [1.0, 1.9, 2.7, 3.4, 4.0]  # E[L | W4, γ]: α ≈ 0.9
@@ -320,12 +320,13 @@ def test_controller_prices_a_verify_only_iteration_against_a_plain_step():
     import torch
     from test_policy import QWEN2_05B
 
-    from sglang_er.calibration import builtin_profile
-    from sglang_er.controller import Controller
+    from sglang_er.engine.batch import prompt_key
+    from sglang_er.gamma.calibration import builtin_profile
+    from sglang_er.gamma.controller import Controller
 
     ctl = Controller(QWEN2_05B, 7, torch.device("cpu"), "torch_native", profile=builtin_profile("h100"))
     reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=[i, 1, 2]) for i in range(2)]
     seq = torch.tensor([300, 400])
-    g = ctl.choose(SimpleNamespace(seq_lens_cpu=seq, seq_lens=seq, reqs=reqs))
+    g = ctl.choose(seq.tolist(), [r.rid for r in reqs], lambda: [prompt_key(r) for r in reqs])
     assert g > 0  # memory-bound: the policy speculates
     assert ctl.verify_only_gain(g, 2 * (g + 1)) > 1.0 > ctl.verify_only_gain(g, 2 * 1.0)

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from sglang_er import platform
+from sglang_er.engine.cpu import platform
 
 
 def test_activates_without_accelerator_or_when_named(monkeypatch):

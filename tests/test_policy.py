@@ -10,12 +10,6 @@ import sys
 
 import pytest
 
-from sglang_er.calibration import (
-    BUILTIN_PROFILES,
-    HardwareProfile,
-    builtin_profile,
-    fit_profile,
-)
 from sglang_er.gamma import (
     KV_READ_RULE,
     AcceptanceModel,
@@ -23,6 +17,12 @@ from sglang_er.gamma import (
     CostModel,
     GammaPolicy,
     ModelCost,
+)
+from sglang_er.gamma.calibration import (
+    BUILTIN_PROFILES,
+    HardwareProfile,
+    builtin_profile,
+    fit_profile,
 )
 
 QWEN2_05B = {
@@ -52,7 +52,7 @@ def _policy(profile: str, model: ModelCost, alpha: float = 0.8, gamma_max: int =
 def test_policy_modules_do_not_import_sglang():
     # The policy must be usable (and testable) without the engine, and light to import.
     code = (
-        "import sys, sglang_er.gamma, sglang_er.calibration; "
+        "import sys, sglang_er.gamma, sglang_er.gamma.calibration; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sglang', 'torch')); "
         "assert not bad, bad"
     )
@@ -93,7 +93,7 @@ def test_model_cost_qwen2_05b(qwen):
 
 def test_model_cost_group_rule_matches_quantizer():
     from sglang_er.gamma import model_cost
-    from sglang_er.quantizer import SUPPORTED_GROUP_SIZES, choose_group_size
+    from sglang_er.quant.quantizer import SUPPORTED_GROUP_SIZES, choose_group_size
 
     assert model_cost._SUPPORTED_GROUPS == SUPPORTED_GROUP_SIZES
     for k in (576, 896, 1536, 4864, 1152, 160):
@@ -430,9 +430,9 @@ def test_profile_json_round_trip(tmp_path):
 
 
 def test_gpu_without_builtin_profile_gets_labelled_generic_one(caplog):
-    from sglang_er.calibration import GENERIC_GPU, builtin_profile_for_device
+    from sglang_er.gamma.calibration import GENERIC_GPU, builtin_profile_for_device
 
-    with caplog.at_level("WARNING", logger="sglang_er.calibration"):
+    with caplog.at_level("WARNING", logger="sglang_er.gamma.calibration"):
         assert builtin_profile_for_device(None).name == "cpu-2core"
         assert builtin_profile_for_device("NVIDIA A100-SXM4-80GB").name == "a100-80gb"
         assert builtin_profile_for_device("NVIDIA H100 80GB HBM3").name == "h100-sxm"
@@ -452,12 +452,12 @@ def test_gpu_without_builtin_profile_gets_labelled_generic_one(caplog):
 def test_server_profile_for_unknown_gpu_and_from_env(monkeypatch, tmp_path, caplog):
     import torch
 
-    from sglang_er import controller
-    from sglang_er.calibration import GENERIC_GPU, profile_from_env
+    from sglang_er.gamma import controller
+    from sglang_er.gamma.calibration import GENERIC_GPU, profile_from_env
 
     monkeypatch.delenv("SGLANG_ER_PROFILE", raising=False)
     monkeypatch.setattr(controller.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    with caplog.at_level("WARNING", logger="sglang_er.calibration"):
+    with caplog.at_level("WARNING", logger="sglang_er.gamma.calibration"):
         assert controller.default_profile(torch.device("cuda")).name == GENERIC_GPU
     assert "sglang-er calibrate" in caplog.text
     assert controller.default_profile(torch.device("cpu")).name == "cpu-2core"

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sglang_er import quantizer as qmod
-from sglang_er.quantizer import (
+from sglang_er.quant import quantizer as qmod
+from sglang_er.quant.quantizer import (
     QuantizedTensor,
     choose_group_size,
     fake_quant,
@@ -19,7 +19,7 @@ from sglang_er.quantizer import (
     quantize_rtn,
     unpack_awq,
 )
-from sglang_er.w4linear import W4Linear, marlin_padded_n, select_kernel
+from sglang_er.quant.w4linear import W4Linear, marlin_padded_n, select_kernel
 
 # (name, K=in, N=out) of every linear layer.
 SMOLLM2_135M = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576)]
@@ -326,7 +326,7 @@ def test_input_scale_path():
 
 # ---------------------------------------------------------------------- W8 head, AWQ scaling
 def test_w8_head_matches_reference_and_requantizes_in_place():
-    from sglang_er.w8linear import W8Linear, quantize_int8_rows
+    from sglang_er.quant.w8linear import W8Linear, quantize_int8_rows
 
     torch.manual_seed(0)
     w = torch.randn(1000, 256, dtype=torch.bfloat16)
@@ -343,7 +343,7 @@ def test_w8_head_matches_reference_and_requantizes_in_place():
 
 
 def test_rtn_col_scale_equals_quantizing_the_scaled_weight():
-    from sglang_er.quantizer import quantize_rtn
+    from sglang_er.quant.quantizer import quantize_rtn
 
     torch.manual_seed(0)
     w = torch.randn(300, 256, dtype=torch.bfloat16)
@@ -354,7 +354,7 @@ def test_rtn_col_scale_equals_quantizing_the_scaled_weight():
 
 
 def test_awq_search_on_a_row_subset_picks_the_same_scaling():
-    from sglang_er.awq import AWQQuantizer
+    from sglang_er.quant.awq import AWQQuantizer
 
     torch.manual_seed(0)
     w = torch.randn(4096, 256)

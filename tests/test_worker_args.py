@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from sglang_er.algorithm import resolve_gamma, validate_server_args
 from sglang_er.config import DEFAULT_GAMMA, EffRolloutConfig
+from sglang_er.engine.registration import resolve_gamma, validate_server_args
 from sglang_er.launcher import free_port
 
 
@@ -109,7 +109,7 @@ def refusals(tiny_model, tmp_path_factory):
     that ends in the refusal, so running them side by side halves the module's time."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from sglang_er.calibration import builtin_profile
+    from sglang_er.gamma.calibration import builtin_profile
 
     tmp = tmp_path_factory.mktemp("refusals")
     bad = tmp / "profile.json"

@@ -4,7 +4,7 @@ Attention cost is linear in every request's own length, and pages shared through
 cache may be read once per group rather than once per request, so the cost model needs Σ L,
 max L (the padded drafter pays for the longest) and the shared prefix tokens, never the mean.
 ``seq_lens`` [B] are committed lengths (tokens that already have KV); the token being decoded
-has no KV yet, as in :mod:`sglang_er.worker`.
+has no KV yet, as in :mod:`sglang_er.engine.worker`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Speculation pays while the target forward is memory-bound (verifying γ+1 tokens costs about one
 weight read) and stops paying once the batch makes it compute-bound, so the γ choice needs the
 cost of each forward at the current batch, on this machine. A roofline over the model's bytes and
-flops (:mod:`sglang_er.calibration` holds the machine's numbers and the formula) gives a prior
+flops (:mod:`sglang_er.gamma.calibration` holds the machine's numbers and the formula) gives a prior
 before anything ran; live measurements then correct it per phase, because overheads and the KV
 traffic of real kernels differ from any profile.
 """
@@ -15,8 +15,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sglang_er.calibration import CalibrationSample, HardwareProfile, phase_seconds
 from sglang_er.gamma.batch import BatchStats, PrefixGroups, SeqLens, batch_stats
+from sglang_er.gamma.calibration import CalibrationSample, HardwareProfile, phase_seconds
 from sglang_er.gamma.model_cost import ModelCost
 
 __all__ = [
@@ -152,7 +152,7 @@ class CostModel:
 
     * plain (γ = 0): target forward, 1 query token per request, attends L_b + 1 tokens.
     * draft step j (0..γ-1): lean W4 drafter, 1 token per request at position L_b + j. Its
-      attention (``draft_kv_layout="padded"``, what :class:`sglang_er.drafter.Drafter` does)
+      attention (``draft_kv_layout="padded"``, what :class:`sglang_er.draft.drafter.Drafter` does)
       gathers a [B, max L + γ] KV index and runs SDPA with a mask, so every request streams
       max L + γ tokens, ~3× (gather read, copy write, SDPA read); ``"ragged"`` models a paged
       kernel with the target backend's rule and factor.
@@ -275,7 +275,7 @@ class CostModel:
         return Work(byt, kv_read, flops, B)
 
     def _seconds(self, w: Work, phase: str) -> float:
-        """Raw (profile) seconds of one forward: the roofline formula of :mod:`sglang_er.calibration`."""
+        """Raw (profile) seconds of one forward: the roofline formula of :mod:`sglang_er.gamma.calibration`."""
         if phase == "draft":
             compute = w.flops["layers"] / self._f_draft_layers + w.flops["head"] / self._f_draft_head
         else:
@@ -339,7 +339,7 @@ class CostModel:
         included: :meth:`t_iteration` for a summarised batch without the argument checks.
 
         The γ choice's hot path (every decode iteration, every candidate γ), so the ``work_*`` /
-        ``_seconds`` (:func:`sglang_er.calibration.roofline_seconds`) / ``_correct`` arithmetic is
+        ``_seconds`` (:func:`sglang_er.gamma.calibration.roofline_seconds`) / ``_correct`` arithmetic is
         inlined here as plain float expressions; a test keeps it equal to :meth:`t_iteration`."""
         p, B, L, Lmax = self.profile, st.batch, st.sum_len, st.max_len
         P = st.prefix_kv_tokens(self.kv_read_rule)
@@ -449,7 +449,7 @@ class CostModel:
     def calibration_sample(
         self, phase: str, seq_lens: SeqLens | BatchStats, gamma: int, seconds: float, prefix_groups: PrefixGroups = None
     ) -> CalibrationSample:
-        """A :class:`~sglang_er.calibration.CalibrationSample` for a measured phase, with this
+        """A :class:`~sglang_er.gamma.calibration.CalibrationSample` for a measured phase, with this
         model's byte/flop accounting (draft: all γ steps, ``forwards`` = γ), for fit_profile."""
         st = batch_stats(seq_lens, prefix_groups)
         if phase == "plain":

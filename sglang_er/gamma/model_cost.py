@@ -18,7 +18,7 @@ __all__ = ["ModelCost"]
 
 
 def _w4_group(k: int, preferred: int) -> int:
-    """The group size :func:`sglang_er.quantizer.choose_group_size` picks for in_features ``k``."""
+    """The group size :func:`sglang_er.quant.quantizer.choose_group_size` picks for in_features ``k``."""
     g = largest_group_size(k, preferred)
     if g is None:
         raise ValueError(f"no 4-bit group size <= {preferred} from {_SUPPORTED_GROUPS} divides in_features={k}")
@@ -56,7 +56,7 @@ class ModelCost:
     w4_group_bytes: float = 4.0
     w4_head: bool = False
     w8_head: bool = False  # the drafter's int8 per-row copy of the head (1 byte/param + a scale per row)
-    draft_vocab: int = 0  # rows of the head a draft step scores (sglang_er.draft_vocab); 0: all
+    draft_vocab: int = 0  # rows of the head a draft step scores (sglang_er.draft.vocab); 0: all
     logits_bytes: float = 4.0
 
     def __post_init__(self) -> None:

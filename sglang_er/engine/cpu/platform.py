@@ -5,7 +5,7 @@ sgl-kernel for Intel AMX. This out-of-tree platform derives from SGLang's CPU pl
 declares itself ``PlatformEnum.OOT``, which makes layers take their ``forward_native`` paths,
 and picks backends that exist in plain torch (attention ``torch_native``, sampling
 ``pytorch``, no graph capture). The few Triton-only helpers still reached on that path are
-replaced by torch versions in :mod:`sglang_er.cpu_ops`.
+replaced by torch versions in :mod:`sglang_er.engine.cpu.ops`.
 
 Activation (entry point ``sglang.srt.platforms: portable_cpu``):
 - ``SGLANG_PLATFORM=portable_cpu`` selects it explicitly, on any machine;
@@ -20,7 +20,7 @@ import os
 PLATFORM_NAME = "portable_cpu"
 # Imported only once SGLang resolves the platform: this module must not import SGLang, since
 # SGLang imports it while its own platform package is still initialising.
-PLATFORM_CLASS = "sglang_er.portable_cpu.PortableCpuPlatform"
+PLATFORM_CLASS = "sglang_er.engine.cpu.portable.PortableCpuPlatform"
 # Speculative algorithms verified on this platform (tests/test_worker_*.py).
 SUPPORTED_SPECULATIVE_ALGORITHMS = frozenset({"EFFROLLOUT"})
 # Backends that run without Triton or sgl-kernel. "intel_amx" is SGLang's x86 CPU default and

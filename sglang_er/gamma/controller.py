@@ -14,12 +14,13 @@ Modes (env ``SGLANG_ER_MODE``): ``auto`` (default) chooses γ ∈ {0} ∪ 1..γm
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter
+from collections.abc import Callable, Hashable
 
 import torch
 
-from sglang_er.calibration import HardwareProfile, builtin_profile_for_device, profile_from_env
 from sglang_er.gamma import KV_READ_RULE, AcceptanceModel, BatchStats, CostModel, GammaPolicy, ModelCost, batch_stats
+from sglang_er.gamma.calibration import HardwareProfile, builtin_profile_for_device, profile_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +76,12 @@ class Controller:
         logger.info("EFFROLLOUT auto mode: profile %s, γ ladder 1..%d", profile.name, gamma_max)
 
     # ------------------------------------------------------------------ decision
-    def choose(self, batch) -> int:
-        seq_lens = batch.seq_lens_cpu.tolist() if batch.seq_lens_cpu is not None else batch.seq_lens.tolist()
-        rids = [r.rid for r in batch.reqs]
+    def choose(self, seq_lens: list[int], rids: list, prompt_keys: Callable[[], list[tuple[int, Hashable]]]) -> int:
+        """γ for this iteration. seq_lens [B]: committed lengths; rids [B]: request ids;
+        prompt_keys() -> [(prompt length, key)] per request, read only when the batch changed."""
         if rids != self._rids:  # the batch changed: requests left or joined
             self._forget_departed(rids)
-            self._shared = _shared_prefix_tokens(batch.reqs)
+            self._shared = shared_prefix_tokens(prompt_keys())
         st = batch_stats(seq_lens)
         if self._shared:
             st = BatchStats(st.batch, st.sum_len, st.max_len, self._shared)
@@ -162,20 +163,8 @@ class Controller:
         }
 
 
-def _shared_prefix_tokens(reqs) -> int:
-    """:attr:`BatchStats.shared_tokens` of the prompt groups: each group's prompt is read once."""
-    return sum(plen * (len(members) - 1) for plen, members in _prefix_groups(reqs) or ())
-
-
-def _prefix_groups(reqs) -> list[tuple[int, list[int]]] | None:
-    """Requests with the same prompt share its KV pages through the radix cache."""
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, r in enumerate(reqs):
-        key = getattr(r, "_er_prompt_key", None)
-        if key is None:
-            ids = r.origin_input_ids
-            key = (len(ids), hash(tuple(ids)))
-            r._er_prompt_key = key
-        groups[key].append(i)
-    shared = [(key[0], members) for key, members in groups.items() if len(members) > 1]
-    return shared or None
+def shared_prefix_tokens(prompt_keys: list[tuple[int, Hashable]]) -> int:
+    """:attr:`BatchStats.shared_tokens`: requests with the same prompt share its KV pages through
+    the radix cache, so each group's prompt is read once (``(length, key)`` per request)."""
+    groups = Counter(prompt_keys)
+    return sum(key[0] * (n - 1) for key, n in groups.items())

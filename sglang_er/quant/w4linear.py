@@ -34,7 +34,6 @@ captured CUDA graphs keep pointing at valid data.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 
@@ -42,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sglang_er.quantizer import QuantizedTensor, choose_group_size, pack_awq, quantize_rtn
+from sglang_er.engine import kernels
+from sglang_er.quant.quantizer import QuantizedTensor, choose_group_size, pack_awq, quantize_rtn
 
 logger = logging.getLogger(__name__)
 
@@ -75,21 +75,7 @@ def _marlin_available() -> bool:
         return False
     if torch.cuda.get_device_capability()[0] < 8:
         return False
-    try:
-        import sglang.kernels.ops.gemm.gptq_marlin  # noqa: F401
-        import sglang.kernels.ops.quantization.awq_marlin_repack  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the CUDA build
-        return False
-    return True
-
-
-@functools.cache
-def _marlin_gemm_and_type():  # pragma: no cover - CUDA only
-    # Resolved once: the per-call import/lookup would show up in a 1-token drafter step.
-    from sglang.kernels.ops.gemm.gptq_marlin import gptq_marlin_gemm
-    from sglang.srt.layers.quantization.utils import get_scalar_types
-
-    return gptq_marlin_gemm, get_scalar_types()[1].uint4
+    return kernels.marlin_importable()
 
 
 def select_kernel(device: torch.device, act_dtype: torch.dtype, n: int, k: int, group_size: int) -> tuple[str, str]:
@@ -268,11 +254,8 @@ class W4Linear(nn.Module):
 
     def _marlin_buffers(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:  # pragma: no cover
         # CUDA only, untested on the CPU CI: mirrors AWQMarlinLinearKernel.process_weights_after_loading.
-        from sglang.kernels.ops.quantization.awq_marlin_repack import awq_marlin_repack
-        from sglang.srt.layers.quantization.marlin_utils import (
-            awq_to_marlin_zero_points,
-            marlin_make_workspace,
-            marlin_permute_scales,
+        awq_marlin_repack, awq_to_marlin_zero_points, marlin_make_workspace, marlin_permute_scales = (
+            kernels.marlin_repack_ops()
         )
 
         n, k, g = self.out_features, self.in_features, self.group_size
@@ -409,7 +392,7 @@ class W4Linear(nn.Module):
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
     def _marlin_mm(self, x2: torch.Tensor) -> torch.Tensor:  # pragma: no cover - CUDA only
-        gptq_marlin_gemm, uint4 = _marlin_gemm_and_type()
+        gptq_marlin_gemm, uint4 = kernels.marlin_gemm_and_uint4()
         y = gptq_marlin_gemm(
             x2,
             None,

@@ -213,7 +213,7 @@ def load_model_config(path) -> dict:
 
 
 def _base_profile(name: str | None):
-    from sglang_er.calibration import builtin_profile, load_profile
+    from sglang_er.gamma.calibration import builtin_profile, load_profile
 
     if name:
         if Path(name).suffix == ".json" or Path(name).is_file():
@@ -348,7 +348,7 @@ def fit_chain(samples: list, *, base, **kw):
     pair the profile's plausibility check refuses, or leave the roofline at zero while the
     profile keeps ``base``'s, which then adds to the fitted overheads.
     Returns (profile, note); the profile's fit_rel_rms is over ``samples``."""
-    from sglang_er.calibration import compute_seconds, fit_profile, phase_seconds, sample_seconds
+    from sglang_er.gamma.calibration import compute_seconds, fit_profile, phase_seconds, sample_seconds
 
     def roofline_only(s) -> float:  # the memory/compute term alone: no overheads (forwards=0)
         return phase_seconds(base, s.phase, s.bytes, compute_seconds(base, s.flops), s.batch, forwards=0)
@@ -385,7 +385,7 @@ def fit_robust(samples: list, *, base, mad_k: float = 3.0, min_rel: float = 0.02
     """:func:`fit_chain`, then drop samples whose relative residual is more than ``mad_k`` scaled
     MADs (and ``min_rel``) from the median residual, and refit once.
     Returns (profile, dropped count, note)."""
-    from sglang_er.calibration import sample_seconds
+    from sglang_er.gamma.calibration import sample_seconds
 
     prof, note = fit_chain(samples, base=base, **kw)
     res = [(sample_seconds(prof, s) - s.seconds) / s.seconds for s in samples]
@@ -414,8 +414,8 @@ class Measurement:
 
 def _device_and_base() -> tuple[str, str]:
     """This machine's device name and its built-in profile (the base of what a sweep cannot fit)."""
-    from sglang_er.calibration import builtin_profile_for_device
-    from sglang_er.platform import accelerator_present
+    from sglang_er.engine.cpu.platform import accelerator_present
+    from sglang_er.gamma.calibration import builtin_profile_for_device
 
     if accelerator_present() == "cuda":
         import torch
@@ -458,7 +458,7 @@ def measure(
     log: Callable[[str], None] = print,
 ) -> Measurement:
     """Run the sweep against one real EFFROLLOUT server (always stopped on return)."""
-    from sglang_er.calibration import GENERIC_GPU
+    from sglang_er.gamma.calibration import GENERIC_GPU
     from sglang_er.launcher import DEFAULT_MAX_TOTAL_TOKENS, Server
 
     device, base_name = _device_and_base()
@@ -625,7 +625,7 @@ def _int_list(name: str, lo: int, hi: int):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = __doc__.split("\n\n")[0] + " See the module docstring of sglang_er.calibrate."
+    p.description = __doc__.split("\n\n")[0] + " See the module docstring of sglang_er.cli.calibrate."
     g = p.add_argument_group("measure (real SGLang server on this machine)")
     g.add_argument("--model-path", help="model directory (HF layout) to run; with --validate/--csv: its config")
     g.add_argument(
@@ -696,7 +696,7 @@ def _config_arg(args) -> dict:
 def _cmd_validate(args) -> int:
     if not args.csv:
         raise ValueError("--validate needs --csv sweep.csv (columns batch,seq,gamma,mode,median_ms)")
-    from sglang_er.calibration import load_profile
+    from sglang_er.gamma.calibration import load_profile
 
     profile = load_profile(args.validate)
     rows = read_sweep_csv(args.csv)

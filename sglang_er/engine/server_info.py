@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import weakref
 
-_TARGET = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_speculative"
 _workers: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -24,14 +23,8 @@ def workers() -> list:
     return list(_workers)
 
 
-def _add_effrollout(_result, _controller, state, *args, **kwargs):
+def add_effrollout(_result, _controller, state, *args, **kwargs):
     live = workers()
     if live:
         state["effrollout"] = live[0].state()
     return _result
-
-
-def install() -> None:
-    from sglang_er._sglang import hook_after
-
-    hook_after(_TARGET, _add_effrollout)

@@ -10,7 +10,7 @@ input channels; every group gets its own scale and integer zero point::
 
 The result is a :class:`QuantizedTensor`, the one currency between quantizers and kernels:
 a later AWQ quantizer only has to produce the same object (it folds its per-input-channel
-scale into ``W`` before quantizing; :class:`sglang_er.w4linear.W4Linear` divides the
+scale into ``W`` before quantizing; :class:`sglang_er.quant.w4linear.W4Linear` divides the
 activations by it). :func:`pack_awq` / :func:`unpack_awq` convert to and from the AutoAWQ
 checkpoint layout that SGLang's AWQ / AWQ-Marlin code consumes.
 

@@ -3,7 +3,7 @@
 The drafter's AWQ scales need mean |x| per input channel of every quantized linear. The
 server computes exactly those inputs anyway, in every prefill and verify pass, so forward
 pre-hooks on the target's four linears of each layer feed them to the
-:class:`~sglang_er.awq.AWQQuantizer`, at bounded cost:
+:class:`~sglang_er.quant.awq.AWQQuantizer`, at bounded cost:
 
 - the hooks do nothing unless the worker opens a sampling window (:meth:`LiveStats.window`),
   which it does on every ``sample_every``-th target forward;
@@ -11,7 +11,7 @@ pre-hooks on the target's four linears of each layer feed them to the
 - never while a CUDA graph is being captured.
 
 The statistics describe the data, not the weights, so they survive weight updates; they
-decay slowly (:class:`~sglang_er.awq.ActivationStats`).
+decay slowly (:class:`~sglang_er.quant.awq.ActivationStats`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from functools import partial
 
 import torch
 
-from sglang_er._sglang import ModelView
-from sglang_er.awq import LINEAR_GROUPS, AWQQuantizer
+from sglang_er.draft.views import ModelView
+from sglang_er.quant.awq import LINEAR_GROUPS, AWQQuantizer
 
 
 class LiveStats:

@@ -14,7 +14,7 @@ def _doctor(_args) -> int:
 
     import torch
 
-    from sglang_er.platform import PLATFORM_NAME, accelerator_present
+    from sglang_er.engine.cpu.platform import PLATFORM_NAME, accelerator_present
 
     rows = [("sglang-er", __version__)]
     for dist in ("sglang", "torch", "transformers"):
@@ -25,23 +25,18 @@ def _doctor(_args) -> int:
     acc = accelerator_present()
     rows.append(("accelerator", acc or "none"))
     try:
-        from sglang.srt.platforms import current_platform
+        from sglang_er.engine.kernels import platform_summary
 
-        name = type(current_platform).__name__
-        oot = " (out-of-tree)" if current_platform.is_out_of_tree() else ""
-        rows.append(("sglang platform", f"{name}{oot}"))
+        rows.append(("sglang platform", platform_summary()))
     except Exception as e:  # noqa: BLE001 - doctor reports problems instead of dying on them
         rows.append(("sglang platform", f"ERROR: {e}"))
     ops = torch.ops.aten
     rows.append(("int4 CPU matmul", "yes" if hasattr(ops, "_weight_int4pack_mm_for_cpu") else "MISSING"))
     rows.append(("int4 CPU pack", "yes" if hasattr(ops, "_convert_weight_to_int4pack_for_cpu") else "MISSING"))
     if acc == "cuda":
-        try:
-            from sgl_kernel import gptq_marlin_gemm  # noqa: F401
+        from sglang_er.engine.kernels import marlin_importable
 
-            rows.append(("AWQ-Marlin (CUDA)", "yes"))
-        except Exception as e:  # noqa: BLE001 - reported as missing
-            rows.append(("AWQ-Marlin (CUDA)", f"MISSING ({e})"))
+        rows.append(("AWQ-Marlin (CUDA)", "yes" if marlin_importable() else "MISSING (SGLang's CUDA kernels)"))
     rows.append(("portable CPU platform", f"SGLANG_PLATFORM={PLATFORM_NAME} or automatic without accelerator"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -63,7 +58,7 @@ def _demo(rest: list[str]) -> int:
 
 
 def _calibrate(args) -> int:
-    from sglang_er.calibrate import run
+    from sglang_er.cli.calibrate import run
 
     return run(args)
 
@@ -108,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         e = sub.add_parser(name, help=help_, add_help=False)
         e.add_argument("rest", nargs=argparse.REMAINDER)
         e.set_defaults(fn=lambda a, _fn=fn: _fn(a.rest))
-    from sglang_er.calibrate import add_arguments as _calibrate_arguments  # stdlib-only import
+    from sglang_er.cli.calibrate import add_arguments as _calibrate_arguments  # stdlib-only import
 
     c = sub.add_parser("calibrate", help="measure T_T/T_D/T_V and fit a hardware profile, or validate one")
     _calibrate_arguments(c)
@@ -127,7 +122,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"sglang-er: error: {e}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Activation-aware weight quantization (AWQ) for the self-drafter, engine-free.
 
 The drafter is a W4 copy of the policy, re-quantized after every weight update. Plain RTN
-(:func:`sglang_er.quantizer.quantize_rtn`) treats every input channel alike; LLM activations
+(:func:`sglang_er.quant.quantizer.quantize_rtn`) treats every input channel alike; LLM activations
 have a few channels that are one to two orders of magnitude larger than the rest, and the
 rounding error of the weights that multiply them dominates the output error. AWQ (Lin et al.,
 2023) scales those weight columns up before quantizing (``W · diag(s)``, so they get relatively
@@ -64,7 +64,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_er.quantizer import QMAX, choose_group_size
+from sglang_er.quant.quantizer import QMAX, choose_group_size
 
 __all__ = [
     "LINEAR_GROUPS",
@@ -322,7 +322,7 @@ def _as_weight(weights: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def fake_quant_f32(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Float32 [N, K] bit-identical to :func:`sglang_er.quantizer.fake_quant` (``w`` float32).
+    """Float32 [N, K] bit-identical to :func:`sglang_er.quant.quantizer.fake_quant` (``w`` float32).
 
     Same operations in the same order, but kept in float32 throughout (no uint8 round trip, no
     separate dequantize pass): about 3x faster, which matters because the search quantizes
@@ -435,7 +435,7 @@ def fold_into_norm(norm_weight: torch.Tensor, s: torch.Tensor, dtype: torch.dtyp
     Use for qkv (after ``input_layernorm``) and gate_up (after ``post_attention_layernorm``):
     the drafter's *own copy* of the norm weight becomes ``norm / s`` and the layer quantizes
     ``W · diag(s)`` (:func:`scale_weight`) without an input_scale. o and down have no norm in
-    front; they keep the division inside :class:`~sglang_er.w4linear.W4Linear` (``input_scale=s``).
+    front; they keep the division inside :class:`~sglang_er.quant.w4linear.W4Linear` (``input_scale=s``).
     Returns a new tensor; the argument (the target's norm) is never modified.
     """
     out = norm_weight.detach().to(torch.float32) / s.to(norm_weight.device, torch.float32)

@@ -16,23 +16,13 @@ from __future__ import annotations
 
 import logging
 
-from sglang_er import server_info
+from sglang_er.engine import server_info
 
 logger = logging.getLogger(__name__)
 
-_TARGET = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager."
-UPDATE_OPS = ("update_weights_from_disk", "end_weight_update", "resume_memory_occupation")
 
-
-def _after_update(result, *args, **kwargs):
+def after_update(result, *args, **kwargs):
     if getattr(result, "success", True):
         for worker in server_info.workers():
             worker.on_weights_updated()
     return result
-
-
-def install() -> None:
-    from sglang_er._sglang import hook_after
-
-    for op in UPDATE_OPS:
-        hook_after(_TARGET + op, _after_update)

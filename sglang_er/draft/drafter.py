@@ -1,7 +1,7 @@
 """The self-drafter: a 4-bit copy of the target that owns no KV cache.
 
 Built in process from the weights SGLang already loaded: every decoder linear (fused qkv, o,
-fused gate_up, down) becomes a :class:`~sglang_er.w4linear.W4Linear`; norms, biases, rotary
+fused gate_up, down) becomes a :class:`~sglang_er.quant.w4linear.W4Linear`; norms, biases, rotary
 embedding, the embedding and the lm_head are the target's own tensors and modules, shared by
 reference. Its attention reads the target's KV pool for the committed prefix (gathered once per
 iteration) and keeps the draft tokens' own K/V in per-iteration buffers; it writes nothing into
@@ -11,7 +11,7 @@ The step is a lean loop over the layers (gpt-fast style) rather than an SGLang f
 ForwardBatch, no attention-backend metadata, so the per-token overhead that dominates a small
 model's decode step on a CPU is paid by the verify only.
 
-Quantization is RTN, or AWQ when an :class:`~sglang_er.awq.AWQQuantizer` with live activation
+Quantization is RTN, or AWQ when an :class:`~sglang_er.quant.awq.AWQQuantizer` with live activation
 statistics is given: ``1/s`` folds into the drafter's *own copies* of the two RMSNorm weights
 in front of qkv and gate_up (the target's norms are never touched) and is applied inside the
 W4 linear for o and down. Groups whose statistics are not ready yet stay RTN (s = 1).
@@ -25,11 +25,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sglang_er import _sglang, kv_rows
-from sglang_er._sglang import KVView, LayerView, ModelView
-from sglang_er.awq import AWQQuantizer, fold_into_norm
-from sglang_er.w4linear import W4Linear
-from sglang_er.w8linear import W8Linear
+from sglang_er.draft import kv_rows
+from sglang_er.draft.views import KVView, LayerView, ModelView
+from sglang_er.quant.awq import AWQQuantizer, fold_into_norm
+from sglang_er.quant.w4linear import W4Linear
+from sglang_er.quant.w8linear import W8Linear
 
 HEADS = ("shared", "w8", "w4")
 W8_HEAD_MAX_BATCH = 8  # measured: int8pack mm beats bf16 up to batch ~8 on this CPU, loses 2x at 16
@@ -205,10 +205,7 @@ class Drafter:
     def _bind_rope(self, view: ModelView) -> None:
         """Use the drafter's own rotary (see :func:`_rope_at`) on CPU when every layer shares one
         stock neox table; otherwise each layer calls the target's module (on CUDA: one fused kernel)."""
-        lv0 = view.layers[0]
-        self.rope_table = None
-        if lv0.qkv_weight.device.type == "cpu" and all(lv.rotary_emb is lv0.rotary_emb for lv in view.layers):
-            self.rope_table = _sglang.neox_rope_table(lv0.rotary_emb, lv0.head_dim)
+        self.rope_table = view.rope_table if view.layers[0].qkv_weight.device.type == "cpu" else None
 
     def head_for(self, batch: int):
         """The head module for a step of ``batch`` requests (None: the target's shared head)."""
@@ -219,7 +216,7 @@ class Drafter:
     @torch.inference_mode()
     def set_vocab(self, ids: torch.Tensor | None) -> None:
         """Score only the tokens ``ids`` [K] from now on (None: every token); see
-        :mod:`sglang_er.draft_vocab`. Builds K-row copies of the head from the target's weights."""
+        :mod:`sglang_er.draft.vocab`. Builds K-row copies of the head from the target's weights."""
         was_subset = self.vocab is not None
         self.vocab = None if ids is None else ids.to(device=self.view.lm_head_weight.device, dtype=torch.int64)
         if was_subset and self.vocab is None and self.head is not None:  # back to the whole head: bring it up to date

@@ -5,7 +5,7 @@ of the ~400 MB a step reads; measured here 19 ms of a 41 ms step at batch 1). Sy
 per-output-row int8 halves it with an output error far below the drafter's W4 error, so
 acceptance is unchanged. On CPU ``torch.ops.aten._weight_int8pack_mm`` runs it (~1.9x faster
 than the bf16 matmul at batch 1, slower beyond batch ~8, where the drafter uses the shared
-bf16 head instead: see :meth:`sglang_er.drafter.Drafter.head_for`); elsewhere the layer is
+bf16 head instead: see :meth:`sglang_er.draft.drafter.Drafter.head_for`); elsewhere the layer is
 computed from its dequantized weight, which is why the drafter only uses it on CPU.
 """
 

@@ -2,7 +2,7 @@
 
 The list is short on purpose; each entry names the SGLang target it replaces, why it is
 reached, and is tested against a plain-torch reference or SGLang's own original
-(tests/test_cpu_ops.py). They are installed through SGLang's HookRegistry only when the
+(tests/test_cpu_ops.py). They are hooked in (the table in :mod:`sglang_er.engine.hooks`) only when the
 portable CPU platform is active.
 
 - ``MHATokenToKVPool._init_kv_copy_and_warmup``: any speculative algorithm makes the pool warm a
@@ -29,12 +29,9 @@ import inspect
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
-from sglang_er import kv_rows
 from sglang_er.config import MAX_GAMMA
+from sglang_er.draft import kv_rows
 
-_installed = False
-_EXTEND_TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend"
-_DECODE_TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_decode"
 # SGLang's own functions we still call. Kept inside a dict: HookRegistry's apply_hooks rebinds
 # every module attribute that *is* a patched original to the wrapper, which for a plain global
 # here would turn the fallback into a call back into the replacement.
@@ -65,7 +62,7 @@ def assign_req_to_token_pool(
     req_to_token[rows, cols] = out_cache_loc[:total].to(req_to_token.dtype)
 
 
-def _no_kv_copy_warmup(self) -> None:
+def no_kv_copy_warmup(self) -> None:
     # The Triton tiled KV copy has no CPU driver. Only tree drafts (topk > 1) move KV
     # between slots; EFFROLLOUT drafts a chain and rewrites slots in place.
     self._kv_copy_config = None
@@ -312,27 +309,7 @@ def device_as_str(original, *args, **kwargs):
     return str(device) if isinstance(device, torch.device) else device
 
 
-def install() -> None:
-    """Register the replacements with SGLang's HookRegistry and apply them (idempotent)."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(
-        "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._init_kv_copy_and_warmup",
-        _no_kv_copy_warmup,
-        HookType.REPLACE,
-    )
-    HookRegistry.register(
-        "sglang.srt.mem_cache.allocation.assign_req_to_token_pool_func",
-        assign_req_to_token_pool,
-        HookType.REPLACE,
-    )
-    sglang_sdpa_forward_extend()  # keep SGLang's originals for the non-causal / cross paths
+def keep_originals() -> None:
+    """Capture SGLang's attention before the hooks replace it (the non-causal / cross paths use it)."""
+    sglang_sdpa_forward_extend()
     sglang_sdpa_forward_decode()
-    HookRegistry.register(_EXTEND_TARGET, sdpa_forward_extend, HookType.REPLACE)
-    HookRegistry.register(_DECODE_TARGET, sdpa_forward_decode, HookType.REPLACE)
-    HookRegistry.register("sglang.srt.utils.common.get_device", device_as_str, HookType.AROUND)
-    HookRegistry.apply_hooks()

@@ -1,4 +1,4 @@
-"""History drafts in the worker: keep the :class:`~sglang_er.history.HistoryIndex` in step with
+"""History drafts in the worker: keep the :class:`~sglang_er.history.store.HistoryIndex` in step with
 the requests SGLang decodes, and decide per request and per iteration where drafts come from.
 
 Sources: ``group`` (another sample of the same prompt or an earlier request with it),
@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sglang_er.engine.batch import prompt_key
 from sglang_er.gamma import AcceptanceModel
-from sglang_er.history import HistoryIndex
+from sglang_er.history.store import HistoryIndex
 
 HISTORY_SOURCES = ("group", "prompt", "self")
 CONTEXT_TAIL = 64  # tokens of a request's text a match may span (bounds a lookup's cost)
@@ -78,7 +79,10 @@ class HistoryDrafts:
         include_finished: bool = True,
         probe_every: int = PROBE_EVERY,
     ):
+        """Requests are read for ``rid``, ``origin_input_ids`` and ``output_ids``, and grouped by
+        their prompt (:func:`sglang_er.engine.batch.prompt_key`, cached on the request)."""
         self.gamma_max = gamma_max
+        self._key = prompt_key
         self.probe_every = max(1, int(probe_every))
         self._since_probe = 0
         self.skipped_lookups = 0  # W4 iterations whose lookups were skipped (no proposal could win)
@@ -105,7 +109,7 @@ class HistoryDrafts:
             if rid not in live:
                 self._append(r)
         if not self.include_finished:  # group only: a group goes once none of its requests decodes
-            for key in {r._er_hkey for r in self._live.values()} - {self._key(r) for r in reqs}:
+            for key in {self._key(r) for r in self._live.values()} - {self._key(r) for r in reqs}:
                 self.index.drop_group(key)
         self._live = live
 
@@ -113,12 +117,6 @@ class HistoryDrafts:
         """Index every live request's committed tokens (its siblings' proposals read them)."""
         for r in reqs:
             self._append(r)
-
-    def _key(self, r):
-        key = getattr(r, "_er_hkey", None)
-        if key is None:
-            key = r._er_hkey = self.index.group_key(r.origin_input_ids)
-        return key
 
     def _append(self, r) -> None:
         key = self._key(r)
@@ -170,7 +168,7 @@ class HistoryDrafts:
             ctx = (
                 out[-CONTEXT_TAIL:] if len(out) >= CONTEXT_TAIL else r.origin_input_ids[len(out) - CONTEXT_TAIL :] + out
             )
-            p = self.index.propose(r._er_hkey, r.rid, ctx, self.gamma_max)
+            p = self.index.propose(self._key(r), r.rid, ctx, self.gamma_max)
             self.hits += p is not None
             props.append(p)
         if not any(props):

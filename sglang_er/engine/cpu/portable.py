@@ -1,4 +1,4 @@
-"""The portable CPU platform class (see :mod:`sglang_er.platform` for when it activates)."""
+"""The portable CPU platform class (see :mod:`sglang_er.engine.cpu.platform` for when it activates)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from sglang.srt.platforms.cpu import CpuSRTPlatform
 from sglang.srt.platforms.device_mixin import PlatformEnum
 from sglang.srt.platforms.interface import PlatformCapabilities
 
-from sglang_er.platform import SUPPORTED_SPECULATIVE_ALGORITHMS, TORCH_ATTENTION_BACKENDS
+from sglang_er.engine.cpu.platform import SUPPORTED_SPECULATIVE_ALGORITHMS, TORCH_ATTENTION_BACKENDS
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class PortableCpuPlatform(CpuSRTPlatform):
         return "torch_native"
 
     def init_backend(self) -> None:
-        from sglang_er import cpu_ops
+        from sglang_er.engine import hooks
 
-        cpu_ops.install()
+        hooks.apply("cpu")
         logger.info("sglang-er portable CPU platform active (torch-native paths)")

@@ -21,7 +21,6 @@ source, and ``meta_info["spec_sources"]`` splits the request's drafts by it:
 from __future__ import annotations
 
 KEY = "spec_gamma"
-_TARGET = "sglang.srt.managers.tokenizer_manager.TokenizerManager._calculate_spec_decoding_metrics"
 
 
 SOURCES_KEY = "spec_sources"
@@ -101,12 +100,6 @@ def correct(meta_info: dict) -> None:
         meta_info["spec_correct_drafts_histogram"] = hist
 
 
-def _after(result, _tm, meta_info, *args, **kwargs):
+def after_metrics(result, _tm, meta_info, *args, **kwargs):
     correct(meta_info)
     return result
-
-
-def install() -> None:
-    from sglang_er._sglang import hook_after
-
-    hook_after(_TARGET, _after)

@@ -5,7 +5,7 @@ One decode iteration, for a batch whose committed prefix (tokens with KV) has le
 
 1. draft: γ drafter steps at positions seq_lens .. seq_lens+γ-1, each sampled with the
    request's own sampling parameters, keeping q; the drafter reads the committed KV and keeps
-   its own tokens' K/V in per-iteration buffers (:class:`sglang_er.drafter.DraftAttention`);
+   its own tokens' K/V in per-iteration buffers (:class:`sglang_er.draft.drafter.DraftAttention`);
 2. verify: one target forward over [x0, d1..dγ] writing the target's K/V into the slots the
    scheduler allocated for this iteration (``req_to_token[req, seq_lens + j]``);
 3. accept: exact rejection sampling (:func:`sglang_er.sampler.verify`); the scheduler then
@@ -25,14 +25,17 @@ import time
 import torch
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
-from sglang_er import _sglang, history_drafts, sampler, server_info, spec_meta
-from sglang_er.awq import AWQQuantizer
+from sglang_er import sampler
 from sglang_er.config import EffRolloutConfig
-from sglang_er.controller import Controller
-from sglang_er.draft_vocab import DraftVocab
-from sglang_er.drafter import Drafter
-from sglang_er.live_stats import LiveStats
+from sglang_er.draft.drafter import Drafter
+from sglang_er.draft.vocab import DraftVocab
+from sglang_er.engine import batch as batch_view
+from sglang_er.engine import forwards, model, server_info, spec_meta
+from sglang_er.gamma.controller import Controller
+from sglang_er.history.proposer import HISTORY_SOURCES, HistoryDrafts, merge_q, merge_tokens
 from sglang_er.metrics import SpecMetrics, Timeline
+from sglang_er.quant.awq import AWQQuantizer
+from sglang_er.quant.live_stats import LiveStats
 
 logger = logging.getLogger(__name__)
 IDLE_GAP_S = 0.25  # time outside the forwards beyond this (and beyond the forwards') is idling
@@ -45,7 +48,7 @@ class EffRolloutWorker(BaseSpecWorker):
         self._target_worker = target_worker
         self.model_runner = target_worker.model_runner
         self.device = torch.device(self.model_runner.device)
-        self.speculative_num_steps, self.speculative_num_draft_tokens = _sglang.spec_settings()
+        self.speculative_num_steps, self.speculative_num_draft_tokens = forwards.spec_settings()
         self.topk = 1
         self.config = EffRolloutConfig.from_env(self.speculative_num_steps)
         self.metrics = SpecMetrics(self.speculative_num_steps)
@@ -53,7 +56,7 @@ class EffRolloutWorker(BaseSpecWorker):
         self.iteration = 0
         self._last_record, self._entered = None, 0.0
         self._kv = None
-        view = _sglang.model_view(self.model_runner.model)
+        view = model.model_view(self.model_runner.model)
         self.awq = self.live_stats = None
         if self.config.quant == "awq":
             self.awq = AWQQuantizer(min_tokens=self.config.awq_min_tokens, device=self.device)
@@ -71,7 +74,7 @@ class EffRolloutWorker(BaseSpecWorker):
         server_info.track(self)
         self.history = None
         if self.config.history != "off":
-            self.history = history_drafts.HistoryDrafts(
+            self.history = HistoryDrafts(
                 self.speculative_num_steps,
                 self.config.history_min_match,
                 self.config.history_budget,
@@ -83,7 +86,7 @@ class EffRolloutWorker(BaseSpecWorker):
                 self.model_runner.model_config.hf_config.to_dict(),
                 self.speculative_num_steps,
                 self.device,
-                _sglang.attention_backend_name(self.model_runner),
+                forwards.attention_backend_name(self.model_runner),
                 self.drafter.head_kind,
                 draft_vocab=self.vocab.k if self.vocab is not None else 0,
                 min_gain=self.config.min_gain,
@@ -106,13 +109,13 @@ class EffRolloutWorker(BaseSpecWorker):
         return []
 
     def on_weights_updated(self) -> None:
-        """Called by :mod:`sglang_er.weight_sync` after each completed weight update."""
+        """Called by :mod:`sglang_er.engine.weight_sync` after each completed weight update."""
         self._kv = None  # a memory resume may have re-created the KV pool's buffers
         if not self.config.requantize:  # test-only switch: shows what a stale drafter costs
             logger.warning("EFFROLLOUT drafter NOT re-quantized (SGLANG_ER_REQUANTIZE=0)")
             return
         t0 = time.perf_counter()
-        self.drafter.requantize(_sglang.model_view(self.model_runner.model))
+        self.drafter.requantize(model.model_view(self.model_runner.model))
         self.requantizations += 1
         self.last_requantize_s = time.perf_counter() - t0
         if self.controller is not None:
@@ -202,8 +205,8 @@ class EffRolloutWorker(BaseSpecWorker):
             # "outside" time taught the policy that speculating costs 170 ms more per iteration)
             self._entered = time.perf_counter()
         # committed lengths before the forwards rebind batch.seq_lens (host copy: no device sync)
-        self._seq_list = (batch.seq_lens_cpu if batch.seq_lens_cpu is not None else batch.seq_lens).tolist()
-        logits_only = self._logits_only_features(batch)
+        self._seq_list = batch_view.seq_lens_host(batch)
+        logits_only = batch_view.logits_only_features(batch)
         gamma = self._choose_gamma(batch, logits_only)
         plan = self._history_plan(batch, gamma, logits_only)
         self.iteration += 1
@@ -223,36 +226,22 @@ class EffRolloutWorker(BaseSpecWorker):
         if rec is None:
             return
         wall = now - self._entered
-        forwards = rec["plain_s"] if rec["gamma"] == 0 else (rec["draft_s"] or 0.0) + rec["verify_s"]
-        if wall - forwards > max(IDLE_GAP_S, forwards):  # the scheduler idled: not an iteration's cost
+        busy = rec["plain_s"] if rec["gamma"] == 0 else (rec["draft_s"] or 0.0) + rec["verify_s"]
+        if wall - busy > max(IDLE_GAP_S, busy):  # the scheduler idled: not an iteration's cost
             return
         rec["wall_s"] = wall
         if self.controller is not None:
-            self.controller.observe_outside(rec["gamma"], rec["batch_size"], max(0.0, wall - forwards))
+            self.controller.observe_outside(rec["gamma"], rec["batch_size"], max(0.0, wall - busy))
 
     def _choose_gamma(self, batch, logits_only: bool) -> int:
         if logits_only:
             return 0
         if self.controller is not None:
-            return self.controller.choose(batch)
+            return self.controller.choose(self._seq_list, batch_view.rids(batch), lambda: batch_view.prompt_keys(batch))
         return self.config.gamma_for_iteration(self.iteration)
 
-    @staticmethod
-    def _logits_only_features(batch) -> bool:
-        """Features SGLang's sampler applies to the logits only: speculating without them would
-        not be lossless, so such batches decode plainly. Grammars are read off the requests:
-        SGLang copies them into ``sampling_info.grammars`` only when it builds the forward batch,
-        after this choice (a stale None there let drafts past the grammar: HTTP 500)."""
-        info = batch.sampling_info
-        return bool(
-            (info.penalizer_orchestrator is not None and info.penalizer_orchestrator.is_required)
-            or info.logit_bias is not None
-            or any(req.grammar is not None for req in batch.reqs)
-            or info.has_custom_logit_processor
-        )
-
     def _history_plan(self, batch, gamma: int, logits_only: bool):
-        """History drafts for this iteration (see :mod:`sglang_er.history_drafts`), or None."""
+        """History drafts for this iteration (see :mod:`sglang_er.history.proposer`), or None."""
         if self.history is None:
             return None
         self.history.sync(batch.reqs)  # every iteration, so the index never misses tokens
@@ -276,7 +265,7 @@ class EffRolloutWorker(BaseSpecWorker):
         if self.vocab is not None:  # the prompts: what the answers will be written in
             self.vocab.observe(batch.input_ids)
         bs = len(batch.reqs)
-        return _sglang.generation_result(
+        return forwards.generation_result(
             logits_output=res.logits_output,
             next_token_ids=res.next_token_ids,
             can_run_cuda_graph=res.can_run_cuda_graph,
@@ -290,34 +279,30 @@ class EffRolloutWorker(BaseSpecWorker):
         """A target forward whose linear inputs may feed the AWQ statistics."""
         return self.live_stats.window() if self.live_stats is not None else contextlib.nullcontext()
 
-    def _last_tokens(self, batch) -> torch.Tensor:
-        # Synchronous scheduling: every request's output_ids already hold the token sampled
-        # last iteration, so no draft state has to travel through filter/merge.
-        return torch.tensor([r.output_ids[-1] for r in batch.reqs], dtype=torch.int64, device=self.device)
-
-    def _slots(self, batch, width: int) -> torch.Tensor:
-        """KV slots [B, width] pre-allocated by the scheduler for positions seq_lens .. +width-1."""
-        cols = batch.seq_lens[:, None].to(torch.int64) + torch.arange(width, device=self.device)
-        return self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], cols].to(torch.int64)
-
     # ------------------------------------------------------------------ γ = 0
     def _plain_decode(self, batch):
         bs = len(batch.reqs)
         seq_lens = batch.seq_lens
-        x0 = self._last_tokens(batch)
+        x0 = batch_view.last_tokens(batch, self.device)
         want_logprob = batch.return_logprob  # decode_forward clears it on the batch
         clock = _Clock(self.device)
-        res = _sglang.decode_forward(self._target_worker, batch, x0, self._slots(batch, 1)[:, 0], seq_lens)
+        res = forwards.decode_forward(
+            self._target_worker,
+            batch,
+            x0,
+            batch_view.slots(self.req_to_token_pool.req_to_token, batch, 1)[:, 0],
+            seq_lens,
+        )
         if self.vocab is not None:
             self.vocab.observe(res.next_token_ids)
         if want_logprob:
-            _sglang.spec_logprobs(batch, res.logits_output, res.next_token_ids, 1)
+            forwards.spec_logprobs(batch, res.logits_output, res.next_token_ids, 1)
         t_plain = clock.lap()
         if self.controller:
             self.controller.observe(0, {"plain": t_plain})
         self.metrics.record(0, None, bs, {"plain": (t_plain, 1)})
         self._log_iteration(batch, res.logits_output, 0, [1] * bs, plain_s=t_plain)
-        return _sglang.generation_result(
+        return forwards.generation_result(
             logits_output=res.logits_output,
             next_token_ids=res.next_token_ids,
             can_run_cuda_graph=res.can_run_cuda_graph,
@@ -331,7 +316,7 @@ class EffRolloutWorker(BaseSpecWorker):
     def _speculate(self, batch, gamma: int, plan=None):
         """One draft-verify iteration; ``plan``: history drafts for some or all rows."""
         if self._kv is None:
-            self._kv = _sglang.kv_view(self.model_runner)
+            self._kv = model.kv_view(self.model_runner)
         bs = len(batch.reqs)
         width = gamma + 1
         seq_lens = batch.seq_lens.to(torch.int64)
@@ -340,10 +325,9 @@ class EffRolloutWorker(BaseSpecWorker):
         params = sampler.SamplingParamsTensor.from_sampling_info(batch.sampling_info)
         greedy = params.is_all_greedy
 
-        x0 = self._last_tokens(batch)
-        slots = self._slots(batch, width)  # [B, γ+1]
-        cols = torch.arange(int(seq_lens.max()), device=self.device)  # the committed prefix
-        kv_index = self.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], cols[None, :]].to(torch.int64)
+        x0 = batch_view.last_tokens(batch, self.device)
+        slots = batch_view.slots(self.req_to_token_pool.req_to_token, batch, width)  # [B, γ+1]
+        kv_index = batch_view.committed_slots(self.req_to_token_pool.req_to_token, batch, max(self._seq_list))
 
         clock = _Clock(self.device)
         tokens, drafts, qs = x0, [], []
@@ -363,14 +347,14 @@ class EffRolloutWorker(BaseSpecWorker):
             drafts.append(tokens)
         draft_tokens = torch.stack(drafts, 1) if drafts else None  # [B, γ]
         if plan is not None:
-            draft_tokens = history_drafts.merge_tokens(plan, x0, draft_tokens)
+            draft_tokens = merge_tokens(plan, x0, draft_tokens)
         t_rest = clock.lap()
         draft_split = None if t_first is None else (t_first, t_rest)
         t_draft = t_rest if t_first is None else t_first + t_rest
 
         verify_ids = torch.cat([x0[:, None], draft_tokens], 1)
         with self._observed():
-            logits_output = _sglang.verify_forward(
+            logits_output = forwards.verify_forward(
                 self._target_worker, batch, verify_ids.flatten(), slots.flatten(), seq_lens, width
             )
         target_logits = logits_output.next_token_logits.view(bs, width, -1)
@@ -381,7 +365,7 @@ class EffRolloutWorker(BaseSpecWorker):
             p = sampler.target_probs(target_logits, params)
             q = torch.stack(qs, 1) if qs else None
             if plan is not None:
-                q = history_drafts.merge_q(plan, draft_tokens, q, p.shape[-1])
+                q = merge_q(plan, draft_tokens, q, p.shape[-1])
             accept_len, out_tokens = sampler.verify(draft_tokens, q, p)
         # the acceptance test belongs to the verify phase, as sampling belongs to the plain step
         t_verify = clock.lap()
@@ -395,7 +379,7 @@ class EffRolloutWorker(BaseSpecWorker):
         if self.vocab is not None:
             self.vocab.observe(out_tokens)  # -1 pads the rejected positions: not counted
         if want_logprob:
-            _sglang.spec_logprobs(batch, logits_output, next_token_ids, width)
+            forwards.spec_logprobs(batch, logits_output, next_token_ids, width)
         accept_lens = (accept_len + 1).to(torch.int32)
         # one host copy per iteration feeds metrics, policy and per-request tags (one sync on GPU)
         accepted_host = accept_len.to("cpu", torch.int64)
@@ -421,7 +405,7 @@ class EffRolloutWorker(BaseSpecWorker):
             history_rows=len(plan.history_rows) if plan else 0,
             sources=plan.source if plan else None,
         )
-        return _sglang.generation_result(
+        return forwards.generation_result(
             logits_output=logits_output,
             next_token_ids=next_token_ids,
             can_run_cuda_graph=False,
@@ -438,7 +422,7 @@ class EffRolloutWorker(BaseSpecWorker):
         rows = torch.ones_like(accept_len, dtype=torch.bool)
         if self.config.inject_fault == "accept_all_history":
             rows = (
-                torch.tensor([s in history_drafts.HISTORY_SOURCES for s in plan.source], device=self.device)
+                torch.tensor([s in HISTORY_SOURCES for s in plan.source], device=self.device)
                 if plan is not None
                 else torch.zeros_like(rows)
             )

@@ -78,7 +78,7 @@ def validate_server_args(args) -> None:
         )
     gamma = resolve_gamma(args.speculative_num_draft_tokens, args.speculative_num_steps)
     EffRolloutConfig.from_env(gamma)  # a bad SGLANG_ER_* setting fails at startup, not mid-serving
-    from sglang_er.calibration import PROFILE_ENV, profile_from_env
+    from sglang_er.gamma.calibration import PROFILE_ENV, profile_from_env
 
     if os.environ.get(PROFILE_ENV):  # a bad or mismatched profile fails here, at startup
         profile_from_env(_server_device(args.device))
@@ -91,7 +91,7 @@ def validate_server_args(args) -> None:
 
 def _server_device(device: str | None) -> str:
     """The device type this server runs on: ``--device``, else what torch sees."""
-    from sglang_er.platform import accelerator_present
+    from sglang_er.engine.cpu.platform import accelerator_present
 
     return (device or ("cpu" if accelerator_present() is None else "cuda")).split(":")[0].lower()
 
@@ -107,6 +107,6 @@ def register() -> None:
         NAME, supports_overlap=False, validate_server_args=validate_server_args, spec_class=EffRolloutAlgo
     )
     def _factory(server_args):
-        from sglang_er.worker import EffRolloutWorker
+        from sglang_er.engine.worker import EffRolloutWorker
 
         return EffRolloutWorker

@@ -1,0 +1,6 @@
+"""Portable CPU platform: SGLang on a CPU through its torch-native paths.
+
+- :mod:`.platform`: entry point ``sglang.srt.platforms``; decides whether to take over.
+- :mod:`.portable`: the platform class (SGLang's CPU platform without its sgl-kernel requirements).
+- :mod:`.ops`: torch replacements for the kernels SGLang's CPU path lacks (hooked in :mod:`..hooks`).
+"""

@@ -1,0 +1,7 @@
+"""4-bit weights for the drafter, built in process from the target's.
+
+- :mod:`.quantizer`: round-to-nearest group quantization and packing.
+- :mod:`.awq`: activation-aware scaling searched on live activation statistics.
+- :mod:`.live_stats`: those statistics, sampled from the target's own forwards.
+- :mod:`.w4linear`, :mod:`.w8linear`: the linears that run the quantized weights (CPU and GPU kernels).
+"""
