@@ -30,8 +30,6 @@ have no SGLang flag are environment variables, read in every SGLang process alik
 - ``SGLANG_ER_TIMELINE``: iterations kept in the timeline ``/get_server_info`` returns (2048).
 - ``SGLANG_ER_REQUANTIZE=0``: test-only, leave the drafter on the weights it was built from
   after a weight update (shows the acceptance a stale drafter would have).
-- ``SGLANG_ER_INJECT_FAULT=accept_all``: test-only fault injection (accept every draft, which
-  is NOT lossless) so the distribution tests can prove they detect a wrong acceptance rule.
 """
 
 from __future__ import annotations
@@ -51,7 +49,6 @@ _ENV = {
     "quant": "SGLANG_ER_QUANT",
     "awq_min_tokens": "SGLANG_ER_AWQ_MIN_TOKENS",
     "awq_sample_every": "SGLANG_ER_AWQ_SAMPLE_EVERY",
-    "inject_fault": "SGLANG_ER_INJECT_FAULT",
     "requantize": "SGLANG_ER_REQUANTIZE",
     "timeline_size": "SGLANG_ER_TIMELINE",
     "min_gain": "SGLANG_ER_MIN_GAIN",
@@ -73,7 +70,6 @@ class EffRolloutConfig(BaseModel):
     quant: Literal["awq", "rtn"] = "awq"
     awq_min_tokens: int = Field(512, ge=1)
     awq_sample_every: int = Field(4, ge=1)
-    inject_fault: Literal["accept_all", "accept_all_history"] | None = None
     requantize: bool = True  # SGLANG_ER_REQUANTIZE=0: test-only, keep the drafter on its first weights
     timeline_size: int = Field(2048, ge=0, le=1 << 20)
     min_gain: float = Field(1.05, ge=1.0, le=4.0)

@@ -10,6 +10,7 @@ The KV pool is always capped: SGLang's default takes most of a small machine's R
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,8 @@ import requests
 
 DEFAULT_MAX_TOTAL_TOKENS = 16384
 
+logger = logging.getLogger(__name__)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,6 +35,13 @@ def free_port() -> int:
 
 class ServerError(RuntimeError):
     pass
+
+
+class _PortTaken(Exception):
+    pass
+
+
+_BIND_ERROR = "error while attempting to bind on address"
 
 
 class Server:
@@ -53,6 +63,7 @@ class Server:
         startup_timeout: float = 300.0,
         stop_grace: float = 5.0,
     ):
+        self._port_given = port is not None
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         extra = list(extra_args or [])
@@ -80,6 +91,22 @@ class Server:
         self.startup_seconds: float | None = None
 
     def start(self) -> Server:
+        """Start and wait until healthy. A port chosen here that SGLang's own processes took for
+        their internal sockets in the meantime (both draw from the free ports) is replaced, up to
+        twice; a port the caller chose is not."""
+        for attempt in range(3):
+            try:
+                return self._start_once()
+            except _PortTaken:
+                if self._port_given or attempt == 2:
+                    raise ServerError(f"port {self.port} is in use:\n{self.log_tail()}") from None
+                old, self.port = self.port, free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+                self.args[self.args.index("--port") + 1] = str(self.port)
+                logger.warning("port %d was taken during startup; retrying on %d", old, self.port)
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> Server:
         t0 = time.monotonic()
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
@@ -93,13 +120,17 @@ class Server:
         while time.monotonic() - t0 < self.startup_timeout:
             if self.proc.poll() is not None:
                 self.stop()
+                if _BIND_ERROR in self.log_tail():
+                    raise _PortTaken
                 raise ServerError(f"server exited with code {self.proc.returncode} during startup:\n{self.log_tail()}")
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     self.startup_seconds = time.monotonic() - t0
                     return self
             except requests.RequestException:
-                pass
+                if _BIND_ERROR in self.log_tail():  # SGLang may hang in shutdown instead of exiting
+                    self.stop()
+                    raise _PortTaken from None
             time.sleep(0.5)
         self.stop()
         raise ServerError(f"server not healthy after {self.startup_timeout:.0f}s:\n{self.log_tail()}")

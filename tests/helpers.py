@@ -6,13 +6,22 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import requests
 
 # float32 so that greedy near-ties between the decode and verify kernels cannot decide a comparison
 FP32 = ["--dtype", "float32"]
+
+
+def planted(fault: str) -> dict[str, str]:
+    """Server env that plants a wrong acceptance rule (``accept_all`` or ``accept_all_history``,
+    see ``tests/faults/sitecustomize.py``): the distribution tests must detect it."""
+    path = [str(Path(__file__).parent / "faults"), os.environ.get("PYTHONPATH", "")]
+    return {"SGLANG_ER_TEST_FAULT": fault, "PYTHONPATH": os.pathsep.join(filter(None, path))}
 
 
 def start_server(model_path, extra_args=(), **kw):

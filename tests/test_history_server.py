@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import FP32, joint_first3, same_distribution_pvalue, start_server, tiny_prompts
+from helpers import FP32, joint_first3, planted, same_distribution_pvalue, start_server, tiny_prompts
 
 EFF_HIST = [*FP32, "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", "4", "--enable-metrics"]
 ENV = {"SGLANG_ER_HISTORY": "all", "SGLANG_ER_GAMMA": "2"}
@@ -95,7 +95,7 @@ def test_history_proposed_for_seen_prompts_only(hist):
 
 
 def test_wrong_history_acceptance_rule_is_detected(tiny_model, plain):
-    wrong = start_server(tiny_model, EFF_HIST, env={**ENV, "SGLANG_ER_INJECT_FAULT": "accept_all_history"})
+    wrong = start_server(tiny_model, EFF_HIST, env={**ENV, **planted("accept_all_history")})
     try:
         joint_first3(wrong, PROMPT, 400, per_call=4, temperature=1.0)  # history for the prompt exists from here on
         p = same_distribution_pvalue(

@@ -67,3 +67,26 @@ def test_bad_args_exit_with_a_clear_message(case, launched):
     assert code != 0
     assert all(e.lower() in out.lower() for e in expect), out[-3000:]
     assert not orphans
+
+
+def test_a_port_taken_during_startup_is_replaced(tiny_model, monkeypatch):
+    """SGLang's internal sockets and the HTTP port come from the same free ports; when one of them
+    takes the port first, the launcher starts again on another instead of waiting for a health
+    check that can never pass."""
+    import socket
+
+    from sglang_er import launcher
+
+    real = launcher.free_port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports = iter([busy])
+        monkeypatch.setattr(launcher, "free_port", lambda: next(ports, None) or real())
+        srv = launcher.Server(tiny_model, ["--dtype", "float32"], stop_grace=1.0, startup_timeout=240).start()
+        try:
+            assert srv.port != busy
+            assert srv.generate("Alice has", max_new_tokens=2, temperature=0)["meta_info"]["completion_tokens"] == 2
+        finally:
+            srv.stop()

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import FP32, joint_first3, same_distribution_pvalue, start_server
+from helpers import FP32, joint_first3, planted, same_distribution_pvalue, start_server
 from helpers import greedy_all as _greedy_all
 
 EFF = ["--speculative-algorithm", "EFFROLLOUT"]
@@ -140,7 +140,7 @@ def test_distribution_test_detects_a_wrong_acceptance_rule(tiny_model, plain):
     wrong = start_server(
         tiny_model,
         [*FP32, *EFF, "--speculative-num-draft-tokens", "4"],
-        env={"SGLANG_ER_GAMMA": "3", "SGLANG_ER_INJECT_FAULT": "accept_all"},
+        env={"SGLANG_ER_GAMMA": "3", **planted("accept_all")},
     )
     try:
         p = same_distribution_pvalue(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
@@ -30,15 +31,15 @@ from sglang_er.config import EffRolloutConfig
 from sglang_er.draft.drafter import Drafter
 from sglang_er.draft.vocab import DraftVocab
 from sglang_er.engine import batch as batch_view
-from sglang_er.engine import forwards, model, server_info, spec_meta
+from sglang_er.engine import forwards, model, server_info
+from sglang_er.engine.recorder import IterationRecorder
 from sglang_er.gamma.controller import Controller
-from sglang_er.history.proposer import HISTORY_SOURCES, HistoryDrafts, merge_q, merge_tokens
+from sglang_er.history.proposer import HistoryDrafts, merge_q, merge_tokens
 from sglang_er.metrics import SpecMetrics, Timeline
 from sglang_er.quant.awq import AWQQuantizer
 from sglang_er.quant.live_stats import LiveStats
 
 logger = logging.getLogger(__name__)
-IDLE_GAP_S = 0.25  # time outside the forwards beyond this (and beyond the forwards') is idling
 
 
 class EffRolloutWorker(BaseSpecWorker):
@@ -53,8 +54,6 @@ class EffRolloutWorker(BaseSpecWorker):
         self.config = EffRolloutConfig.from_env(self.speculative_num_steps)
         self.metrics = SpecMetrics(self.speculative_num_steps)
         self.timeline = Timeline(self.config.timeline_size)
-        self.iteration = 0
-        self._last_record, self._entered = None, 0.0
         self._kv = None
         view = model.model_view(self.model_runner.model)
         self.awq = self.live_stats = None
@@ -93,6 +92,7 @@ class EffRolloutWorker(BaseSpecWorker):
                 hysteresis=self.config.hysteresis,
                 explore_every=self.config.explore_every,
             )
+        self.recorder = IterationRecorder(self.metrics, self.timeline, self.controller, self.device)
         logger.info(
             "EFFROLLOUT drafter ready: %d layers, W4 weights %.1f MB, γ max %d, schedule %s",
             len(self.drafter.layers),
@@ -196,20 +196,17 @@ class EffRolloutWorker(BaseSpecWorker):
     def forward_batch_generation(self, batch, on_publish=None, pp_proxy_tensors=None):
         entered = time.perf_counter()
         if not batch.forward_mode.is_decode():
-            self._last_record = None
+            self.recorder.prefill()
             return self._prefill(batch)
-        self._close_iteration(entered)
-        self._entered = entered
+        self.recorder.enter(entered)
         if self._maybe_activate_awq() | self._maybe_refresh_vocab():
-            # one-time work: not the scheduler's per-iteration cost (a 0.17 s switch counted as
-            # "outside" time taught the policy that speculating costs 170 ms more per iteration)
-            self._entered = time.perf_counter()
+            self.recorder.restart()
         # committed lengths before the forwards rebind batch.seq_lens (host copy: no device sync)
         self._seq_list = batch_view.seq_lens_host(batch)
         logits_only = batch_view.logits_only_features(batch)
         gamma = self._choose_gamma(batch, logits_only)
         plan = self._history_plan(batch, gamma, logits_only)
-        self.iteration += 1
+        self.recorder.iteration += 1
         if plan is not None:
             result = self._speculate(batch, plan.gamma, plan)
         else:
@@ -218,27 +215,12 @@ class EffRolloutWorker(BaseSpecWorker):
             on_publish(result.new_seq_lens)
         return result
 
-    def _close_iteration(self, now: float) -> None:
-        """The previous decode iteration's wall time, entry to entry: its forwards plus what the
-        scheduler spent around them (result processing, token streaming, KV bookkeeping), which
-        grows with the tokens an iteration commits and so is part of speculation's price."""
-        rec, self._last_record = self._last_record, None
-        if rec is None:
-            return
-        wall = now - self._entered
-        busy = rec["plain_s"] if rec["gamma"] == 0 else (rec["draft_s"] or 0.0) + rec["verify_s"]
-        if wall - busy > max(IDLE_GAP_S, busy):  # the scheduler idled: not an iteration's cost
-            return
-        rec["wall_s"] = wall
-        if self.controller is not None:
-            self.controller.observe_outside(rec["gamma"], rec["batch_size"], max(0.0, wall - busy))
-
     def _choose_gamma(self, batch, logits_only: bool) -> int:
         if logits_only:
             return 0
         if self.controller is not None:
             return self.controller.choose(self._seq_list, batch_view.rids(batch), lambda: batch_view.prompt_keys(batch))
-        return self.config.gamma_for_iteration(self.iteration)
+        return self.config.gamma_for_iteration(self.recorder.iteration)
 
     def _history_plan(self, batch, gamma: int, logits_only: bool):
         """History drafts for this iteration (see :mod:`sglang_er.history.proposer`), or None."""
@@ -281,27 +263,20 @@ class EffRolloutWorker(BaseSpecWorker):
 
     # ------------------------------------------------------------------ γ = 0
     def _plain_decode(self, batch):
+        """One plain SGLang decode step (its sampler, its logprobs): the γ = 0 iteration."""
         bs = len(batch.reqs)
-        seq_lens = batch.seq_lens
-        x0 = batch_view.last_tokens(batch, self.device)
+        seq_lens = batch.seq_lens  # [B]
         want_logprob = batch.return_logprob  # decode_forward clears it on the batch
-        clock = _Clock(self.device)
-        res = forwards.decode_forward(
-            self._target_worker,
-            batch,
-            x0,
-            batch_view.slots(self.req_to_token_pool.req_to_token, batch, 1)[:, 0],
-            seq_lens,
-        )
+        clock = self.recorder.clock()
+        x0 = batch_view.last_tokens(batch, self.device)  # [B]
+        slot = batch_view.slots(self.req_to_token_pool.req_to_token, batch, 1)[:, 0]  # [B]
+        res = forwards.decode_forward(self._target_worker, batch, x0, slot, seq_lens)
         if self.vocab is not None:
             self.vocab.observe(res.next_token_ids)
         if want_logprob:
             forwards.spec_logprobs(batch, res.logits_output, res.next_token_ids, 1)
-        t_plain = clock.lap()
-        if self.controller:
-            self.controller.observe(0, {"plain": t_plain})
-        self.metrics.record(0, None, bs, {"plain": (t_plain, 1)})
-        self._log_iteration(batch, res.logits_output, 0, [1] * bs, plain_s=t_plain)
+        clock.mark("plain")
+        self.recorder.plain(batch.reqs, self._seq_list, clock.seconds()["plain"])
         return forwards.generation_result(
             logits_output=res.logits_output,
             next_token_ids=res.next_token_ids,
@@ -314,171 +289,135 @@ class EffRolloutWorker(BaseSpecWorker):
 
     # ------------------------------------------------------------------ γ ≥ 1
     def _speculate(self, batch, gamma: int, plan=None):
-        """One draft-verify iteration; ``plan``: history drafts for some or all rows."""
+        """One draft-verify iteration: propose γ tokens per request, verify them in one target
+        forward, commit the accepted run plus one token. ``plan``: history drafts for some rows."""
         if self._kv is None:
             self._kv = model.kv_view(self.model_runner)
-        bs = len(batch.reqs)
-        width = gamma + 1
-        seq_lens = batch.seq_lens.to(torch.int64)
-        seq_dtype = batch.seq_lens.dtype
-        want_logprob = batch.return_logprob  # verify_forward clears it on the batch
-        params = sampler.SamplingParamsTensor.from_sampling_info(batch.sampling_info)
-        greedy = params.is_all_greedy
+        it = _Iteration.read(self, batch, gamma)
+        clock = self.recorder.clock()
+        drafts = self._draft(it, plan, clock)
+        verdict = self._verify(batch, it, drafts, plan, clock)
+        return self._commit(batch, it, drafts, verdict, plan, clock)
 
-        x0 = batch_view.last_tokens(batch, self.device)
+    def _draft(self, it: _Iteration, plan, clock) -> _Drafts:
+        """γ drafter steps at positions seq_lens .. seq_lens+γ-1, each sampled with the request's
+        own sampling parameters (q kept for the rejection test); history proposals replace the
+        rows the plan gives them."""
+        run = plan is None or plan.run_drafter
+        tokens, drafts, qs = it.x0, [], []
+        if run:
+            kv_index = batch_view.committed_slots(self.req_to_token_pool.req_to_token, it.batch, max(self._seq_list))
+            attn = self.drafter.attention(self._kv, kv_index, it.seq_lens, it.gamma)
+            for j in range(it.gamma):
+                logits = self.drafter.step(tokens, it.seq_lens + j, j, attn)  # [B, V]
+                if it.greedy:
+                    tokens = logits.argmax(-1)
+                else:
+                    q = sampler.target_probs(logits, it.params)
+                    tokens = sampler.sample(q)
+                    qs.append(q)
+                drafts.append(tokens)
+                if j == 0 and it.gamma > 1:  # the first step also gathers the committed KV (κ)
+                    clock.mark("draft_first")
+        tokens = torch.stack(drafts, 1) if drafts else None  # [B, γ]
+        q = torch.stack(qs, 1) if qs else None  # [B, γ, V]
+        if plan is not None:
+            tokens = merge_tokens(plan, it.x0, tokens)
+        clock.mark("draft" if run else "propose")
+        return _Drafts(tokens, q, run)
+
+    def _verify(self, batch, it: _Iteration, drafts: _Drafts, plan, clock) -> _Verdict:
+        """One target forward over [x0, d1..dγ] into the KV slots the scheduler allocated, then the
+        exact acceptance test (:func:`sglang_er.sampler.verify`)."""
+        width = it.gamma + 1
+        ids = torch.cat([it.x0[:, None], drafts.tokens], 1)  # [B, γ+1]
         slots = batch_view.slots(self.req_to_token_pool.req_to_token, batch, width)  # [B, γ+1]
-        kv_index = batch_view.committed_slots(self.req_to_token_pool.req_to_token, batch, max(self._seq_list))
-
-        clock = _Clock(self.device)
-        tokens, drafts, qs = x0, [], []
-        run_drafter = plan is None or plan.run_drafter
-        attn = self.drafter.attention(self._kv, kv_index, seq_lens, gamma) if run_drafter else None
-        t_first = None
-        for j in range(gamma if run_drafter else 0):
-            if j == 1:  # the first step also gathers the committed KV (CostModel.observe_draft_setup)
-                t_first = clock.lap()
-            logits = self.drafter.step(tokens, seq_lens + j, j, attn)
-            if greedy:
-                tokens = logits.argmax(-1)
-            else:
-                q = sampler.target_probs(logits, params)
-                tokens = sampler.sample(q)
-                qs.append(q)
-            drafts.append(tokens)
-        draft_tokens = torch.stack(drafts, 1) if drafts else None  # [B, γ]
-        if plan is not None:
-            draft_tokens = merge_tokens(plan, x0, draft_tokens)
-        t_rest = clock.lap()
-        draft_split = None if t_first is None else (t_first, t_rest)
-        t_draft = t_rest if t_first is None else t_first + t_rest
-
-        verify_ids = torch.cat([x0[:, None], draft_tokens], 1)
         with self._observed():
-            logits_output = forwards.verify_forward(
-                self._target_worker, batch, verify_ids.flatten(), slots.flatten(), seq_lens, width
+            out = forwards.verify_forward(
+                self._target_worker, batch, ids.flatten(), slots.flatten(), it.seq_lens, width
             )
-        target_logits = logits_output.next_token_logits.view(bs, width, -1)
+        logits = out.next_token_logits.view(it.bs, width, -1)  # [B, γ+1, V]
         p = None
-        if greedy:
-            accept_len, out_tokens = sampler.verify_greedy(draft_tokens, target_logits)
+        if it.greedy:
+            accept_len, tokens = sampler.verify_greedy(drafts.tokens, logits)
         else:
-            p = sampler.target_probs(target_logits, params)
-            q = torch.stack(qs, 1) if qs else None
-            if plan is not None:
-                q = merge_q(plan, draft_tokens, q, p.shape[-1])
-            accept_len, out_tokens = sampler.verify(draft_tokens, q, p)
+            p = sampler.target_probs(logits, it.params)
+            q = drafts.q if plan is None else merge_q(plan, drafts.tokens, drafts.q, p.shape[-1])
+            accept_len, tokens = sampler.verify(drafts.tokens, q, p)
         # the acceptance test belongs to the verify phase, as sampling belongs to the plain step
-        t_verify = clock.lap()
+        clock.mark("verify")
         if self.history is not None and self.history.shadow:  # unused proposals, measured for free
-            self.history.observe_shadow(draft_tokens, p, target_logits.argmax(-1) if greedy else None)
-        if self.config.inject_fault is not None:
-            accept_len, out_tokens = self._inject_fault(
-                plan, draft_tokens, target_logits, params, accept_len, out_tokens
-            )
-        next_token_ids = out_tokens.clamp_min(0).flatten()
+            self.history.observe_shadow(drafts.tokens, p, logits.argmax(-1) if it.greedy else None)
+        return _Verdict(out, logits, accept_len, tokens)
+
+    def _commit(self, batch, it: _Iteration, drafts: _Drafts, v: _Verdict, plan, clock):
+        """Hand SGLang the accepted run plus one token per request; record the iteration."""
+        width = it.gamma + 1
+        next_token_ids = v.tokens.clamp_min(0).flatten()  # [B * (γ+1)]; -1 pads after the run
         if self.vocab is not None:
-            self.vocab.observe(out_tokens)  # -1 pads the rejected positions: not counted
-        if want_logprob:
-            forwards.spec_logprobs(batch, logits_output, next_token_ids, width)
-        accept_lens = (accept_len + 1).to(torch.int32)
-        # one host copy per iteration feeds metrics, policy and per-request tags (one sync on GPU)
-        accepted_host = accept_len.to("cpu", torch.int64)
-        phases = {"verify": (t_verify, 1)}
-        if run_drafter:
-            phases["draft_step"] = (t_draft, gamma)
-        self.metrics.record(gamma, accepted_host, bs, phases, sources=plan.source if plan else None)
+            self.vocab.observe(v.tokens)  # the -1 pads weigh nothing
+        if it.want_logprob:
+            forwards.spec_logprobs(batch, v.logits_output, next_token_ids, width)
+        accept_lens = (v.accept_len + 1).to(torch.int32)  # [B]
+        # the iteration's one host copy (one sync on a GPU): metrics, γ choice, tags and the phase times
+        accepted = v.accept_len.to("cpu", torch.int64)
         if plan is not None:
-            self.history.observe(plan, accepted_host.tolist())
-        if self.controller:
-            timed = {"draft": t_draft, "verify": t_verify} if run_drafter else {"verify": t_verify}
-            self.controller.observe(
-                gamma, timed, accepted_host, rows=plan.w4_rows if plan else None, draft_split=draft_split
-            )
-        self._log_iteration(
-            batch,
-            logits_output,
-            gamma,
-            (accepted_host + 1).tolist(),
-            draft_s=t_draft if run_drafter else None,
-            verify_s=t_verify,
-            accepted=int(accepted_host.sum()),
-            history_rows=len(plan.history_rows) if plan else 0,
-            sources=plan.source if plan else None,
-        )
+            self.history.observe(plan, accepted.tolist())
+        times = clock.seconds()
+        if "draft_first" in times:
+            times["draft"] += times["draft_first"]
+        self.recorder.speculative(batch.reqs, self._seq_list, it.gamma, accepted, times, plan)
         return forwards.generation_result(
-            logits_output=logits_output,
+            logits_output=v.logits_output,
             next_token_ids=next_token_ids,
             can_run_cuda_graph=False,
             accept_lens=accept_lens,
-            new_seq_lens=(seq_lens + accept_lens).to(seq_dtype),
+            new_seq_lens=(it.seq_lens + accept_lens).to(it.seq_dtype),
             next_draft_input=None,
             speculative_num_draft_tokens=width,
         )
 
-    def _inject_fault(self, plan, draft_tokens, target_logits, params, accept_len, out_tokens):
-        """Test-only, NOT lossless: accept every draft (``accept_all``) or every history draft
-        (``accept_all_history``), so the distribution tests can prove they detect a wrong rule."""
-        gamma = draft_tokens.shape[1]
-        rows = torch.ones_like(accept_len, dtype=torch.bool)
-        if self.config.inject_fault == "accept_all_history":
-            rows = (
-                torch.tensor([s in HISTORY_SOURCES for s in plan.source], device=self.device)
-                if plan is not None
-                else torch.zeros_like(rows)
-            )
-        p = sampler.target_probs(target_logits, params)
-        forced = torch.cat([draft_tokens, sampler.sample(p[:, gamma])[:, None]], 1)
-        return (
-            torch.where(rows, torch.full_like(accept_len, gamma), accept_len),
-            torch.where(rows[:, None], forced, out_tokens),
-        )
 
-    def _log_iteration(self, batch, logits_output, gamma: int, new_tokens: list[int], **times) -> None:
-        bs = len(batch.reqs)
-        if self.controller is not None and self.iteration % 64 == 0:
-            state = self.controller.state()
-            self.metrics.record_policy(state)
-            logger.info(
-                "EFFROLLOUT auto: %s speculating so far, α %s, phase error %s",
-                f"{self.metrics.iterations_spec / max(1, self.iteration):.0%}",
-                [round(a, 2) for a in state["alphas"]],
-                {
-                    p: round(e["mean_rel_err_corrected"], 2)
-                    for p, e in state["model_error"].items()
-                    if e["window"] and e["mean_rel_err_corrected"] is not None
-                },
-            )
-        spec_meta.tag(batch.reqs, self.iteration, gamma, new_tokens, times.get("sources"))
-        decision = self.controller.last_decision if self.controller is not None else None
-        self._last_record = self.timeline.append(
-            iteration=self.iteration,
+@dataclass
+class _Iteration:
+    """What one speculative iteration reads of its batch before the forwards rebind it."""
+
+    batch: object
+    gamma: int
+    bs: int
+    x0: torch.Tensor  # [B] the last sampled token, no KV yet
+    seq_lens: torch.Tensor  # [B] int64, committed tokens with KV
+    seq_dtype: torch.dtype
+    params: sampler.SamplingParamsTensor
+    greedy: bool
+    want_logprob: bool  # verify_forward clears it on the batch
+
+    @classmethod
+    def read(cls, worker: EffRolloutWorker, batch, gamma: int) -> _Iteration:
+        params = sampler.SamplingParamsTensor.from_sampling_info(batch.sampling_info)
+        return cls(
+            batch=batch,
             gamma=gamma,
-            batch_size=bs,
-            seq_lens=self._seq_list,
-            plain_s=times.get("plain_s"),
-            draft_s=times.get("draft_s"),
-            verify_s=times.get("verify_s"),
-            accepted=times.get("accepted"),
-            history_rows=times.get("history_rows", 0),
-            predicted_speedup=None if decision is None else _finite(decision.speedup),
-            best_spec_speedup=None if decision is None else _finite(decision.best_spec_speedup),
+            bs=len(batch.reqs),
+            x0=batch_view.last_tokens(batch, worker.device),
+            seq_lens=batch.seq_lens.to(torch.int64),
+            seq_dtype=batch.seq_lens.dtype,
+            params=params,
+            greedy=params.is_all_greedy,
+            want_logprob=batch.return_logprob,
         )
 
 
-def _finite(x: float):
-    return x if x == x and x not in (float("inf"), float("-inf")) else None
+@dataclass
+class _Drafts:
+    tokens: torch.Tensor  # [B, γ]
+    q: torch.Tensor | None  # [B, γ, V] the drafter's distributions (None: greedy, or no drafter ran)
+    ran_drafter: bool
 
 
-class _Clock:
-    """Phase timer; synchronises an accelerator so a lap measures the work, not its launch."""
-
-    def __init__(self, device: torch.device):
-        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self._sync()
-        self._t = time.perf_counter()
-
-    def lap(self) -> float:
-        self._sync()
-        t = time.perf_counter()
-        dt, self._t = t - self._t, t
-        return dt
+@dataclass
+class _Verdict:
+    logits_output: object  # SGLang's LogitsProcessorOutput of the verify
+    logits: torch.Tensor  # [B, γ+1, V]
+    accept_len: torch.Tensor  # [B] drafts accepted
+    tokens: torch.Tensor  # [B, γ+1] the accepted drafts and one more token, then -1

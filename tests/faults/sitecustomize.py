@@ -1,0 +1,77 @@
+"""Planted bugs for the distribution tests: on ``PYTHONPATH`` only for the test servers that want one.
+
+``SGLANG_ER_TEST_FAULT=accept_all``: every draft is accepted; ``accept_all_history``: every history
+draft is; ``no_residual``: after a rejection the token is drawn from p instead of norm(max(p - q, 0))
+(the subtle bug: acceptance rates stay right). Not lossless on purpose, so the distribution tests
+can show they detect a wrong rule.
+The product has no such setting: this file patches the worker as it is imported, in every process
+Python starts with this folder on its path (SGLang's scheduler included).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+FAULT = os.environ.get("SGLANG_ER_TEST_FAULT")
+WORKER = "sglang_er.engine.worker"
+
+
+def _plant(module) -> None:
+    import torch
+
+    from sglang_er import sampler
+    from sglang_er.history.proposer import HISTORY_SOURCES
+
+    if FAULT == "no_residual":
+        honest_rule = sampler.verify
+
+        def verify_without_residual(draft_tokens, q, p, generator=None):
+            accept_len, tokens = honest_rule(draft_tokens, q, p, generator)
+            rows = torch.nonzero(accept_len < draft_tokens.shape[1]).flatten()
+            at = accept_len[rows]
+            tokens[rows, at] = sampler.sample(p[rows, at])
+            return accept_len, tokens
+
+        sampler.verify = verify_without_residual
+        return
+
+    honest = module.EffRolloutWorker._verify
+
+    def verify_accepting_all(self, batch, it, drafts, plan, clock):
+        v = honest(self, batch, it, drafts, plan, clock)
+        rows = torch.ones_like(v.accept_len, dtype=torch.bool)
+        if FAULT == "accept_all_history":
+            history = [s in HISTORY_SOURCES for s in plan.source] if plan is not None else [False] * it.bs
+            rows = torch.tensor(history, device=rows.device)
+        p = sampler.target_probs(v.logits, it.params)
+        forced = torch.cat([drafts.tokens, sampler.sample(p[:, it.gamma])[:, None]], 1)
+        v.accept_len = torch.where(rows, torch.full_like(v.accept_len, it.gamma), v.accept_len)
+        v.tokens = torch.where(rows[:, None], forced, v.tokens)
+        return v
+
+    module.EffRolloutWorker._verify = verify_accepting_all
+
+
+class _PatchWorkerOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != WORKER:
+            return None
+        sys.meta_path.remove(self)  # find the real module, once
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _plant(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if FAULT in ("accept_all", "accept_all_history", "no_residual"):
+    sys.meta_path.insert(0, _PatchWorkerOnImport())
+elif FAULT:
+    raise SystemExit(f"SGLANG_ER_TEST_FAULT={FAULT!r}: use accept_all, accept_all_history or no_residual")
