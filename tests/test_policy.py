@@ -437,16 +437,46 @@ def test_gpu_without_builtin_profile_gets_labelled_generic_one(caplog):
         assert builtin_profile_for_device("NVIDIA A100-SXM4-80GB").name == "a100-80gb"
         assert builtin_profile_for_device("NVIDIA H100 80GB HBM3").name == "h100-sxm"
         assert not caplog.records  # the GPUs that have a profile get it silently
-        prof = builtin_profile_for_device("NVIDIA H200")
+        prof = builtin_profile_for_device("NVIDIA B200")
     # never another GPU's numbers: a placeholder that says what it is, and a warning naming the fix
     assert prof.name == GENERIC_GPU and prof != BUILTIN_PROFILES["h100-sxm"]
     assert "sglang-er calibrate" in prof.measured_with and "no built-in profile" in prof.device
     (rec,) = caplog.records
     assert rec.levelname == "WARNING"
-    assert "NVIDIA H200" in rec.getMessage() and "sglang-er calibrate" in rec.getMessage()
+    assert "NVIDIA B200" in rec.getMessage() and "sglang-er calibrate" in rec.getMessage()
     assert "SGLANG_ER_PROFILE" in rec.getMessage()
     caplog.clear()
     assert builtin_profile_for_device("NVIDIA L4", warn=False).name == GENERIC_GPU and not caplog.records
+
+
+@pytest.mark.parametrize(
+    "gpu, key",
+    [
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA H200 NVL", "h200-nvl"),
+        ("NVIDIA H100 80GB HBM3", "h100-sxm"),
+        ("NVIDIA H100 PCIe", "h100-pcie"),
+        ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
+        ("NVIDIA A100-PCIE-40GB", "a100-40gb"),
+        ("nvidia  a100 80gb pcie", "a100-80gb-pcie"),
+        ("NVIDIA L40S", "l40s"),
+        ("NVIDIA L40", None),  # not an L40S: half its compute
+        ("NVIDIA GH200 480GB", None),  # not an H200
+        ("NVIDIA B200", None),
+    ],
+)
+def test_gpu_names_get_their_own_datasheet_profile(gpu, key, caplog):
+    from sglang_er.gamma.calibration import GENERIC_GPU, builtin_profile_for_device, gpu_profile_name
+
+    assert gpu_profile_name(gpu) == key
+    with caplog.at_level("INFO", logger="sglang_er.gamma.calibration"):
+        prof = builtin_profile_for_device(gpu)
+    assert prof.name == (key or GENERIC_GPU)
+    if key:  # labelled as datasheet numbers, corrected online; the log line says so
+        assert "public specifications" in prof.measured_with and "corrected online" in prof.measured_with
+        assert "public specifications" in caplog.text and not any(r.levelname == "WARNING" for r in caplog.records)
+    else:
+        assert "sglang-er calibrate" in caplog.text and caplog.records[-1].levelname == "WARNING"
 
 
 def test_server_profile_for_unknown_gpu_and_from_env(monkeypatch, tmp_path, caplog):
@@ -456,7 +486,7 @@ def test_server_profile_for_unknown_gpu_and_from_env(monkeypatch, tmp_path, capl
     from sglang_er.gamma.calibration import GENERIC_GPU, profile_from_env
 
     monkeypatch.delenv("SGLANG_ER_PROFILE", raising=False)
-    monkeypatch.setattr(controller.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(controller.torch.cuda, "get_device_name", lambda device=None: "NVIDIA B200")
     with caplog.at_level("WARNING", logger="sglang_er.gamma.calibration"):
         assert controller.default_profile(torch.device("cuda")).name == GENERIC_GPU
     assert "sglang-er calibrate" in caplog.text

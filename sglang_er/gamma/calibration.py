@@ -21,12 +21,14 @@ Profiles are JSON, read strictly as data (``json`` + pydantic, never ``eval``/``
 unknown fields, wrong types, NaN/inf, out-of-range values, a different schema version or a
 profile measured on another device are refused with a ``ValueError`` that names the problem.
 :func:`load_profile` (a file) and :func:`profile_from_env` (``SGLANG_ER_PROFILE``) are the only
-loaders; :func:`builtin_profile_for_device` picks the built-in one for a device, and a GPU without
-one gets the labelled ``generic-gpu`` placeholder and a warning to run ``sglang-er calibrate``.
+loaders; :func:`builtin_profile_for_device` picks the built-in one for a device: datasheet numbers
+(peak memory bandwidth, dense bf16 TFLOP/s) for the A100, H100, H200 and L40S variants, matched on
+``torch.cuda.get_device_name`` per SKU and labelled as such; any other GPU gets the labelled
+``generic-gpu`` placeholder and a warning to run ``sglang-er calibrate``, never another GPU's numbers.
 
-:func:`fit_profile` estimates BW, F and the overheads from measured samples
+:func:`fit_profile` estimates BW, F and the overheads from clean samples
 (phase, bytes, flops, batch, seconds) by non-negative least squares on that roofline form;
-a calibration command produces the samples with the cost model's own byte/flop accounting.
+``sglang-er calibrate`` uses the bounded, validated fit of :mod:`sglang_er.gamma.robust_fit`.
 
 This module does not import SGLang (nor torch).
 """
@@ -37,6 +39,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -56,6 +59,7 @@ __all__ = [
     "builtin_profile_for_device",
     "compute_seconds",
     "fit_profile",
+    "gpu_profile_name",
     "load_profile",
     "phase_seconds",
     "profile_from_env",
@@ -117,6 +121,13 @@ class HardwareProfile(BaseModel):
     # determined (the others were taken from the base profile).
     fit_rel_rms: float | None = Field(None, ge=0.0)
     fitted: list[str] = Field(default_factory=list)
+    # Parameters the sweep could not determine, held at a stated value (``sglang-er calibrate``
+    # says which value and why); the mean absolute error of a fit on part of the sweep on the rows
+    # it did not see, per sweep mode; and ``forced``: the fit missed the quality bounds and was
+    # written anyway (``--force``), so its predictions are not to be trusted.
+    held: list[str] = Field(default_factory=list)
+    fit_holdout_mape: dict[str, float] | None = None
+    forced: bool = False
 
     @field_validator("flops_per_s")
     @classmethod
@@ -208,6 +219,33 @@ class HardwareProfile(BaseModel):
 
 
 # ---------------------------------------------------------------------- built-in defaults
+_PUBLIC_SPEC = (
+    "built-in from public specifications (peak memory bandwidth, dense bf16 tensor TFLOP/s; w4 assumed "
+    "0.7x bf16; overheads assumed), corrected online; `sglang-er calibrate` measures this GPU"
+)
+
+
+def _gpu(name: str, device: str, bw: float, bf16: float, fp32: float, fixed_ms: tuple, per_seq_us: tuple):
+    """A GPU's built-in profile from its datasheet: peak bandwidth (bytes/s), dense bf16 and fp32
+    flop/s. The overheads (ms: plain, draft step, verify; µs per request: target, draft) are
+    assumptions of a graph-captured decode step, which live correction replaces within tens of steps."""
+    return HardwareProfile(
+        name=name,
+        device=device,
+        measured_with=_PUBLIC_SPEC,
+        bandwidth_bytes_per_s=bw,
+        flops_per_s={"bf16": bf16, "fp16": bf16, "fp32": fp32, "w4": round(0.7 * bf16, -12)},
+        fixed_plain_s=fixed_ms[0] * 1e-3,
+        fixed_draft_step_s=fixed_ms[1] * 1e-3,
+        fixed_verify_s=fixed_ms[2] * 1e-3,
+        per_seq_s=per_seq_us[0] * 1e-6,
+        per_seq_draft_s=per_seq_us[1] * 1e-6,
+        attention_backend="flashinfer",
+    )
+
+
+_HOPPER = ((1.0, 0.15, 1.2), (2.0, 0.5))  # overheads of a Hopper decode step (assumed)
+_AMPERE = ((1.2, 0.2, 1.4), (2.5, 0.6))  # Ampere / Ada (assumed)
 BUILTIN_PROFILES: dict[str, HardwareProfile] = {
     # A 2-core CPU box running SGLang on the portable CPU platform (torch_native attention).
     # BW is the *effective* streaming bandwidth a bf16 GEMV reaches, not the DIMM peak;
@@ -226,34 +264,16 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
         per_seq_draft_s=0.02e-3,  # the drafter's attention is batched; only sampling is per request
         attention_backend="torch_native",
     ),
-    # Public peak numbers (dense, no sparsity): H100 SXM5 80 GB HBM3.
-    "h100-sxm": HardwareProfile(
-        name="h100-sxm",
-        device="NVIDIA H100 80GB HBM3",
-        measured_with="built-in default (public peak numbers, modest overheads)",
-        bandwidth_bytes_per_s=3.35e12,
-        flops_per_s={"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "w4": 700e12},
-        fixed_plain_s=1.0e-3,  # scheduler + CUDA-graph replay of one decode step
-        fixed_draft_step_s=0.15e-3,  # assumes a graph-captured draft step
-        fixed_verify_s=1.2e-3,
-        per_seq_s=2e-6,
-        per_seq_draft_s=0.5e-6,
-        attention_backend="flashinfer",
-    ),
-    # A100 SXM4 80 GB.
-    "a100-80gb": HardwareProfile(
-        name="a100-80gb",
-        device="NVIDIA A100-SXM4-80GB",
-        measured_with="built-in default (public peak numbers, modest overheads)",
-        bandwidth_bytes_per_s=2.039e12,
-        flops_per_s={"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12, "w4": 220e12},
-        fixed_plain_s=1.2e-3,
-        fixed_draft_step_s=0.2e-3,
-        fixed_verify_s=1.4e-3,
-        per_seq_s=2.5e-6,
-        per_seq_draft_s=0.6e-6,
-        attention_backend="flashinfer",
-    ),
+    # Datasheet numbers (dense, no sparsity): bandwidth bytes/s, bf16 and fp32 flop/s.
+    "h100-sxm": _gpu("h100-sxm", "NVIDIA H100 80GB HBM3", 3.35e12, 989e12, 67e12, *_HOPPER),
+    "h100-pcie": _gpu("h100-pcie", "NVIDIA H100 PCIe", 2.0e12, 756e12, 51e12, *_HOPPER),
+    "h100-nvl": _gpu("h100-nvl", "NVIDIA H100 NVL", 3.9e12, 835e12, 60e12, *_HOPPER),
+    "h200": _gpu("h200", "NVIDIA H200", 4.8e12, 989e12, 67e12, *_HOPPER),
+    "h200-nvl": _gpu("h200-nvl", "NVIDIA H200 NVL", 4.8e12, 835e12, 60e12, *_HOPPER),
+    "a100-80gb": _gpu("a100-80gb", "NVIDIA A100-SXM4-80GB", 2.039e12, 312e12, 19.5e12, *_AMPERE),
+    "a100-80gb-pcie": _gpu("a100-80gb-pcie", "NVIDIA A100 80GB PCIe", 1.935e12, 312e12, 19.5e12, *_AMPERE),
+    "a100-40gb": _gpu("a100-40gb", "NVIDIA A100-SXM4-40GB", 1.555e12, 312e12, 19.5e12, *_AMPERE),
+    "l40s": _gpu("l40s", "NVIDIA L40S", 0.864e12, 362e12, 91.6e12, *_AMPERE),
     # A GPU without a profile of its own: round mid-range numbers (between an L4 and an A100),
     # so that nothing pretends to be measured; live correction and `sglang-er calibrate` fix them.
     GENERIC_GPU: HardwareProfile(
@@ -270,14 +290,25 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
         attention_backend="flashinfer",
     ),
 }
-_ALIASES = {"cpu": "cpu-2core", "h100": "h100-sxm", "a100": "a100-80gb"}
-# (substring of torch.cuda.get_device_name, built-in profile): the GPUs that have one
-_GPU_PROFILES = (("A100", "a100-80gb"), ("H100", "h100-sxm"))
+_ALIASES = {"cpu": "cpu-2core", "h100": "h100-sxm", "a100": "a100-80gb", "generic": GENERIC_GPU}
+# (pattern on the normalised torch.cuda.get_device_name, built-in profile), first match wins: the
+# variants of one chip differ by up to 1.7x in bandwidth (H100 SXM vs PCIe), so each SKU is named;
+# word boundaries keep "GH200" off the H200 and "L40" off the L40S.
+_GPU_PROFILES = (
+    (r"\bH200\b.*\bNVL\b", "h200-nvl"),
+    (r"\bH200\b", "h200"),
+    (r"\bH100\b.*\bPCIE\b", "h100-pcie"),
+    (r"\bH100\b.*\bNVL\b", "h100-nvl"),
+    (r"\bH100\b", "h100-sxm"),
+    (r"\bA100\b.*\b40 ?GB\b", "a100-40gb"),
+    (r"\bA100\b.*\bPCIE\b", "a100-80gb-pcie"),
+    (r"\bA100\b", "a100-80gb"),
+    (r"\bL40S\b", "l40s"),
+)
 
 
 def builtin_profile(name: str) -> HardwareProfile:
-    """A built-in profile by name (``cpu-2core``, ``h100-sxm``, ``a100-80gb``, ``generic-gpu``;
-    aliases cpu/h100/a100)."""
+    """A built-in profile by name (see :data:`BUILTIN_PROFILES`; aliases cpu, h100, a100, generic)."""
     key = _ALIASES.get(name, name)
     if key not in BUILTIN_PROFILES:
         raise ValueError(
@@ -286,15 +317,24 @@ def builtin_profile(name: str) -> HardwareProfile:
     return BUILTIN_PROFILES[key]
 
 
+def gpu_profile_name(gpu_name: str) -> str | None:
+    """The built-in profile of a GPU named like ``torch.cuda.get_device_name`` ("NVIDIA H100 80GB
+    HBM3", "NVIDIA A100-SXM4-40GB", "NVIDIA L40S"), or None when it has none."""
+    norm = " ".join(re.sub(r"[-_/]", " ", gpu_name.upper()).split())
+    return next((key for pat, key in _GPU_PROFILES if re.search(pat, norm)), None)
+
+
 def builtin_profile_for_device(gpu_name: str | None, *, warn: bool = True) -> HardwareProfile:
     """The built-in profile of a device: ``gpu_name`` is ``torch.cuda.get_device_name`` (None: the
     CPU). A GPU without a built-in profile gets :data:`GENERIC_GPU`, never another GPU's numbers,
     and (``warn``) a warning that names ``sglang-er calibrate``."""
     if gpu_name is None:
         return BUILTIN_PROFILES["cpu-2core"]
-    for needle, key in _GPU_PROFILES:
-        if needle in gpu_name:
-            return BUILTIN_PROFILES[key]
+    key = gpu_profile_name(gpu_name)
+    if key is not None:
+        if warn:
+            logger.info("hardware profile %r for GPU %r: %s", key, gpu_name, _PUBLIC_SPEC)
+        return BUILTIN_PROFILES[key]
     if warn:
         logger.warning(
             "no built-in hardware profile for GPU %r: starting from the uncalibrated %r placeholder "
