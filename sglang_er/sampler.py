@@ -38,7 +38,6 @@ exactly the ``draft_probs`` it hands to ``verify``.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import torch
@@ -56,7 +55,6 @@ __all__ = [
     "sample",
     "verify",
     "verify_greedy",
-    "output_logprobs",
 ]
 
 
@@ -404,36 +402,3 @@ def verify_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tu
     out = torch.where(pos < accept_len.view(-1, 1), drafts_pad, -1)
     out.scatter_(1, accept_len.view(-1, 1), target_ids.gather(1, accept_len.view(-1, 1)))
     return accept_len, out
-
-
-def _return_original_logprob() -> bool:
-    return os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "false").lower() in (
-        "true",
-        "1",
-        "yes",
-        "y",
-    )
-
-
-def output_logprobs(
-    logits: torch.Tensor,
-    params: SamplingParamsTensor,
-    return_original: bool | None = None,
-) -> torch.Tensor:
-    """The log-probabilities SGLang reports for output tokens.
-
-    logits [B, V] or [B, T, V] (same pre-sampler logits as ``target_probs``).
-    Like SGLang's ``compute_spec_logprobs`` (and, up to ~1e-6, the sampler's
-    own ``log(softmax(logits / T))``): all-greedy batch or
-    SGLANG_RETURN_ORIGINAL_LOGPROB -> log_softmax(logits); otherwise
-    log_softmax(logits / temperature) per row (greedy rows in a mixed batch
-    have T=1). Never top-k/top-p/min-p filtered. Clamped to finfo.min.
-    """
-    if return_original is None:
-        return_original = _return_original_logprob()
-    x = logits.float()
-    if not (params.is_all_greedy or return_original):
-        temps = params.temperature.to(x.device).float()
-        x = x / temps.view(-1, *([1] * (x.dim() - 1)))
-    out = torch.log_softmax(x, dim=-1)
-    return out.clamp_(min=torch.finfo(out.dtype).min)

@@ -214,20 +214,6 @@ def test_flashinfer_min_p_path_is_sequential_renorm():
     torch.testing.assert_close(S.target_probs(logits, pt), torch.tensor([[4 / 7, 3 / 7, 0, 0]]))
 
 
-def test_output_logprobs():
-    logits = torch.randn(2, 3, 9)
-    p = P.from_lists([0.5, 0.0], top_k=[4, -1])
-    lp = S.output_logprobs(logits, p, return_original=False)
-    torch.testing.assert_close(lp[0], torch.log_softmax(logits[0] / 0.5, -1))
-    torch.testing.assert_close(lp[1], torch.log_softmax(logits[1], -1))
-    torch.testing.assert_close(S.output_logprobs(logits, p, return_original=True), torch.log_softmax(logits, -1))
-
-
-# ----------------------------------------------------------------------------
-# sample / verify exactness
-# ----------------------------------------------------------------------------
-
-
 def _rand_dist(g, *shape, sparsity=0.3):
     w = torch.rand(*shape, generator=g) ** 2
     w = w * (torch.rand(*shape, generator=g) > sparsity)

@@ -49,14 +49,6 @@ from sglang_er.evaluation.math_data import Problem, load_problems
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_OUT_ROOT = Path("eval") / "out"  # relative to the working directory (the checkout's eval/out)
-SPEC_KEYS = (
-    "spec_accept_length",
-    "spec_accept_rate",
-    "spec_verify_ct",
-    "spec_num_correct_drafts",
-    "spec_num_proposed_drafts",
-    "spec_correct_drafts_histogram",
-)
 
 
 class EvalError(RuntimeError):

@@ -49,7 +49,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "BUILTIN_PROFILES",
-    "COMPUTE_CLASSES",
     "GENERIC_GPU",
     "PROFILE_ENV",
     "SCHEMA_VERSION",
@@ -71,7 +70,6 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 ComputeClass = Literal["bf16", "fp16", "fp32", "w4"]
-COMPUTE_CLASSES: tuple[str, ...] = ("bf16", "fp16", "fp32", "w4")
 Phase = Literal["plain", "draft", "verify"]
 
 # Plausibility bounds: wide enough for a laptop CPU and a future accelerator, narrow enough to

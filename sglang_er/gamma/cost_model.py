@@ -297,23 +297,6 @@ class CostModel:
         t = self._seconds(self.work_plain(st), "plain")
         return self._correct("plain", t) if corrected else t
 
-    def t_draft_step(
-        self,
-        seq_lens: SeqLens | BatchStats,
-        prefix_groups: PrefixGroups = None,
-        *,
-        step: int = 0,
-        gamma: int | None = None,
-        corrected: bool = True,
-    ) -> float:
-        """Seconds of drafter step ``step`` (0-based) of a γ-step draft (γ default step + 1)."""
-        st = batch_stats(seq_lens, prefix_groups)
-        gamma = step + 1 if gamma is None else self._check_gamma(gamma)
-        if not 0 <= step < gamma:
-            raise ValueError(f"draft step {step} is outside 0..γ-1 = 0..{gamma - 1}")
-        t = self._seconds(self.work_draft_step(st, step, gamma), "draft")
-        return self._correct("draft", t, steps=1) if corrected else t
-
     def t_draft(
         self, seq_lens: SeqLens | BatchStats, gamma: int, prefix_groups: PrefixGroups = None, *, corrected: bool = True
     ) -> float:
@@ -560,10 +543,6 @@ class CostModel:
             a, b = fit.coef()
             return min(max(a + b * raw, lo * raw), hi * raw)
         return raw * self.multiplier[phase]
-
-    def observations(self, phase: str) -> int:
-        """Measurements of ``phase`` since the last :meth:`reset_correction`."""
-        return self._count[phase]
 
     def error_stats(self, last: int | None = None) -> dict[str, dict[str, float]]:
         """Per phase, over the most recent ``last`` observations (default: the whole window):

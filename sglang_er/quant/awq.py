@@ -470,10 +470,6 @@ class AWQChoice:
     def rel_err_rtn(self) -> float:
         return self.err_rtn / self.ref if self.ref > 0 else float("nan")
 
-    @property
-    def is_rtn(self) -> bool:
-        return self.beta == 0.0
-
 
 WeightGroup = torch.Tensor | Sequence[torch.Tensor]
 
@@ -484,11 +480,10 @@ class AWQQuantizer:
     Typical use::
 
         awq = AWQQuantizer(min_tokens=512)
-        # during rollouts, on sampled iterations, with the target's inputs of each linear:
-        if awq.should_sample(it):
-            awq.observe(layer_idx, "qkv", x_qkv)  # ... "o", "gate_up", "down"
-        # after each weight update, before re-quantizing the drafter:
-        choices = awq.search(layer_weights)  # list of {group: AWQChoice}
+        # during rollouts, on sampled forwards (LiveStats), with the target's inputs of each linear:
+        awq.observe(layer_idx, "qkv", x_qkv)  # ... "o", "gate_up", "down"
+        # after each weight update, before re-quantizing the drafter, per layer:
+        choices = awq.search_layer(layer_idx, weights)  # {group: AWQChoice}
         # qkv / gate_up: norm copy = fold_into_norm(norm, c.s); W4 of scale_weight(W, c.s)
         # o / down:      W4Linear.requantize_(W, input_scale=c.s)
 
@@ -534,9 +529,6 @@ class AWQQuantizer:
         self.device = None if device is None else torch.device(device)
         self.stats_kwargs = dict(stats_kwargs)
         self.stats: dict[tuple[int, str], ActivationStats] = {}
-
-    def should_sample(self, iteration: int) -> bool:
-        return iteration % self.sample_every == 0
 
     def observe(self, layer: int, group: str, x: torch.Tensor) -> None:
         """Feed the (target's) input ``x [..., K]`` of linear group ``group`` of layer ``layer``."""

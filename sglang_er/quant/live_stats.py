@@ -63,10 +63,6 @@ class LiveStats:
         stats = self.awq.stats.values()
         return min((st.tokens_used for st in stats), default=0)
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
