@@ -15,6 +15,7 @@ import json
 
 import numpy as np
 import pytest
+from test_policy import QWEN2_05B
 
 from sglang_er.cli import main
 from sglang_er.cli.calibrate import REFUSED_EXIT, SweepRow, evaluate, write_sweep_csv
@@ -33,18 +34,6 @@ LLAMA_8B = {
     "num_key_value_heads": 8,
     "vocab_size": 128256,
     "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-}
-QWEN_05B = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
 }
 GAMMAS = (1, 3, 5, 7)
@@ -90,7 +79,7 @@ DEVICES = {
     ),
     "cpu": (
         _device("cpu-like", 14e9, 1.5e11, 0.7e11, (18, 1.2, 20), (300, 20), backend="torch_native"),
-        QWEN_05B,
+        QWEN2_05B,
         (1, 2, 4, 8, 16),
         (64, 256, 1024),
         "cpu-4core",

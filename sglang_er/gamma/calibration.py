@@ -629,10 +629,16 @@ def fit_profile(
     )
     if attention_backend is not None:
         fields["attention_backend"] = attention_backend
+    return fitted_profile(fields, "fit_profile")
+
+
+def fitted_profile(fields: dict, fit: str) -> HardwareProfile:
+    """A fit's parameters as a checked profile; out-of-range ones mean the samples do not follow the
+    roofline form, which is what the error says."""
     try:
         return HardwareProfile.model_validate(fields)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ValueError(
-            f"fit_profile produced an implausible profile ({problems}); the samples do not follow the roofline form"
+            f"{fit} produced an implausible profile ({problems}); the samples do not follow the roofline form"
         ) from None

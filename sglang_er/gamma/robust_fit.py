@@ -27,7 +27,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import ValidationError
 from scipy.optimize import least_squares, nnls
 
 from sglang_er.gamma.calibration import (
@@ -37,6 +36,7 @@ from sglang_er.gamma.calibration import (
     HardwareProfile,
     SampleLike,
     _as_sample,
+    fitted_profile,
     roofline_seconds,
 )
 
@@ -325,10 +325,4 @@ def _profile(pb, base, rates, over, held, name, device, measured_with, backend, 
     )
     if backend is not None:
         fields["attention_backend"] = backend
-    try:
-        return HardwareProfile.model_validate(fields)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ValueError(
-            f"the fit produced an implausible profile ({problems}); the samples do not follow the roofline form"
-        ) from None
+    return fitted_profile(fields, "the fit")
