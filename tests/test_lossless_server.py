@@ -46,13 +46,6 @@ def min_adjusted_pvalue(a: list[Counter], b: list[Counter]) -> tuple[float, int]
 
 
 @pytest.fixture(scope="module")
-def plain(tiny_model):
-    srv = start_server(tiny_model, FP32)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
 def eff16(tiny_model):
     srv = start_server(tiny_model, [*FP32, *EFF16], env=ENV16)
     yield srv

@@ -57,7 +57,10 @@ def logits_only_features(batch) -> bool:
     (a stale None there let drafts past the grammar: HTTP 500)."""
     info = batch.sampling_info
     return bool(
-        (info.penalizer_orchestrator is not None and info.penalizer_orchestrator.is_required)
+        # the scheduler hands the worker a forward copy whose penalties are folded into tensors
+        info.acc_additive_penalties is not None
+        or info.acc_scaling_penalties is not None
+        or (info.penalizer_orchestrator is not None and info.penalizer_orchestrator.is_required)
         or info.logit_bias is not None
         or any(req.grammar is not None for req in batch.reqs)
         or info.has_custom_logit_processor
