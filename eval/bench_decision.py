@@ -9,7 +9,7 @@ CPU tensor, requests with ids and prompts: GRPO-like groups of n = 8 samples per
 exploration) and the feedback after it (live correction from the measured phase times,
 acceptance update, scheduler time). Target: ≤ 50 µs per iteration.
 
-``--history`` also times the history drafts' upkeep (:class:`sglang_er.history.proposer.HistoryDrafts`
+``--history`` also times the history drafts' upkeep (:class:`sglang_er.history.proposer.HistoryProposer`
 ``sync`` + ``plan``) in W4 iterations of γ = 7 where the W4 drafter (α 0.96) out-drafts history,
 each request committing 7 tokens of phrase-reusing text per iteration.
 """
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
 
 
 def _bench_history(b: int, rng, iterations: int = 100, warm: int = 40) -> None:
-    from sglang_er.history.proposer import HistoryDrafts
+    from sglang_er.history.proposer import HistoryProposer
 
     phrases = [[rng.randrange(4096) for _ in range(rng.randint(3, 12))] for _ in range(300)]
 
@@ -68,7 +68,7 @@ def _bench_history(b: int, rng, iterations: int = 100, warm: int = 40) -> None:
             yield from (rng.choice(phrases[:60]) if rng.random() < 0.7 else rng.choice(phrases))
 
     w4 = [1 + sum(0.96**k for k in range(1, g + 1)) for g in range(8)]
-    hd = HistoryDrafts(gamma_max=7)
+    hd = HistoryProposer(gamma_max=7)
     prompts = [[rng.randrange(4096) for _ in range(80)] for _ in range(-(-b // 8))]
     reqs = [
         SimpleNamespace(rid=f"r{i}", origin_input_ids=prompts[i // 8], output_ids=[], text=text()) for i in range(b)
@@ -78,8 +78,7 @@ def _bench_history(b: int, rng, iterations: int = 100, warm: int = 40) -> None:
         for r in reqs:
             r.output_ids += [next(r.text) for _ in range(7)]
         t0 = time.perf_counter()
-        hd.sync(reqs)
-        hd.plan(reqs, 7, w4)
+        hd.propose(reqs, 7, w4)
         if it >= warm:
             spent += time.perf_counter() - t0
     print(

@@ -166,18 +166,18 @@ def test_meta_info_splits_a_requests_drafts_by_source():
 
 
 def _group_with_history(n: int, probe_every: int = 1):
-    """A HistoryDrafts over one prompt: a finished sample's whole text indexed, and n live samples
+    """A HistoryProposer over one prompt: a finished sample's whole text indexed, and n live samples
     5-7 tokens into the same text (each has a proposal); W4 iterations look up every proposal
     unless ``probe_every`` says otherwise."""
     from types import SimpleNamespace
 
-    from sglang_er.history.proposer import HistoryDrafts
+    from sglang_er.history.proposer import HistoryProposer
 
     prompt = list(range(100, 140))
     text = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 3
     done = SimpleNamespace(rid="done", origin_input_ids=prompt, output_ids=text)
     reqs = [SimpleNamespace(rid=f"r{i}", origin_input_ids=prompt, output_ids=text[: 5 + i % 3]) for i in range(n)]
-    hd = HistoryDrafts(gamma_max=4, probe_every=probe_every)
+    hd = HistoryProposer(gamma_max=4, probe_every=probe_every)
     hd.sync([done])
     hd.sync(reqs)  # "done" left the batch: its whole text is indexed
     return hd, reqs, done
@@ -203,7 +203,7 @@ def test_unused_proposals_are_measured_in_the_shadow_of_the_w4_drafts():
     first disagreement. Fixed γ (no W4 estimate): every proposal is verified."""
     import torch
 
-    from sglang_er.history.proposer import HistoryDrafts
+    from sglang_er.history.proposer import HistoryProposer
 
     hd, reqs, done = _group_with_history(16)
     w4 = [1.0, 1.9, 2.7, 3.4, 4.0]  # E[L | W4, γ]: α ≈ 0.9
@@ -228,7 +228,7 @@ def test_unused_proposals_are_measured_in_the_shadow_of_the_w4_drafts():
         plan, rounds = hd.plan(reqs, 4, w4), rounds + 1
     assert plan is not None and plan.history_rows == list(range(16)) and not plan.run_drafter
 
-    greedy = HistoryDrafts(gamma_max=4, probe_every=1)  # greedy: a proposal is accepted where it is the argmax
+    greedy = HistoryProposer(gamma_max=4, probe_every=1)  # greedy: a proposal is accepted where it is the argmax
     greedy.sync([done])
     greedy.sync(reqs)
     assert greedy.plan(reqs, 4, w4) is None

@@ -25,7 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sglang_er import sampler
 from sglang_er.draft import kv_rows
+from sglang_er.draft.proposal import Proposal
 from sglang_er.draft.views import KVView, LayerView, ModelView
 from sglang_er.quant.awq import AWQQuantizer, fold_into_norm
 from sglang_er.quant.w4linear import W4Linear
@@ -292,6 +294,30 @@ class Drafter:
     def attention(self, kv: KVView, kv_index: torch.Tensor, seq_lens: torch.Tensor, gamma: int) -> DraftAttention:
         """The per-iteration attention state of a γ-step draft (see :class:`DraftAttention`)."""
         return DraftAttention(kv, kv_index, seq_lens, gamma, len(self.layers), self.view.lm_head_weight.dtype)
+
+    def propose(
+        self,
+        x0: torch.Tensor,  # [B] the last sampled token, no KV yet
+        seq_lens: torch.Tensor,  # [B] int64 committed tokens with KV
+        attn: DraftAttention,
+        params: sampler.SamplingParamsTensor | None,  # None: greedy drafts, no q
+        after_first_step=None,  # called once the first step (which also gathers the KV) is done
+    ) -> Proposal:
+        """γ = ``attn.gamma`` drafter steps at positions seq_lens .. seq_lens+γ-1, each drawn
+        with the request's own sampling parameters (q kept for the rejection test)."""
+        tokens, drafts, qs = x0, [], []
+        for j in range(attn.gamma):
+            logits = self.step(tokens, seq_lens + j, j, attn)  # [B, V]
+            if params is None:
+                tokens = logits.argmax(-1)
+            else:
+                q = sampler.target_probs(logits, params)
+                tokens = sampler.sample(q)
+                qs.append(q)
+            drafts.append(tokens)
+            if j == 0 and after_first_step is not None:
+                after_first_step()
+        return Proposal(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None, ran_drafter=True)
 
     @torch.inference_mode()
     def step(

@@ -3,9 +3,11 @@
 One decode iteration, for a batch whose committed prefix (tokens with KV) has length
 ``seq_lens`` [B] and whose last sampled token x0 [B] has no KV yet:
 
-1. draft: γ drafter steps at positions seq_lens .. seq_lens+γ-1, each sampled with the
-   request's own sampling parameters, keeping q; the drafter reads the committed KV and keeps
-   its own tokens' K/V in per-iteration buffers (:class:`sglang_er.draft.drafter.DraftAttention`);
+1. draft: ask the proposers once for a :class:`~sglang_er.draft.proposal.Proposal` (tokens
+   [B, γ], q): the W4 drafter runs γ steps at positions seq_lens .. seq_lens+γ-1, each sampled
+   with the request's own sampling parameters, reading the committed KV and keeping its own
+   tokens' K/V in per-iteration buffers; history drafts (off by default) take the rows where
+   their measured acceptance beats it;
 2. verify: one target forward over [x0, d1..dγ] writing the target's K/V into the slots the
    scheduler allocated for this iteration (``req_to_token[req, seq_lens + j]``);
 3. accept: exact rejection sampling (:func:`sglang_er.sampler.verify`); the scheduler then
@@ -29,12 +31,13 @@ from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang_er import sampler
 from sglang_er.config import EffRolloutConfig
 from sglang_er.draft.drafter import Drafter
+from sglang_er.draft.proposal import Proposal
 from sglang_er.draft.vocab import DraftVocab
 from sglang_er.engine import batch as batch_view
 from sglang_er.engine import forwards, model, server_info
 from sglang_er.engine.recorder import IterationRecorder
 from sglang_er.gamma.controller import Controller
-from sglang_er.history.proposer import HistoryDrafts, merge_q, merge_tokens
+from sglang_er.history.proposer import HistoryProposer
 from sglang_er.metrics import SpecMetrics, Timeline
 from sglang_er.quant.awq import AWQQuantizer
 from sglang_er.quant.live_stats import LiveStats
@@ -73,7 +76,7 @@ class EffRolloutWorker(BaseSpecWorker):
         server_info.track(self)
         self.history = None
         if self.config.history != "off":
-            self.history = HistoryDrafts(
+            self.history = HistoryProposer(
                 self.speculative_num_steps,
                 self.config.history_min_match,
                 self.config.history_budget,
@@ -205,7 +208,7 @@ class EffRolloutWorker(BaseSpecWorker):
         self._seq_list = batch_view.seq_lens_host(batch)
         logits_only = batch_view.logits_only_features(batch)
         gamma = self._choose_gamma(batch, logits_only)
-        plan = self._history_plan(batch, gamma, logits_only)
+        plan = self._history_proposal(batch, gamma, logits_only)
         self.recorder.iteration += 1
         if plan is not None:
             result = self._speculate(batch, plan.gamma, plan)
@@ -222,16 +225,17 @@ class EffRolloutWorker(BaseSpecWorker):
             return self.controller.choose(self._seq_list, batch_view.rids(batch), lambda: batch_view.prompt_keys(batch))
         return self.config.gamma_for_iteration(self.recorder.iteration)
 
-    def _history_plan(self, batch, gamma: int, logits_only: bool):
-        """History drafts for this iteration (see :mod:`sglang_er.history.proposer`), or None."""
+    def _history_proposal(self, batch, gamma: int, logits_only: bool):
+        """The history proposer's drafts for this iteration (:meth:`HistoryProposer.propose`), or None."""
         if self.history is None:
             return None
-        self.history.sync(batch.reqs)  # every iteration, so the index never misses tokens
-        if logits_only or (self.controller is None and gamma == 0):
-            return None
         ctl = self.controller
-        return self.history.plan(
-            batch.reqs, gamma, ctl.w4_expected_tokens() if ctl else None, ctl.verify_only_gain if ctl else None
+        return self.history.propose(
+            batch.reqs,
+            gamma,
+            ctl.w4_expected_tokens() if ctl else None,
+            ctl.verify_only_gain if ctl else None,
+            speculate=not logits_only and (ctl is not None or gamma > 0),
         )
 
     def _maybe_refresh_vocab(self) -> bool:
@@ -296,37 +300,25 @@ class EffRolloutWorker(BaseSpecWorker):
         it = _Iteration.read(self, batch, gamma)
         clock = self.recorder.clock()
         drafts = self._draft(it, plan, clock)
-        verdict = self._verify(batch, it, drafts, plan, clock)
+        verdict = self._verify(batch, it, drafts, clock)
         return self._commit(batch, it, drafts, verdict, plan, clock)
 
-    def _draft(self, it: _Iteration, plan, clock) -> _Drafts:
-        """γ drafter steps at positions seq_lens .. seq_lens+γ-1, each sampled with the request's
-        own sampling parameters (q kept for the rejection test); history proposals replace the
-        rows the plan gives them."""
-        run = plan is None or plan.run_drafter
-        tokens, drafts, qs = it.x0, [], []
-        if run:
-            kv_index = batch_view.committed_slots(self.req_to_token_pool.req_to_token, it.batch, max(self._seq_list))
+    def _draft(self, it: _Iteration, plan, clock) -> Proposal:
+        """Ask the proposers: the W4 drafter (unless the history plan covers every row), then
+        the history plan's rows over the drafter's."""
+        w4 = None
+        if plan is None or plan.run_drafter:
+            req_to_token = self.req_to_token_pool.req_to_token
+            kv_index = batch_view.committed_slots(req_to_token, it.batch, max(self._seq_list))
             attn = self.drafter.attention(self._kv, kv_index, it.seq_lens, it.gamma)
-            for j in range(it.gamma):
-                logits = self.drafter.step(tokens, it.seq_lens + j, j, attn)  # [B, V]
-                if it.greedy:
-                    tokens = logits.argmax(-1)
-                else:
-                    q = sampler.target_probs(logits, it.params)
-                    tokens = sampler.sample(q)
-                    qs.append(q)
-                drafts.append(tokens)
-                if j == 0 and it.gamma > 1:  # the first step also gathers the committed KV (κ)
-                    clock.mark("draft_first")
-        tokens = torch.stack(drafts, 1) if drafts else None  # [B, γ]
-        q = torch.stack(qs, 1) if qs else None  # [B, γ, V]
-        if plan is not None:
-            tokens = merge_tokens(plan, it.x0, tokens)
-        clock.mark("draft" if run else "propose")
-        return _Drafts(tokens, q, run)
+            # the first step also gathers the committed KV (κ in the cost model)
+            first = (lambda: clock.mark("draft_first")) if it.gamma > 1 else None
+            w4 = self.drafter.propose(it.x0, it.seq_lens, attn, None if it.greedy else it.params, first)
+        drafts = w4 if plan is None else plan.merge(it.x0, w4, self.drafter.view.vocab_size, it.greedy)
+        clock.mark("draft" if drafts.ran_drafter else "propose")
+        return drafts
 
-    def _verify(self, batch, it: _Iteration, drafts: _Drafts, plan, clock) -> _Verdict:
+    def _verify(self, batch, it: _Iteration, drafts: Proposal, clock) -> _Verdict:
         """One target forward over [x0, d1..dγ] into the KV slots the scheduler allocated, then the
         exact acceptance test (:func:`sglang_er.sampler.verify`)."""
         width = it.gamma + 1
@@ -341,16 +333,13 @@ class EffRolloutWorker(BaseSpecWorker):
         if it.greedy:
             accept_len, tokens = sampler.verify_greedy(drafts.tokens, logits)
         else:
-            p = sampler.target_probs(logits, it.params)
-            q = drafts.q if plan is None else merge_q(plan, drafts.tokens, drafts.q, p.shape[-1])
-            accept_len, tokens = sampler.verify(drafts.tokens, q, p)
+            p = sampler.target_probs(logits, it.params)  # [B, γ+1, V]
+            accept_len, tokens = sampler.verify(drafts.tokens, drafts.q, p)
         # the acceptance test belongs to the verify phase, as sampling belongs to the plain step
         clock.mark("verify")
-        if self.history is not None and self.history.shadow:  # unused proposals, measured for free
-            self.history.observe_shadow(drafts.tokens, p, logits.argmax(-1) if it.greedy else None)
-        return _Verdict(out, logits, accept_len, tokens)
+        return _Verdict(out, logits, p, accept_len, tokens)
 
-    def _commit(self, batch, it: _Iteration, drafts: _Drafts, v: _Verdict, plan, clock):
+    def _commit(self, batch, it: _Iteration, drafts: Proposal, v: _Verdict, plan, clock):
         """Hand SGLang the accepted run plus one token per request; record the iteration."""
         width = it.gamma + 1
         next_token_ids = v.tokens.clamp_min(0).flatten()  # [B * (γ+1)]; -1 pads after the run
@@ -361,8 +350,8 @@ class EffRolloutWorker(BaseSpecWorker):
         accept_lens = (v.accept_len + 1).to(torch.int32)  # [B]
         # the iteration's one host copy (one sync on a GPU): metrics, γ choice, tags and the phase times
         accepted = v.accept_len.to("cpu", torch.int64)
-        if plan is not None:
-            self.history.observe(plan, accepted.tolist())
+        if self.history is not None:  # verified proposals, and unused ones measured for free
+            self.history.observe(plan, drafts.tokens, accepted.tolist(), v.probs, v.logits)
         times = clock.seconds()
         if "draft_first" in times:
             times["draft"] += times["draft_first"]
@@ -409,15 +398,9 @@ class _Iteration:
 
 
 @dataclass
-class _Drafts:
-    tokens: torch.Tensor  # [B, γ]
-    q: torch.Tensor | None  # [B, γ, V] the drafter's distributions (None: greedy, or no drafter ran)
-    ran_drafter: bool
-
-
-@dataclass
 class _Verdict:
     logits_output: object  # SGLang's LogitsProcessorOutput of the verify
     logits: torch.Tensor  # [B, γ+1, V]
+    probs: torch.Tensor | None  # [B, γ+1, V] the target's distributions (None: greedy)
     accept_len: torch.Tensor  # [B] drafts accepted
     tokens: torch.Tensor  # [B, γ+1] the accepted drafts and one more token, then -1

@@ -1,5 +1,8 @@
-"""History drafts in the worker: keep the :class:`~sglang_er.history.store.HistoryIndex` in step with
-the requests SGLang decodes, and decide per request and per iteration where drafts come from.
+"""History drafts, the second proposer beside the W4 drafter: keep the
+:class:`~sglang_er.history.store.HistoryIndex` in step with the requests SGLang decodes, and
+decide per request and per iteration where drafts come from. The worker asks it once per
+iteration (:meth:`HistoryProposer.propose`), merges its rows with the drafter's
+(:meth:`Plan.merge`) and reports the verdict once (:meth:`HistoryProposer.observe`).
 
 Sources: ``group`` (another sample of the same prompt or an earlier request with it),
 ``prompt`` (copied from the prompt), ``self`` (the request's own earlier tokens: n-gram lookup),
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sglang_er.draft.proposal import Proposal
 from sglang_er.engine.batch import prompt_key
 from sglang_er.gamma import AcceptanceModel
 from sglang_er.history.store import HistoryIndex
@@ -69,8 +73,25 @@ class Plan:
     def w4_rows(self) -> list[int]:
         return [i for i, s in enumerate(self.source) if s == "w4"]
 
+    def merge(self, x0: torch.Tensor, w4: Proposal | None, vocab: int, greedy: bool) -> Proposal:
+        """The iteration's proposal: history rows from the index, W4 rows from the drafter's
+        proposal ``w4`` (None: a verify-only iteration). Rows with no proposal propose their
+        last token x0 [B] (any proposal whose q is known is lossless; this one is merely rarely
+        accepted). q is one-hot at every non-W4 row (None when greedy)."""
+        hist = torch.tensor(self.tokens, dtype=torch.int64, device=x0.device)  # [B, γ]
+        hist = torch.where(hist < 0, x0[:, None], hist)
+        mine = torch.tensor([s != "w4" for s in self.source], device=x0.device)  # [B]
+        tokens = hist if w4 is None else torch.where(mine[:, None], hist, w4.tokens)
+        q = None
+        if not greedy:
+            q = torch.zeros(*tokens.shape, vocab, device=x0.device)  # [B, γ, V]
+            q.scatter_(2, tokens[:, :, None], 1.0)
+            if w4 is not None:
+                q = torch.where(mine[:, None, None], q, w4.q.float())
+        return Proposal(tokens, q, ran_drafter=w4 is not None)
 
-class HistoryDrafts:
+
+class HistoryProposer:
     def __init__(
         self,
         gamma_max: int,
@@ -126,6 +147,17 @@ class HistoryDrafts:
             self.index.extend(key, r.rid, r.output_ids[have:])
 
     # ------------------------------------------------------------------ the choice
+    def propose(
+        self, reqs, gamma_w4: int, w4_expected: list[float] | None, verify_only_gain=None, speculate: bool = True
+    ) -> Plan | None:
+        """This iteration's history drafts, or None (see :meth:`plan`). Called every decode
+        iteration, also when nothing may be drafted (``speculate`` False), so the index never
+        misses a token."""
+        self.sync(reqs)
+        if not speculate:
+            return None
+        return self.plan(reqs, gamma_w4, w4_expected, verify_only_gain)
+
     def plan(self, reqs, gamma_w4: int, w4_expected: list[float] | None, verify_only_gain=None) -> Plan | None:
         """The drafts of this iteration, or None to keep the W4 choice as it is.
 
@@ -208,8 +240,22 @@ class HistoryDrafts:
                 source.append("w4" if gamma_w4 else "none")
         return Plan(gamma, gamma_w4 > 0 and not all(use), tokens, lengths, source)
 
-    def observe(self, plan: Plan, accept_len: list[int]) -> None:
-        """Per-position acceptance of the history proposals (only over their own length)."""
+    def observe(
+        self,
+        plan: Plan | None,
+        drafts: torch.Tensor,
+        accept_len: list[int],
+        probs: torch.Tensor | None,
+        logits: torch.Tensor,
+    ) -> None:
+        """The verdict of this iteration's verify: per-position acceptance of the proposals that
+        were verified (``plan``; only over their own length) and of those left unused beside the
+        W4 drafts (:meth:`observe_shadow`). drafts [B, γ]; accept_len [B] (host); probs
+        [B, γ+1, V] the target's distributions (None: greedy, scored by the argmax of logits)."""
+        if self.shadow:
+            self.observe_shadow(drafts, probs, logits.argmax(-1) if probs is None else None)
+        if plan is None:
+            return
         for i in plan.history_rows:
             n = plan.lengths[i]
             self.acceptance.observe(n, [min(accept_len[i], n)])
@@ -259,27 +305,3 @@ class HistoryDrafts:
             "skipped_lookups": self.skipped_lookups,
             "alphas": [round(a, 4) for a in self.acceptance.alphas()],
         }
-
-
-def merge_tokens(plan: Plan, x0: torch.Tensor, w4_tokens: torch.Tensor | None) -> torch.Tensor:
-    """Drafts [B, γ]: history rows from the index, W4 rows from the drafter; rows with no
-    proposal in a verify-only iteration propose their last token x0 [B] (any proposal whose q
-    is known is lossless; this one is merely rarely accepted)."""
-    hist = torch.tensor(plan.tokens, dtype=torch.int64, device=x0.device)
-    hist = torch.where(hist < 0, x0[:, None], hist)
-    if w4_tokens is None:
-        return hist
-    return torch.where(_history_mask(plan, x0.device)[:, None], hist, w4_tokens)
-
-
-def merge_q(plan: Plan, tokens: torch.Tensor, w4_q: torch.Tensor | None, vocab: int) -> torch.Tensor:
-    """q [B, γ, V] for the rejection sampler: one-hot at every non-W4 row, the drafter's q at W4 rows."""
-    one_hot = torch.zeros(*tokens.shape, vocab, device=tokens.device)
-    one_hot.scatter_(2, tokens[:, :, None], 1.0)
-    if w4_q is None:
-        return one_hot
-    return torch.where(_history_mask(plan, tokens.device)[:, None, None], one_hot, w4_q.float())
-
-
-def _history_mask(plan: Plan, device) -> torch.Tensor:
-    return torch.tensor([s != "w4" for s in plan.source], device=device)

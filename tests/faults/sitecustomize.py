@@ -38,10 +38,9 @@ def _plant(module) -> None:
         sampler.verify = verify_without_residual
         return
 
-    honest = module.EffRolloutWorker._verify
+    honest = module.EffRolloutWorker._commit
 
-    def verify_accepting_all(self, batch, it, drafts, plan, clock):
-        v = honest(self, batch, it, drafts, plan, clock)
+    def commit_accepting_all(self, batch, it, drafts, v, plan, clock):
         rows = torch.ones_like(v.accept_len, dtype=torch.bool)
         if FAULT == "accept_all_history":
             history = [s in HISTORY_SOURCES for s in plan.source] if plan is not None else [False] * it.bs
@@ -50,9 +49,9 @@ def _plant(module) -> None:
         forced = torch.cat([drafts.tokens, sampler.sample(p[:, it.gamma])[:, None]], 1)
         v.accept_len = torch.where(rows, torch.full_like(v.accept_len, it.gamma), v.accept_len)
         v.tokens = torch.where(rows[:, None], forced, v.tokens)
-        return v
+        return honest(self, batch, it, drafts, v, plan, clock)
 
-    module.EffRolloutWorker._verify = verify_accepting_all
+    module.EffRolloutWorker._commit = commit_accepting_all
 
 
 class _PatchWorkerOnImport(importlib.abc.MetaPathFinder):
