@@ -1,4 +1,4 @@
-"""Cost of the auto policy's per-iteration work, without an engine (not a test).
+"""Cost of auto mode's per-iteration work (the γ choice), without an engine (not a test).
 
     python -m eval.bench_decision [--model qwen2-0.5b] [--batches 1 4 16 64 256] [--history]
 
@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from sglang_er.engine import batch as batch_view
-from sglang_er.gamma.calibration import builtin_profile
+from sglang_er.gamma.builtin_profiles import builtin_profile
 from sglang_er.gamma.controller import Controller
 from sglang_er.models.factory import build_model
 
@@ -41,14 +41,14 @@ def main(argv=None) -> int:
         nargs="+",
         default=["cpu", "h100"],
         help="built-in hardware profiles: on 'cpu' a 0.5B model is compute-bound from B≈16 "
-        "(the policy decodes plainly), on 'h100' it speculates at every B",
+        "(the γ chooser decodes plainly), on 'h100' it speculates at every B",
     )
     p.add_argument("--history", action="store_true", help="also time the history drafts' upkeep")
     args = p.parse_args(argv)
     cfg = json.loads((build_model(args.model) / "config.json").read_text())
     rng = random.Random(0)
     for prof in args.profiles:
-        print(f"auto-policy overhead per decode iteration ({args.model}, γ ladder 1..{args.gamma_max}, profile {prof})")
+        print(f"auto-mode overhead per decode iteration ({args.model}, γ ladder 1..{args.gamma_max}, profile {prof})")
         for b in args.batches:
             _bench(cfg, builtin_profile(prof), b, args, rng)
     if args.history:

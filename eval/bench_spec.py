@@ -459,7 +459,7 @@ def main() -> None:
         action="store_true",
         help="skip the γ=0 EFFROLLOUT server (it only measures T_T for the T_D/T_T and T_V/T_T columns)",
     )
-    p.add_argument("--auto", action="store_true", help="also run the auto policy (γ chosen per iteration)")
+    p.add_argument("--auto", action="store_true", help="also run auto mode (γ chosen per iteration)")
     p.add_argument(
         "--hybrid",
         action="store_true",

@@ -6,7 +6,7 @@ have no SGLang flag are environment variables, read in every SGLang process alik
 - ``SGLANG_ER_GAMMA``: a fixed γ (``0`` = plain decoding) or a comma list cycled per
   iteration (``"3,0,1"``; used to prove that switching γ costs nothing and stays lossless).
   Unset: γ = the server's ``--speculative-num-draft-tokens`` − 1.
-- ``SGLANG_ER_MODE``: ``auto`` (default: γ chosen every iteration by the system-aware policy),
+- ``SGLANG_ER_MODE``: ``auto`` (default: γ chosen every iteration by the system-aware γ chooser),
   ``fixed`` (setting ``SGLANG_ER_GAMMA`` implies it) or ``off`` (always γ = 0: plain decoding
   through the worker, the drafter kept and re-quantized so that switching back costs nothing).
 - ``SGLANG_ER_DRAFT_HEAD``: ``auto`` , ``shared``
@@ -74,7 +74,7 @@ class EffRolloutConfig(BaseModel):
     timeline_size: int = Field(2048, ge=0, le=1 << 20)
     min_gain: float = Field(1.05, ge=1.0, le=4.0)
     hysteresis: float = Field(0.02, ge=0.0, le=1.0)
-    # auto: re-measure what the policy does not choose (see GammaPolicy._explore); 0 turns that off,
+    # auto: re-measure what the γ choice rejects (see GammaChooser._explore); 0 turns that off,
     # leaving every decision to the cost model (tests of the model's own verdict)
     explore_every: int = Field(32, ge=0, le=1 << 16)
     history: Literal["off", "group", "all"] = "off"

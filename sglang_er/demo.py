@@ -60,7 +60,7 @@ def _rollout(
 
 def speculation_counters(state: dict | None) -> dict | None:
     """Exact counts from the worker's own metrics in ``/get_server_info`` (SGLang's per-request
-    meta_info counts γ = 0 iterations of the auto policy as failed drafts). None on a plain server."""
+    meta_info counts γ = 0 iterations of auto mode as failed drafts). None on a plain server."""
     m = (state or {}).get("metrics")
     if not m:
         return None

@@ -142,7 +142,7 @@ class SpecMetrics:
                     prom.pos_accepted.labels(position=str(k)).inc(accepted_at[k])
 
     def record_policy(self, policy_state: dict) -> None:
-        """Export the auto policy's live estimates (called every few iterations)."""
+        """Export the γ chooser's live estimates (called every few iterations)."""
         prom = self._prom
         if not prom:
             return

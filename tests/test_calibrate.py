@@ -15,7 +15,7 @@ import pytest
 from sglang_er.cli import main
 from sglang_er.cli.calibrate import MODES, SweepRow, expected_tokens, read_sweep_csv, write_sweep_csv
 from sglang_er.gamma import BatchStats, CostModel, ModelCost
-from sglang_er.gamma.calibration import HardwareProfile
+from sglang_er.gamma.hardware_profile import HardwareProfile
 
 SMALL_LLAMA = {
     "architectures": ["LlamaForCausalLM"],
@@ -172,7 +172,8 @@ def test_overhead_bound_sweep_fits_consistently():
     # is not identifiable, and the profile must not add the base profile's roofline on top of
     # overheads fitted as if it were zero.
     from sglang_er.cli.calibrate import fit_robust
-    from sglang_er.gamma.calibration import builtin_profile, sample_seconds
+    from sglang_er.gamma.builtin_profiles import builtin_profile
+    from sglang_er.gamma.calibration import sample_seconds
     from sglang_er.models.factory import SPECS
 
     spec = SPECS["tiny"]

@@ -1,7 +1,7 @@
 """``sglang-er calibrate --csv`` on simulated sweeps: recovery, refusal, sweeps as users have them.
 
 A simulated sweep is the cost model's own roofline prediction (the one formula,
-:func:`sglang_er.gamma.calibration.roofline_seconds`) under known device parameters, times seeded
+:func:`sglang_er.gamma.roofline.roofline_seconds`) under known device parameters, times seeded
 multiplicative noise (2% lognormal) with a few outliers (x2.5, x0.4), on a batch x context x γ grid
 like a real sweep. The fit must recover each device within the goals (T_T MAPE <= 3%, T_D and T_V
 <= 5%, toggle-sign accuracy >= 0.97 at α = 0.8, judged against the noise-free truth); sweeps that
@@ -21,7 +21,7 @@ from sglang_er.cli import main
 from sglang_er.cli.calibrate import REFUSED_EXIT, SweepRow, evaluate, write_sweep_csv
 from sglang_er.cli.quality import cost_model
 from sglang_er.gamma import BatchStats
-from sglang_er.gamma.calibration import HardwareProfile
+from sglang_er.gamma.hardware_profile import HardwareProfile
 from sglang_er.gamma.robust_fit import BANDWIDTH_BOUNDS, FLOPS_BOUNDS
 
 LLAMA_8B = {
@@ -142,7 +142,7 @@ def test_simulated_sweep_is_recovered_within_the_goals(tmp_path, capsys, kind):
     assert ev["mape"]["drafter_decode"] <= 0.05 and ev["mape"]["target_verify"] <= 0.05
     t = ev["toggle"]
     assert t["cases"] == len(batches) * len(contexts) * len(GAMMAS)
-    # the sign, where the true gain is clear of 1x by the margin the γ policy needs to act on it;
+    # the sign, where the true gain is clear of 1x by the margin the γ chooser needs to act on it;
     # nearer 1x a sign error costs under that margin, and every gain must be close anyway
     assert t["clear_cases"] >= 0.5 * t["cases"] and t["clear_accuracy"] >= 0.97
     assert all(abs(c["predicted_gain"] / c["measured_gain"] - 1) <= 0.03 for c in t["detail"])

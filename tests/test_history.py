@@ -276,7 +276,7 @@ def test_verify_only_iterations_need_measured_history_acceptance():
         asked.append(expected)
         return expected / (1.5 * len(reqs))
 
-    assert hd.acceptance.expected_tokens(4) > 1.5  # the prior alone would bet on it
+    assert hd.acceptance.expected_tokens_table()[4] > 1.5  # the prior alone would bet on it
     assert hd.plan(reqs, 0, None, pays) is None and asked[-1] == pytest.approx(len(reqs))
     assert hd.lookups == 0  # not even a perfect index could pay: the lookups are skipped
     w4 = [1.0, 1.9, 2.7, 3.4, 4.0]
@@ -321,7 +321,7 @@ def test_controller_prices_a_verify_only_iteration_against_a_plain_step():
     from test_policy import QWEN2_05B
 
     from sglang_er.engine.batch import prompt_key
-    from sglang_er.gamma.calibration import builtin_profile
+    from sglang_er.gamma.builtin_profiles import builtin_profile
     from sglang_er.gamma.controller import Controller
 
     ctl = Controller(QWEN2_05B, 7, torch.device("cpu"), "torch_native", profile=builtin_profile("h100"))

@@ -1,4 +1,4 @@
-"""Cost model, acceptance model, γ policy and hardware profiles: fast, engine-free (no SGLang)."""
+"""Cost model, live correction, acceptance model, γ chooser and hardware profiles: fast, engine-free (no SGLang)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,13 @@ from sglang_er.gamma import (
     AcceptanceModel,
     BatchStats,
     CostModel,
-    GammaPolicy,
+    GammaChooser,
     ModelCost,
+    batch_stats,
 )
-from sglang_er.gamma.calibration import (
-    BUILTIN_PROFILES,
-    HardwareProfile,
-    builtin_profile,
-    fit_profile,
-)
+from sglang_er.gamma.builtin_profiles import BUILTIN_PROFILES, builtin_profile
+from sglang_er.gamma.calibration import fit_profile
+from sglang_er.gamma.hardware_profile import HardwareProfile
 
 QWEN2_05B = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -44,15 +42,41 @@ def qwen():
     return ModelCost.from_config(QWEN2_05B)
 
 
-def _policy(profile: str, model: ModelCost, alpha: float = 0.8, gamma_max: int = 4, **kw) -> GammaPolicy:
+def _chooser(profile: str, model: ModelCost, alpha: float = 0.8, gamma_max: int = 4, **kw) -> GammaChooser:
     cm = CostModel(builtin_profile(profile), model)
-    return GammaPolicy(cm, AcceptanceModel(gamma_max, prior_alpha=alpha), **kw)
+    return GammaChooser(cm, AcceptanceModel(gamma_max, prior_alpha=alpha), **kw)
 
 
-def test_policy_modules_do_not_import_sglang():
-    # The policy must be usable (and testable) without the engine, and light to import.
+def _fresh_choice(chooser: GammaChooser, seq_lens, rids=None):
+    """The chooser's decision for a batch on its own: no previous γ to keep (``reset``, as after a
+    drafter change); ``chooser`` has ``explore_every=0``, so nothing else carries over either."""
+    assert chooser.explore_every == 0
+    chooser.reset()
+    return chooser.choose(seq_lens, rids)
+
+
+def _crossover(chooser: GammaChooser, seq_len: int, max_batch: int = 4096) -> int | None:
+    """Smallest batch of ``seq_len``-token requests at which ``chooser`` (deciding each batch on
+    its own) decodes plainly; None if it still speculates at ``max_batch``. (The first such batch:
+    per-sequence overheads and KV-bound verifies can make speculation pay again at very large
+    batches, so the set need not be an interval.)"""
+    batches = range(1, max_batch + 1)
+    return next((b for b in batches if _fresh_choice(chooser, BatchStats.uniform(b, seq_len)).gamma == 0), None)
+
+
+def _shared(lens: list[int], prompt_keys: list) -> BatchStats:
+    """The batch as the controller summarises it: requests with the same prompt share its KV pages."""
+    from sglang_er.gamma.controller import shared_prefix_tokens
+
+    st = batch_stats(lens)
+    return BatchStats(st.batch, st.sum_len, st.max_len, shared_prefix_tokens(prompt_keys))
+
+
+def test_gamma_modules_do_not_import_sglang():
+    # The γ choice must be usable (and testable) without the engine, and light to import.
     code = (
-        "import sys, sglang_er.gamma, sglang_er.gamma.calibration; "
+        "import sys, sglang_er.gamma, sglang_er.gamma.builtin_profiles, sglang_er.gamma.calibration, "
+        "sglang_er.gamma.hardware_profile; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sglang', 'torch')); "
         "assert not bad, bad"
     )
@@ -62,20 +86,16 @@ def test_policy_modules_do_not_import_sglang():
 # ---------------------------------------------------------------------- model cost
 def test_model_cost_qwen2_05b(qwen):
     assert qwen.head_dim == 64 and qwen.attention_bias and qwen.tie_word_embeddings
-    assert abs(qwen.num_params - 494e6) / 494e6 < 0.01
-    assert abs(qwen.target_weight_bytes - 2 * 494e6) / (2 * 494e6) < 0.02
-    # tied: the lm_head is the embedding, so one forward streams every weight once
-    assert qwen.target_read_bytes == pytest.approx(qwen.target_weight_bytes, rel=1e-9)
+    # tied: the lm_head is the embedding, so one forward streams every one of the 494M bf16 weights once
+    assert abs(qwen.target_read_bytes / 2 - 494e6) / 494e6 < 0.01
     assert qwen.kv_bytes_per_token == 2 * 24 * 2 * 64 * 2  # K+V · layers · kv heads · hd · bf16
     # W4 linears: 0.5 byte/param + (bf16 scale + bf16 zero) per group of 128 input channels
     lin = 24 * qwen.layer_linear_params
     assert qwen.drafter_layer_bytes == pytest.approx(lin * 0.5 + lin / 128 * 4.0)
     assert qwen.head_bytes == 151936 * 896 * 2  # shared bf16 head
-    assert qwen.drafter_weight_bytes == qwen.drafter_layer_bytes  # the shared head costs no memory
     assert qwen.draft_read_bytes < 0.5 * qwen.target_read_bytes
     w4h = ModelCost.from_config(QWEN2_05B, w4_head=True)
     assert w4h.head_bytes < qwen.head_bytes / 3.5
-    assert w4h.drafter_weight_bytes == pytest.approx(w4h.drafter_layer_bytes + w4h.head_bytes)
     assert qwen.flops_per_token == pytest.approx(2 * (lin + 151936 * 896))
     explicit = ModelCost(
         num_layers=24,
@@ -147,27 +167,27 @@ def test_kv_read_rule_per_request_vs_shared_once(qwen):
     assert CostModel(builtin_profile("cpu"), qwen).kv_read_rule == "per_request"  # torch_native
 
     lens = [600] * 8  # GRPO: 8 samples of one 500-token prompt, 100 tokens generated each
-    group = [(500, range(8))]
+    alone, group = batch_stats(lens), _shared(lens, [(500, "prompt")] * 8)
     kv = qwen.kv_bytes_per_token
-    # per_request: shared pages are still read by every request -> groups change nothing
-    assert per_req.predicted_bytes("plain", lens, 0, group) == per_req.predicted_bytes("plain", lens)
-    assert per_req.t_plain(lens, group) == per_req.t_plain(lens)
+
+    def moved(cm, phase, st, gamma=0):  # the bytes a forward moves, as the calibration samples count them
+        return cm.calibration_sample(phase, st, gamma, 1.0).bytes
+
+    # per_request: shared pages are still read by every request -> sharing changes nothing
+    assert moved(per_req, "plain", group) == moved(per_req, "plain", alone)
+    assert per_req.t_plain(group) == per_req.t_plain(alone)
     # shared_once: the 500-token prefix is read once instead of 8 times
-    saved = shared.predicted_bytes("plain", lens) - shared.predicted_bytes("plain", lens, 0, group)
+    saved = moved(shared, "plain", alone) - moved(shared, "plain", group)
     assert saved == pytest.approx(7 * 500 * kv * shared.kv_traffic_factor)
-    saved_v = shared.predicted_bytes("verify", lens, 3) - shared.predicted_bytes("verify", lens, 3, group)
+    saved_v = moved(shared, "verify", alone, 3) - moved(shared, "verify", group, 3)
     assert saved_v == pytest.approx(saved)  # the verify reads each KV page once for its γ+1 queries
-    assert shared.t_plain(lens, group) < shared.t_plain(lens)
+    assert shared.t_plain(group) < shared.t_plain(alone)
     # the padded drafter gathers per request whatever the target backend does
-    assert shared.t_draft(lens, 3, group) == shared.t_draft(lens, 3)
-    # nested radix groups: 4 of them also share 550 tokens -> 3 more requests save 50 more each
-    nested = group + [(550, [4, 5, 6, 7])]
-    saved2 = shared.predicted_bytes("plain", lens) - shared.predicted_bytes("plain", lens, 0, nested)
-    assert saved2 == pytest.approx((7 * 500 + 3 * 50) * kv * shared.kv_traffic_factor)
-    with pytest.raises(ValueError, match="longer than request"):
-        shared.t_plain([600, 400], [(500, [0, 1])])
-    with pytest.raises(ValueError, match="not a request index"):
-        shared.t_plain([600, 600], [(500, [0, 2])])
+    assert shared.t_draft(group, 3) == shared.t_draft(alone, 3)
+    # two prompts: each group reads its own prompt once
+    two = _shared(lens, [(500, "a")] * 5 + [(300, "b")] * 3)
+    saved2 = moved(shared, "plain", alone) - moved(shared, "plain", two)
+    assert saved2 == pytest.approx((4 * 500 + 2 * 300) * kv * shared.kv_traffic_factor)
     with pytest.raises(ValueError, match="kv_read_rule"):
         CostModel(prof, qwen, kv_read_rule="sometimes")
     with pytest.raises(ValueError, match="no known KV read rule"):
@@ -203,28 +223,29 @@ def test_live_correction_follows_a_2x_slower_machine(qwen):
         obs = cm.observe("verify", lens, g, truth.t_verify(lens, g) * noise())
     assert 0 < obs.bw_util < 1 and obs.rel_err_raw == pytest.approx(0.5, abs=0.03)
     for phase in ("plain", "draft", "verify"):
-        assert cm.multiplier[phase] == pytest.approx(2.0, rel=0.05)
+        assert cm.correction.multiplier[phase] == pytest.approx(2.0, rel=0.05)
     lens = [1234, 77, 2900]
     assert cm.t_plain(lens) == pytest.approx(truth.t_plain(lens), rel=0.06)
-    assert cm.t_iteration(lens, 3) == pytest.approx(truth.t_iteration(lens, 3), rel=0.06)
+    st = batch_stats(lens)
+    assert cm.iteration_times(st, [3])[3] == pytest.approx(truth.iteration_times(st, [3])[3], rel=0.06)
     assert cm.t_plain(lens, corrected=False) == pytest.approx(truth.t_plain(lens) / 2)
 
-    stats = cm.error_stats()
+    stats = cm.correction.error_stats()
     for phase in ("plain", "draft", "verify"):
         s = stats[phase]
         assert s["n"] == 20 and s["window"] == 20
         assert s["mean_rel_err_raw"] == pytest.approx(0.5, abs=0.03)  # the profile alone: off by 2×
         assert s["mean_rel_err_corrected"] < s["mean_rel_err_raw"]
-        assert cm.error_stats(last=5)[phase]["mean_rel_err_corrected"] < 0.06  # after convergence
+        assert cm.correction.error_stats(last=5)[phase]["mean_rel_err_corrected"] < 0.06  # after convergence
         assert 0 < s["bw_util"] < 1
 
     # bounded: one absurd measurement (a GC pause) cannot push a multiplier outside [0.2, 5]
-    m_before = cm.multiplier["plain"]
+    m_before = cm.correction.multiplier["plain"]
     cm.observe("plain", [100], 0, 1e3)
-    assert m_before < cm.multiplier["plain"] <= 5.0
+    assert m_before < cm.correction.multiplier["plain"] <= 5.0
     for _ in range(100):
         cm.observe("plain", [100], 0, 1e3)
-    assert cm.multiplier["plain"] == pytest.approx(5.0)
+    assert cm.correction.multiplier["plain"] == pytest.approx(5.0)
     with pytest.raises(ValueError, match="phase"):
         cm.observe("prefill", [10], 0, 0.1)
     with pytest.raises(ValueError, match="positive"):
@@ -248,15 +269,16 @@ def test_acceptance_estimates_alpha(alphas):
     est = acc.alphas()
     assert all(abs(e - a) < 0.03 for e, a in zip(est, alphas)), (est, alphas)
     e_true = 1 + sum(math.prod(alphas[:k]) for k in range(1, 5))
-    assert acc.expected_tokens(4) == pytest.approx(e_true, abs=0.08)
+    assert acc.expected_tokens_table()[4] == pytest.approx(e_true, abs=0.08)
 
 
 def test_acceptance_closed_form_and_cold_start():
     for alpha in (0.3, 0.7, 0.95):
         acc = AcceptanceModel(6, prior_alpha=alpha)  # cold start: every α_k is the prior
         assert acc.alphas() == pytest.approx([alpha] * 6)
+        table = acc.expected_tokens_table()
         for g in range(7):
-            assert acc.expected_tokens(g) == pytest.approx((1 - alpha ** (g + 1)) / (1 - alpha))
+            assert table[g] == pytest.approx((1 - alpha ** (g + 1)) / (1 - alpha))
     acc = AcceptanceModel(4)
     with pytest.raises(ValueError, match="accept_len"):
         acc.observe(2, [3])
@@ -278,100 +300,103 @@ def test_acceptance_window_and_unvisited_positions():
 
 
 def test_acceptance_per_request():
+    """Per-request acceptance as the controller records it (``observe`` with rids) and the chooser
+    reads it (``batch_expected_tokens``): a request's own counts are used once it has
+    ``request_min_obs`` records, shrunk towards the server-wide rates."""
     acc = AcceptanceModel(4, prior_alpha=0.8, request_min_obs=8)
     rng = random.Random(3)
-    for _ in range(50):
+    for _ in range(500):
         acc.observe(4, [_geometric(rng, [0.8] * 4, 4) for _ in range(6)])
-    srv = acc.expected_tokens(4)
+
+    def own(rid):  # E[L|γ=4] of one request, as the chooser sees it
+        return acc.batch_expected_tokens(1, [rid])[4]
+
+    def srv():  # server-wide E[L|γ=4]
+        return acc.expected_tokens_table()[4]
+
     for i in range(7):
-        acc.observe_request("hard", 4, 0)  # a request whose drafts are always rejected
-    assert acc.expected_tokens(4, rid="hard") == srv  # not enough history yet
-    acc.observe_request("hard", 4, 0)
-    assert acc.expected_tokens(4, rid="hard") < srv - 1  # 8 records: shrunk halfway to the server's α
+        acc.observe(4, [0], rids=["hard"])  # a request whose drafts are always rejected
+    assert own("hard") == srv()  # not enough history yet
+    acc.observe(4, [0], rids=["hard"])
+    assert own("hard") < srv() - 1  # 8 records: shrunk halfway to the server's α
     for i in range(32):
-        acc.observe_request("hard", 4, 0)
-    assert acc.expected_tokens(4, rid="hard") < 1.5 < srv
-    assert acc.expected_tokens(4) == srv  # observe_request leaves the server-wide window alone
-    acc.observe(4, [4, 0], rids=["easy", "hard"])  # observe(rids=) records both
-    assert acc.num_observations == 50 * 6 + 2
-    assert acc.expected_tokens(4, rid="hard") < 1.5
-    srv = acc.expected_tokens(4)
+        acc.observe(4, [0], rids=["hard"])
+    assert own("hard") < 1.5 < srv()
+    acc.observe(4, [4, 0], rids=["easy", "hard"])  # observe(rids=) records per request and server-wide
+    assert acc.num_observations == 500 * 6 + 40 + 2
+    assert own("hard") < 1.5
+    s = srv()
     total = acc.batch_expected_tokens(3, ["hard", "x", "y"])
-    assert total[4] == pytest.approx(acc.expected_tokens(4, "hard") + 2 * srv)
+    assert total[4] == pytest.approx(acc.expected_tokens_table("hard")[4] + 2 * s)  # Σ_b of each table
     assert total[0] == 3.0
     assert acc.batch_expected_tokens(3, ["hard", "x", "y"]) == total  # the same batch, nothing new: cached
     acc.forget("hard")
-    assert acc.expected_tokens(4, rid="hard") == srv
-    assert acc.batch_expected_tokens(3, ["hard", "x", "y"])[4] == pytest.approx(3 * srv)  # forget clears it
+    assert acc.batch_expected_tokens(3, ["hard", "x", "y"])[4] == pytest.approx(3 * s)  # forget clears it
     for _ in range(8):
-        acc.observe_request("x", 4, 0)
-    assert acc.batch_expected_tokens(3, ["hard", "x", "y"])[4] < 3 * srv - 1  # so does a new record
+        acc.observe(4, [0], rids=["x"])
+    assert acc.batch_expected_tokens(3, ["hard", "x", "y"])[4] < 3 * s - 1  # so does a new record
 
 
-# ---------------------------------------------------------------------- policy
-def test_policy_switches_with_batch_and_hardware(qwen):
-    cpu = _policy("cpu", qwen)
-    d1 = cpu.evaluate([512])
+# ---------------------------------------------------------------------- chooser
+def test_chooser_switches_with_batch_and_hardware(qwen):
+    cpu = _chooser("cpu", qwen, explore_every=0)
+    d1 = _fresh_choice(cpu, [512])
     assert d1.gamma > 0 and d1.speedup > 1.2
     assert set(d1.predicted_tokens_per_s) == {0, 1, 2, 3, 4} and d1.reason
-    assert cpu.evaluate([512] * 256).gamma == 0
-    cross_cpu = cpu.crossover_batch(512)
-    h100 = _policy("h100", qwen)
-    assert h100.evaluate([512]).gamma > 0
-    cross_h100 = h100.crossover_batch(512)
+    assert _fresh_choice(cpu, [512] * 256).gamma == 0
+    cross_cpu = _crossover(cpu, 512)
+    h100 = _chooser("h100", qwen, explore_every=0)
+    assert _fresh_choice(h100, [512]).gamma > 0
+    cross_h100 = _crossover(h100, 512)
     assert cross_cpu is not None and cross_h100 is not None
     assert 2 <= cross_cpu < cross_h100
     # speculation at batch cross-1, none at cross
-    assert cpu.evaluate([512] * (cross_cpu - 1)).gamma > 0
-    assert cpu.evaluate([512] * cross_cpu).gamma == 0
+    assert _fresh_choice(cpu, [512] * (cross_cpu - 1)).gamma > 0
+    assert _fresh_choice(cpu, [512] * cross_cpu).gamma == 0
     # acceptance matters: a drafter that is always wrong is never worth running
-    assert _policy("cpu", qwen, alpha=0.05).evaluate([512]).gamma == 0
+    assert _chooser("cpu", qwen, alpha=0.05).choose([512]).gamma == 0
 
 
-def test_policy_deterministic_hysteresis_and_fixed(qwen):
+def test_chooser_deterministic_with_hysteresis_gain_and_ladder(qwen):
     lens = [random.Random(4).randint(10, 2000) for _ in range(5)]
-    a, b = _policy("cpu", qwen), _policy("cpu", qwen)
+    a, b = _chooser("cpu", qwen), _chooser("cpu", qwen)
     assert a.choose(lens) == b.choose(lens)
     assert a.choose(lens) == a.choose(lens)
 
     # Hysteresis: having chosen γ>0, a batch where plain is only slightly better keeps γ
-    pol = _policy("cpu", qwen, hysteresis=0.5)
+    pol = _chooser("cpu", qwen, hysteresis=0.5)
     g1 = pol.choose([512]).gamma
-    cross = pol.crossover_batch(512)
-    d = pol.evaluate([512] * cross)
+    twin = _chooser("cpu", qwen, hysteresis=0.5, explore_every=0)  # the same models, no memory
+    cross = _crossover(twin, 512)
+    d = _fresh_choice(twin, [512] * cross)
     assert d.gamma == 0 and d.predicted_tokens_per_s[0] < 1.5 * d.predicted_tokens_per_s[g1]
     kept = pol.choose([512] * cross)
     assert kept.gamma == g1 and "hysteresis" in kept.reason
     assert pol.choose([512] * 512).gamma == 0  # a large change still switches
 
     # min_gain: demand a 10× gain -> never speculate
-    assert _policy("cpu", qwen, min_gain=10.0).evaluate([512]).gamma == 0
+    assert _chooser("cpu", qwen, min_gain=10.0).choose([512]).gamma == 0
     # the ladder restricts γ
-    lad = _policy("cpu", qwen, ladder=[2])
-    assert lad.evaluate([512]).gamma == 2 and set(lad.evaluate([512]).predicted_tokens_per_s) == {0, 2}
+    d = _chooser("cpu", qwen, ladder=[2]).choose([512])
+    assert d.gamma == 2 and set(d.predicted_tokens_per_s) == {0, 2}
     with pytest.raises(ValueError, match="ladder"):
-        _policy("cpu", qwen, ladder=[1, 8])
-
-    # fixed mode, with and without models
-    assert GammaPolicy.fixed(3).choose([10] * 100).gamma == 3
-    assert GammaPolicy.fixed(0).choose([10]).gamma == 0
-    cm = CostModel(builtin_profile("cpu"), qwen)
-    fx = GammaPolicy.fixed(2, cm, AcceptanceModel(4))
-    d = fx.choose([512] * 256)
-    assert d.gamma == 2 and d.predicted_tokens_per_s[2] < d.predicted_tokens_per_s[0]
+        _chooser("cpu", qwen, ladder=[1, 8])
 
     # per-request acceptance feeds the decision
     acc = AcceptanceModel(4, prior_alpha=0.8)
-    for _ in range(10):
-        acc.observe_request("bad", 4, 0)
-    pol = GammaPolicy(cm, acc)
-    assert pol.evaluate([512], rids=["bad"]).gamma == 0
-    assert pol.evaluate([512], rids=["new"]).gamma > 0
+    rng = random.Random(5)
+    for _ in range(125):
+        acc.observe(4, [_geometric(rng, [0.8] * 4, 4) for _ in range(8)])
+    for _ in range(40):
+        acc.observe(4, [0], rids=["bad"])  # a request whose drafts are always rejected
+    pol = GammaChooser(CostModel(builtin_profile("cpu"), qwen), acc, explore_every=0)
+    assert _fresh_choice(pol, [512], ["bad"]).gamma == 0
+    assert _fresh_choice(pol, [512], ["new"]).gamma > 0
 
 
 def _python_calls_per_choice(qwen, batch, iterations=20):
     """Python function calls made by each of ``iterations`` consecutive ``choose`` (one batch)."""
-    pol = _policy("cpu", qwen)
+    pol = _chooser("cpu", qwen)
     lens = list(range(100, 100 + batch))
     counts = []
 
@@ -389,7 +414,7 @@ def _python_calls_per_choice(qwen, batch, iterations=20):
     return counts
 
 
-def test_policy_decision_is_cheap(qwen):
+def test_chooser_decision_is_cheap(qwen):
     # well under a forward: the batch is summarised by builtins (sum, max over the lengths), then the
     # decision is O(candidates), so the Python work per iteration does not grow with the batch
     # (the counts of two batch sizes differ by a call or two only where exploration branches differ)
@@ -397,23 +422,26 @@ def test_policy_decision_is_cheap(qwen):
     assert max(large) <= max(small) + 4 and max(large) < 64, (small, large)  # a per-request loop: >= 1024
 
 
-def test_hot_path_iteration_times_equal_t_iteration(qwen):
-    """The inlined per-iteration predictions equal the component methods, for both KV read
-    rules and draft layouts, before and after live correction (multiplier, then affine)."""
-    lens, groups = [300, 420, 510, 800, 64, 1000], [(200, [0, 1, 2]), (60, [3, 4])]
+def test_hot_path_iteration_times_equal_the_phase_predictions(qwen):
+    """The inlined per-iteration predictions equal the phase methods (t_plain, or t_draft +
+    t_verify, plus the scheduler time), for both KV read rules and draft layouts, before and after
+    live correction (multiplier, then affine)."""
+    lens = [300, 420, 510, 800, 64, 1000]
+    st = _shared(lens, [(200, "a")] * 3 + [(60, "b")] * 2 + [(1000, "c")])
     gammas = [0, 1, 3, 7]
     for rule in ("per_request", "shared_once"):
         for layout in ("padded", "ragged"):
             cm = CostModel(builtin_profile("cpu"), qwen, kv_read_rule=rule, draft_kv_layout=layout)
+            outside = cm.correction.t_outside
             for step in range(6):  # step 0: profile only; then multipliers; then the affine fit
-                st = cm.batch_stats(lens, groups)
                 got = cm.iteration_times(st, gammas)
                 for g in gammas:
-                    assert got[g] == pytest.approx(cm.t_iteration(lens, g, groups), rel=1e-12), (rule, layout, g)
+                    want = cm.t_draft(st, g) + cm.t_verify(st, g) if g else cm.t_plain(st)
+                    assert got[g] == pytest.approx(want + outside(g, st.batch), rel=1e-12), (rule, layout, g)
                 cm.observe("plain", lens[: step + 1], 0, 0.01 * (step + 1))
                 cm.observe("draft", lens[: step + 1], 3, 0.004 * (step + 2))
                 cm.observe("verify", lens[: step + 1], 3, 0.012 * (step + 1))
-                cm.observe_outside(step % 2, step + 1, 0.001 * step)
+                cm.correction.observe_outside(step % 2, step + 1, 0.001 * step)
 
 
 # ---------------------------------------------------------------------- profiles
@@ -430,9 +458,9 @@ def test_profile_json_round_trip(tmp_path):
 
 
 def test_gpu_without_builtin_profile_gets_labelled_generic_one(caplog):
-    from sglang_er.gamma.calibration import GENERIC_GPU, builtin_profile_for_device
+    from sglang_er.gamma.builtin_profiles import GENERIC_GPU, builtin_profile_for_device
 
-    with caplog.at_level("WARNING", logger="sglang_er.gamma.calibration"):
+    with caplog.at_level("WARNING", logger="sglang_er.gamma.builtin_profiles"):
         assert builtin_profile_for_device(None).name == "cpu-2core"
         assert builtin_profile_for_device("NVIDIA A100-SXM4-80GB").name == "a100-80gb"
         assert builtin_profile_for_device("NVIDIA H100 80GB HBM3").name == "h100-sxm"
@@ -466,10 +494,10 @@ def test_gpu_without_builtin_profile_gets_labelled_generic_one(caplog):
     ],
 )
 def test_gpu_names_get_their_own_datasheet_profile(gpu, key, caplog):
-    from sglang_er.gamma.calibration import GENERIC_GPU, builtin_profile_for_device, gpu_profile_name
+    from sglang_er.gamma.builtin_profiles import GENERIC_GPU, builtin_profile_for_device, gpu_profile_name
 
     assert gpu_profile_name(gpu) == key
-    with caplog.at_level("INFO", logger="sglang_er.gamma.calibration"):
+    with caplog.at_level("INFO", logger="sglang_er.gamma.builtin_profiles"):
         prof = builtin_profile_for_device(gpu)
     assert prof.name == (key or GENERIC_GPU)
     if key:  # labelled as datasheet numbers, corrected online; the log line says so
@@ -483,11 +511,12 @@ def test_server_profile_for_unknown_gpu_and_from_env(monkeypatch, tmp_path, capl
     import torch
 
     from sglang_er.gamma import controller
-    from sglang_er.gamma.calibration import GENERIC_GPU, profile_from_env
+    from sglang_er.gamma.builtin_profiles import GENERIC_GPU
+    from sglang_er.gamma.hardware_profile import profile_from_env
 
     monkeypatch.delenv("SGLANG_ER_PROFILE", raising=False)
     monkeypatch.setattr(controller.torch.cuda, "get_device_name", lambda device=None: "NVIDIA B200")
-    with caplog.at_level("WARNING", logger="sglang_er.gamma.calibration"):
+    with caplog.at_level("WARNING", logger="sglang_er.gamma.builtin_profiles"):
         assert controller.default_profile(torch.device("cuda")).name == GENERIC_GPU
     assert "sglang-er calibrate" in caplog.text
     assert controller.default_profile(torch.device("cpu")).name == "cpu-2core"
@@ -585,7 +614,7 @@ def test_fit_profile_recovers_roofline(qwen):
         fit_profile([(1e9, 1e9, 1, 0.1)])
 
 
-def test_policy_explores_when_a_low_acceptance_estimate_keeps_it_plain(qwen):
+def test_chooser_explores_when_a_low_acceptance_estimate_keeps_it_plain(qwen):
     """A stale low α would keep γ = 0 for good (no speculation, no new measurement): the 4th
     plain iteration in a batch-size octave where speculation never ran explores, then every
     explore_every-th plain iteration does, unless clearly compute-bound (there only the
@@ -595,7 +624,7 @@ def test_policy_explores_when_a_low_acceptance_estimate_keeps_it_plain(qwen):
 
     assert EXPLORE_RUN == 2
     acc = AcceptanceModel(4, prior_alpha=0.05)  # the estimate after a bad start
-    pol = GammaPolicy(CostModel(builtin_profile("cpu"), qwen), acc, explore_every=8, explore_floor=0.5)
+    pol = GammaChooser(CostModel(builtin_profile("cpu"), qwen), acc, explore_every=8, explore_floor=0.5)
     picks = [pol.choose([512]).gamma for _ in range(32)]
     explored = [i for i, g in enumerate(picks) if g > 0]
     assert explored == [3, 4, 12, 13, 21, 22, 30, 31], picks
@@ -605,7 +634,7 @@ def test_policy_explores_when_a_low_acceptance_estimate_keeps_it_plain(qwen):
         acc.observe(4, [4])
     assert pol.choose([512]).gamma > 0
     assert (
-        GammaPolicy(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.05), explore_every=0)
+        GammaChooser(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.05), explore_every=0)
         .choose([512])
         .gamma
         == 0
@@ -618,39 +647,39 @@ def test_scheduler_time_outside_the_forwards_enters_the_decision(qwen):
     """A speculative iteration commits several tokens per request, so the scheduler's work around
     the forwards (result processing, streaming) costs it more than a plain one: measured per
     request and mode, it moves a marginal speculation decision back to plain."""
-    pol = _policy("cpu", qwen, alpha=0.8)
+    pol = _chooser("cpu", qwen, alpha=0.8, explore_every=0)
     cm = pol.cost_model
+    corr = cm.correction
     lens = [400] * 8
-    assert cm.t_outside(3, 8) == 0.0  # nothing measured yet: neither mode is penalised
-    cm.observe_outside(0, 8, 0.008)
-    assert cm.t_outside(3, 8) == pytest.approx(0.008)  # the unmeasured mode borrows the other's
+    assert corr.t_outside(3, 8) == 0.0  # nothing measured yet: neither mode is penalised
+    corr.observe_outside(0, 8, 0.008)
+    assert corr.t_outside(3, 8) == pytest.approx(0.008)  # the unmeasured mode borrows the other's
     for b in (1, 2, 4, 16, 32, 64):  # a + b·B is recovered from iterations of varied batch size
-        cm.observe_outside(0, b, 0.004 + 0.0005 * b)
-    assert cm.t_outside(0, 100) == pytest.approx(0.054, rel=0.05)
-    d = pol.evaluate(lens)
+        corr.observe_outside(0, b, 0.004 + 0.0005 * b)
+    assert corr.t_outside(0, 100) == pytest.approx(0.054, rel=0.05)
+    d = _fresh_choice(pol, lens)
     g = max(pol.ladder, key=lambda k: d.predicted_tokens_per_s[k])
     t_spec = d.predicted_iter_s[g]
     assert t_spec == pytest.approx(cm.t_draft(lens, g) + cm.t_verify(lens, g) + 0.008)
     for _ in range(50):  # spec iterations measured far costlier outside the forwards
-        cm.observe_outside(g, 8, 10 * t_spec)
-    assert cm.t_iteration(lens, g) > 10 * t_spec
-    assert pol.evaluate(lens).gamma == 0
-    cm.reset_correction()
-    assert cm.t_outside(g, 8) == 0.0
+        corr.observe_outside(g, 8, 10 * t_spec)
+    d = _fresh_choice(pol, lens)
+    assert d.predicted_iter_s[g] > 10 * t_spec
+    assert d.gamma == 0
 
 
-def test_policy_times_the_plain_step_while_speculating(qwen):
+def test_chooser_times_the_plain_step_while_speculating(qwen):
     """A profile that overestimates the plain step (its fixed overhead measured on a deeper
     model) would keep speculation on for good: while speculating, every 4th iteration is plain
     until plain has been timed, then every explore_every-th iteration; the first
     measurement replaces the profile's guess, and a plain step measured fast turns speculation off."""
     cm = CostModel(builtin_profile("cpu"), qwen)
-    pol = GammaPolicy(cm, AcceptanceModel(4, prior_alpha=0.8), explore_every=8, explore_floor=0.3)
+    pol = GammaChooser(cm, AcceptanceModel(4, prior_alpha=0.8), explore_every=8, explore_floor=0.3)
     lens = [512] * 2
     picks = [pol.choose(lens).gamma for _ in range(6)]
     assert picks[:3] == [picks[0]] * 3 and picks[0] > 0 and picks[3] == 0 and picks[4] > 0, picks
     cm.observe("plain", lens, 0, 0.2 * cm.t_plain(lens, corrected=False))  # plain is 5x cheaper than thought
-    assert cm.multiplier["plain"] == pytest.approx(0.2)
+    assert cm.correction.multiplier["plain"] == pytest.approx(0.2)
     assert pol.choose(lens).gamma == 0
 
 
@@ -675,31 +704,31 @@ def test_warmup_measurements_do_not_train_the_correction(qwen):
     reported but do not move the correction (the server skips outside-time ones: one-time work such
     as the drafter's AWQ switch must not be learnt as a per-iteration cost)."""
     cm = CostModel(builtin_profile("cpu"), qwen, warmup=2, outside_warmup=2)
-    cm.draft_setup = 0.0  # κ = 0: a draft costs γ of the profile's steps, as the factors below assume
+    corr = cm.correction
+    corr.draft_setup = 0.0  # κ = 0: a draft costs γ of the profile's steps, as the factors below assume
     lens = [300]
     raw = cm.t_draft(lens, 4, corrected=False)
     for _ in range(2):
         obs = cm.observe("draft", lens, 4, 3.0 * raw)
-        assert obs.rel_err_raw == pytest.approx(2 / 3) and cm.multiplier["draft"] == 1.0
+        assert obs.rel_err_raw == pytest.approx(2 / 3) and corr.multiplier["draft"] == 1.0
     cm.observe("draft", lens, 4, 1.1 * raw)  # the third one is learnt from
-    assert cm.multiplier["draft"] == pytest.approx(1.1)
-    cm.reset_correction()  # a weight update: no second warm-up
-    cm.observe("draft", lens, 4, 0.9 * raw)
-    assert cm.multiplier["draft"] == pytest.approx(0.9)
+    assert corr.multiplier["draft"] == pytest.approx(1.1)
+    cm.observe("draft", lens, 4, 0.9 * raw)  # and so is every later one (EMA with weight ema)
+    assert corr.multiplier["draft"] == pytest.approx(math.exp(0.8 * math.log(1.1) + 0.2 * math.log(0.9)))
     for _ in range(2):  # the AWQ switch or a first allocation inside an iteration's wall
-        cm.observe_outside(4, 1, 0.17)
-    assert cm.t_outside(4, 1) == 0.0
-    cm.observe_outside(4, 1, 0.002)
-    assert cm.t_outside(4, 1) == pytest.approx(0.002)
+        corr.observe_outside(4, 1, 0.17)
+    assert corr.t_outside(4, 1) == 0.0
+    corr.observe_outside(4, 1, 0.002)
+    assert corr.t_outside(4, 1) == pytest.approx(0.002)
 
 
-def test_policy_measures_again_however_low_its_estimate(qwen):
+def test_chooser_measures_again_however_low_its_estimate(qwen):
     """An estimate below the exploration floor (here: acceptance ~0) is still re-measured once
     every FORCED_EXPLORE_PERIODS · explore_every plain iterations, after the batch-size octave's
     first measurement (the 4th plain iteration)."""
     from sglang_er.gamma import FORCED_EXPLORE_PERIODS
 
-    pol = GammaPolicy(
+    pol = GammaChooser(
         CostModel(builtin_profile("cpu"), qwen),
         AcceptanceModel(4, prior_alpha=0.001),
         explore_every=4,
@@ -718,21 +747,22 @@ def test_draft_correction_is_per_step_with_a_measured_setup(qwen):
     from sglang_er.gamma import DRAFT_SETUP_PRIOR
 
     cm = CostModel(builtin_profile("cpu"), qwen)
-    assert cm.draft_setup == DRAFT_SETUP_PRIOR
+    corr = cm.correction
+    assert corr.draft_setup == DRAFT_SETUP_PRIOR
 
     def measured(lens, g):  # steps 1.5x the profile's plus 2 ms each, κ = 1
         return (1.5 * cm.t_draft(lens, 1, corrected=False) + 0.002) * (g + 1.0)
 
     for k in range(40):  # the first step takes 2x each later one: κ = 1
-        cm.observe_draft_setup(4e-3, 6e-3, 4)
-    assert cm.draft_setup == pytest.approx(1.0, abs=0.01)
+        corr.observe_draft_setup(4e-3, 6e-3, 4)
+    assert corr.draft_setup == pytest.approx(1.0, abs=0.01)
     for b in (1, 2, 4, 8, 16, 32) * 3:
         cm.observe("draft", [300] * b, 1, measured([300] * b, 1))
     for b in (1, 8, 32):
         lens = [300] * b
         assert cm.t_draft(lens, 7) == pytest.approx(measured(lens, 7), rel=0.02)
-    cm.observe_draft_setup(5e-3, 1e-9, 2)  # an outlier moves κ by at most ema · DRAFT_SETUP_MAX
-    assert cm.draft_setup <= 1.0 + cm.ema * 4.0
+    corr.observe_draft_setup(5e-3, 1e-9, 2)  # an outlier moves κ by at most ema · DRAFT_SETUP_MAX
+    assert corr.draft_setup <= 1.0 + corr.ema * 4.0
 
 
 def test_a_draft_vocabulary_subset_shrinks_the_heads_bytes_and_flops():

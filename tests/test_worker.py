@@ -256,7 +256,7 @@ def test_auto_policy_speculates_alone_and_not_in_a_compute_bound_batch(tiny_mode
     compute-bound one: a lone request speculates, a batch of 24 decodes plainly (both ways within
     one server, decided per iteration) (asserted on the
     worker's recorded decisions, not on time), and every output stays the plain server's."""
-    from sglang_er.gamma.calibration import builtin_profile
+    from sglang_er.gamma.builtin_profiles import builtin_profile
 
     base = builtin_profile("cpu")
     profile = base.model_copy(

@@ -87,7 +87,14 @@ def test_mode_off_is_always_plain():
         EffRolloutConfig.from_env(4, {"SGLANG_ER_MODE": "off", "SGLANG_ER_GAMMA": "3"})
 
 
-def test_policy_margins_from_env():
+def test_fixed_mode_keeps_its_gamma_whatever_the_batch():
+    """SGLANG_ER_GAMMA fixes γ (0: plain decoding), or cycles a list per iteration: no cost model decides."""
+    for env, want in (("3", [3] * 5), ("0", [0] * 5), ("3,0,1", [3, 0, 1, 3, 0])):
+        cfg = EffRolloutConfig.from_env(4, {"SGLANG_ER_GAMMA": env})
+        assert cfg.mode == "fixed" and [cfg.gamma_for_iteration(i) for i in range(5)] == want
+
+
+def test_chooser_margins_from_env():
     cfg = EffRolloutConfig.from_env(4, {"SGLANG_ER_MIN_GAIN": "1.2", "SGLANG_ER_HYSTERESIS": "0"})
     assert (cfg.min_gain, cfg.hysteresis) == (1.2, 0.0)
     assert (EffRolloutConfig.from_env(4, {}).min_gain, EffRolloutConfig.from_env(4, {}).hysteresis) == (1.05, 0.02)
@@ -109,7 +116,7 @@ def refusals(tiny_model, tmp_path_factory):
     that ends in the refusal, so running them side by side halves the module's time."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from sglang_er.gamma.calibration import builtin_profile
+    from sglang_er.gamma.builtin_profiles import builtin_profile
 
     tmp = tmp_path_factory.mktemp("refusals")
     bad = tmp / "profile.json"

@@ -22,8 +22,9 @@ with ``"forced": true``.
 A server started without ``SGLANG_ER_PROFILE`` starts from the built-in profile of its device
 (``cpu-2core``, datasheet numbers for A100, H100, H200 and L40S, or the labelled ``generic-gpu``
 placeholder on any other GPU, with a log line naming this command) and relies on live correction
-(:meth:`sglang_er.gamma.cost_model.CostModel.observe`), which converges within tens of decode
-iterations. Run this command once per machine/model when the first iterations' choices matter.
+(:meth:`sglang_er.gamma.cost_model.CostModel.observe`, :mod:`sglang_er.gamma.correction`), which
+converges within tens of decode iterations. Run this command once per machine/model when the first
+iterations' choices matter.
 
 Imports at module level are stdlib and sglang-er's stdlib-only modules (``sglang-er`` builds its
 parser from here); numpy, scipy, pydantic and :mod:`sglang_er.gamma` are imported by the functions
@@ -121,7 +122,8 @@ def _base_profile(name: str | None, device: str | None = None):
     """The profile a sweep's undetermined parameters start from: ``--base`` (a built-in name or a
     JSON file), else the built-in profile of ``device`` (a GPU name: its datasheet profile or the
     generic one), else the CPU's."""
-    from sglang_er.gamma.calibration import builtin_profile, builtin_profile_for_device, load_profile
+    from sglang_er.gamma.builtin_profiles import builtin_profile, builtin_profile_for_device
+    from sglang_er.gamma.hardware_profile import load_profile
 
     if name:
         if Path(name).suffix == ".json" or Path(name).is_file():
@@ -258,7 +260,7 @@ def _config_arg(args) -> dict:
 def _cmd_validate(args) -> int:
     if not args.csv:
         raise ValueError("--validate needs --csv sweep.csv (columns batch,seq,gamma,mode,median_ms)")
-    from sglang_er.gamma.calibration import load_profile
+    from sglang_er.gamma.hardware_profile import load_profile
 
     profile = load_profile(args.validate)
     sweep = load_sweep(args.csv, model=args.sweep_model)

@@ -35,7 +35,7 @@ class Measurement:
 def _device_and_base() -> tuple[str, str]:
     """This machine's device name and its built-in profile (the base of what a sweep cannot fit)."""
     from sglang_er.engine.cpu.platform import accelerator_present
-    from sglang_er.gamma.calibration import builtin_profile_for_device
+    from sglang_er.gamma.builtin_profiles import builtin_profile_for_device
 
     if accelerator_present() == "cuda":
         import torch
@@ -78,7 +78,7 @@ def measure(
     log: Callable[[str], None] = print,
 ) -> Measurement:
     """Run the sweep against one real EFFROLLOUT server (always stopped on return)."""
-    from sglang_er.gamma.calibration import GENERIC_GPU
+    from sglang_er.gamma.builtin_profiles import GENERIC_GPU
     from sglang_er.launcher import DEFAULT_MAX_TOTAL_TOKENS, Server
 
     device, base_name = _device_and_base()

@@ -19,7 +19,7 @@ from sglang_er.cli.sweep import MODES, PHASE_OF, SweepRow
 # A fitted profile is written only when it meets these (``--force`` writes it anyway, labelled).
 MAX_MAPE = {"target_decode": 0.03, "drafter_decode": 0.05, "target_verify": 0.05}
 MIN_TOGGLE_ACCURACY = 0.97
-# A measured gain within 5% of 1x is too close to call (not counted by the bound): the γ policy
+# A measured gain within 5% of 1x is too close to call (not counted by the bound): the γ chooser
 # itself speculates only above a predicted 1.05x (SGLANG_ER_MIN_GAIN), and three medians with a
 # couple of percent of noise each move a gain by that much.
 TOGGLE_MARGIN = 0.05

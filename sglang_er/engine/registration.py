@@ -78,7 +78,7 @@ def validate_server_args(args) -> None:
         )
     gamma = resolve_gamma(args.speculative_num_draft_tokens, args.speculative_num_steps)
     EffRolloutConfig.from_env(gamma)  # a bad SGLANG_ER_* setting fails at startup, not mid-serving
-    from sglang_er.gamma.calibration import PROFILE_ENV, profile_from_env
+    from sglang_er.gamma.hardware_profile import PROFILE_ENV, profile_from_env
 
     if os.environ.get(PROFILE_ENV):  # a bad or mismatched profile fails here, at startup
         profile_from_env(_server_device(args.device))

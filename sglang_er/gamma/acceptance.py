@@ -130,10 +130,6 @@ class AcceptanceModel:
                 self._add_request(rid, gamma, a)
         self._srv_alphas = self._srv_table = self._batch_cache = None
 
-    def observe_request(self, rid: Any, gamma: int, accept_len: int) -> None:
-        """Record one request's outcome (per-request history only; see :meth:`observe`)."""
-        self._add_request(rid, *self._check(gamma, accept_len))
-
     def _add_request(self, rid: Any, gamma: int, a: int) -> None:
         self._batch_cache = None
         c = self._req.get(rid)
@@ -187,12 +183,6 @@ class AcceptanceModel:
         prior cost a 64-request rollout 14%)."""
         c, w = self._srv, self.prior_weight
         return expected_lengths(c.acc[k] / (c.tried[k] + w) for k in range(self.gamma_max))
-
-    def expected_tokens(self, gamma: int, rid: Any = None) -> float:
-        """E[L|γ] = 1 + Σ_{k=1..γ} Π_{j=1..k} α_j; for constant α, (1 − α^(γ+1)) / (1 − α)."""
-        if not 0 <= int(gamma) <= self.gamma_max:
-            raise ValueError(f"γ = {gamma} is outside 0..{self.gamma_max}")
-        return self.expected_tokens_table(rid)[int(gamma)]
 
     def batch_expected_tokens(self, batch: int, rids: Sequence[Any] | None = None) -> list[float]:
         """[Σ_b E[L_b|γ] for γ = 0..γmax] over a batch; O(B·γmax) with rids, O(γmax) without."""

@@ -4,8 +4,7 @@
 verify over γ+1 tokens, committing E[L|γ] tokens per request. RL rollouts start with a large
 batch (compute-bound: speculation loses) and end in a long tail of few requests (memory- and
 overhead-bound: it wins), so γ must follow the batch. What is never chosen is never measured, so
-the choice also explores the option it rejects now and then (:meth:`GammaPolicy._explore`).
-"Policy" elsewhere means the RL model; this is the :class:`GammaPolicy`.
+the choice also explores the option it rejects now and then (:meth:`GammaChooser._explore`).
 """
 
 from __future__ import annotations
@@ -15,15 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sglang_er.gamma.acceptance import AcceptanceModel
-from sglang_er.gamma.batch import BatchStats, PrefixGroups, SeqLens, batch_stats
+from sglang_er.gamma.batch import BatchStats, SeqLens, batch_stats
 from sglang_er.gamma.cost_model import CostModel
 
-__all__ = ["EXPLORE_RUN", "FORCED_EXPLORE_PERIODS", "RETIME_ITERATIONS", "Decision", "GammaPolicy"]
+__all__ = ["EXPLORE_RUN", "FORCED_EXPLORE_PERIODS", "RETIME_ITERATIONS", "Decision", "GammaChooser"]
 
 # A batch-size octave where plain, or speculation, has not run for this many iterations gets one
-# iteration of it (see GammaPolicy._explore).
+# iteration of it (see GammaChooser._explore).
 RETIME_ITERATIONS = 2048
-# Whatever it predicts, the γ policy speculates once after this many explore_every periods of
+# Whatever it predicts, the γ chooser speculates once after this many explore_every periods of
 # plain iterations (256 by default: at most 0.4% of iterations at a predicted loss), so an
 # estimate that a bad measurement pushed below the exploration floor is measured again.
 FORCED_EXPLORE_PERIODS = 8
@@ -62,54 +61,41 @@ class Decision:
         return max(spec) / tps[0] if spec and tps.get(0) else float("nan")
 
 
-class GammaPolicy:
+class GammaChooser:
     """γ* = argmax over {0} ∪ ladder of predicted tokens/s, O(|ladder|·γmax + B) per call.
 
     tokens/s(γ) = Σ_b E[L_b|γ] / (Σ_{j<γ} T_D(j) + T_V(γ)); tokens/s(0) = B / T_T.
     Ties go to the smaller γ. Speculation must beat plain by ``min_gain`` (1.0: any gain). A
     change from the previous choice must gain more than ``hysteresis`` (relative), so γ does
     not flap between two nearly equal options as lengths creep up. The decision is a pure
-    function of (inputs, previous γ, the models' state); :meth:`evaluate` ignores the
-    previous γ. ``fixed_gamma``: always that γ (predictions still reported when a cost model
-    and acceptance model are given).
+    function of (inputs, previous γ, the models' state), plus exploration (:meth:`_explore`).
     """
 
     def __init__(
         self,
-        cost_model: CostModel | None,
-        acceptance: AcceptanceModel | None,
+        cost_model: CostModel,
+        acceptance: AcceptanceModel,
         ladder: Iterable[int] | None = None,
         min_gain: float = 1.0,
         hysteresis: float = 0.02,
-        fixed_gamma: int | None = None,
         explore_every: int = 32,
         explore_floor: float = 0.7,
     ) -> None:
         self.cost_model = cost_model
         self.acceptance = acceptance
-        gmax = acceptance.gamma_max if acceptance is not None else None
+        gmax = acceptance.gamma_max
         if ladder is None:
-            if gmax is None:
-                ladder = [] if fixed_gamma is None else ([fixed_gamma] if fixed_gamma else [])
-            else:
-                ladder = range(1, gmax + 1)
+            ladder = range(1, gmax + 1)
         lad = sorted({int(g) for g in ladder} - {0})
         if any(g < 0 for g in lad):
             raise ValueError(f"ladder entries must be >= 0, got {sorted(ladder)}")
-        if gmax is not None and lad and lad[-1] > gmax:
+        if lad and lad[-1] > gmax:
             raise ValueError(f"ladder {lad} exceeds the acceptance model's γmax = {gmax}")
-        if fixed_gamma is None and (cost_model is None or acceptance is None):
-            raise ValueError("an adaptive γ policy needs a cost model and an acceptance model")
-        if fixed_gamma is not None:
-            fixed_gamma = int(fixed_gamma)
-            if fixed_gamma < 0 or (gmax is not None and fixed_gamma > gmax):
-                raise ValueError(f"fixed γ = {fixed_gamma} is outside 0..{gmax}")
         if min_gain <= 0 or hysteresis < 0:
             raise ValueError("min_gain must be > 0 and hysteresis >= 0")
         self.ladder = lad
         self.min_gain = float(min_gain)
         self.hysteresis = float(hysteresis)
-        self.fixed_gamma = fixed_gamma
         if explore_every < 0 or not 0.0 <= explore_floor <= 1.0:
             raise ValueError("explore_every must be >= 0 and explore_floor in [0, 1]")
         self.explore_every = int(explore_every)
@@ -121,14 +107,6 @@ class GammaPolicy:
         self._plain_timed: dict[int, int] = {}  # batch-size octave -> iteration plain last ran
         self._spec_timed: dict[int, int] = {}  # batch-size octave -> iteration speculation last ran
 
-    @classmethod
-    def fixed(
-        cls, gamma: int, cost_model: CostModel | None = None, acceptance: AcceptanceModel | None = None
-    ) -> GammaPolicy:
-        """A γ policy that always returns ``gamma`` (baselines, A/B runs, γ = 0: speculation off)."""
-        ladder = [gamma] if gamma and acceptance is None else None
-        return cls(cost_model, acceptance, ladder=ladder, fixed_gamma=gamma)
-
     def reset(self) -> None:
         self.last_gamma = None
 
@@ -137,30 +115,20 @@ class GammaPolicy:
         cm, acc = self.cost_model, self.acceptance
         exp = acc.batch_expected_tokens(st.batch, rids)
         cands = [0, *self.ladder]
-        if self.fixed_gamma is not None and self.fixed_gamma not in cands:
-            cands.append(self.fixed_gamma)
         secs = cm.iteration_times(st, cands)
         toks = {g: exp[g] for g in cands}
         tps = {g: exp[g] / secs[g] for g in cands}
         return tps, secs, toks
 
-    def evaluate(
-        self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups = None, rids: Sequence[Any] | None = None
-    ) -> Decision:
-        """The best γ for this batch, ignoring the previous choice (no hysteresis, no state)."""
-        return self._decide(seq_lens, prefix_groups, rids, prev=None)
-
-    def choose(
-        self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups = None, rids: Sequence[Any] | None = None
-    ) -> Decision:
+    def choose(self, seq_lens: SeqLens | BatchStats, rids: Sequence[Any] | None = None) -> Decision:
         """γ for this iteration (with hysteresis against the previous choice, which it updates).
 
-        seq_lens [B]: committed length of each request; prefix_groups: radix-shared prefixes
-        (shared_prefix_len, member indices); rids [B]: request ids for per-request acceptance.
-        ``seq_lens`` may be a :class:`BatchStats` already summarised (then no ``prefix_groups``).
+        seq_lens [B]: committed length of each request, or a :class:`BatchStats` already
+        summarised (with the radix-shared prefix tokens); rids [B]: request ids for per-request
+        acceptance. After :meth:`reset` there is no previous choice to keep.
         """
-        st = batch_stats(seq_lens, prefix_groups)
-        d = self._decide(st, None, rids, prev=self.last_gamma)
+        st = batch_stats(seq_lens)
+        d = self._decide(st, rids, prev=self.last_gamma)
         d = self._explore(d, st.batch)
         self.last_gamma = d.gamma
         self._iteration += 1
@@ -187,7 +155,7 @@ class GammaPolicy:
         1 − floor -- plus, whatever is predicted, one γ iteration after
         ``FORCED_EXPLORE_PERIODS · explore_every`` consecutive plain ones, so that no
         estimate, however it went wrong, keeps speculation off without being measured again."""
-        if self.fixed_gamma is not None or not self.explore_every or not self.ladder:
+        if not self.explore_every or not self.ladder:
             self._plain_streak = self._spec_streak = 0
             return d
         tps = d.predicted_tokens_per_s
@@ -248,17 +216,10 @@ class GammaPolicy:
         last = timed.get(batch.bit_length())
         return last is None or self._iteration - last > RETIME_ITERATIONS
 
-    def _decide(
-        self, seq_lens: SeqLens | BatchStats, prefix_groups: PrefixGroups, rids: Sequence[Any] | None, prev: int | None
-    ) -> Decision:
-        if self.fixed_gamma is not None and (self.cost_model is None or self.acceptance is None):
-            return Decision(self.fixed_gamma, {}, f"fixed γ={self.fixed_gamma}")
-        st = batch_stats(seq_lens, prefix_groups)
+    def _decide(self, st: BatchStats, rids: Sequence[Any] | None, prev: int | None) -> Decision:
         if rids is not None and len(rids) != st.batch:
             raise ValueError(f"{len(rids)} rids for a batch of {st.batch}")
         tps, secs, toks = self._predict(st, rids)
-        if self.fixed_gamma is not None:
-            return Decision(self.fixed_gamma, tps, f"fixed γ={self.fixed_gamma}", secs, toks)
         best = 0
         for g in self.ladder:  # ascending, strict '>': ties keep the smaller γ
             if tps[g] > tps[best]:
@@ -286,13 +247,3 @@ class GammaPolicy:
             )
             best = prev
         return Decision(best, tps, reason, secs, toks)
-
-    def crossover_batch(self, seq_len: int, max_batch: int = 4096) -> int | None:
-        """Smallest batch of ``seq_len``-token requests (no sharing, server-wide acceptance)
-        at which the γ policy stops speculating; None if it still speculates at ``max_batch``.
-        (The first such batch: per-sequence overheads and KV-bound verifies can make
-        speculation pay again at very large batches, so the set need not be an interval.)"""
-        for b in range(1, max_batch + 1):
-            if self._decide(BatchStats.uniform(b, seq_len), None, None, prev=None).gamma == 0:
-                return b
-        return None

@@ -1,7 +1,7 @@
 """The thin adapter between the engine-free γ choice (:mod:`sglang_er.gamma`) and the worker.
 
 Per decode iteration: read the batch's real sequence lengths, the prompt groups that share a
-radix-cached prefix (GRPO's n samples of one prompt), and the request ids; ask the γ policy for
+radix-cached prefix (GRPO's n samples of one prompt), and the request ids; ask the γ chooser for
 γ; afterwards feed it the measured phase times and the accepted lengths, so the cost model and
 the acceptance model follow this machine and this policy checkpoint.
 
@@ -19,8 +19,9 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from sglang_er.gamma import KV_READ_RULE, AcceptanceModel, BatchStats, CostModel, GammaPolicy, ModelCost, batch_stats
-from sglang_er.gamma.calibration import HardwareProfile, builtin_profile_for_device, profile_from_env
+from sglang_er.gamma import KV_READ_RULE, AcceptanceModel, BatchStats, CostModel, GammaChooser, ModelCost, batch_stats
+from sglang_er.gamma.builtin_profiles import builtin_profile_for_device
+from sglang_er.gamma.hardware_profile import HardwareProfile, profile_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Controller:
             kv_read_rule=KV_READ_RULE.get(attention_backend, "per_request"),
         )
         self.acceptance = AcceptanceModel(gamma_max)
-        self.gamma_policy = GammaPolicy(
+        self.chooser = GammaChooser(
             cost,
             self.acceptance,
             ladder=list(range(1, gamma_max + 1)),
@@ -87,7 +88,7 @@ class Controller:
             st = BatchStats(st.batch, st.sum_len, st.max_len, self._shared)
         # summarised once: the feedback after the forwards reuses it (the decision's O(B) part)
         self._st, self._rids = st, rids
-        self.last_decision = self.gamma_policy.choose(st, None, rids)
+        self.last_decision = self.chooser.choose(st, rids)
         return self.last_decision.gamma
 
     def _forget_departed(self, rids) -> None:
@@ -118,7 +119,7 @@ class Controller:
             for phase, seconds in phases.items():
                 self.cost.observe(phase, self._st, gamma, seconds)
             if draft_split is not None:
-                self.cost.observe_draft_setup(*draft_split, gamma)
+                self.cost.correction.observe_draft_setup(*draft_split, gamma)
         if gamma > 0 and accept_lens is not None:
             lens, rids = accept_lens.tolist(), self._rids
             if rows is not None:
@@ -127,13 +128,13 @@ class Controller:
                 self.acceptance.observe(gamma, lens, rids)
 
     def observe_outside(self, gamma: int, batch: int, seconds: float) -> None:
-        """Scheduler time around the last iteration's forwards (see :meth:`CostModel.observe_outside`)."""
-        self.cost.observe_outside(gamma, batch, seconds)
+        """Scheduler time around the last iteration's forwards (see :meth:`Correction.observe_outside`)."""
+        self.cost.correction.observe_outside(gamma, batch, seconds)
 
     def drafter_changed(self) -> None:
         """The drafter was re-quantized: its acceptance must be measured afresh."""
         self.acceptance.reset()
-        self.gamma_policy.reset()
+        self.chooser.reset()
 
     def w4_expected_tokens(self) -> list[float]:
         """E[L | W4, γ] for γ = 0..γmax (server-wide acceptance)."""
@@ -143,23 +144,23 @@ class Controller:
         """Predicted tokens/s of a verify-only iteration (drafts that cost no forward) of width
         γ+1 committing ``expected_tokens``, over ``min_gain`` times a plain decode step's, for the
         batch ``choose`` last saw. It pays above 1."""
-        st = self._st
-        t_v = self.cost.t_verify(st, gamma) + self.cost.t_outside(gamma, st.batch)
-        t_t = self.cost.t_plain(st) + self.cost.t_outside(0, st.batch)
-        return expected_tokens / t_v / (self.gamma_policy.min_gain * st.batch / t_t)
+        st, cost = self._st, self.cost
+        t_v = cost.t_verify(st, gamma) + cost.correction.t_outside(gamma, st.batch)
+        t_t = cost.t_plain(st) + cost.correction.t_outside(0, st.batch)
+        return expected_tokens / t_v / (self.chooser.min_gain * st.batch / t_t)
 
     def state(self) -> dict:
-        d = self.last_decision
+        d, correction = self.last_decision, self.cost.correction
         return {
             "profile": self.cost.profile.name,
             "alphas": self.acceptance.alphas(),
             # JSON has no NaN (an empty window): report it as null
             "model_error": {
-                p: {k: (v if v == v else None) for k, v in e.items()} for p, e in self.cost.error_stats().items()
+                p: {k: (v if v == v else None) for k, v in e.items()} for p, e in correction.error_stats().items()
             },
             "last_decision": None if d is None else {"gamma": d.gamma, "reason": d.reason},
-            "outside_s": self.cost.outside_fit,  # per mode (a, b): a + b·batch seconds
-            "draft_setup_steps": self.cost.draft_setup,  # κ: the first draft step's extra, in steps
+            "outside_s": correction.outside_fit,  # per mode (a, b): a + b·batch seconds
+            "draft_setup_steps": correction.draft_setup,  # κ: the first draft step's extra, in steps
         }
 
 

@@ -131,19 +131,7 @@ class ModelCost:
     def head_params(self) -> int:
         return self.vocab * self.hidden
 
-    @property
-    def num_params(self) -> int:
-        """Unique parameters (a tied lm_head counted once)."""
-        per_layer = self.layer_linear_params + self.layer_small_params
-        embed = self.head_params * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed + self.hidden  # + final norm
-
     # ------------------------------------------------------------------ bytes
-    @property
-    def target_weight_bytes(self) -> float:
-        """Bytes of all target weights in memory (embedding + layers + head, tied once)."""
-        return self.num_params * self.dtype_bytes
-
     @property
     def target_read_bytes(self) -> float:
         """Weight bytes one target forward streams: all layers + final norm + lm_head.
@@ -174,11 +162,6 @@ class ModelCost:
         if self.w8_head:
             return rows * (self.hidden + self.dtype_bytes)
         return rows * self.hidden * self.dtype_bytes
-
-    @property
-    def drafter_weight_bytes(self) -> float:
-        """Extra memory the drafter owns: the W4 linears (+ the W4 head when not shared)."""
-        return self.drafter_layer_bytes + (self.head_bytes if self.w4_head or self.w8_head else 0.0)
 
     @property
     def draft_read_bytes(self) -> float:

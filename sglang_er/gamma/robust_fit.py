@@ -16,7 +16,7 @@ a rate the sweep never exercises (W4 compute on a memory-bound GPU) keeps whatev
    determined by the sweep. It is *held* at the base profile's value, moved into that acceptable
    range, and reported with the reason, instead of silently keeping an arbitrary number.
 
-Predictions use :func:`sglang_er.gamma.calibration.roofline_seconds`, the one roofline formula.
+Predictions use :func:`sglang_er.gamma.roofline.roofline_seconds`, the one roofline formula.
 No SGLang, no torch: numpy and scipy only.
 """
 
@@ -29,16 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import least_squares, nnls
 
-from sglang_er.gamma.calibration import (
-    _FIXED_COL,
-    _SEQ_COL,
-    CalibrationSample,
-    HardwareProfile,
-    SampleLike,
-    _as_sample,
-    fitted_profile,
-    roofline_seconds,
-)
+from sglang_er.gamma.calibration import CalibrationSample, SampleLike, as_sample, fitted_profile
+from sglang_er.gamma.hardware_profile import HardwareProfile
+from sglang_er.gamma.roofline import FIXED_FIELD, PER_SEQ_FIELD, roofline_seconds
 
 __all__ = ["BANDWIDTH_BOUNDS", "FLOPS_BOUNDS", "IDENT_SPAN", "RobustFit", "fit_bounded"]
 
@@ -84,8 +77,8 @@ class _Problem:
         self.flo = np.array([[s.flops.get(k, 0.0) for k in self.classes] for s in ss]).reshape(len(ss), -1)
         self.batch = np.array([float(s.batch) for s in ss])
         self.fwd = np.array([float(s.forwards) for s in ss])
-        self.seq_col = np.array([_OVERHEADS.index(_SEQ_COL[s.phase]) for s in ss])
-        self.fixed_col = np.array([_OVERHEADS.index(_FIXED_COL[s.phase]) for s in ss])
+        self.seq_col = np.array([_OVERHEADS.index(PER_SEQ_FIELD[s.phase]) for s in ss])
+        self.fixed_col = np.array([_OVERHEADS.index(FIXED_FIELD[s.phase]) for s in ss])
         self.over = np.zeros((len(ss), len(_OVERHEADS)))
         self.over[np.arange(len(ss)), self.seq_col] = self.fwd * self.batch
         self.over[np.arange(len(ss)), self.fixed_col] = self.fwd
@@ -286,7 +279,7 @@ def fit_bounded(
     """Fit a profile to ``samples`` (see the module docstring). Parameters the samples cannot
     determine come from ``base`` (overheads of an unmeasured phase; rates: moved into the range
     the sweep allows). Raises ValueError for fewer than 2 samples or an implausible profile."""
-    ss = [_as_sample(s) for s in samples]
+    ss = [as_sample(s) for s in samples]
     if len(ss) < 2:
         raise ValueError(f"fitting a profile needs at least 2 samples, got {len(ss)}")
     pb = _Problem(ss, base)
