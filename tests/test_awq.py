@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from sglang_er.quant.awq import (
-    FOLD_TARGET,
-    LINEAR_GROUPS,
-    ActivationStats,
-    AWQQuantizer,
+from sglang_er.quant.awq import FOLD_TARGET, LINEAR_GROUPS, ActivationStats, AWQQuantizer
+from sglang_er.quant.awq_search import (
     awq_scales,
     fake_quant_f32,
     fold_into_norm,
@@ -21,7 +19,8 @@ from sglang_er.quant.awq import (
     scale_weight,
     search_scales,
 )
-from sglang_er.quant.quantizer import fake_quant, quantize_rtn
+from sglang_er.quant.live_stats import LiveStats
+from sglang_er.quant.quantizer import quantize_rtn
 from sglang_er.quant.w4linear import W4Linear
 
 
@@ -39,11 +38,21 @@ def _weight(n, k, seed=1):
     return torch.randn(n, k, generator=g) * 0.02
 
 
+def _w4(w, group, s=None):
+    """The drafter's float32 W4 layer of ``w``: ``(x / s) Q(W·diag(s))ᵀ`` (plain RTN without ``s``)."""
+    return W4Linear.from_float(w, group_size=group, input_scale=s, act_dtype=torch.float32)
+
+
 def _rel_err(x, w, s, group):
     """Relative output error of the W4 layer (x/s) Q(W·diag(s))ᵀ on x."""
     y = x @ w.t()
-    yq = (x / s) @ fake_quant(w * s[None, :], group).t()
-    return float((y - yq).pow(2).sum() / y.pow(2).sum())
+    return float((y - _w4(w, group, s)(x)).pow(2).sum() / y.pow(2).sum())
+
+
+def _rtn_err(awq, layer, group, weights):
+    """Output error of plain RTN on the sample the quantizer scored (its rows and its group size)."""
+    st = awq.stats[(layer, group)]
+    return search_scales(weights, st.mean_abs(), st.sample(), betas=[0.0])[2]
 
 
 def _rms_norm(x, weight, eps=1e-6):
@@ -88,10 +97,10 @@ def test_beta_zero_is_rtn_exactly():
     m = x.abs().mean(0)
     s0 = awq_scales(m, 0.0)
     assert torch.equal(s0, torch.ones(k))
-    assert torch.equal(fake_quant(scale_weight(w, s0), group), fake_quant(w, group))
+    assert torch.equal(_w4(scale_weight(w, s0), group).dequantize(), _w4(w, group).dequantize())
     s, beta, err = search_scales(w, m, x, group, betas=[0.0])
     assert beta == 0.0 and torch.equal(s, torch.ones(k))
-    rtn = float((x @ w.t() - x @ fake_quant(w, group).t()).pow(2).sum())
+    rtn = float((x @ w.t() - _w4(w, group)(x)).pow(2).sum())
     assert err == pytest.approx(rtn, rel=1e-5)
     # 0 is always added to the grid
     _, _, _, grid, _ = search_scales(w, m, x, group, betas=[0.5, 1.0], return_all=True)
@@ -101,7 +110,7 @@ def test_beta_zero_is_rtn_exactly():
     assert torch.equal(lin.dequantize(), quantize_rtn(w, group).dequantize())
 
 
-def test_fake_quant_f32_is_bit_identical_to_quantizer():
+def test_fake_quant_f32_is_bit_identical_to_the_w4_weight():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(40, 256, generator=g) * torch.logspace(-3, 2, 256)[None, :]
     w[0, :64] = 0.3  # constant group
@@ -109,9 +118,10 @@ def test_fake_quant_f32_is_bit_identical_to_quantizer():
     w[2, 128:192] = -w[2, 128:192].abs() - 0.1  # all-negative
     w[3] = 0.0
     for group in (32, 64, 128):
-        assert torch.equal(fake_quant_f32(w, group), fake_quant(w, group))
+        assert torch.equal(fake_quant_f32(w, group), _w4(w, group).dequantize())
+        assert torch.equal(fake_quant_f32(w, group), quantize_rtn(w, group).dequantize())
     s = awq_scales(w.abs().mean(0), 0.7)
-    assert torch.equal(fake_quant_f32(w * s, 64), fake_quant(w * s, 64))
+    assert torch.equal(fake_quant_f32(w * s, 64), _w4(w, 64, s).dequantize())
 
 
 def test_scales_normalised_like_autoawq():
@@ -193,7 +203,7 @@ def test_fold_into_norm_equals_input_scale(dtype, tol):
     assert rel < tol
     # both are the layer the search scored
     x = _rms_norm(h, g).float()
-    ref = (x / s) @ fake_quant(w.float() * s[None, :], group).t()
+    ref = _w4(w.float(), group, s)(x)
     assert float((y_scale.float() - ref).norm() / ref.norm()) < tol
 
 
@@ -240,8 +250,7 @@ def test_stats_decay_weights_recent_updates():
 
 def test_stats_sampling_bounds():
     k, m, r = 32, 16, 24
-    st = ActivationStats(k, decay=1.0, sample_every=4, max_tokens=m, reservoir_size=r, reservoir_per_update=5)
-    assert [st.should_sample(i) for i in range(6)] == [True, False, False, False, True, False]
+    st = ActivationStats(k, decay=1.0, max_tokens=m, reservoir_size=r, reservoir_per_update=5)
     x = torch.arange(100 * k, dtype=torch.float32).reshape(100, k)  # distinct rows
     st.update(x)
     assert st.tokens_seen == 100 and st.tokens_used == m
@@ -259,37 +268,19 @@ def test_stats_sampling_bounds():
     ids = rows[:, 0] / k
     assert torch.equal(ids, ids.round()) and bool((rows[:, 1:] - rows[:, :1] == torch.arange(1, k)).all())
     assert len(set(ids.tolist())) > 1  # a random subset, not always the first rows
-    assert st.maybe_update(x, iteration=3) is False and st.num_updates == 7
-    assert st.maybe_update(x, iteration=8) is True and st.num_updates == 8
 
 
-def test_stats_state_round_trip():
+def test_stats_are_reproducible_per_seed():
+    # the quantizer seeds each (layer, group) itself: the same traffic gives the same statistics
     k = 48
-    a = ActivationStats(k, decay=0.9, max_tokens=8, reservoir_size=16, seed=5)
+    a, b, c = (ActivationStats(k, decay=0.9, max_tokens=8, reservoir_size=16, seed=seed) for seed in (5, 5, 6))
     for i in range(4):
-        a.update(_acts(20, k, seed=i))
-    sd = a.state_dict()
-    b = ActivationStats(k)
-    b.load_state_dict(sd)
-    c = ActivationStats.from_state_dict(sd)
-    for o in (b, c):
-        assert torch.equal(o.mean_abs(), a.mean_abs())
-        assert torch.equal(o.sample(), a.sample())
-        assert (o.tokens_seen, o.tokens_used, o.num_updates, o.reservoir_ptr, o.decay, o.max_tokens) == (
-            a.tokens_seen,
-            a.tokens_used,
-            a.num_updates,
-            a.reservoir_ptr,
-            a.decay,
-            a.max_tokens,
-        )
-    # the random stream continues identically
-    nxt = _acts(20, k, seed=9)
-    a.update(nxt)
-    b.update(nxt)
+        x = _acts(20, k, seed=i)
+        for o in (a, b, c):
+            o.update(x)
     assert torch.equal(a.mean_abs(), b.mean_abs()) and torch.equal(a.sample(), b.sample())
-    with pytest.raises(ValueError):
-        ActivationStats(k + 1).load_state_dict(sd)
+    assert not torch.equal(a.sample(), c.sample())  # another seed draws other rows
+    assert (a.tokens_seen, a.tokens_used, a.num_updates, a.reservoir_filled) == (80, 32, 4, 16)
 
 
 def test_stats_under_inference_mode_and_no_host_sync_types():
@@ -332,19 +323,22 @@ def test_quantizer_cold_start_then_search():
     assert awq.stats[(0, "qkv")].tokens_used == 5 * 64
     choices = awq.search(layers)
     assert [sorted(lc) for lc in choices] == [sorted(LINEAR_GROUPS)] * 2
-    for lc in choices:
+    ratios = []
+    for li, lc in enumerate(choices):
         for group, c in lc.items():
             assert not c.fallback and c.tokens == 320
-            assert c.err <= c.err_rtn and c.rel_err <= c.rel_err_rtn < 1
+            st = awq.stats[(li, group)]
+            w = torch.cat(layers[li][group])
+            ref = float((st.sample() @ w.t()).pow(2).sum())  # the output's own energy
+            rtn = _rtn_err(awq, li, group, layers[li][group])
+            assert c.err <= rtn < ref
+            ratios.append(c.err / rtn)
             assert c.s.shape == (widths[group],)
     # outlier channels: AWQ wins clearly somewhere
-    assert min(c.err / c.err_rtn for lc in choices for c in lc.values()) < 0.8
+    assert min(ratios) < 0.8
     assert all(c.candidates == 5 for lc in choices for c in lc.values())
-    # state round trip into a fresh quantizer gives the same choices
-    awq2 = AWQQuantizer(min_tokens=200, betas=awq.betas)
-    awq2.load_state_dict(awq.state_dict())
-    assert awq2.last == awq.last
-    c2 = awq2.choose(1, "down", layers[1]["down"], full=True)
+    # the same weights and statistics give the same choice again
+    c2 = awq.choose(1, "down", layers[1]["down"], full=True)
     assert c2.beta == choices[1]["down"].beta and torch.equal(c2.s, choices[1]["down"].s)
     with pytest.raises(ValueError):
         awq.observe(0, "lm_head", torch.randn(2, 64))
@@ -394,7 +388,7 @@ def test_quantizer_warm_start_local_search():
         w = [w[0] + 1e-4 * _weight(96, k, seed=step)]  # a small "RL update"
         c = awq.choose(0, "o", w)
         n.append(c.candidates)
-        assert c.err <= c.err_rtn
+        assert c.err <= _rtn_err(awq, 0, "o", w)
     full_beta = awq.choose(0, "o", w, full=True)
     assert n[0] == 11 and n[3] == 11 and n[6] == 11  # full grid every 3rd search
     assert all(2 <= m <= 4 for i, m in enumerate(n) if i % 3)  # {0, β-0.1, β, β+0.1}
@@ -404,29 +398,55 @@ def test_quantizer_warm_start_local_search():
     assert [always_full.choose(0, "o", w).candidates for _ in range(2)] == [11, 11]
 
 
-def test_hf_hooks_feed_every_group():
-    from sglang_er.quant.awq import hf_llama_layer_weights, register_hf_llama_hooks
+def _layer_weights(model):
+    """``[{group: [W_i ...]}]`` per decoder layer of the toy Llama, in the drafter's groups."""
+    return [
+        {
+            "qkv": [layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight],
+            "o": [layer.self_attn.o_proj.weight],
+            "gate_up": [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight],
+            "down": [layer.mlp.down_proj.weight],
+        }
+        for layer in model.model.layers
+    ]
 
+
+def test_live_stats_feed_every_group():
     model = _ToyLlama()
+    view = SimpleNamespace(  # what LiveStats reads of a ModelView: each layer's target modules
+        layers=[
+            SimpleNamespace(
+                linears={
+                    "qkv": layer.self_attn.q_proj,
+                    "o": layer.self_attn.o_proj,
+                    "gate_up": layer.mlp.gate_proj,
+                    "down": layer.mlp.down_proj,
+                }
+            )
+            for layer in model.model.layers
+        ]
+    )
     awq = AWQQuantizer(min_tokens=8)
-    handles = register_hf_llama_hooks(model, awq)
+    live = LiveStats(view, awq, sample_every=2)
     with torch.no_grad():
-        model(_acts(24, 64, seed=7))
-    for h in handles:
-        h.remove()
-    with torch.no_grad():
-        model(_acts(24, 64, seed=8))  # hooks removed: nothing more observed
+        model(_acts(24, 64, seed=6))  # outside a window: nothing observed
+        assert not awq.stats
+        for seed in (7, 8, 9):  # the 1st and 3rd windows are sampled
+            with live.window():
+                model(_acts(24, 64, seed=seed))
+    assert (live.forwards, live.sampled) == (3, 2)
     assert sorted(awq.stats) == sorted((i, g) for i in range(2) for g in LINEAR_GROUPS)
-    assert all(st.tokens_seen == 24 for st in awq.stats.values())
-    weights = hf_llama_layer_weights(model)
+    assert all(st.tokens_seen == 48 for st in awq.stats.values())
+    assert live.ready(2) and live.tokens() == 48
+    weights = _layer_weights(model)
     assert [w.shape[0] for w in weights[0]["qkv"]] == [64, 32, 32]
     choices = awq.search(weights)
-    for lc in choices:
-        for c in lc.values():
-            assert not c.fallback and c.err <= c.err_rtn
-    # the reported error is the output error of the fused qkv with the chosen s
+    for li, lc in enumerate(choices):
+        for group, c in lc.items():
+            assert not c.fallback and c.err <= _rtn_err(awq, li, group, weights[li][group])
+    # the reported error is the output error of the fused qkv W4 layer with the chosen s
     c = choices[0]["qkv"]
     x = awq.stats[(0, "qkv")].sample()
     w = torch.cat(weights[0]["qkv"]).detach()
-    err = float((x @ w.t() - (x / c.s) @ fake_quant(scale_weight(w, c.s), 64).t()).pow(2).sum())
+    err = float((x @ w.t() - _w4(w, 64, c.s)(x)).pow(2).sum())
     assert err == pytest.approx(c.err, rel=1e-4)

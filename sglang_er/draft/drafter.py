@@ -29,7 +29,8 @@ from sglang_er import sampler
 from sglang_er.draft import kv_rows
 from sglang_er.draft.proposal import Proposal
 from sglang_er.draft.views import KVView, LayerView, ModelView
-from sglang_er.quant.awq import AWQQuantizer, fold_into_norm
+from sglang_er.quant.awq import AWQQuantizer
+from sglang_er.quant.awq_search import fold_into_norm
 from sglang_er.quant.w4linear import W4Linear
 from sglang_er.quant.w8linear import W8Linear
 

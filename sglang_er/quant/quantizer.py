@@ -11,8 +11,8 @@ input channels; every group gets its own scale and integer zero point::
 The result is a :class:`QuantizedTensor`, the one currency between quantizers and kernels:
 a later AWQ quantizer only has to produce the same object (it folds its per-input-channel
 scale into ``W`` before quantizing; :class:`sglang_er.quant.w4linear.W4Linear` divides the
-activations by it). :func:`pack_awq` / :func:`unpack_awq` convert to and from the AutoAWQ
-checkpoint layout that SGLang's AWQ / AWQ-Marlin code consumes.
+activations by it). :func:`pack_awq` converts it to the AutoAWQ checkpoint layout that SGLang's
+AWQ / AWQ-Marlin code consumes.
 
 Group-size rule (:func:`choose_group_size`): the group must divide ``K`` and be accepted by
 both 4-bit kernels we dispatch to,
@@ -36,9 +36,7 @@ __all__ = [
     "QuantizedTensor",
     "choose_group_size",
     "quantize_rtn",
-    "fake_quant",
     "pack_awq",
-    "unpack_awq",
     "AWQ_PACK_ORDER",
 ]
 
@@ -147,11 +145,6 @@ def quantize_rtn(w: torch.Tensor, group_size: int, col_scale: torch.Tensor | Non
     return QuantizedTensor(q, s, z, group_size)
 
 
-def fake_quant(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Quantize then dequantize ``w [N, K]``; float32 [N, K]. The reference for every kernel."""
-    return quantize_rtn(w, group_size).dequantize(torch.float32)
-
-
 def _pack_nibbles_awq(v: torch.Tensor) -> torch.Tensor:
     """uint8 [R, C] (values 0..15, C % 8 == 0) -> int32 [R, C // 8] in AutoAWQ nibble order."""
     r, c = v.shape
@@ -165,15 +158,6 @@ def _pack_nibbles_awq(v: torch.Tensor) -> torch.Tensor:
     return packed.to(torch.int32)
 
 
-def _unpack_nibbles_awq(p: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_pack_nibbles_awq`: int32 [R, C // 8] -> uint8 [R, C]."""
-    r, c8 = p.shape
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=p.device)
-    nib = (p.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF  # nibble p at [..., p]
-    inv = [AWQ_PACK_ORDER.index(i) for i in range(8)]  # column i lives in nibble inv[i]
-    return nib[:, :, inv].reshape(r, c8 * 8).to(torch.uint8)
-
-
 def pack_awq(qt: QuantizedTensor, scale_dtype: torch.dtype = torch.float16):
     """AutoAWQ checkpoint tensors for ``qt`` (weight [N, K], group g).
 
@@ -184,15 +168,3 @@ def pack_awq(qt: QuantizedTensor, scale_dtype: torch.dtype = torch.float16):
     qzeros = _pack_nibbles_awq(qt.zeros.t().contiguous())
     scales = qt.scales.t().contiguous().to(scale_dtype)
     return qweight, qzeros, scales
-
-
-def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> QuantizedTensor:
-    """Inverse of :func:`pack_awq` (scales come back as float32)."""
-    k = qweight.shape[0]
-    g = k // qzeros.shape[0]
-    return QuantizedTensor(
-        q=_unpack_nibbles_awq(qweight).t().contiguous(),
-        scales=scales.to(torch.float32).t().contiguous(),
-        zeros=_unpack_nibbles_awq(qzeros).t().contiguous(),
-        group_size=g,
-    )

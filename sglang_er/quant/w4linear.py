@@ -123,8 +123,8 @@ class W4Linear(nn.Module):
     With an ``input_scale`` s [K] (AWQ), Q quantizes ``W · diag(s)`` and the layer computes
     ``(x / s) @ dequant(Q).T + b``.
 
-    Build with :meth:`from_float` or :meth:`from_quantized`; ``act_dtype`` is the activation
-    dtype the kernel buffers are prepared for (other dtypes take the torch path).
+    Build with :meth:`from_float`; ``act_dtype`` is the activation dtype the kernel buffers are
+    prepared for (other dtypes take the torch path).
     """
 
     def __init__(
@@ -216,21 +216,6 @@ class W4Linear(nn.Module):
             )
         qt = quantizer(cls._scaled(weight, input_scale), g)
         return cls(qt, bias, input_scale, act_dtype, kernel, quantizer, validate, cache_dequantized)
-
-    @classmethod
-    def from_quantized(
-        cls,
-        qt: QuantizedTensor,
-        bias: torch.Tensor | None = None,
-        input_scale: torch.Tensor | None = None,
-        *,
-        act_dtype: torch.dtype = torch.bfloat16,
-        kernel: str | None = None,
-        validate: bool = True,
-        cache_dequantized: bool | None = None,
-    ) -> W4Linear:
-        """Wrap an already-quantized weight (e.g. from an AWQ search) of ``W · diag(input_scale)``."""
-        return cls(qt, bias, input_scale, act_dtype, kernel, quantize_rtn, validate, cache_dequantized)
 
     @staticmethod
     def _scaled(weight: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
