@@ -24,7 +24,8 @@ from pathlib import Path
 
 from sglang_er.evaluation.grading import have_math_verify
 from sglang_er.evaluation.math_data import SAMPLE, load_problems
-from sglang_er.evaluation.math_eval import Summary, run_eval
+from sglang_er.evaluation.records import Summary
+from sglang_er.evaluation.runner import run_eval
 from sglang_er.launcher import Server
 from sglang_er.models.factory import build_model
 

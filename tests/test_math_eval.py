@@ -19,17 +19,10 @@ from eval.grading import (
     reference_answer,
 )
 from eval.math_data import DatasetError, data_root, load_problems
-from eval.math_eval import (
-    INSTRUCTION,
-    EvalConfig,
-    SampleRecord,
-    Summary,
-    acceptance_stats,
-    main,
-    parse_response,
-    percentile,
-    score,
-)
+from eval.math_eval import main
+from sglang_er.evaluation.client import parse_response
+from sglang_er.evaluation.records import INSTRUCTION, EvalConfig, SampleRecord, Summary
+from sglang_er.evaluation.stats import acceptance_stats, percentile, score
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +152,7 @@ def test_score_and_acceptance():
         "spec_correct_drafts_histogram": [1, 1, 0, 2],
     }
     recs = [rec(0, 0, True, "1", spec), rec(0, 1, False, "2", spec), rec(1, 0, False, "3"), rec(1, 1, False, None)]
-    acc, pk, mk = score(recs, 2, [1, 2])
+    acc, pk, mk = score(recs, [1, 2])
     assert acc == 0.25 and pk == {"pass@1": 0.25, "pass@2": 0.5} and mk["maj@1"] == 0.25
     a = acceptance_stats(recs)
     assert a.samples == 2 and a.verify_ct == 8 and a.accept_rate == 0.5 and a.accept_length == 20 / 8

@@ -17,7 +17,7 @@ def test_solution_drops_calculator_marks_and_boxes_the_answer():
 
 
 def test_prompts_match_the_eval_harness():
-    from eval.math_eval import INSTRUCTION as EVAL_INSTRUCTION
+    from sglang_er.evaluation.records import INSTRUCTION as EVAL_INSTRUCTION
 
     assert INSTRUCTION == EVAL_INSTRUCTION
     q, a = conversations(data_path())[0]
