@@ -58,7 +58,17 @@ def delta(after: dict, before: dict) -> dict:
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
 
-def gsm8k_chat_prompts(model_path, k: int = 64) -> list[str]:
+# --json-schema: every request answers in this JSON object (SGLang's constrained decoding)
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"reasoning": {"type": "string"}, "answer": {"type": "number"}},
+    "required": ["reasoning", "answer"],
+}
+ANSWER_IN_JSON = ' Answer with a JSON object {"reasoning": "...", "answer": <number>}.'
+ANSWER_BOXED = " Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def gsm8k_chat_prompts(model_path, k: int = 64, instruction: str = ANSWER_BOXED) -> list[str]:
     """GSM8K test questions in the model's chat template: realistic acceptance for a real model."""
     from transformers import AutoTokenizer
 
@@ -71,7 +81,7 @@ def gsm8k_chat_prompts(model_path, k: int = 64) -> list[str]:
             [
                 {
                     "role": "user",
-                    "content": it.question + " Please reason step by step, and put your final answer within \\boxed{}.",
+                    "content": it.question + instruction,
                 }
             ],
             tokenize=False,
@@ -109,10 +119,13 @@ def run_batch(
     prompts=None,
     ignore_eos: bool = False,
     eos: set[int] = frozenset(),
+    constraint: dict | None = None,
 ) -> dict:
     def one(i):
         text = prompts[i % len(prompts)] if prompts else f"[{i}] {PROMPT}"
-        return srv.generate(text, max_new_tokens=new_tokens, temperature=temperature, ignore_eos=ignore_eos)
+        return srv.generate(
+            text, max_new_tokens=new_tokens, temperature=temperature, ignore_eos=ignore_eos, **(constraint or {})
+        )
 
     before = scrape(srv.url)
     t0 = time.perf_counter()
@@ -307,7 +320,9 @@ def measure(configs: list, args, prompts, path) -> tuple[dict, dict]:
         return srv
 
     def cell(srv, name, gamma, temp, b, runs):
-        runs.append(run_batch(srv, b, args.new_tokens, temp, gamma, prompts, args.ignore_eos, args.eos))
+        runs.append(
+            run_batch(srv, b, args.new_tokens, temp, gamma, prompts, args.ignore_eos, args.eos, args.constraint)
+        )
 
     def keep(name, temp, b, runs):
         r = sorted(runs, key=lambda x: x["tok_s"])[(len(runs) - 1) // 2]  # the median run, whole
@@ -424,6 +439,12 @@ def main() -> None:
         help="generate exactly --new-tokens per request, past the model's EOS (labelled in the report; "
         "such text is easy to predict, so acceptance and speed-ups read high)",
     )
+    p.add_argument(
+        "--json-schema",
+        action="store_true",
+        help="constrained decoding: every request asks for, and is constrained to, a JSON object "
+        "with its reasoning and answer (labelled in the report)",
+    )
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument(
         "--draft-vocabs",
@@ -523,13 +544,17 @@ def main() -> None:
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     path = build_model(args.model)
-    prompts = gsm8k_chat_prompts(path) if args.prompts == "gsm8k" else None
+    instruction = ANSWER_IN_JSON if args.json_schema else ANSWER_BOXED
+    prompts = gsm8k_chat_prompts(path, instruction=instruction) if args.prompts == "gsm8k" else None
+    args.constraint = {"json_schema": json.dumps(ANSWER_SCHEMA)} if args.json_schema else None
     args.eos = eos_ids(path)
     eos_mode = (
         f"ignore_eos: every request generates {args.new_tokens} tokens, past the model's EOS"
         if args.ignore_eos
         else f"natural EOS, at most {args.new_tokens} new tokens"
     )
+    if args.json_schema:
+        eos_mode += "; every request constrained to a JSON schema"
     args.meta = provenance(f"{args.model} ({path.name})", rounds=args.repeats, eos=eos_mode, prompts=args.prompts)
     print(f"[bench_spec] {eos_mode}; {args.meta['command']} at {args.meta['commit']}", flush=True)
     gmax = max(args.gammas)

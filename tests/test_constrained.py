@@ -3,7 +3,8 @@
 SGLang attaches a request's grammar to ``Req.grammar`` and fills the batch's sampling info from it
 only when it builds the forward batch, so the worker must look at the requests themselves. Real
 SmolLM2-135M-Instruct in float32 (chat template, so regex/JSON answers are real text), a plain server
-and an EFFROLLOUT server with fixed γ = 3: every output must equal plain's, token for token.
+and an EFFROLLOUT server with fixed γ = 3: every output must equal plain's, token for token, and
+constrained requests speculate (drafts drawn under the grammar's masks).
 """
 
 from __future__ import annotations
@@ -128,6 +129,19 @@ def test_constrained_requests_identical_to_plain(eff, plain_out):
     got = _run(eff)
     assert got["alone"] == plain_out["alone"]
     assert got["mixed"] == plain_out["mixed"]
+
+
+def test_constrained_requests_speculate(eff):
+    """A constrained request drafts under its grammar: its iterations are speculative and most of
+    its forced JSON structure is accepted."""
+    before = eff.effrollout_state()["metrics"]
+    path, payload, _ = CASES["chat-json-schema"]
+    eff.post(path, payload)
+    after = eff.effrollout_state()["metrics"]
+    assert after["iterations_spec"] > before["iterations_spec"]
+    accepted = after["accepted"] - before["accepted"]
+    proposed = after["drafted"] - before["drafted"]
+    assert accepted > 0.5 * proposed, (accepted, proposed)
 
 
 def test_unconstrained_requests_still_speculate(eff):

@@ -303,12 +303,16 @@ class Drafter:
         attn: DraftAttention,
         params: sampler.SamplingParamsTensor | None,  # None: greedy drafts, no q
         after_first_step=None,  # called once the first step (which also gathers the KV) is done
+        constraint=None,  # masks step j's logits and hears its drafts (engine.grammar.GrammarChain)
     ) -> Proposal:
         """γ = ``attn.gamma`` drafter steps at positions seq_lens .. seq_lens+γ-1, each drawn
-        with the request's own sampling parameters (q kept for the rejection test)."""
+        with the request's own sampling parameters (q kept for the rejection test) and, for
+        constrained requests, under the grammar's mask."""
         tokens, drafts, qs = x0, [], []
         for j in range(attn.gamma):
             logits = self.step(tokens, seq_lens + j, j, attn)  # [B, V]
+            if constraint is not None:
+                constraint.mask(j, logits)
             if params is None:
                 tokens = logits.argmax(-1)
             else:
@@ -316,6 +320,8 @@ class Drafter:
                 tokens = sampler.sample(q)
                 qs.append(q)
             drafts.append(tokens)
+            if constraint is not None:
+                constraint.advance(j, tokens)
             if j == 0 and after_first_step is not None:
                 after_first_step()
         return Proposal(torch.stack(drafts, 1), torch.stack(qs, 1) if qs else None, ran_drafter=True)

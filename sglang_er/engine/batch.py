@@ -52,9 +52,8 @@ def committed_slots(req_to_token: torch.Tensor, batch, max_len: int) -> torch.Te
 
 def logits_only_features(batch) -> bool:
     """Features SGLang's sampler applies to the logits only: speculating without them would not be
-    lossless, so such batches decode plainly. Grammars are read off the requests: SGLang copies
-    them into ``sampling_info.grammars`` only when it builds the forward batch, after this choice
-    (a stale None there let drafts past the grammar: HTTP 500)."""
+    lossless, so such batches decode plainly. Grammars are not among them: constrained requests
+    draft and verify under the grammar's masks (:mod:`sglang_er.engine.grammar`)."""
     info = batch.sampling_info
     return bool(
         # the scheduler hands the worker a forward copy whose penalties are folded into tensors
@@ -62,6 +61,11 @@ def logits_only_features(batch) -> bool:
         or info.acc_scaling_penalties is not None
         or (info.penalizer_orchestrator is not None and info.penalizer_orchestrator.is_required)
         or info.logit_bias is not None
-        or any(req.grammar is not None for req in batch.reqs)
         or info.has_custom_logit_processor
     )
+
+
+def has_grammar(batch) -> bool:
+    """Whether a request carries a grammar. Read off the requests: SGLang copies them into
+    ``sampling_info.grammars`` only when it builds the forward batch, after the γ choice."""
+    return any(req.grammar is not None for req in batch.reqs)

@@ -35,6 +35,7 @@ from sglang_er.draft.proposal import Proposal
 from sglang_er.draft.vocab import DraftVocab
 from sglang_er.engine import batch as batch_view
 from sglang_er.engine import forwards, model, server_info
+from sglang_er.engine.grammar import GrammarChain
 from sglang_er.engine.recorder import IterationRecorder
 from sglang_er.gamma.controller import Controller
 from sglang_er.history.proposer import HistoryProposer
@@ -208,7 +209,8 @@ class EffRolloutWorker(BaseSpecWorker):
         self._seq_list = batch_view.seq_lens_host(batch)
         logits_only = batch_view.logits_only_features(batch)
         gamma = self._choose_gamma(batch, logits_only)
-        plan = self._history_proposal(batch, gamma, logits_only)
+        # history proposals are not checked against grammars: constrained batches take W4 drafts
+        plan = self._history_proposal(batch, gamma, logits_only or batch_view.has_grammar(batch))
         self.recorder.iteration += 1
         if plan is not None:
             result = self._speculate(batch, plan.gamma, plan)
@@ -304,8 +306,8 @@ class EffRolloutWorker(BaseSpecWorker):
         return self._commit(batch, it, drafts, verdict, plan, clock)
 
     def _draft(self, it: _Iteration, plan, clock) -> Proposal:
-        """Ask the proposers: the W4 drafter (unless the history plan covers every row), then
-        the history plan's rows over the drafter's."""
+        """Ask the proposers: the W4 drafter (unless the history plan covers every row; under
+        the grammar's masks for constrained rows), then the history plan's rows over the drafter's."""
         w4 = None
         if plan is None or plan.run_drafter:
             req_to_token = self.req_to_token_pool.req_to_token
@@ -313,7 +315,12 @@ class EffRolloutWorker(BaseSpecWorker):
             attn = self.drafter.attention(self._kv, kv_index, it.seq_lens, it.gamma)
             # the first step also gathers the committed KV (κ in the cost model)
             first = (lambda: clock.mark("draft_first")) if it.gamma > 1 else None
-            w4 = self.drafter.propose(it.x0, it.seq_lens, attn, None if it.greedy else it.params, first)
+            params = None if it.greedy else it.params
+            try:
+                w4 = self.drafter.propose(it.x0, it.seq_lens, attn, params, first, it.grammar)
+            finally:
+                if it.grammar is not None:
+                    it.grammar.rollback()  # the scheduler advances the matchers over what is committed
         drafts = w4 if plan is None else plan.merge(it.x0, w4, self.drafter.view.vocab_size, it.greedy)
         clock.mark("draft" if drafts.ran_drafter else "propose")
         return drafts
@@ -329,6 +336,8 @@ class EffRolloutWorker(BaseSpecWorker):
                 self._target_worker, batch, ids.flatten(), slots.flatten(), it.seq_lens, width
             )
         logits = out.next_token_logits.view(it.bs, width, -1)  # [B, γ+1, V]
+        if it.grammar is not None:
+            it.grammar.mask_verify(logits)  # as plain SGLang's sampler masks a constrained request
         p = None
         if it.greedy:
             accept_len, tokens = sampler.verify_greedy(drafts.tokens, logits)
@@ -380,6 +389,7 @@ class _Iteration:
     params: sampler.SamplingParamsTensor
     greedy: bool
     want_logprob: bool  # verify_forward clears it on the batch
+    grammar: GrammarChain | None  # the masks of constrained rows (None: no grammar in the batch)
 
     @classmethod
     def read(cls, worker: EffRolloutWorker, batch, gamma: int) -> _Iteration:
@@ -394,6 +404,7 @@ class _Iteration:
             params=params,
             greedy=params.is_all_greedy,
             want_logprob=batch.return_logprob,
+            grammar=GrammarChain.of(batch.reqs, gamma, worker.drafter.view.vocab_size, worker.device),
         )
 
 
