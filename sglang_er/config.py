@@ -28,7 +28,6 @@ have no SGLang flag are environment variables, read in every SGLang process alik
   model is off by 7–10% per phase on a CPU, and a wrong "on" costs more than a missed 1.0x–1.05x);
   ``SGLANG_ER_HYSTERESIS``: relative gain a new γ needs over the previous one (0.02).
 - ``SGLANG_ER_TIMELINE``: iterations kept in the timeline ``/get_server_info`` returns (2048).
-- ``SGLANG_ER_REQUANTIZE=0``: test-only, leave the drafter on the weights it was built from
   after a weight update (shows the acceptance a stale drafter would have).
 """
 
@@ -49,7 +48,6 @@ _ENV = {
     "quant": "SGLANG_ER_QUANT",
     "awq_min_tokens": "SGLANG_ER_AWQ_MIN_TOKENS",
     "awq_sample_every": "SGLANG_ER_AWQ_SAMPLE_EVERY",
-    "requantize": "SGLANG_ER_REQUANTIZE",
     "timeline_size": "SGLANG_ER_TIMELINE",
     "min_gain": "SGLANG_ER_MIN_GAIN",
     "hysteresis": "SGLANG_ER_HYSTERESIS",
@@ -70,7 +68,6 @@ class EffRolloutConfig(BaseModel):
     quant: Literal["awq", "rtn"] = "awq"
     awq_min_tokens: int = Field(512, ge=1)
     awq_sample_every: int = Field(4, ge=1)
-    requantize: bool = True  # SGLANG_ER_REQUANTIZE=0: test-only, keep the drafter on its first weights
     timeline_size: int = Field(2048, ge=0, le=1 << 20)
     min_gain: float = Field(1.05, ge=1.0, le=4.0)
     hysteresis: float = Field(0.02, ge=0.0, le=1.0)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import FP32, start_server
+from helpers import FP32, same_distribution_pvalue, start_server
 
 MODEL = "smollm2-135m-instruct"
 EFF = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "4"]
@@ -73,6 +74,10 @@ CASES = {
         lambda r: next(c["text"] for o in r["output"] if o["type"] == "message" for c in o["content"]),
     ),
 }
+# sampled: at T = 1 the grammar leaves 12 answers, drawn over several draft positions
+PICK = "Name a colour and an animal:"
+PICK_EBNF = 'root ::= ("red" | "green" | "blue" | "yellow") " " ("cat" | "dog" | "bird") "."'
+SAMPLES = 600
 FREE = [_chat(f"Count from {i} to {i + 20}, one number per line.", max_tokens=48) for i in range(3)]
 
 
@@ -92,6 +97,17 @@ def _run(srv) -> dict:
     return {"alone": alone, "mixed": mixed}
 
 
+def _sampled(srv) -> Counter:
+    """The answers of SAMPLES requests at T = 1 under PICK_EBNF."""
+
+    def chunk(k):
+        params = {"max_new_tokens": 16, "temperature": 1.0, "ebnf": PICK_EBNF}
+        return [o["text"] for o in srv.post("/generate", {"text": [PICK] * k, "sampling_params": params})]
+
+    with ThreadPoolExecutor(4) as ex:
+        return Counter(t for part in ex.map(chunk, [SAMPLES // 6] * 6) for t in part)
+
+
 @pytest.fixture(scope="module")
 def model_path():
     from sglang_er.models.factory import build_model
@@ -103,7 +119,7 @@ def model_path():
 def plain_out(model_path):
     srv = start_server(model_path, FP32)
     try:
-        return _run(srv)
+        return {**_run(srv), "sampled": _sampled(srv)}
     finally:
         srv.stop()
 
@@ -142,6 +158,19 @@ def test_constrained_requests_speculate(eff):
     accepted = after["accepted"] - before["accepted"]
     proposed = after["drafted"] - before["drafted"]
     assert accepted > 0.5 * proposed, (accepted, proposed)
+
+
+def test_sampled_constrained_answers_follow_plain(eff, plain_out):
+    """At T = 1 the answers under a grammar follow plain SGLang's distribution (the chi-square of
+    the deep losslessness tests, which planted acceptance bugs fail)."""
+    before = eff.effrollout_state()["metrics"]["iterations_spec"]
+    got = _sampled(eff)
+    assert eff.effrollout_state()["metrics"]["iterations_spec"] > before
+    assert all(re.fullmatch(r"(red|green|blue|yellow) (cat|dog|bird)\.", t) for t in got), got
+    p = same_distribution_pvalue(plain_out["sampled"], got)
+    if p <= 0.01:  # a correct sampler lands here 1% of the time: one fresh draw decides
+        p = same_distribution_pvalue(plain_out["sampled"], _sampled(eff))
+    assert p > 0.01, (p, plain_out["sampled"], got)
 
 
 def test_unconstrained_requests_still_speculate(eff):

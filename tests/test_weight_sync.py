@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from helpers import start_server
+from helpers import planted, start_server
 
 PROMPT = "Alice has 12 apples. She buys 7 more. How many"
 ARGS = ["--dtype", "float32", "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "4"]
@@ -83,11 +83,11 @@ def test_update_from_disk_then_tensor_requantizes_the_drafter(srv, policies):
 
 
 def test_stale_drafter_collapses_without_requantization(tiny_model, srv, policies):
-    """Same update on a server whose re-quantization is switched off: still lossless, but the
-    drafter proposes the old policy's tokens and acceptance collapses."""
+    """Same update on a server whose re-quantization is planted away (test harness): still lossless,
+    but the drafter proposes the old policy's tokens and acceptance collapses."""
     _update_from_disk(srv, policies["w1"])
     _, fresh_rate = _greedy(srv)
-    stale = start_server(tiny_model, ARGS, env={"SGLANG_ER_GAMMA": "3", "SGLANG_ER_REQUANTIZE": "0"})
+    stale = start_server(tiny_model, ARGS, env={"SGLANG_ER_GAMMA": "3", **planted("stale_drafter")})
     try:
         _update_from_disk(stale, policies["w1"])
         out, stale_rate = _greedy(stale)

@@ -115,9 +115,6 @@ class EffRolloutWorker(BaseSpecWorker):
     def on_weights_updated(self) -> None:
         """Called by :mod:`sglang_er.engine.weight_sync` after each completed weight update."""
         self._kv = None  # a memory resume may have re-created the KV pool's buffers
-        if not self.config.requantize:  # test-only switch: shows what a stale drafter costs
-            logger.warning("EFFROLLOUT drafter NOT re-quantized (SGLANG_ER_REQUANTIZE=0)")
-            return
         t0 = time.perf_counter()
         self.drafter.requantize(model.model_view(self.model_runner.model))
         self.requantizations += 1

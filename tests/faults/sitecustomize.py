@@ -3,7 +3,8 @@
 ``SGLANG_ER_TEST_FAULT=accept_all``: every draft is accepted; ``accept_all_history``: every history
 draft is; ``no_residual``: after a rejection the token is drawn from p instead of norm(max(p - q, 0))
 (the subtle bug: acceptance rates stay right). Not lossless on purpose, so the distribution tests
-can show they detect a wrong rule.
+can show they detect a wrong rule. ``stale_drafter``: weight updates leave the drafter on the weights
+it was built from (lossless, but it drafts the old policy).
 The product has no such setting: this file patches the worker as it is imported, in every process
 Python starts with this folder on its path (SGLang's scheduler included).
 """
@@ -24,6 +25,14 @@ def _plant(module) -> None:
 
     from sglang_er import sampler
     from sglang_er.history.proposer import HISTORY_SOURCES
+
+    if FAULT == "stale_drafter":
+
+        def keep_the_old_drafter(self):
+            self._kv = None
+
+        module.EffRolloutWorker.on_weights_updated = keep_the_old_drafter
+        return
 
     if FAULT == "no_residual":
         honest_rule = sampler.verify
@@ -70,7 +79,8 @@ class _PatchWorkerOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if FAULT in ("accept_all", "accept_all_history", "no_residual"):
+FAULTS = ("accept_all", "accept_all_history", "no_residual", "stale_drafter")
+if FAULT in FAULTS:
     sys.meta_path.insert(0, _PatchWorkerOnImport())
 elif FAULT:
-    raise SystemExit(f"SGLANG_ER_TEST_FAULT={FAULT!r}: use accept_all, accept_all_history or no_residual")
+    raise SystemExit(f"SGLANG_ER_TEST_FAULT={FAULT!r}: use one of {', '.join(FAULTS)}")
