@@ -50,8 +50,15 @@ class GrammarChain:
         self.grammars[0].apply_vocab_mask(logits, self.grammars[0].move_vocab_mask(mask, self.device))
 
     def mask(self, j: int, logits: torch.Tensor) -> None:
-        """Mask in place the drafter's logits [B, V] of step j (they predict d_{j+1})."""
-        self._apply(logits, self.masks.view(-1, self.width, self.masks.shape[-1])[:, j].contiguous())
+        """Mask in place the drafter's logits [B, V] of step j (they predict d_{j+1}). A row whose
+        draft head scores none of the allowed tokens (a draft vocabulary without the end token,
+        say) proposes uniformly over them: any q the draft is drawn from keeps the test exact."""
+        mask = self.masks.view(-1, self.width, self.masks.shape[-1])[:, j].contiguous()  # [B, W]
+        self._apply(logits, mask)
+        dead = torch.isneginf(logits).all(-1)  # [B]
+        if dead.any():
+            logits[dead] = 0.0
+            self._apply(logits, mask)
 
     def advance(self, j: int, tokens: torch.Tensor) -> None:
         """Advance the matchers over the drafts d_{j+1} [B] and fill the masks of position j + 1."""
