@@ -1,10 +1,13 @@
-"""Losslessness where it is hard: γ = 16, every draft position and the bonus token, through a server.
+"""Losslessness where it is hard: every draft position and the bonus token, through a server.
 
-``test_worker.py`` compares the first three tokens at γ = 3. Here one γ = 16 iteration produces
-17 tokens per request (16 drafts and the bonus); every position's distribution over many requests
-is compared with plain SGLang's (one chi-square per position, Bonferroni over the positions), at
-T = 1 and with min-p, and greedy output must be identical. The same statistic must reject a server
-with the subtle planted bug: after a rejection, drawing from p instead of norm(max(p - q, 0)).
+``test_worker.py`` compares the first three tokens at γ = 3. Here each request samples 18 tokens:
+the prefill's token, then 17 decode positions, which one γ = 16 iteration can cover whole (16 drafts
+and the bonus) and two γ = 8 iterations can (8 drafts and the bonus each). Every position's
+distribution over many requests is compared with plain SGLang's (one chi-square per position,
+Bonferroni over the positions): at γ = 16 with T = 1, top-p, top-k and min-p; at γ = 8 with T = 1
+and min-p; with γ chosen per iteration by the auto policy (γmax = 16) at T = 1. Greedy output at
+γ = 16 must be identical. The same statistic must reject servers with a planted wrong acceptance
+rule: accepting every draft, and after a rejection drawing from p instead of norm(max(p - q, 0)).
 """
 
 from __future__ import annotations
@@ -16,12 +19,23 @@ import pytest
 import requests
 from helpers import FP32, greedy_all, planted, same_distribution_pvalue, start_server, tiny_prompts
 
-EFF16 = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "17"]
+EFF = ["--speculative-algorithm", "EFFROLLOUT"]
+EFF16 = [*EFF, "--speculative-num-draft-tokens", "17"]
+EFF8 = [*EFF, "--speculative-num-draft-tokens", "9"]
 ENV16 = {"SGLANG_ER_GAMMA": "16"}
+ENV8 = {"SGLANG_ER_GAMMA": "8"}
 PROMPT = "Alice has 12 apples. She buys 7 more. How many"
-TOKENS = 18  # the prefill's token, then one γ = 16 iteration: 16 drafts and the bonus
+TOKENS = 18  # the prefill's token, then one γ = 16 iteration (16 drafts and the bonus), or two of γ = 8
 N = 1200
-SAMPLINGS = {"t1": {"temperature": 1.0}, "min_p": {"temperature": 1.0, "min_p": 0.05}}
+SAMPLINGS = {
+    "t1": {"temperature": 1.0},
+    "min_p": {"temperature": 1.0, "min_p": 0.05},
+    "top_p": {"temperature": 1.0, "top_p": 0.9},
+    "top_k": {"temperature": 1.0, "top_k": 20},
+}
+# (server fixture, sampling) pairs of the per-position test on the fixed-γ servers
+FIXED_CASES = [("eff16", s) for s in SAMPLINGS] + [("eff8", "t1"), ("eff8", "min_p")]
+DEEP = 9  # the planted accept-all bug is asserted on positions 9-17: drafts 9-16 of γ = 16 and the bonus
 
 
 def positions(srv, n: int = N, **sampling) -> list[Counter]:
@@ -38,16 +52,33 @@ def positions(srv, n: int = N, **sampling) -> list[Counter]:
     return [Counter(ids[t] for ids in outs) for t in range(TOKENS)]
 
 
-def min_adjusted_pvalue(a: list[Counter], b: list[Counter]) -> tuple[float, int]:
-    """The smallest per-position p-value times the number of positions (Bonferroni), and where."""
-    ps = [same_distribution_pvalue(x, y) for x, y in zip(a, b)]
+def min_adjusted_pvalue(a: list[Counter], b: list[Counter], first: int = 0) -> tuple[float, int]:
+    """The smallest per-position p-value from position ``first`` on, times the number of those
+    positions (Bonferroni), and where."""
+    ps = [same_distribution_pvalue(x, y) for x, y in zip(a[first:], b[first:])]
     t = min(range(len(ps)), key=ps.__getitem__)
-    return min(1.0, ps[t] * len(ps)), t
+    return min(1.0, ps[t] * len(ps)), first + t
+
+
+def assert_follows_plain(srv, sampling: str, plain_positions, got: list[Counter], label: str) -> None:
+    p, t = min_adjusted_pvalue(plain_positions[sampling], got)
+    print(f"{label} {sampling}: adjusted p = {p:.2e} at position {t}")
+    if p <= 0.01:  # a correct sampler lands here 1% of the time: one fresh draw decides
+        p, t = min_adjusted_pvalue(plain_positions[sampling], positions(srv, **SAMPLINGS[sampling]))
+        print(f"{label} {sampling}, fresh draw: adjusted p = {p:.2e} at position {t}")
+    assert p > 0.01, f"position {t}: {label} differs from plain at {sampling} (adjusted p = {p:.2e})"
 
 
 @pytest.fixture(scope="module")
 def eff16(tiny_model):
     srv = start_server(tiny_model, [*FP32, *EFF16], env=ENV16)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def eff8(tiny_model):
+    srv = start_server(tiny_model, [*FP32, *EFF8], env=ENV8)
     yield srv
     srv.stop()
 
@@ -64,15 +95,53 @@ def test_greedy_identical_at_gamma_16(plain, eff16):
     assert st["gamma_max"] == 16 and {r["gamma"] for r in st["timeline"]} == {16}
 
 
-@pytest.mark.parametrize("sampling", list(SAMPLINGS))
-def test_every_draft_position_and_the_bonus_follow_plain(sampling, eff16, plain_positions):
-    before = eff16.effrollout_state()["metrics"]["iterations_spec"]
-    got = positions(eff16, **SAMPLINGS[sampling])
-    assert eff16.effrollout_state()["metrics"]["iterations_spec"] > before  # it did speculate
-    p, t = min_adjusted_pvalue(plain_positions[sampling], got)
-    if p <= 0.01:  # a correct sampler lands here 1% of the time: one fresh draw decides
-        p, t = min_adjusted_pvalue(plain_positions[sampling], positions(eff16, **SAMPLINGS[sampling]))
-    assert p > 0.01, f"position {t}: EFFROLLOUT γ = 16 differs from plain (adjusted p = {p:.2e})"
+@pytest.mark.parametrize(("server", "sampling"), FIXED_CASES, ids=[f"{g}-{s}" for g, s in FIXED_CASES])
+def test_every_draft_position_and_the_bonus_follow_plain(server, sampling, request, plain_positions):
+    srv = request.getfixturevalue(server)
+    before = srv.effrollout_state()["metrics"]["iterations_spec"]
+    got = positions(srv, **SAMPLINGS[sampling])
+    st = srv.effrollout_state()
+    assert st["metrics"]["iterations_spec"] > before  # it did speculate
+    assert {r["gamma"] for r in st["timeline"]} == {int(server.removeprefix("eff"))}
+    assert_follows_plain(srv, sampling, plain_positions, got, f"EFFROLLOUT γ = {server.removeprefix('eff')}")
+
+
+def test_every_position_follows_plain_when_the_auto_policy_chooses_gamma(tiny_model, plain_positions):
+    """γmax = 16, γ chosen per iteration by the auto policy with its default settings: it
+    speculates at some γs and decodes plainly at others within the same requests (on the tiny
+    model, forced explorations alone speculate in every batch-size octave it has not run at), so
+    the positions cover switches of γ between iterations. The sampled requests must have been
+    decoded with several speculative iterations that accepted drafts."""
+    srv = start_server(tiny_model, [*FP32, *EFF16])
+    try:
+        st = srv.effrollout_state()
+        assert st["mode"] == "auto" and st["gamma_max"] == 16
+        last = max((r["iteration"] for r in st["timeline"]), default=-1)
+        got = positions(srv, **SAMPLINGS["t1"])
+        ran = [r for r in srv.effrollout_state()["timeline"] if r["iteration"] > last]
+        spec = [r for r in ran if r["gamma"] > 0]
+        print(f"auto: γ per iteration {[r['gamma'] for r in ran]}")
+        assert len(spec) >= 3 and sum(r["accepted"] for r in spec) > 0, [r["gamma"] for r in ran]
+        assert_follows_plain(srv, "t1", plain_positions, got, "EFFROLLOUT auto γ")
+    finally:
+        srv.stop()
+
+
+def test_the_position_test_detects_accepting_every_draft_at_deep_positions(tiny_model, plain_positions):
+    """Drafts from the W4 copy of the target itself follow p closely, so accepting every one moves
+    the deep positions too little for a few hundred requests to show; a drafter restricted to a
+    16-token vocabulary puts all of q on those tokens, so the statistic, restricted to the deep
+    positions, sees the bug without riding on chance."""
+    env = {**ENV16, "SGLANG_ER_DRAFT_VOCAB": "16", **planted("accept_all")}
+    wrong = start_server(tiny_model, [*FP32, *EFF16], env=env)
+    try:
+        got = positions(wrong, n=N // 4, **SAMPLINGS["t1"])
+        assert {r["gamma"] for r in wrong.effrollout_state()["timeline"]} == {16}
+    finally:
+        wrong.stop()
+    p, t = min_adjusted_pvalue(plain_positions["t1"], got, first=DEEP)
+    print(f"planted accept_all: adjusted p = {p:.2e} at position {t} (positions {DEEP}-{TOKENS - 1})")
+    assert p < 1e-3, f"the planted bug went unnoticed at positions {DEEP}+ (best {t}, adjusted p = {p:.2e})"
 
 
 def test_the_position_test_detects_resampling_without_the_residual(tiny_model, plain_positions):
