@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sglang_er.quant import int4pack, w4linear
 from sglang_er.quant import quantizer as qmod
 from sglang_er.quant.quantizer import (
     QuantizedTensor,
@@ -259,6 +260,34 @@ def test_kernel_selection_rules():
     for _, k, n in QWEN2_05B + TINY:
         assert marlin_padded_n(n, k, choose_group_size(k)) == n
     assert marlin_padded_n(128, 96, 32) is None
+
+
+# CUDA-only kernel: its rules and inputs are checked here; its output only on a GPU (eval.gpu_check).
+def test_cuda_int4pack_rules_and_choice_without_a_gpu(monkeypatch):
+    assert [int4pack.cuda_inner_k_tiles(k) for k in (1536, 8960, 96, 64, 48)] == [8, 8, 2, 4, None]
+    assert int4pack.cuda_supports(2048, 1536, 128) and not int4pack.cuda_supports(100, 1536, 128)  # N % 8
+    # the CUDA op is fed the even column in the high nibble
+    assert int4pack.cuda_nibbles(torch.tensor([[1, 2, 3, 4]], dtype=torch.uint8)).tolist() == [[0x12, 0x34]]
+    # the (scale, float zero) pairs both devices read reproduce (q - z) * s as (q - 8) * s + zero
+    qt = quantize_rtn(_weight(16, 256, seed=12), 64)
+    sz = int4pack.scale_zeros(qt, torch.float32).transpose(0, 1)  # [N, K/g, 2]
+    q = qt.q.view(16, 4, 64).float()
+    w = ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(16, 256)
+    torch.testing.assert_close(w, qt.dequantize(), rtol=0, atol=1e-6)
+    # an sm80 GPU without SGLang: torch's kernel, saying why Marlin is not used
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(w4linear, "_marlin_available", lambda: False)
+    monkeypatch.setattr(int4pack, "cuda_device_ok", lambda: True)
+    kernel, why = select_kernel(cuda, torch.bfloat16, 2048, 1536, 128)
+    assert kernel == "cuda_int4pack" and "Marlin unavailable" in why, why
+    assert select_kernel(cuda, torch.float16, 2048, 1536, 128)[0] == "torch"
+    assert select_kernel(cuda, torch.bfloat16, 100, 1536, 128)[0] == "torch"
+    monkeypatch.setattr(w4linear, "_marlin_available", lambda: True)
+    assert select_kernel(cuda, torch.bfloat16, 2048, 1536, 128)[0] == "marlin"
+    kernel, why = select_kernel(cuda, torch.bfloat16, 256, 96, 32)  # Marlin refuses K=96
+    assert kernel == "cuda_int4pack" and "K=96" in why, why
+    with pytest.raises(ValueError):
+        W4Linear.from_float(_weight(256, 128, dtype=torch.bfloat16), kernel="cuda_int4pack")  # a CPU weight
 
 
 def test_broken_kernel_falls_back(monkeypatch):

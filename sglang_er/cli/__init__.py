@@ -35,8 +35,10 @@ def _doctor(_args) -> int:
     rows.append(("int4 CPU pack", "yes" if hasattr(ops, "_convert_weight_to_int4pack_for_cpu") else "MISSING"))
     if acc == "cuda":
         from sglang_er.engine.kernels import marlin_importable
+        from sglang_er.quant.int4pack import cuda_device_ok
 
         rows.append(("AWQ-Marlin (CUDA)", "yes" if marlin_importable() else "MISSING (SGLang's CUDA kernels)"))
+        rows.append(("int4 CUDA (torch)", "yes" if cuda_device_ok() else "no (needs NVIDIA sm80+)"))
     rows.append(("portable CPU platform", f"SGLANG_PLATFORM={PLATFORM_NAME} or automatic without accelerator"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

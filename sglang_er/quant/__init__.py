@@ -5,4 +5,5 @@
 - :mod:`.awq_search`: the scale search for one group of linears, and folding its scales into a norm.
 - :mod:`.live_stats`: those statistics, sampled from the target's own forwards.
 - :mod:`.w4linear`, :mod:`.w8linear`: the linears that run the quantized weights (CPU and GPU kernels).
+- :mod:`.int4pack`: torch's own int4 kernels (CPU and CUDA) that W4Linear can run on.
 """

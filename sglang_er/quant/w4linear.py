@@ -3,13 +3,10 @@
 Kernels (``W4Linear.kernel`` names the one in use, ``kernel_reason`` says why):
 
 ``"cpu_int4pack"``
-    ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on an ``_convert_weight_to_int4pack_for_cpu``
-    weight. Needs N % 16 == 0, group in {32, 64, 128, 256}, K % group == 0, a 2-D contiguous
-    activation, and scales in the activation dtype (bf16 / fp16 / fp32). It dequantizes as
-    ``(q - 8) * scale + zero`` with a *float* zero, so our integer zero point ``z`` is stored as
-    ``zero = (8 - z) * scale``. Chosen automatically for bf16 / fp16 activations; fp32 only on
-    request (``kernel="cpu_int4pack"``), because ``(q-8)*s + (8-z)*s`` is not bit-identical to
-    ``(q-z)*s`` and float32 models are our exactness reference.
+    torch's tinygemm on the CPU (:mod:`sglang_er.quant.int4pack`: layouts, shape rules, and the float
+    zero ``(8 - z) * scale`` our integer zero point becomes). Chosen automatically for bf16 / fp16
+    activations; fp32 only on request (``kernel="cpu_int4pack"``), because ``(q-8)*s + (8-z)*s`` is
+    not bit-identical to ``(q-z)*s`` and float32 models are our exactness reference.
 ``"marlin"``  (CUDA, fp16 / bf16; NOT exercised by the CPU test-suite)
     SGLang's AWQ-Marlin: ``awq_marlin_repack`` + ``marlin_permute_scales`` +
     ``awq_to_marlin_zero_points`` at build time, ``gptq_marlin_gemm(..., scalar_types.uint4)`` at
@@ -18,6 +15,9 @@ Kernels (``W4Linear.kernel`` names the one in use, ``kernel_reason`` says why):
     N % 64 == 0 and either K % 128 == 0 or (K % 64 == 0 and N % 128 == 0); SGLang's Python
     check (K % 128) is stricter than the kernel. Where only N is off we pad N with zero rows and
     slice the output (SmolLM2's K=576 layers), otherwise fall back.
+``"cuda_int4pack"``  (CUDA sm80+, bf16; NOT exercised by the CPU test-suite)
+    torch's tinygemm on CUDA (``_weight_int4pack_mm``, same module, same zero trick): chosen where
+    Marlin is not (SGLang absent, or Marlin refuses the shape), so a W4 drafter needs only torch.
 ``"torch"``
     Dequantize (exactly :meth:`QuantizedTensor.dequantize`) then ``F.linear``. Used for float32
     activations and for shapes / devices no kernel takes. Dequantizing on every call costs far
@@ -42,21 +42,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglang_er.engine import kernels
+from sglang_er.quant import int4pack
 from sglang_er.quant.quantizer import QuantizedTensor, choose_group_size, pack_awq, quantize_rtn
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["W4Linear", "select_kernel", "marlin_padded_n", "cpu_int4pack_supports"]
 
-KERNELS = ("cpu_int4pack", "marlin", "torch")
+KERNELS = ("cpu_int4pack", "cuda_int4pack", "marlin", "torch")
 
-_CPU_INT4_GROUPS = (32, 64, 128, 256)
 _MARLIN_GROUPS = (32, 64, 128)
-
-
-def cpu_int4pack_supports(n: int, k: int, group_size: int) -> bool:
-    """Shape rule of ``_weight_int4pack_mm_for_cpu`` (found empirically on torch 2.14)."""
-    return n % 16 == 0 and group_size in _CPU_INT4_GROUPS and k % group_size == 0
+cpu_int4pack_supports = int4pack.cpu_supports
 
 
 def marlin_padded_n(n: int, k: int, group_size: int) -> int | None:
@@ -88,23 +84,21 @@ def select_kernel(device: torch.device, act_dtype: torch.dtype, n: int, k: int, 
         return "cpu_int4pack", "CPU bf16/fp16"
     if device.type == "cuda":
         if act_dtype not in (torch.bfloat16, torch.float16):
-            return "torch", f"Marlin needs fp16/bf16 activations, got {act_dtype}"
+            return "torch", f"the W4 CUDA kernels need fp16/bf16 activations, got {act_dtype}"
         if marlin_padded_n(n, k, group_size) is None:
-            return "torch", f"Marlin refuses K={k} with group={group_size}"
-        if not _marlin_available():
-            return "torch", "Marlin kernels unavailable (no sm80+ CUDA or import failed)"
-        return "marlin", "CUDA fp16/bf16"
+            no_marlin = f"Marlin refuses K={k} with group={group_size}"
+        elif not _marlin_available():
+            no_marlin = "SGLang's Marlin unavailable (no sm80+ CUDA or its import failed)"
+        else:
+            return "marlin", "CUDA fp16/bf16: SGLang's Marlin"
+        if act_dtype != torch.bfloat16:
+            return "torch", f"{no_marlin}; torch's int4 CUDA kernel takes bf16 only"
+        if not int4pack.cuda_device_ok():
+            return "torch", f"{no_marlin}; torch's int4 CUDA kernel needs NVIDIA sm80+"
+        if not int4pack.cuda_supports(n, k, group_size):
+            return "torch", f"{no_marlin}; torch's int4 CUDA kernel refuses N={n}, K={k}, group={group_size}"
+        return "cuda_int4pack", f"{no_marlin}: torch's int4 CUDA kernel (tinygemm)"
     return "torch", f"no W4 kernel for device {device.type}"
-
-
-def _int4pack_cpu(q: torch.Tensor, rows: int = 2048) -> torch.Tensor:
-    """uint8 [N, K] -> the CPU int4pack layout, converted in row blocks (the op is row-wise) so
-    no int32 copy of the whole weight is made on every re-quantization."""
-    n, k = q.shape
-    out = torch.empty((n, k // 2), dtype=torch.uint8, device=q.device)
-    for r in range(0, n, rows):
-        out[r : r + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[r : r + rows].to(torch.int32), 1)
-    return out
 
 
 def _pack_rows_u4(q: torch.Tensor) -> torch.Tensor:
@@ -164,6 +158,10 @@ class W4Linear(nn.Module):
             reason = "requested"
             if kernel == "cpu_int4pack" and not (device.type == "cpu" and cpu_int4pack_supports(n, k, self.group_size)):
                 raise ValueError(f"cpu_int4pack cannot run N={n}, K={k}, group={self.group_size} on {device}")
+            if kernel == "cuda_int4pack" and not (
+                device.type == "cuda" and int4pack.cuda_supports(n, k, self.group_size)
+            ):
+                raise ValueError(f"cuda_int4pack cannot run N={n}, K={k}, group={self.group_size} on {device}")
             if kernel == "marlin" and marlin_padded_n(n, k, self.group_size) is None:
                 raise ValueError(f"marlin cannot run K={k}, group={self.group_size}")
         self.kernel = kernel
@@ -225,14 +223,9 @@ class W4Linear(nn.Module):
 
     def _kernel_buffers(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         """Kernel-specific packed tensors for ``qt``; same shapes every call (for in-place reloads)."""
-        if self.kernel == "cpu_int4pack":
-            packed = _int4pack_cpu(qt.q)
-            s = qt.scales.to(self.act_dtype)
-            # zero is applied in the activation dtype; derive it from the rounded scale so that
-            # (q-8)*s + (8-z)*s stays (q-z)*s up to one rounding of the zero term.
-            zero = (8.0 - qt.zeros.to(torch.float32)) * s.to(torch.float32)
-            sz = torch.stack((s, zero.to(self.act_dtype)), dim=-1)  # [N, K/g, 2]
-            return {"int4_packed": packed, "int4_scale_zeros": sz.transpose(0, 1).contiguous()}
+        if self.kernel in ("cpu_int4pack", "cuda_int4pack"):
+            pack = int4pack.pack_cpu if self.kernel == "cpu_int4pack" else int4pack.pack_cuda
+            return {"int4_packed": pack(qt.q), "int4_scale_zeros": int4pack.scale_zeros(qt, self.act_dtype)}
         if self.kernel == "marlin":  # pragma: no cover - CUDA only
             return self._marlin_buffers(qt)
         return {}
@@ -366,10 +359,14 @@ class W4Linear(nn.Module):
     def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features
         x2 = x if x.dim() == 2 else x.reshape(-1, k)
-        if not x2.is_contiguous():  # both kernels read a dense row-major [M, K]
+        if not x2.is_contiguous():  # the kernels read a dense row-major [M, K]
             x2 = x2.contiguous()
         if self.kernel == "cpu_int4pack":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.int4_packed, self.group_size, self.int4_scale_zeros)
+        elif self.kernel == "cuda_int4pack":  # pragma: no cover - CUDA only
+            if x2.shape[0] == 0:  # an empty grid is not a valid launch
+                return x.new_empty(*x.shape[:-1], n)
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.int4_packed, self.group_size, self.int4_scale_zeros)
         else:  # pragma: no cover - CUDA only
             y = self._marlin_mm(x2)
         if self.bias is not None:
