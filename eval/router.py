@@ -61,6 +61,9 @@ class Router:
             str(free_port()),
             "--log-level",
             "warn",
+            # SIGTERM (its parent died: see _die_with_parent) must not leave it draining for 3 minutes
+            "--shutdown-grace-period-secs",
+            "1",
         ]
         self.n_workers = len(worker_urls)
         if log_path is None:
