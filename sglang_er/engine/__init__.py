@@ -7,6 +7,7 @@
 - :mod:`.batch`: what the worker reads off SGLang's batch and requests.
 - :mod:`.model`: the target's weights and KV pool as plain views for the drafter.
 - :mod:`.forwards`: the verify and plain-decode forwards, results and logprobs through SGLang.
+- :mod:`.verify_input`: the verify's ``spec_info`` for backends with a TARGET_VERIFY path (GPU).
 - :mod:`.spec_meta`, :mod:`.server_info`, :mod:`.weight_sync`: per-request ``meta_info``, server
   state, re-quantization after weight updates (each a hook handler).
 - :mod:`.kernels`: SGLang's GPU kernels and runtime settings the product code uses.

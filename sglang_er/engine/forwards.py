@@ -16,19 +16,69 @@ def verify_forward(
     """One target forward over ``width`` new tokens per request; returns logits [bs * width, V].
 
     input_ids, out_cache_loc: [bs * width]; prefix_lens [bs] = committed tokens with KV.
-    Expressed as EXTEND metadata (which every attention backend runs, with a causal mask that
-    is correct for a chain) and flipped to TARGET_VERIFY after ``ForwardBatch.init_new`` so the
-    logits processor keeps every row. The scheduler restores every ScheduleBatch field after
-    the worker returns (``Scheduler._forward_isolation``).
+    Backends with a TARGET_VERIFY path (triton, flashinfer, fa3, ...) get SGLang's contract:
+    ``seq_lens`` = the prefix, a :class:`~sglang_er.engine.verify_input.ChainVerifyInput` as
+    ``spec_info``, TARGET_VERIFY before ``ForwardBatch.init_new``. torch_native has no such path
+    (it reads ``extend_*``, which init_new leaves unset in TARGET_VERIFY), so there the verify
+    runs as EXTEND metadata (causal, correct for a chain) and is flipped to TARGET_VERIFY after
+    init_new only so the logits processor keeps every row. The scheduler restores every
+    ScheduleBatch field after the worker returns (``Scheduler._forward_isolation``).
     """
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+    backend, needs_mask = verify_attention_backend(target_worker.model_runner)
+    batch.input_ids = input_ids
+    batch.out_cache_loc = out_cache_loc
+    batch.return_logprob = False
+    if backend in EXTEND_VERIFY_BACKENDS:
+        _as_extend(batch, prefix_lens, width)
+        fb = ForwardBatch.init_new(batch, target_worker.model_runner, return_hidden_states_before_norm=False)
+        fb.forward_mode = ForwardMode.TARGET_VERIFY
+    else:
+        as_target_verify(batch, input_ids, prefix_lens, width, spec_settings()[1], needs_mask)
+        fb = ForwardBatch.init_new(batch, target_worker.model_runner, return_hidden_states_before_norm=False)
+    out = target_worker.forward_batch_generation(batch=None, forward_batch=fb, is_verify=True)
+    return out.logits_output
+
+
+# Backends without a TARGET_VERIFY path: the verify runs as EXTEND on them (by class name, as
+# SGLang's ``resolve_dflash_verify_mask_policy`` names them).
+EXTEND_VERIFY_BACKENDS = frozenset({"TorchNativeAttnBackend"})
+
+
+def verify_attention_backend(model_runner) -> tuple[str, bool]:
+    """(class name of the backend that runs TARGET_VERIFY, whether it needs an explicit chain mask),
+    resolved through hybrid/TBO wrappers by SGLang's own DFLASH policy (a chain verify, like ours)."""
+    from sglang.srt.speculative.dflash_utils import resolve_dflash_verify_mask_policy
+
+    return resolve_dflash_verify_mask_policy(model_runner.attn_backend)
+
+
+def as_target_verify(
+    batch, input_ids: torch.Tensor, prefix_lens: torch.Tensor, width: int, static_width: int, with_mask: bool
+) -> None:
+    """SGLang's TARGET_VERIFY convention, as EAGLE and NGRAM set it: ``seq_lens`` (device and host)
+    and ``seq_lens_sum`` count the committed prefix only; the width rides on ``spec_info``."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sglang_er.engine.verify_input import ChainVerifyInput
+
+    batch.forward_mode = ForwardMode.TARGET_VERIFY
+    batch.seq_lens = prefix_lens.to(batch.seq_lens.dtype)
+    if batch.seq_lens_cpu is None:  # the scheduler's host copy already holds the prefix: no sync
+        batch.seq_lens_cpu = prefix_lens.cpu()
+    batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
+    batch.spec_info = ChainVerifyInput.build(input_ids, prefix_lens, width, static_width, with_mask)
+
+
+def _as_extend(batch, prefix_lens: torch.Tensor, width: int) -> None:
+    """EXTEND metadata for the verify: ``seq_lens`` = prefix + width, ``extend_*`` = width each."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     bs = prefix_lens.shape[0]
     prefix_cpu = prefix_lens.cpu()
     seq_cpu = prefix_cpu + width
     batch.forward_mode = ForwardMode.EXTEND
-    batch.input_ids = input_ids
-    batch.out_cache_loc = out_cache_loc
     batch.seq_lens = prefix_lens + width
     batch.seq_lens_cpu = seq_cpu
     batch.seq_lens_sum = int(seq_cpu.sum())
@@ -36,12 +86,7 @@ def verify_forward(
     batch.extend_lens = [width] * bs
     batch.extend_num_tokens = width * bs
     batch.extend_logprob_start_lens = [width] * bs
-    batch.return_logprob = False
     batch.spec_info = None
-    fb = ForwardBatch.init_new(batch, target_worker.model_runner, return_hidden_states_before_norm=False)
-    fb.forward_mode = ForwardMode.TARGET_VERIFY
-    out = target_worker.forward_batch_generation(batch=None, forward_batch=fb, is_verify=True)
-    return out.logits_output
 
 
 def decode_forward(
