@@ -47,7 +47,6 @@ def test_defaults_are_resolved():
         ({"speculative_eagle_topk": 4}, "--speculative-eagle-topk"),
         ({"speculative_num_draft_tokens": 40}, "--speculative-num-draft-tokens between"),
         ({"speculative_num_draft_tokens": 4, "speculative_num_steps": 5}, "pass only one"),
-        ({"tp_size": 2}, "remove --tp-size 2"),
         ({"pp_size": 2}, "remove --pp-size 2"),
         ({"enable_dp_attention": True}, "--enable-dp-attention"),
         ({"kv_cache_dtype": "fp8_e5m2"}, "--kv-cache-dtype"),
@@ -56,6 +55,14 @@ def test_defaults_are_resolved():
 def test_unsupported_settings_name_the_fix(kw, fix):
     with pytest.raises(ValueError, match=fix):
         validate_server_args(_Args(**kw))
+
+
+def test_tensor_parallel_is_accepted_but_not_with_history(monkeypatch):
+    validate_server_args(_Args(tp_size=2))
+    monkeypatch.setenv("SGLANG_ER_HISTORY", "group")
+    with pytest.raises(ValueError, match="unset SGLANG_ER_HISTORY or remove --tp-size 2"):
+        validate_server_args(_Args(tp_size=2))
+    validate_server_args(_Args(tp_size=1))
 
 
 @pytest.mark.parametrize("env, fix", [("9", "lower"), ("abc", "SGLANG_ER_GAMMA=3"), ("", None), ("0,2", None)])

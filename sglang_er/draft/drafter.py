@@ -18,6 +18,10 @@ W4 linear for o and down. Groups whose statistics are not ready yet stay RTN (s 
 
 Draft head: ``shared`` (the target's lm_head), ``w8`` (int8 per-row copy, used up to
 :data:`W8_HEAD_MAX_BATCH` requests, where its CPU kernel beats bf16) or ``w4``.
+
+Under tensor parallelism the view holds this rank's shards and every copy above is of a shard; the
+step sums the row-parallel outputs and gathers the head's vocabulary shards with the collectives the
+view carries (:class:`~sglang_er.draft.views.TensorParallel`), as the target's own forward does.
 """
 
 from __future__ import annotations
@@ -202,7 +206,9 @@ class Drafter:
             elif head == "w8":
                 self.head = W8Linear(view.lm_head_weight)
         self.vocab: torch.Tensor | None = None  # [K] ids the head scores (None: every token)
-        self._vocab_heads: tuple = (None, None)  # (the head kind's own K-row head, a dense K-row copy)
+        # (the head kind's own head over this rank's subset rows, their dense copy, the all-gathered
+        # columns to keep, the subset's ids in column order)
+        self._vocab_heads: tuple = (None, None, None, None)
         self._bind_rope(view)
 
     def _bind_rope(self, view: ModelView) -> None:
@@ -227,29 +233,47 @@ class Drafter:
         self._build_vocab_heads()
 
     def _build_vocab_heads(self) -> None:
+        """K-row heads over this rank's rows of the subset. Under tensor parallelism each rank
+        scores the subset's ids in its vocabulary shard, padded to the largest rank's count so
+        that one all-gather joins them; ``keep`` picks the real columns, in ``ids`` order."""
         if self.vocab is None:
-            self._vocab_heads = (None, None)
+            self._vocab_heads = (None, None, None, None)
             return
-        rows = self.view.lm_head_weight.index_select(0, self.vocab)  # [K, D], the target's dtype
+        w, tp = self.view.lm_head_weight, self.view.parallel
+        ids = self.vocab.sort().values  # [K]
+        owner = ids // w.shape[0]  # [K] the rank whose shard holds each id
+        counts = torch.bincount(owner, minlength=tp.size).tolist()
+        width = max(counts)
+        local = torch.zeros(width, dtype=torch.int64, device=ids.device)  # padded with row 0
+        mine = ids[owner == tp.rank] - self.view.vocab_start
+        local[: mine.numel()] = mine
+        keep = None  # one rank: the columns are the ids
+        if tp.size > 1:
+            keep = torch.cat([r * width + torch.arange(c, device=ids.device) for r, c in enumerate(counts)])
+        rows = w.index_select(0, local)  # [width, D], the target's dtype
         own = None  # shared: the dense rows are the head
         if self.head_kind == "w8":
             own = W8Linear(rows)
         elif self.head_kind == "w4":
             own = W4Linear.from_float(rows, None)
-        self._vocab_heads = (own, rows)
+        self._vocab_heads = (own, rows, keep, ids)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """[B, V] float32 logits of the final hidden states h [B, D]; -inf outside the vocabulary subset."""
+        """[B, V] float32 logits of the final hidden states h [B, D]; -inf outside the vocabulary subset.
+        Each rank scores its vocabulary shard; the all-gather gives every rank all of them."""
         B = h.shape[0]
+        gather = self.view.parallel.all_gather
         if self.vocab is None:
             head = self.head_for(B)
-            logits = head(h) if head is not None else F.linear(h, self.view.lm_head_weight)
-            return logits[:, : self.view.vocab_size].float()
-        own, rows = self._vocab_heads
+            logits = head(h) if head is not None else F.linear(h, self.view.lm_head_weight)  # [B, V_padded / tp]
+            return gather(logits)[:, : self.view.vocab_size].float()
+        own, rows, keep, ids = self._vocab_heads
         use_own = own is not None and not (self.head_kind == "w8" and B > W8_HEAD_MAX_BATCH)
-        sub = own(h) if use_own else F.linear(h, rows)  # [B, K]
+        sub = own(h) if use_own else F.linear(h, rows)  # [B, width]
+        if keep is not None:
+            sub = gather(sub)[:, keep]  # [B, K]
         logits = torch.full((B, self.view.vocab_size), float("-inf"), dtype=torch.float32, device=h.device)
-        return logits.index_copy_(1, self.vocab, sub.float())
+        return logits.index_copy_(1, ids, sub.float())
 
     @torch.inference_mode()
     def requantize(self, view: ModelView | None = None) -> None:
@@ -304,6 +328,7 @@ class Drafter:
         params: sampler.SamplingParamsTensor | None,  # None: greedy drafts, no q
         after_first_step=None,  # called once the first step (which also gathers the KV) is done
         constraint=None,  # masks step j's logits and hears its drafts (engine.grammar.GrammarChain)
+        generator: torch.Generator | None = None,  # the draws' random stream (None: torch's global one)
     ) -> Proposal:
         """γ = ``attn.gamma`` drafter steps at positions seq_lens .. seq_lens+γ-1, each drawn
         with the request's own sampling parameters (q kept for the rejection test) and, for
@@ -317,7 +342,7 @@ class Drafter:
                 tokens = logits.argmax(-1)
             else:
                 q = sampler.target_probs(logits, params)
-                tokens = sampler.sample(q)
+                tokens = sampler.sample(q, generator)
                 qs.append(q)
             drafts.append(tokens)
             if constraint is not None:
@@ -336,6 +361,7 @@ class Drafter:
     ) -> torch.Tensor:
         """Logits [B, V] (float32) of the next token after ``tokens``."""
         B = tokens.shape[0]
+        reduce = self.view.parallel.all_reduce  # row-parallel outputs are partial sums under TP
         residual = self.view.embed(tokens)
         rope = None if self.rope_table is None else _rope_at(self.rope_table, positions, residual.dtype)
         for i, layer in enumerate(self.layers):
@@ -353,8 +379,8 @@ class Drafter:
                 q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, (H + KVH) * hd :].view(B, KVH, hd)
             out = attn(i, j, q.reshape(B, KVH, H // KVH, hd), k, v, lv.scaling)
-            residual = residual + layer.o(out.to(residual.dtype).reshape(B, H * hd))
+            residual = residual + reduce(layer.o(out.to(residual.dtype).reshape(B, H * hd)))
             x = _rms_norm(residual, layer.post_norm, lv.post_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            residual = residual + layer.down(F.silu(gate) * up)
+            residual = residual + reduce(layer.down(F.silu(gate) * up))
         return self._logits(_rms_norm(residual, self.view.final_norm, self.view.final_norm_eps))

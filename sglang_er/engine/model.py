@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from sglang_er.draft.views import KVView, LayerView, ModelView
+from sglang_er.draft.views import KVView, LayerView, ModelView, TensorParallel
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
 def model_view(model: torch.nn.Module) -> ModelView:
-    """Read a loaded SGLang Llama-family model; raise a clear error for other architectures."""
+    """Read a loaded SGLang Llama-family model; raise a clear error for other architectures.
+
+    Under tensor parallelism these are this rank's shards, as SGLang loaded them: the drafter
+    quantizes them as they are and joins its partial results on the target's own TP group."""
     arch = type(model).__name__
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
@@ -55,6 +58,24 @@ def model_view(model: torch.nn.Module) -> ModelView:
         final_norm_eps=inner.norm.variance_epsilon,
         lm_head_weight=model.lm_head.weight,
         vocab_size=model.config.vocab_size,
+        vocab_start=model.lm_head.shard_indices.org_vocab_start_index,
+        parallel=tensor_parallel(),
+    )
+
+
+def tensor_parallel() -> TensorParallel:
+    """This rank's place in the target's TP group, with SGLang's own collectives on that group
+    (the ones the target's row-parallel linears and logits processor use)."""
+    from sglang.srt.distributed import get_tp_group, tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
+
+    group = get_tp_group()
+    if group.world_size == 1:
+        return TensorParallel()
+    return TensorParallel(
+        rank=group.rank_in_group,
+        size=group.world_size,
+        all_reduce=tensor_model_parallel_all_reduce,
+        all_gather=tensor_model_parallel_all_gather,
     )
 
 

@@ -62,22 +62,33 @@ def validate_server_args(args) -> None:
         )
     if args.speculative_eagle_topk not in (None, 1):
         raise ValueError("EFFROLLOUT drafts a single chain: remove --speculative-eagle-topk or set it to 1")
+    if args.pp_size not in (None, 1):
+        raise ValueError(
+            f"EFFROLLOUT drafts with every layer of the target on each rank, which pipeline parallelism "
+            f"splits across ranks: remove --pp-size {args.pp_size} (use --tp-size to split the model)"
+        )
     for flag, value, ok in (
-        ("--pp-size", args.pp_size, 1),
-        ("--tp-size", args.tp_size, 1),
         ("--dp-size", args.dp_size, 1),
         ("--page-size", args.page_size, 1),
     ):
         if value not in (None, ok):
             raise ValueError(f"EFFROLLOUT supports {flag} {ok} only so far: remove {flag} {value}")
     if args.enable_dp_attention:
-        raise ValueError("EFFROLLOUT does not support DP attention yet: remove --enable-dp-attention")
+        raise ValueError(
+            "EFFROLLOUT drafts on the target's tensor-parallel attention shards, which DP attention "
+            "replaces with per-rank batches: remove --enable-dp-attention"
+        )
     if args.kv_cache_dtype not in (None, "auto", "bfloat16", "bf16", "float32"):
         raise ValueError(
             f"EFFROLLOUT reads the target's KV cache in the model dtype: remove --kv-cache-dtype {args.kv_cache_dtype}"
         )
     gamma = resolve_gamma(args.speculative_num_draft_tokens, args.speculative_num_steps)
-    EffRolloutConfig.from_env(gamma)  # a bad SGLANG_ER_* setting fails at startup, not mid-serving
+    config = EffRolloutConfig.from_env(gamma)  # a bad SGLANG_ER_* setting fails at startup, not mid-serving
+    if config.history != "off" and (args.tp_size or 1) > 1:
+        raise ValueError(
+            f"EFFROLLOUT history drafts run on one rank only so far: unset SGLANG_ER_HISTORY or remove "
+            f"--tp-size {args.tp_size}"
+        )
     from sglang_er.gamma.hardware_profile import PROFILE_ENV, profile_from_env
 
     if os.environ.get(PROFILE_ENV):  # a bad or mismatched profile fails here, at startup

@@ -37,6 +37,7 @@ from sglang_er.engine import batch as batch_view
 from sglang_er.engine import forwards, model, server_info
 from sglang_er.engine.grammar import GrammarChain
 from sglang_er.engine.recorder import IterationRecorder
+from sglang_er.engine.tp_sync import RankSync
 from sglang_er.gamma.controller import Controller
 from sglang_er.history.proposer import HistoryProposer
 from sglang_er.metrics import SpecMetrics, Timeline
@@ -59,6 +60,8 @@ class EffRolloutWorker(BaseSpecWorker):
         self.metrics = SpecMetrics(self.speculative_num_steps)
         self.timeline = Timeline(self.config.timeline_size)
         self._kv = None
+        self.ranks = RankSync(self.device, getattr(server_args, "random_seed", None))
+        self._generator = None  # this iteration's random stream (None: torch's global one)
         view = model.model_view(self.model_runner.model)
         self.awq = self.live_stats = None
         if self.config.quant == "awq":
@@ -205,7 +208,7 @@ class EffRolloutWorker(BaseSpecWorker):
         # committed lengths before the forwards rebind batch.seq_lens (host copy: no device sync)
         self._seq_list = batch_view.seq_lens_host(batch)
         logits_only = batch_view.logits_only_features(batch)
-        gamma = self._choose_gamma(batch, logits_only)
+        gamma, self._generator = self.ranks.iteration(self._choose_gamma(batch, logits_only))
         # history proposals are not checked against grammars: constrained batches take W4 drafts
         plan = self._history_proposal(batch, gamma, logits_only or batch_view.has_grammar(batch))
         self.recorder.iteration += 1
@@ -314,11 +317,12 @@ class EffRolloutWorker(BaseSpecWorker):
             first = (lambda: clock.mark("draft_first")) if it.gamma > 1 else None
             params = None if it.greedy else it.params
             try:
-                w4 = self.drafter.propose(it.x0, it.seq_lens, attn, params, first, it.grammar)
+                w4 = self.drafter.propose(it.x0, it.seq_lens, attn, params, first, it.grammar, self._generator)
             finally:
                 if it.grammar is not None:
                     it.grammar.rollback()  # the scheduler advances the matchers over what is committed
         drafts = w4 if plan is None else plan.merge(it.x0, w4, self.drafter.view.vocab_size, it.greedy)
+        self.ranks.rank0(drafts.tokens)  # the verify's inputs must agree on every rank
         clock.mark("draft" if drafts.ran_drafter else "propose")
         return drafts
 
@@ -340,7 +344,7 @@ class EffRolloutWorker(BaseSpecWorker):
             accept_len, tokens = sampler.verify_greedy(drafts.tokens, logits)
         else:
             p = sampler.target_probs(logits, it.params)  # [B, γ+1, V]
-            accept_len, tokens = sampler.verify(drafts.tokens, drafts.q, p)
+            accept_len, tokens = sampler.verify(drafts.tokens, drafts.q, p, self._generator)
         # the acceptance test belongs to the verify phase, as sampling belongs to the plain step
         clock.mark("verify")
         return _Verdict(out, logits, p, accept_len, tokens)
@@ -348,6 +352,9 @@ class EffRolloutWorker(BaseSpecWorker):
     def _commit(self, batch, it: _Iteration, drafts: Proposal, v: _Verdict, plan, clock):
         """Hand SGLang the accepted run plus one token per request; record the iteration."""
         width = it.gamma + 1
+        if self.ranks.size > 1:  # every rank commits rank 0's verdict
+            verdict = self.ranks.rank0(torch.cat([v.accept_len[:, None], v.tokens], 1).contiguous())  # [B, 1 + γ+1]
+            v.accept_len, v.tokens = verdict[:, 0], verdict[:, 1:]
         next_token_ids = v.tokens.clamp_min(0).flatten()  # [B * (γ+1)]; -1 pads after the run
         if self.vocab is not None:
             self.vocab.observe(v.tokens)  # the -1 pads weigh nothing

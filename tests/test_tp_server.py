@@ -1,0 +1,83 @@
+"""EFFROLLOUT inside one tensor-parallel engine (``--tp-size 2`` on CPU, gloo): each rank drafts
+from its own shard of the target, and every rank commits rank 0's decisions.
+
+Against the shared plain single-rank server: greedy output token for token (prompts with radix
+hits), the sampled first-token distribution (T = 1, top-p) by a chi-square test that a planted
+accept-every-draft rule fails, and a weight update from disk after which the output follows the
+new weights and acceptance stays up (every rank re-quantized its drafter).
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import FP32, joint_first3, planted, same_distribution_pvalue, start_server
+from helpers import greedy_all as _greedy_all
+
+# one OpenMP thread per rank, pinned to its own core (SGLang's CPU TP needs an explicit binding)
+TP2 = ["--tp-size", "2"]
+TP_ENV = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1", "SGLANG_ER_GAMMA": "3"}
+EFF = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "4"]
+PROMPT = "Alice has 12 apples. She buys 7 more. How many"
+N_SAMPLES = 2000
+SAMPLING = {"temperature": 1.0, "top_p": 0.9}
+
+
+@pytest.fixture(scope="module")
+def eff_tp(tiny_model):
+    srv = start_server(tiny_model, [*FP32, *TP2, *EFF], env=TP_ENV)
+    yield srv
+    srv.stop()
+
+
+def _accept_rate(srv) -> float:
+    m = srv.effrollout_state()["metrics"]
+    return m["accepted"] / max(m["drafted"], 1)
+
+
+def test_greedy_identical_to_plain(eff_tp, plain_greedy):
+    prompts, expected = plain_greedy
+    assert _greedy_all(eff_tp, prompts) == expected
+    # the drafter really ran on both shards: a drafter missing a rank's half would be rejected
+    assert _accept_rate(eff_tp) > 0.3
+
+
+def test_sampled_distribution_matches_plain_and_a_wrong_rule_is_caught(tiny_model, plain, eff_tp):
+    reference = joint_first3(plain, PROMPT, N_SAMPLES, **SAMPLING)
+    p = same_distribution_pvalue(reference, joint_first3(eff_tp, PROMPT, N_SAMPLES, **SAMPLING))
+    if p <= 0.01:  # a correct sampler lands here 1% of the time: one fresh draw decides
+        p = same_distribution_pvalue(reference, joint_first3(eff_tp, PROMPT, N_SAMPLES, **SAMPLING))
+    assert p > 0.01, f"TP 2 EFFROLLOUT's first-3-token distribution differs from plain (p={p:.2e})"
+    wrong = start_server(tiny_model, [*FP32, *TP2, *EFF], env={**TP_ENV, **planted("accept_all")})
+    try:
+        p = same_distribution_pvalue(reference, joint_first3(wrong, PROMPT, N_SAMPLES, **SAMPLING))
+    finally:
+        wrong.stop()
+    assert p < 1e-4, f"accept-every-draft went undetected at TP 2 (p={p:.2e})"
+
+
+def _hf_greedy(model_dir, n=40) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, -n:].tolist()
+
+
+def test_weight_update_from_disk_requantizes_every_rank(eff_tp):
+    from sglang_er.models.factory import build_model
+
+    new = build_model("tiny", seed=1)  # same shapes and tokenizer, new weights
+    before = eff_tp.effrollout_state()
+    eff_tp.update_weights_from_disk(new)
+    out = eff_tp.generate(PROMPT, max_new_tokens=40, temperature=0, ignore_eos=True)
+    assert out["output_ids"] == _hf_greedy(new)
+    after = eff_tp.effrollout_state()
+    assert after["requantizations"] == before["requantizations"] + 1
+    m0, m1 = before["metrics"], after["metrics"]
+    # a drafter left on the old weights on either rank would agree with the new policy almost never
+    assert (m1["accepted"] - m0["accepted"]) / (m1["drafted"] - m0["drafted"]) > 0.3
