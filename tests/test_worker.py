@@ -2,8 +2,9 @@
 
 Servers (float32 tiny model so greedy ties cannot decide a comparison), one per configuration:
 plain decoding; EFFROLLOUT with fixed γ=3; EFFROLLOUT with γ cycling 1,7,0,7,3,0 per iteration
-(γ max 7); EFFROLLOUT with a deliberately wrong acceptance rule (proves the distribution test
-can fail).
+(γ max 7), under SGLang's overlap scheduler (the default) and without it
+(``--disable-overlap-schedule``); EFFROLLOUT with a deliberately wrong acceptance rule (proves the
+distribution test can fail).
 """
 
 from __future__ import annotations
@@ -36,7 +37,23 @@ def eff_cycle(tiny_model):
     srv.stop()
 
 
-@pytest.mark.parametrize("which", ["eff3", "eff_cycle"])
+@pytest.fixture(scope="module")
+def eff_cycle_sync(tiny_model):
+    srv = start_server(
+        tiny_model,
+        [*FP32, *EFF, "--speculative-num-steps", "7", "--disable-overlap-schedule"],
+        env={"SGLANG_ER_GAMMA": "1,7,0,7,3,0"},
+    )
+    yield srv
+    srv.stop()
+
+
+def test_overlap_scheduler_on_by_default_and_off_on_request(eff_cycle, eff_cycle_sync):
+    info = [requests.get(s.url + "/get_server_info", timeout=30).json() for s in (eff_cycle, eff_cycle_sync)]
+    assert [i["disable_overlap_schedule"] for i in info] == [False, True]
+
+
+@pytest.mark.parametrize("which", ["eff3", "eff_cycle", "eff_cycle_sync"])
 def test_greedy_identical_to_plain(which, request, plain_greedy):
     srv = request.getfixturevalue(which)
     prompts, expected = plain_greedy
@@ -54,10 +71,12 @@ def test_speculation_really_happens_and_meta_info_adds_up(eff3):
     assert sum(m["spec_correct_drafts_histogram"]) == m["spec_verify_ct"]
 
 
-def test_meta_info_counts_plain_iterations_as_plain(eff_cycle):
+@pytest.mark.parametrize("which", ["eff_cycle", "eff_cycle_sync"])
+def test_meta_info_counts_plain_iterations_as_plain(which, request):
     """γ cycles 1,7,0,7,3,0: SGLang's own fields would count the γ = 0 iterations as failed
     drafts of γmax = 7; sglang-er's fields count what was really proposed."""
-    r = eff_cycle.generate("Alice has 12 apples. She buys", max_new_tokens=64, temperature=0, ignore_eos=True)
+    srv = request.getfixturevalue(which)
+    r = srv.generate("Alice has 12 apples. She buys", max_new_tokens=64, temperature=0, ignore_eos=True)
     m = r["meta_info"]
     gammas = m["spec_gamma"]  # the request's γ timeline, one entry per decode iteration
     assert set(gammas) <= {0, 1, 3, 7} and 0 in gammas

@@ -33,7 +33,10 @@ def test_defaults_are_resolved():
     a = _Args(speculative_num_draft_tokens=6)
     validate_server_args(a)
     assert (a.speculative_num_steps, a.speculative_num_draft_tokens, a.speculative_eagle_topk) == (5, 6, 1)
-    assert a.disable_overlap_schedule is True
+    assert a.disable_overlap_schedule is False  # the overlap scheduler stays on
+    sync = _Args(disable_overlap_schedule=True)
+    validate_server_args(sync)
+    assert sync.disable_overlap_schedule is True  # --disable-overlap-schedule is kept
     b = _Args(speculative_num_steps=2)
     validate_server_args(b)
     assert b.speculative_num_draft_tokens == 3

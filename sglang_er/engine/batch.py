@@ -1,8 +1,10 @@
 """What the worker reads off SGLang's ``ScheduleBatch`` and ``Req`` objects, in one place.
 
-Synchronous scheduling (no overlap) means every request's ``output_ids`` already hold the token
-sampled last iteration, and the scheduler has allocated this iteration's KV slots in
-``req_to_token`` before the worker runs.
+Under SGLang's overlap scheduler a request's ``output_ids`` lag one iteration when the worker runs
+(the previous result is processed after the next forward is launched): the last committed token
+comes from the batch's carried input (:mod:`sglang_er.engine.draft_input`), the committed lengths
+from ``seq_lens``. The scheduler has allocated this iteration's KV slots in ``req_to_token``
+before the worker runs, in both modes.
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ def prompt_keys(batch) -> list[tuple[int, int]]:
 
 
 def last_tokens(batch, device: torch.device) -> torch.Tensor:
-    """x0 [B]: each request's last sampled token, which has no KV yet."""
+    """x0 [B]: each request's last committed token, which has no KV yet, as the previous step
+    handed it on (relayed by the overlap scheduler); ``output_ids`` only for a batch that carries
+    none, which the synchronous scheduler alone could produce."""
+    carried = getattr(batch.spec_info, "bonus_tokens", None)
+    if carried is not None:
+        return carried.to(device=device, dtype=torch.int64)
     return torch.tensor([r.output_ids[-1] for r in batch.reqs], dtype=torch.int64, device=device)
 
 
@@ -69,3 +76,26 @@ def has_grammar(batch) -> bool:
     """Whether a request carries a grammar. Read off the requests: SGLang copies them into
     ``sampling_info.grammars`` only when it builds the forward batch, after the γ choice."""
     return any(req.grammar is not None for req in batch.reqs)
+
+
+def committed_outputs(seq_lens: list[int], recent):
+    """outputs(i, req) -> request i's committed output ids up to x0, or None when they are not at
+    hand (see :meth:`~sglang_er.history.proposer.HistoryProposer.plan`). Under the overlap
+    scheduler ``output_ids`` lack what the previous step committed: ``recent`` = (rids, tokens
+    [B', w], lens [B']) of that step, read from the device on first need. seq_lens [B]: committed
+    tokens with KV (the prompt and the outputs before x0)."""
+    host = None
+
+    def outputs(i: int, req):
+        nonlocal host
+        out = req.output_ids
+        missing = seq_lens[i] - len(req.origin_input_ids) + 1 - len(out)
+        if missing <= 0:
+            return out
+        if host is None:
+            rids, tokens, lens = recent if recent is not None else ([], torch.empty(0, 1), torch.empty(0))
+            host = {rid: row[:n] for rid, row, n in zip(rids, tokens.tolist(), lens.tolist())}
+        tail = host.get(req.rid, [])
+        return [*out, *tail[len(tail) - missing :]] if len(tail) >= missing else None
+
+    return outputs

@@ -2,8 +2,10 @@
 
 Kept apart from the worker so the speculative step reads as draft, verify, commit. Phase times come
 from :class:`PhaseClock`, which on an accelerator records events instead of synchronising the device
-at every phase; they are read once the iteration's one host copy (the accepted lengths) has
-synchronised anyway.
+at every phase; a speculative iteration's are read once its one host copy (the accepted lengths) has
+synchronised anyway. A plain (γ = 0) iteration has no host copy: its time is read at the next
+iteration's entry, when the scheduler has waited for it, so the overlap scheduler keeps launching
+the next forward while the device runs it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class PhaseClock:
         """The phase named ``phase`` ends now (it began at the previous mark)."""
         self._marks.append((phase, self._now()))
 
+    def done(self) -> bool:
+        """Whether reading :meth:`seconds` would not wait for the device."""
+        return not self._cuda or self._marks[-1][1].query()
+
     def seconds(self) -> dict[str, float]:
         """``{phase: seconds}`` of the phases marked so far."""
         if self._cuda:
@@ -62,6 +68,7 @@ class IterationRecorder:
         self.iteration = 0
         self._last = None  # the previous iteration's timeline record, until its wall time is known
         self._entered = 0.0
+        self._unread = None  # a plain iteration whose time the device has not finished measuring
 
     def clock(self) -> PhaseClock:
         return PhaseClock(self.device)
@@ -69,6 +76,7 @@ class IterationRecorder:
     # ------------------------------------------------------------------ iteration boundaries
     def enter(self, now: float) -> None:
         """A decode iteration starts: the previous one's wall time is now known."""
+        self._read_plain()
         self._close(now)
         self._entered = now
 
@@ -79,6 +87,7 @@ class IterationRecorder:
         self._entered = time.perf_counter()
 
     def prefill(self) -> None:
+        self._read_plain()
         self._last = None
 
     def _close(self, now: float) -> None:
@@ -94,12 +103,23 @@ class IterationRecorder:
             self.controller.observe_outside(rec["gamma"], rec["batch_size"], max(0.0, wall - busy))
 
     # ------------------------------------------------------------------ outcomes
-    def plain(self, reqs, seq_lens: list[int], t_plain: float) -> None:
-        bs = len(reqs)
+    def plain(self, reqs, seq_lens: list[int], clock: PhaseClock) -> None:
+        """A plain step's outcome; its time (``clock``'s "plain" phase) is read now if the device is
+        done, else at the next entry (:meth:`_read_plain`)."""
+        spec_meta.tag(reqs, seq_lens, self.iteration, 0, [1] * len(reqs))
+        self._unread = (clock, len(reqs), seq_lens)
+        if clock.done():
+            self._read_plain()
+
+    def _read_plain(self) -> None:
+        if self._unread is None:
+            return
+        (clock, bs, seq_lens), self._unread = self._unread, None
+        t_plain = clock.seconds()["plain"]
         if self.controller is not None:
             self.controller.observe(0, {"plain": t_plain})
         self.metrics.record(0, None, bs, {"plain": (t_plain, 1)})
-        self._log(reqs, seq_lens, 0, [1] * bs, plain_s=t_plain)
+        self._log(bs, seq_lens, 0, plain_s=t_plain)
 
     def speculative(self, reqs, seq_lens: list[int], gamma: int, accepted: torch.Tensor, times: dict, plan) -> None:
         """accepted [B] (host): drafts accepted per request; times: {"draft", "draft_first", "verify"}
@@ -117,11 +137,11 @@ class IterationRecorder:
             self.controller.observe(
                 gamma, timed, accepted, rows=plan.w4_rows if plan is not None else None, draft_split=split
             )
+        spec_meta.tag(reqs, seq_lens, self.iteration, gamma, (accepted + 1).tolist(), sources)
         self._log(
-            reqs,
+            bs,
             seq_lens,
             gamma,
-            (accepted + 1).tolist(),
             draft_s=times.get("draft"),
             verify_s=times["verify"],
             accepted=int(accepted.sum()),
@@ -129,7 +149,7 @@ class IterationRecorder:
             sources=sources,
         )
 
-    def _log(self, reqs, seq_lens: list[int], gamma: int, new_tokens: list[int], **times) -> None:
+    def _log(self, bs: int, seq_lens: list[int], gamma: int, **times) -> None:
         if self.controller is not None and self.iteration % 64 == 0:
             state = self.controller.state()
             self.metrics.record_policy(state)
@@ -143,12 +163,11 @@ class IterationRecorder:
                     if e["window"] and e["mean_rel_err_corrected"] is not None
                 },
             )
-        spec_meta.tag(reqs, self.iteration, gamma, new_tokens, times.get("sources"))
         decision = self.controller.last_decision if self.controller is not None else None
         self._last = self.timeline.append(
             iteration=self.iteration,
             gamma=gamma,
-            batch_size=len(reqs),
+            batch_size=bs,
             seq_lens=seq_lens,
             plain_s=times.get("plain_s"),
             draft_s=times.get("draft_s"),

@@ -96,8 +96,8 @@ def validate_server_args(args) -> None:
     args.speculative_num_draft_tokens = gamma + 1
     args.speculative_num_steps = gamma
     args.speculative_eagle_topk = 1
-    # The worker runs synchronously on SGLang's V2 speculative schema.
-    args.disable_overlap_schedule = True
+    # The overlap scheduler stays as the user set it (on by default): the worker serves SGLang's
+    # V2 speculative schema with and without it (--disable-overlap-schedule).
 
 
 def _server_device(device: str | None) -> str:
@@ -115,7 +115,7 @@ def register() -> None:
         return
 
     @SpeculativeAlgorithm.register(
-        NAME, supports_overlap=False, validate_server_args=validate_server_args, spec_class=EffRolloutAlgo
+        NAME, supports_overlap=True, validate_server_args=validate_server_args, spec_class=EffRolloutAlgo
     )
     def _factory(server_args):
         from sglang_er.engine.worker import EffRolloutWorker

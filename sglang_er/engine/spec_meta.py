@@ -26,15 +26,20 @@ KEY = "spec_gamma"
 SOURCES_KEY = "spec_sources"
 
 
-def tag(reqs, iteration: int, gamma: int, new_tokens: list[int], sources: list[str] | None = None) -> None:
-    """Record ``(iteration, γ[, source])`` once per token each request commits in this iteration."""
+def tag(
+    reqs, seq_lens: list[int], iteration: int, gamma: int, new_tokens: list[int], sources: list[str] | None = None
+) -> None:
+    """Record ``(iteration, γ[, source])`` once per token each request commits in this iteration;
+    seq_lens [B]: committed tokens with KV before it (the prompt, then outputs up to x0)."""
     for i, (req, n) in enumerate(zip(reqs, new_tokens)):
         if req.customized_info is None:
             req.customized_info = {}
         tags = req.customized_info.setdefault(KEY, [])
         # SGLang streams ``tags[sent:len(output_ids)]``: the list must stay index-aligned with
-        # output_ids, so tokens no decode iteration committed (prefill's) hold None.
-        committed = len(req.output_ids)
+        # output_ids, so tokens no decode iteration committed (prefill's) hold None. The outputs
+        # committed so far end with x0; counted from seq_lens, not output_ids, which lag an
+        # iteration under the overlap scheduler (tags past a request's end are never streamed).
+        committed = seq_lens[i] - len(req.origin_input_ids) + 1
         del tags[committed:]
         tags.extend([None] * (committed - len(tags)))
         entry = (iteration, gamma) if sources is None else (iteration, gamma, sources[i])

@@ -35,6 +35,7 @@ from sglang_er.draft.proposal import Proposal
 from sglang_er.draft.vocab import DraftVocab
 from sglang_er.engine import batch as batch_view
 from sglang_er.engine import forwards, model, server_info
+from sglang_er.engine.draft_input import ChainDraftInput
 from sglang_er.engine.grammar import GrammarChain
 from sglang_er.engine.recorder import IterationRecorder
 from sglang_er.engine.tp_sync import RankSync
@@ -79,6 +80,7 @@ class EffRolloutWorker(BaseSpecWorker):
         self.last_requantize_s = None
         server_info.track(self)
         self.history = None
+        self._recent = None  # the last step's committed tokens, for history lookups (see _remember)
         if self.config.history != "off":
             self.history = HistoryProposer(
                 self.speculative_num_steps,
@@ -197,7 +199,20 @@ class EffRolloutWorker(BaseSpecWorker):
         self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
 
     # ------------------------------------------------------------------ scheduling entry
-    def forward_batch_generation(self, batch, on_publish=None, pp_proxy_tensors=None):
+    def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None, pp_proxy_tensors=None):
+        """One scheduler step. ``on_publish(new_seq_lens)`` (overlap scheduler only) hands the
+        committed lengths to SGLang's FutureMap; ``grammar_barrier`` is never passed (EFFROLLOUT
+        leaves grammar batches on SGLang's synchronous path)."""
+        want_logprob = batch.return_logprob  # the forwards clear it; the scheduler's copy reads it
+        try:
+            result = self._step(batch)
+        finally:
+            batch.return_logprob = want_logprob
+        if on_publish is not None:
+            on_publish(result.new_seq_lens)
+        return result
+
+    def _step(self, batch):
         entered = time.perf_counter()
         if not batch.forward_mode.is_decode():
             self.recorder.prefill()
@@ -213,12 +228,8 @@ class EffRolloutWorker(BaseSpecWorker):
         plan = self._history_proposal(batch, gamma, logits_only or batch_view.has_grammar(batch))
         self.recorder.iteration += 1
         if plan is not None:
-            result = self._speculate(batch, plan.gamma, plan)
-        else:
-            result = self._plain_decode(batch) if gamma == 0 else self._speculate(batch, gamma)
-        if on_publish is not None:
-            on_publish(result.new_seq_lens)
-        return result
+            return self._speculate(batch, plan.gamma, plan)
+        return self._plain_decode(batch) if gamma == 0 else self._speculate(batch, gamma)
 
     def _choose_gamma(self, batch, logits_only: bool) -> int:
         if logits_only:
@@ -238,7 +249,14 @@ class EffRolloutWorker(BaseSpecWorker):
             ctl.w4_expected_tokens() if ctl else None,
             ctl.verify_only_gain if ctl else None,
             speculate=not logits_only and (ctl is not None or gamma > 0),
+            outputs=batch_view.committed_outputs(self._seq_list, self._recent),
         )
+
+    def _remember(self, batch, tokens: torch.Tensor, lens: torch.Tensor) -> None:
+        """Keep a step's committed tokens (tokens [B, w], the first lens [B] of each row) for the
+        next step's history lookups: under the overlap scheduler ``output_ids`` lack them then."""
+        if self.history is not None:
+            self._recent = (batch_view.rids(batch), tokens, lens)
 
     def _maybe_refresh_vocab(self) -> bool:
         """Re-select the draft head's vocabulary once enough new tokens were counted."""
@@ -252,14 +270,15 @@ class EffRolloutWorker(BaseSpecWorker):
             res = self._target_worker.forward_batch_generation(batch)
         if self.vocab is not None:  # the prompts: what the answers will be written in
             self.vocab.observe(batch.input_ids)
-        bs = len(batch.reqs)
+        ones = torch.ones(len(batch.reqs), dtype=torch.int32, device=self.device)
+        self._remember(batch, res.next_token_ids[:, None], ones)
         return forwards.generation_result(
             logits_output=res.logits_output,
             next_token_ids=res.next_token_ids,
             can_run_cuda_graph=res.can_run_cuda_graph,
-            accept_lens=torch.ones(bs, dtype=torch.int32, device=self.device),
+            accept_lens=ones,
             new_seq_lens=batch.seq_lens,
-            next_draft_input=None,
+            next_draft_input=ChainDraftInput(bonus_tokens=res.next_token_ids),
             speculative_num_draft_tokens=1,
         )
 
@@ -282,14 +301,16 @@ class EffRolloutWorker(BaseSpecWorker):
         if want_logprob:
             forwards.spec_logprobs(batch, res.logits_output, res.next_token_ids, 1)
         clock.mark("plain")
-        self.recorder.plain(batch.reqs, self._seq_list, clock.seconds()["plain"])
+        self.recorder.plain(batch.reqs, self._seq_list, clock)
+        ones = torch.ones(bs, dtype=torch.int32, device=self.device)
+        self._remember(batch, res.next_token_ids[:, None], ones)
         return forwards.generation_result(
             logits_output=res.logits_output,
             next_token_ids=res.next_token_ids,
             can_run_cuda_graph=res.can_run_cuda_graph,
-            accept_lens=torch.ones(bs, dtype=torch.int32, device=self.device),
+            accept_lens=ones,
             new_seq_lens=seq_lens + 1,
-            next_draft_input=None,
+            next_draft_input=ChainDraftInput(bonus_tokens=res.next_token_ids),
             speculative_num_draft_tokens=1,
         )
 
@@ -369,13 +390,15 @@ class EffRolloutWorker(BaseSpecWorker):
         if "draft_first" in times:
             times["draft"] += times["draft_first"]
         self.recorder.speculative(batch.reqs, self._seq_list, it.gamma, accepted, times, plan)
+        self._remember(batch, v.tokens, accept_lens)
         return forwards.generation_result(
             logits_output=v.logits_output,
             next_token_ids=next_token_ids,
             can_run_cuda_graph=False,
             accept_lens=accept_lens,
             new_seq_lens=(it.seq_lens + accept_lens).to(it.seq_dtype),
-            next_draft_input=None,
+            # the last token committed: x0 of the next iteration
+            next_draft_input=ChainDraftInput(bonus_tokens=v.tokens.gather(1, v.accept_len[:, None].long())[:, 0]),
             speculative_num_draft_tokens=width,
         )
 

@@ -148,7 +148,13 @@ class HistoryProposer:
 
     # ------------------------------------------------------------------ the choice
     def propose(
-        self, reqs, gamma_w4: int, w4_expected: list[float] | None, verify_only_gain=None, speculate: bool = True
+        self,
+        reqs,
+        gamma_w4: int,
+        w4_expected: list[float] | None,
+        verify_only_gain=None,
+        speculate: bool = True,
+        outputs=None,
     ) -> Plan | None:
         """This iteration's history drafts, or None (see :meth:`plan`). Called every decode
         iteration, also when nothing may be drafted (``speculate`` False), so the index never
@@ -156,15 +162,19 @@ class HistoryProposer:
         self.sync(reqs)
         if not speculate:
             return None
-        return self.plan(reqs, gamma_w4, w4_expected, verify_only_gain)
+        return self.plan(reqs, gamma_w4, w4_expected, verify_only_gain, outputs)
 
-    def plan(self, reqs, gamma_w4: int, w4_expected: list[float] | None, verify_only_gain=None) -> Plan | None:
+    def plan(
+        self, reqs, gamma_w4: int, w4_expected: list[float] | None, verify_only_gain=None, outputs=None
+    ) -> Plan | None:
         """The drafts of this iteration, or None to keep the W4 choice as it is.
 
         gamma_w4: the W4 policy's γ (0 = it would decode plainly); w4_expected: E[L | W4, γ]
         for γ = 0..γmax; verify_only_gain(γ, expected_tokens) -> float: the cost model's
         predicted gain of a verify-only iteration over a plain step, paying above 1 (None: never
-        run one, e.g. fixed mode).
+        run one, e.g. fixed mode). outputs(i, req) -> the request's committed output ids, ending
+        with the token the drafts continue, or None when they are not at hand (no proposal for
+        it); None: ``req.output_ids``, which lag an iteration under an overlapping scheduler.
 
         Where the W4 policy speculates, a request takes its proposal where the proposal's
         measured E[L] beats the W4 drafter's (the drafter still runs for the batch). Where it
@@ -194,11 +204,16 @@ class HistoryProposer:
         self._since_probe = 0
         self._catch_up(reqs)
         props = []
-        for r in reqs:
+        for i, r in enumerate(reqs):
             self.lookups += 1
-            out = r.output_ids
+            out = r.output_ids if outputs is None else outputs(i, r)
+            if out is None:
+                props.append(None)
+                continue
             ctx = (
-                out[-CONTEXT_TAIL:] if len(out) >= CONTEXT_TAIL else r.origin_input_ids[len(out) - CONTEXT_TAIL :] + out
+                list(out[-CONTEXT_TAIL:])
+                if len(out) >= CONTEXT_TAIL
+                else [*r.origin_input_ids[len(out) - CONTEXT_TAIL :], *out]
             )
             p = self.index.propose(self._key(r), r.rid, ctx, self.gamma_max)
             self.hits += p is not None
