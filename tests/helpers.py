@@ -87,3 +87,21 @@ def same_distribution_pvalue(a: Counter, b: Counter) -> float:
     if sum(other):
         rows.append(other)
     return chi2_contingency(rows)[1]
+
+
+def hf_greedy(model_dir, prompts: list[str], n: int = 40) -> list[list[int]]:
+    """The reference greedy continuation of each prompt by transformers (float32), ``n`` tokens each:
+    what a server must produce after a weight update to ``model_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            for _ in range(n):
+                ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        out.append(ids[0, -n:].tolist())
+    return out

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import FP32, start_server
+from helpers import FP32, hf_greedy, start_server
 
 from eval.router import Router
 
@@ -29,22 +29,6 @@ PROMPTS = [
     "Sam saves 3 dollars a week. After 10 weeks",
 ]
 ENGINE = [*FP32, "--speculative-algorithm", "EFFROLLOUT", "--enable-metrics"]
-
-
-def _hf_greedy(model_dir, prompts, n):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt").input_ids
-        with torch.no_grad():
-            for _ in range(n):
-                ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        out.append(ids[0, -n:].tolist())
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +117,7 @@ def test_weight_update_reaches_and_requantizes_every_engine(fleet, tiny_model):
 
     router, engines = fleet
     w1 = build_model("tiny", seed=1)  # same shapes and tokenizer, new weights
-    expected = _hf_greedy(w1, PROMPTS[:4], 32)
+    expected = hf_greedy(w1, PROMPTS[:4], 32)
     # sglang-router 0.3.2 does not forward weight updates: they go to every engine it lists
     assert (
         requests.post(router.url + "/update_weights_from_disk", json={"model_path": str(w1)}, timeout=60).status_code

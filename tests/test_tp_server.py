@@ -10,7 +10,7 @@ new weights and acceptance stays up (every rank re-quantized its drafter).
 from __future__ import annotations
 
 import pytest
-from helpers import FP32, joint_first3, planted, same_distribution_pvalue, start_server
+from helpers import FP32, hf_greedy, joint_first3, planted, same_distribution_pvalue, start_server
 from helpers import greedy_all as _greedy_all
 
 # one OpenMP thread per rank, pinned to its own core (SGLang's CPU TP needs an explicit binding)
@@ -55,19 +55,6 @@ def test_sampled_distribution_matches_plain_and_a_wrong_rule_is_caught(tiny_mode
     assert p < 1e-4, f"accept-every-draft went undetected at TP 2 (p={p:.2e})"
 
 
-def _hf_greedy(model_dir, n=40) -> list[int]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = tok(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[0, -n:].tolist()
-
-
 def test_weight_update_from_disk_requantizes_every_rank(eff_tp):
     from sglang_er.models.factory import build_model
 
@@ -75,7 +62,7 @@ def test_weight_update_from_disk_requantizes_every_rank(eff_tp):
     before = eff_tp.effrollout_state()
     eff_tp.update_weights_from_disk(new)
     out = eff_tp.generate(PROMPT, max_new_tokens=40, temperature=0, ignore_eos=True)
-    assert out["output_ids"] == _hf_greedy(new)
+    assert out["output_ids"] == hf_greedy(new, [PROMPT])[0]
     after = eff_tp.effrollout_state()
     assert after["requantizations"] == before["requantizations"] + 1
     m0, m1 = before["metrics"], after["metrics"]

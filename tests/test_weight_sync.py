@@ -9,23 +9,10 @@ from __future__ import annotations
 import threading
 
 import pytest
-from helpers import planted, start_server
+from helpers import hf_greedy, planted, start_server
 
 PROMPT = "Alice has 12 apples. She buys 7 more. How many"
 ARGS = ["--dtype", "float32", "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "4"]
-
-
-def _hf_greedy(model_dir, n=40):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = tok(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[0, -n:].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +20,8 @@ def policies(tiny_model):
     from sglang_er.models.factory import build_model
 
     w1 = build_model("tiny", seed=1)  # same shapes and tokenizer, new weights
-    return {"w0": tiny_model, "w1": w1, "greedy0": _hf_greedy(tiny_model), "greedy1": _hf_greedy(w1)}
+    greedy0, greedy1 = (hf_greedy(m, [PROMPT])[0] for m in (tiny_model, w1))
+    return {"w0": tiny_model, "w1": w1, "greedy0": greedy0, "greedy1": greedy1}
 
 
 @pytest.fixture(scope="module")
