@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import FP32, greedy_all, start_server, tiny_prompts
+from helpers import FP32, FaultSwitch, greedy_all, start_server, tiny_prompts
 
 from eval import CHECKOUT_DATA
 
@@ -18,6 +18,17 @@ os.environ.setdefault("SGLANG_ER_CACHE", os.path.expanduser("~/.cache/sglang-er"
 # installed package reads data only from SGLANG_ER_DATA.
 if CHECKOUT_DATA.is_dir():
     os.environ.setdefault("SGLANG_ER_DATA", str(CHECKOUT_DATA))
+
+
+# Modules that use the same session-scoped EFFROLLOUT server run on the same xdist worker.
+SHARED_SERVER_GROUPS = {"test_worker.py": "eff3", "test_request_kinds.py": "eff3"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's ``--dist loadgroup`` a module runs whole on one worker, so each of its
+    module-scoped servers starts once, and modules sharing a session server share a worker."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SHARED_SERVER_GROUPS.get(item.path.name, item.path.name)))
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +42,20 @@ def tiny_model():
 def plain(tiny_model):
     """The reference: a plain SGLang server on the tiny model, shared by every module."""
     srv = start_server(tiny_model, FP32)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def eff3(tiny_model):
+    """EFFROLLOUT at a fixed γ = 3 on the tiny model, shared by every module. Its planted wrong
+    acceptance rule (``eff3.faults.planted(...)``) is off except inside a detection test."""
+    srv = start_server(
+        tiny_model,
+        [*FP32, "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "4"],
+        env={"SGLANG_ER_GAMMA": "3"},
+        faults=FaultSwitch(),
+    )
     yield srv
     srv.stop()
 

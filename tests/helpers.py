@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -17,19 +20,40 @@ import requests
 FP32 = ["--dtype", "float32"]
 
 
-def planted(fault: str) -> dict[str, str]:
-    """Server env that plants a wrong acceptance rule (``accept_all`` or ``accept_all_history``,
-    see ``tests/faults/sitecustomize.py``): the distribution tests must detect it."""
-    path = [str(Path(__file__).parent / "faults"), os.environ.get("PYTHONPATH", "")]
-    return {"SGLANG_ER_TEST_FAULT": fault, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+class FaultSwitch:
+    """A planted bug (``tests/faults/sitecustomize.py``: a wrong acceptance rule, or a drafter left
+    stale) to switch on and off in a running server: ``start_server(..., faults=FaultSwitch())``,
+    then ``with srv.faults.planted("accept_all"): ...``. One server then serves both the honest
+    runs and the proof that a test detects the bug, instead of a second server per bug."""
+
+    def __init__(self):
+        fd, name = tempfile.mkstemp(prefix="sglang-er-fault-")
+        os.close(fd)
+        self.path = Path(name)
+        path = [str(Path(__file__).parent / "faults"), os.environ.get("PYTHONPATH", "")]
+        self.env = {"SGLANG_ER_TEST_FAULT_FILE": name, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+
+    @contextmanager
+    def planted(self, fault: str) -> Iterator[None]:
+        self.path.write_text(fault)
+        try:
+            yield
+        finally:
+            self.path.write_text("")
 
 
-def start_server(model_path, extra_args=(), **kw):
-    """Start a server; the caller's fixture stops it (process group kill) when the module ends."""
+def start_server(model_path, extra_args=(), faults: FaultSwitch | None = None, **kw):
+    """Start a server; the caller's fixture stops it (process group kill) when the module ends.
+    With ``faults``, the server's bug can be planted later as ``srv.faults.planted(name)``."""
     from sglang_er.launcher import Server
 
     kw.setdefault("stop_grace", 1.0)  # nothing to drain: saves ~4 s per server
-    return Server(model_path, list(extra_args), **kw).start()
+    kw.setdefault("startup_timeout", 900.0)  # two test workers may be starting servers at once
+    if faults is not None:
+        kw["env"] = {**kw.get("env", {}), **faults.env}
+    srv = Server(model_path, list(extra_args), **kw).start()
+    srv.faults = faults
+    return srv
 
 
 def tiny_prompts(n=52):

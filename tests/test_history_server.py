@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import FP32, joint_first3, planted, same_distribution_pvalue, start_server, tiny_prompts
+from helpers import FP32, FaultSwitch, joint_first3, same_distribution_pvalue, start_server, tiny_prompts
 
 EFF_HIST = [*FP32, "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", "4", "--enable-metrics"]
 ENV = {"SGLANG_ER_HISTORY": "all", "SGLANG_ER_GAMMA": "2"}
@@ -24,7 +24,7 @@ PROMPT = "Alice has 12 apples. She buys 7 more. How many"
 
 @pytest.fixture(scope="module")
 def hist(tiny_model):
-    srv = start_server(tiny_model, EFF_HIST, env=ENV)
+    srv = start_server(tiny_model, EFF_HIST, env=ENV, faults=FaultSwitch())
     yield srv
     srv.stop()
 
@@ -94,14 +94,9 @@ def test_history_proposed_for_seen_prompts_only(hist):
     assert sum(1 for g in again["spec_gamma"] if g) == sum(d["iterations"] for d in again["spec_sources"].values())
 
 
-def test_wrong_history_acceptance_rule_is_detected(tiny_model, plain):
-    wrong = start_server(tiny_model, EFF_HIST, env={**ENV, **planted("accept_all_history")})
-    try:
-        joint_first3(wrong, PROMPT, 400, per_call=4, temperature=1.0)  # history for the prompt exists from here on
-        p = same_distribution_pvalue(
-            joint_first3(plain, PROMPT, 2000, temperature=1.0),
-            joint_first3(wrong, PROMPT, 2000, per_call=4, temperature=1.0),
-        )
-    finally:
-        wrong.stop()
+def test_wrong_history_acceptance_rule_is_detected(hist, plain):
+    joint_first3(hist, PROMPT, 400, per_call=4, temperature=1.0)  # history for the prompt exists from here on
+    reference = joint_first3(plain, PROMPT, 2000, temperature=1.0)
+    with hist.faults.planted("accept_all_history"):
+        p = same_distribution_pvalue(reference, joint_first3(hist, PROMPT, 2000, per_call=4, temperature=1.0))
     assert p < 1e-4, f"accepting every history draft went undetected (p={p:.2e})"

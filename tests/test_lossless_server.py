@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import FP32, greedy_all, planted, same_distribution_pvalue, start_server, tiny_prompts
+from helpers import FP32, FaultSwitch, greedy_all, same_distribution_pvalue, start_server, tiny_prompts
 
 EFF = ["--speculative-algorithm", "EFFROLLOUT"]
 EFF16 = [*EFF, "--speculative-num-draft-tokens", "17"]
@@ -127,32 +127,36 @@ def test_every_position_follows_plain_when_the_auto_policy_chooses_gamma(tiny_mo
         srv.stop()
 
 
-def test_the_position_test_detects_accepting_every_draft_at_deep_positions(tiny_model, plain_positions):
+@pytest.fixture(scope="module")
+def planted16(tiny_model):
+    """γ = 16 with a drafter restricted to a 16-token vocabulary, a planted rule switched on per test.
+    The restricted drafter is rejected often, and where it is accepted every draft it puts all of q
+    on those tokens, so each planted bug moves the positions far enough that its detection does not
+    ride on chance. Honest traffic first: the vocabulary starts as the lowest 16 ids, which a
+    random model almost never samples, and follows the traffic after its first re-selection."""
+    srv = start_server(tiny_model, [*FP32, *EFF16], env={**ENV16, "SGLANG_ER_DRAFT_VOCAB": "16"}, faults=FaultSwitch())
+    positions(srv, n=N // 4, **SAMPLINGS["t1"])
+    assert srv.effrollout_state()["draft_vocab"]["selections"] >= 1
+    yield srv
+    srv.stop()
+
+
+def test_the_position_test_detects_accepting_every_draft_at_deep_positions(planted16, plain_positions):
     """Drafts from the W4 copy of the target itself follow p closely, so accepting every one moves
-    the deep positions too little for a few hundred requests to show; a drafter restricted to a
-    16-token vocabulary puts all of q on those tokens, so the statistic, restricted to the deep
-    positions, sees the bug without riding on chance."""
-    env = {**ENV16, "SGLANG_ER_DRAFT_VOCAB": "16", **planted("accept_all")}
-    wrong = start_server(tiny_model, [*FP32, *EFF16], env=env)
-    try:
-        got = positions(wrong, n=N // 4, **SAMPLINGS["t1"])
-        assert {r["gamma"] for r in wrong.effrollout_state()["timeline"]} == {16}
-    finally:
-        wrong.stop()
+    the deep positions too little for a few hundred requests to show; drafts from the restricted
+    vocabulary do not, so the statistic, restricted to the deep positions, sees the bug."""
+    with planted16.faults.planted("accept_all"):
+        got = positions(planted16, n=N // 4, **SAMPLINGS["t1"])
+    assert {r["gamma"] for r in planted16.effrollout_state()["timeline"]} == {16}
     p, t = min_adjusted_pvalue(plain_positions["t1"], got, first=DEEP)
     print(f"planted accept_all: adjusted p = {p:.2e} at position {t} (positions {DEEP}-{TOKENS - 1})")
     assert p < 1e-3, f"the planted bug went unnoticed at positions {DEEP}+ (best {t}, adjusted p = {p:.2e})"
 
 
-def test_the_position_test_detects_resampling_without_the_residual(tiny_model, plain_positions):
-    """The bug moves each position by a fraction of the rejection rate; a drafter restricted to a
-    16-token vocabulary is rejected often, so the proof that the statistic sees the bug does not
-    ride on chance (the acceptance rule and the statistic are those of the tests above)."""
-    env = {**ENV16, "SGLANG_ER_DRAFT_VOCAB": "16", **planted("no_residual")}
-    wrong = start_server(tiny_model, [*FP32, *EFF16], env=env)
-    try:
-        p, t = min_adjusted_pvalue(plain_positions["t1"], positions(wrong, **SAMPLINGS["t1"]))
-    finally:
-        wrong.stop()
+def test_the_position_test_detects_resampling_without_the_residual(planted16, plain_positions):
+    """The bug moves each position by a fraction of the rejection rate; the restricted drafter is
+    rejected often (the acceptance rule and the statistic are those of the tests above)."""
+    with planted16.faults.planted("no_residual"):
+        p, t = min_adjusted_pvalue(plain_positions["t1"], positions(planted16, **SAMPLINGS["t1"]))
     print(f"planted no_residual: adjusted p = {p:.2e} at position {t}")
     assert p < 1e-3, f"the planted bug went unnoticed (best position {t}, adjusted p = {p:.2e})"

@@ -1,9 +1,9 @@
 """Every kind of request SGLang serves gives under EFFROLLOUT what it gives on a plain server.
 
-Greedy (float32 tiny model, fixed γ = 3), each request alone and then all at once (one batch mixing
-kinds, so a request that must decode plainly shares iterations with ones that speculate): penalties,
-logit bias, n > 1, logprobs with top-k, echo, stop strings and stop token ids, ``ignore_eos``,
-streaming, ``/v1/score`` and the request-length check.
+Greedy (float32 tiny model, fixed γ = 3: the shared ``eff3`` server), each request alone and then
+all at once (one batch mixing kinds, so a request that must decode plainly shares iterations with
+ones that speculate): penalties, logit bias, n > 1, logprobs with top-k, echo, stop strings and
+stop token ids, ``ignore_eos``, streaming, ``/v1/score`` and the request-length check.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import FP32, start_server
 
-EFF = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "4"]
 PROMPT = "Alice has 12 apples. She buys 7 more apples. How many apples"
 
 
@@ -133,10 +131,8 @@ def plain_out(plain):
 
 
 @pytest.fixture(scope="module")
-def eff(tiny_model):
-    srv = start_server(tiny_model, [*FP32, *EFF], env={"SGLANG_ER_GAMMA": "3"})
-    yield srv
-    srv.stop()
+def eff(eff3):
+    return eff3
 
 
 def test_plain_cases_exercise_what_they_name(plain_out):

@@ -10,7 +10,7 @@ new weights and acceptance stays up (every rank re-quantized its drafter).
 from __future__ import annotations
 
 import pytest
-from helpers import FP32, hf_greedy, joint_first3, planted, same_distribution_pvalue, start_server
+from helpers import FP32, FaultSwitch, hf_greedy, joint_first3, same_distribution_pvalue, start_server
 from helpers import greedy_all as _greedy_all
 
 # one OpenMP thread per rank, pinned to its own core (SGLang's CPU TP needs an explicit binding)
@@ -24,7 +24,7 @@ SAMPLING = {"temperature": 1.0, "top_p": 0.9}
 
 @pytest.fixture(scope="module")
 def eff_tp(tiny_model):
-    srv = start_server(tiny_model, [*FP32, *TP2, *EFF], env=TP_ENV)
+    srv = start_server(tiny_model, [*FP32, *TP2, *EFF], env=TP_ENV, faults=FaultSwitch())
     yield srv
     srv.stop()
 
@@ -41,17 +41,14 @@ def test_greedy_identical_to_plain(eff_tp, plain_greedy):
     assert _accept_rate(eff_tp) > 0.3
 
 
-def test_sampled_distribution_matches_plain_and_a_wrong_rule_is_caught(tiny_model, plain, eff_tp):
+def test_sampled_distribution_matches_plain_and_a_wrong_rule_is_caught(plain, eff_tp):
     reference = joint_first3(plain, PROMPT, N_SAMPLES, **SAMPLING)
     p = same_distribution_pvalue(reference, joint_first3(eff_tp, PROMPT, N_SAMPLES, **SAMPLING))
     if p <= 0.01:  # a correct sampler lands here 1% of the time: one fresh draw decides
         p = same_distribution_pvalue(reference, joint_first3(eff_tp, PROMPT, N_SAMPLES, **SAMPLING))
     assert p > 0.01, f"TP 2 EFFROLLOUT's first-3-token distribution differs from plain (p={p:.2e})"
-    wrong = start_server(tiny_model, [*FP32, *TP2, *EFF], env={**TP_ENV, **planted("accept_all")})
-    try:
-        p = same_distribution_pvalue(reference, joint_first3(wrong, PROMPT, N_SAMPLES, **SAMPLING))
-    finally:
-        wrong.stop()
+    with eff_tp.faults.planted("accept_all"):  # on every rank
+        p = same_distribution_pvalue(reference, joint_first3(eff_tp, PROMPT, N_SAMPLES, **SAMPLING))
     assert p < 1e-4, f"accept-every-draft went undetected at TP 2 (p={p:.2e})"
 
 

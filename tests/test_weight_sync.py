@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from helpers import hf_greedy, planted, start_server
+from helpers import FaultSwitch, hf_greedy, start_server
 
 PROMPT = "Alice has 12 apples. She buys 7 more. How many"
 ARGS = ["--dtype", "float32", "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "4"]
@@ -26,7 +26,7 @@ def policies(tiny_model):
 
 @pytest.fixture(scope="module")
 def srv(tiny_model):
-    s = start_server(tiny_model, ARGS, env={"SGLANG_ER_GAMMA": "3"})
+    s = start_server(tiny_model, ARGS, env={"SGLANG_ER_GAMMA": "3"}, faults=FaultSwitch())
     yield s
     s.stop()
 
@@ -70,18 +70,21 @@ def test_update_from_disk_then_tensor_requantizes_the_drafter(srv, policies):
         assert r > 0.5 * rate0 and r > 0.2, (rate0, rate1, rate2)
 
 
-def test_stale_drafter_collapses_without_requantization(tiny_model, srv, policies):
-    """Same update on a server whose re-quantization is planted away (test harness): still lossless,
-    but the drafter proposes the old policy's tokens and acceptance collapses."""
+def test_stale_drafter_collapses_without_requantization(srv, policies):
+    """The same update with re-quantization planted away (test harness): still lossless, but the
+    drafter proposes the old policy's tokens and acceptance collapses. The next honest update
+    re-quantizes again."""
+    _update_from_disk(srv, policies["w0"])
     _update_from_disk(srv, policies["w1"])
     _, fresh_rate = _greedy(srv)
-    stale = start_server(tiny_model, ARGS, env={"SGLANG_ER_GAMMA": "3", **planted("stale_drafter")})
-    try:
-        _update_from_disk(stale, policies["w1"])
-        out, stale_rate = _greedy(stale)
-        assert _state(stale)["requantizations"] == 0
-    finally:
-        stale.stop()
+    _update_from_disk(srv, policies["w0"])
+    n = _state(srv)["requantizations"]
+    with srv.faults.planted("stale_drafter"):
+        _update_from_disk(srv, policies["w1"])  # the drafter stays on w0
+        out, stale_rate = _greedy(srv)
+        assert _state(srv)["requantizations"] == n
+    _update_from_disk(srv, policies["w1"])
+    assert _state(srv)["requantizations"] == n + 1
     assert out == policies["greedy1"]
     assert stale_rate < 0.5 * fresh_rate, (stale_rate, fresh_rate)
 

@@ -1,10 +1,10 @@
 """EFFROLLOUT through real SGLang servers: lossless greedy, exact sampling, logprobs, edge cases.
 
 Servers (float32 tiny model so greedy ties cannot decide a comparison), one per configuration:
-plain decoding; EFFROLLOUT with fixed γ=3; EFFROLLOUT with γ cycling 1,7,0,7,3,0 per iteration
-(γ max 7), under SGLang's overlap scheduler (the default) and without it
-(``--disable-overlap-schedule``); EFFROLLOUT with a deliberately wrong acceptance rule (proves the
-distribution test can fail).
+plain decoding and EFFROLLOUT with fixed γ=3 (both shared with other modules); EFFROLLOUT with γ
+cycling 1,7,0,7,3,0 per iteration (γ max 7), under SGLang's overlap scheduler (the default) and
+without it (``--disable-overlap-schedule``). A deliberately wrong acceptance rule, planted in the γ=3
+server for one test, proves the distribution test can fail.
 """
 
 from __future__ import annotations
@@ -15,17 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import FP32, joint_first3, planted, same_distribution_pvalue, start_server
+from helpers import FP32, joint_first3, same_distribution_pvalue, start_server
 from helpers import greedy_all as _greedy_all
 
 EFF = ["--speculative-algorithm", "EFFROLLOUT"]
-
-
-@pytest.fixture(scope="module")
-def eff3(tiny_model):
-    srv = start_server(tiny_model, [*FP32, *EFF, "--speculative-num-draft-tokens", "4"], env={"SGLANG_ER_GAMMA": "3"})
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -155,19 +148,10 @@ def test_sampled_joint_distribution_matches_plain(sampling, plain, eff3):
     assert p > 0.01, f"EFFROLLOUT's first-3-token distribution differs from plain (p={p:.2e})"
 
 
-def test_distribution_test_detects_a_wrong_acceptance_rule(tiny_model, plain):
-    wrong = start_server(
-        tiny_model,
-        [*FP32, *EFF, "--speculative-num-draft-tokens", "4"],
-        env={"SGLANG_ER_GAMMA": "3", **planted("accept_all")},
-    )
-    try:
-        p = same_distribution_pvalue(
-            joint_first3(plain, PROMPT, N_SAMPLES, temperature=1.0),
-            joint_first3(wrong, PROMPT, N_SAMPLES, temperature=1.0),
-        )
-    finally:
-        wrong.stop()
+def test_distribution_test_detects_a_wrong_acceptance_rule(plain, eff3):
+    reference = joint_first3(plain, PROMPT, N_SAMPLES, temperature=1.0)
+    with eff3.faults.planted("accept_all"):
+        p = same_distribution_pvalue(reference, joint_first3(eff3, PROMPT, N_SAMPLES, temperature=1.0))
     assert p < 1e-4, f"accept-every-draft went undetected (p={p:.2e})"
 
 

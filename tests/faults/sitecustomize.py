@@ -1,10 +1,13 @@
 """Planted bugs for the distribution tests: on ``PYTHONPATH`` only for the test servers that want one.
 
-``SGLANG_ER_TEST_FAULT=accept_all``: every draft is accepted; ``accept_all_history``: every history
-draft is; ``no_residual``: after a rejection the token is drawn from p instead of norm(max(p - q, 0))
-(the subtle bug: acceptance rates stay right). Not lossless on purpose, so the distribution tests
-can show they detect a wrong rule. ``stale_drafter``: weight updates leave the drafter on the weights
-it was built from (lossless, but it drafts the old policy).
+``SGLANG_ER_TEST_FAULT_FILE=path`` names a file holding the fault planted now, read at every call,
+empty for none, so a test switches a bug on and off in a running server (``helpers.FaultSwitch``)
+instead of starting a second server for it. The faults: ``accept_all``, every draft is accepted;
+``accept_all_history``, every history draft is; ``no_residual``, after a rejection the token is
+drawn from p instead of norm(max(p - q, 0)) (the subtle bug: acceptance rates stay right). Not
+lossless on purpose, so the distribution tests can show they detect a wrong rule. And
+``stale_drafter``: weight updates leave the drafter on the weights it was built from (lossless,
+but it drafts the old policy).
 The product has no such setting: this file patches the worker as it is imported, in every process
 Python starts with this folder on its path (SGLang's scheduler included).
 """
@@ -16,8 +19,18 @@ import importlib.util
 import os
 import sys
 
-FAULT = os.environ.get("SGLANG_ER_TEST_FAULT")
+FAULT_FILE = os.environ.get("SGLANG_ER_TEST_FAULT_FILE")
 WORKER = "sglang_er.engine.worker"
+FAULTS = ("accept_all", "accept_all_history", "no_residual", "stale_drafter")
+
+
+def _active(fault: str) -> bool:
+    """Whether ``fault`` is planted now."""
+    with open(FAULT_FILE) as f:
+        now = f.read().strip()
+    if now and now not in FAULTS:
+        raise ValueError(f"{FAULT_FILE} says {now!r}: use one of {', '.join(FAULTS)}")
+    return now == fault
 
 
 def _plant(module) -> None:
@@ -26,32 +39,35 @@ def _plant(module) -> None:
     from sglang_er import sampler
     from sglang_er.history.proposer import HISTORY_SOURCES
 
-    if FAULT == "stale_drafter":
+    honest_update = module.EffRolloutWorker.on_weights_updated
 
-        def keep_the_old_drafter(self):
-            self._kv = None
+    def keep_the_old_drafter(self):
+        if not _active("stale_drafter"):
+            return honest_update(self)
+        self._kv = None
 
-        module.EffRolloutWorker.on_weights_updated = keep_the_old_drafter
-        return
+    module.EffRolloutWorker.on_weights_updated = keep_the_old_drafter
 
-    if FAULT == "no_residual":
-        honest_rule = sampler.verify
+    honest_rule = sampler.verify
 
-        def verify_without_residual(draft_tokens, q, p, generator=None):
-            accept_len, tokens = honest_rule(draft_tokens, q, p, generator)
-            rows = torch.nonzero(accept_len < draft_tokens.shape[1]).flatten()
-            at = accept_len[rows]
-            tokens[rows, at] = sampler.sample(p[rows, at])
+    def verify_without_residual(draft_tokens, q, p, generator=None):
+        accept_len, tokens = honest_rule(draft_tokens, q, p, generator)
+        if not _active("no_residual"):
             return accept_len, tokens
+        rows = torch.nonzero(accept_len < draft_tokens.shape[1]).flatten()
+        at = accept_len[rows]
+        tokens[rows, at] = sampler.sample(p[rows, at])
+        return accept_len, tokens
 
-        sampler.verify = verify_without_residual
-        return
+    sampler.verify = verify_without_residual
 
     honest = module.EffRolloutWorker._commit
 
     def commit_accepting_all(self, batch, it, drafts, v, plan, clock):
+        if not (_active("accept_all") or _active("accept_all_history")):
+            return honest(self, batch, it, drafts, v, plan, clock)
         rows = torch.ones_like(v.accept_len, dtype=torch.bool)
-        if FAULT == "accept_all_history":
+        if _active("accept_all_history"):
             history = [s in HISTORY_SOURCES for s in plan.source] if plan is not None else [False] * it.bs
             rows = torch.tensor(history, device=rows.device)
         p = sampler.target_probs(v.logits, it.params)
@@ -79,8 +95,5 @@ class _PatchWorkerOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-FAULTS = ("accept_all", "accept_all_history", "no_residual", "stale_drafter")
-if FAULT in FAULTS:
+if FAULT_FILE is not None:
     sys.meta_path.insert(0, _PatchWorkerOnImport())
-elif FAULT:
-    raise SystemExit(f"SGLANG_ER_TEST_FAULT={FAULT!r}: use one of {', '.join(FAULTS)}")
