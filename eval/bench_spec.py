@@ -174,10 +174,26 @@ def run_batch(
 POLICIES = ("auto", "hybrid", "auto-twin")
 
 
+def is_policy(name: str) -> bool:
+    """auto, hybrid or auto's twin, at any TP size (``auto/tp2``)."""
+    return name.split("/tp")[0] in POLICIES
+
+
+def tp_variant(configs: list, tp: int) -> list:
+    """The configurations at ``--tp-size tp``, named ``<name>/tp<tp>``. On CPU each rank gets a core
+    of its own (SGLang's CPU TP refuses to share one NUMA node's cores unbound)."""
+    if tp == 1:
+        return list(configs)
+    import torch
+
+    bind = {} if torch.cuda.is_available() else {"SGLANG_CPU_OMP_THREADS_BIND": "|".join(map(str, range(tp)))}
+    return [(f"{n}/tp{tp}", g, [*extra, "--tp-size", str(tp)], {**env, **bind}) for n, g, extra, env in configs]
+
+
 def best_other(results: dict, names: list[str], temp: float, b: int) -> tuple[str, float]:
     """The configuration auto is judged against at (T, B): the fastest that is neither a policy
     (auto, hybrid, auto's twin) nor the γ = 0 timing server, and its tok/s."""
-    others = {n: results[(n, temp, b)]["tok_s"] for n in names if n not in (*POLICIES, "gamma=0")}
+    others = {n: results[(n, temp, b)]["tok_s"] for n in names if not is_policy(n) and n != "gamma=0"}
     best = max(others, key=others.get)
     return best, others[best]
 
@@ -190,7 +206,7 @@ def paired_ratio(
     same for every server, so a ratio within one round is steadier than a ratio of medians.
     Configurations measured once (the contender rule) are left out; None with under 3 rounds."""
     mine = results[(of, temp, b)].get("tok_s_runs") or []
-    pool = [against] if against else [n for n in names if n not in (*POLICIES, "gamma=0", of)]
+    pool = [against] if against else [n for n in names if not is_policy(n) and n not in ("gamma=0", of)]
     runs = [results[(n, temp, b)].get("tok_s_runs") or [] for n in pool]
     runs = [r for r in runs if len(r) >= len(mine)]
     if len(mine) < 3 or not runs:
@@ -425,7 +441,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen2.5-0.5b-instruct")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
-    p.add_argument("--gammas", nargs="+", type=int, default=[2, 3, 4, 6, 8])
+    p.add_argument(
+        "--gammas", nargs="*", type=int, default=[2, 3, 4, 6, 8], help="fixed γ configurations (none: pass none)"
+    )
+    p.add_argument(
+        "--gamma-max",
+        type=int,
+        help="γmax of every EFFROLLOUT server (--speculative-num-steps; default: the largest of --gammas)",
+    )
+    p.add_argument(
+        "--tp-sizes",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="run every configuration at each of these --tp-size values (named <config>/tp<N>), "
+        "and report TP N against TP 1 per configuration",
+    )
+    p.add_argument(
+        "--off",
+        action="store_true",
+        help="also run EFFROLLOUT with SGLANG_ER_MODE=off (every iteration decodes plainly through the "
+        "worker): what switching speculation off costs against plain SGLang",
+    )
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     p.add_argument(
         "--new-tokens",
@@ -557,12 +594,19 @@ def main() -> None:
         eos_mode += "; every request constrained to a JSON schema"
     args.meta = provenance(f"{args.model} ({path.name})", rounds=args.repeats, eos=eos_mode, prompts=args.prompts)
     print(f"[bench_spec] {eos_mode}; {args.meta['command']} at {args.meta['commit']}", flush=True)
-    gmax = max(args.gammas)
+    if args.tp_sizes[0] != 1:
+        raise SystemExit(f"--tp-sizes {args.tp_sizes}: start with 1, the reference every ratio is taken against")
+    if args.gamma_max is None and not args.gammas:
+        raise SystemExit("--gammas is empty: pass --gamma-max for the auto and off servers")
+    gmax = args.gamma_max if args.gamma_max is not None else max(args.gammas)
+    if any(g > gmax for g in args.gammas):
+        raise SystemExit(f"--gammas {args.gammas} exceed --gamma-max {gmax}: raise --gamma-max")
     spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(gmax)]
     configs = (
         [("plain", 0, [], {})]
         + ([("plain/no-overlap", 0, ["--disable-overlap-schedule"], {})] if args.no_overlap_plain else [])
         + ([] if args.skip_gamma0 else [("gamma=0", 0, spec, {"SGLANG_ER_GAMMA": "0"})])
+        + ([("off", 0, spec, {"SGLANG_ER_MODE": "off"})] if args.off else [])
         + [
             (
                 f"gamma={g}"
@@ -616,6 +660,7 @@ def main() -> None:
         configs.append(("auto", 0, spec, auto_env))
         if args.twin:
             configs.append(("auto-twin", 0, spec, dict(auto_env)))
+    configs = [c for tp in args.tp_sizes for c in tp_variant(configs, tp)]
     spec_configs = [c for c in configs if c[0] not in ("plain", "gamma=0", "plain/no-overlap")]
     if args.from_json:  # re-print the report of an earlier run of the same command
         results, model_errors = load(args.from_json)
@@ -654,6 +699,17 @@ def main() -> None:
                     + ")"
                 )
             say(f"T={temp:g} B={b:3d}  " + "\n              ".join(cells))
+    tp_pairs = [(c[0], c[0].rsplit("/tp", 1)[0]) for c in configs if "/tp" in c[0]]
+    if tp_pairs:
+        say("\nTP N vs TP 1, the same configuration (median of the per-round ratios, range in brackets)")
+        for temp in args.temperatures:
+            for b in args.batches:
+                cells = []
+                for name, base in tp_pairs:
+                    rr = round_ratios(results, name, temp, b, base=base)
+                    if rr:
+                        cells.append(f"{name} vs {base}: {statistics.median(rr):4.2f}x [{min(rr):.2f}-{max(rr):.2f}]")
+                say(f"T={temp:g} B={b:3d}  " + "\n              ".join(cells))
     if args.auto:
         say("\nauto policy vs the best other configuration (same run)")
         for temp in args.temperatures:

@@ -20,15 +20,25 @@ if CHECKOUT_DATA.is_dir():
     os.environ.setdefault("SGLANG_ER_DATA", str(CHECKOUT_DATA))
 
 
-# Modules that use the same session-scoped EFFROLLOUT server run on the same xdist worker.
-SHARED_SERVER_GROUPS = {"test_worker.py": "eff3", "test_request_kinds.py": "eff3"}
+# The modules that take longest (their servers), run first: under ``pytest -n 2 --dist loadfile`` a
+# worker takes the next whole module when it is free, so a long one left for last would leave the
+# other worker idle.
+LONGEST_FIRST = (
+    "test_real_server.py",
+    "test_lossless_server.py",
+    "test_worker.py",
+    "test_tp_server.py",
+    "test_history_server.py",
+    "test_awq_server.py",
+    "test_constrained.py",
+    "test_hardening.py",
+    "test_router.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist's ``--dist loadgroup`` a module runs whole on one worker, so each of its
-    module-scoped servers starts once, and modules sharing a session server share a worker."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SHARED_SERVER_GROUPS.get(item.path.name, item.path.name)))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module keeps its order
 
 
 @pytest.fixture(scope="session")
