@@ -111,6 +111,19 @@ def test_model_cost_qwen2_05b(qwen):
     assert explicit == qwen
 
 
+def test_a_tensor_parallel_rank_streams_its_share(qwen):
+    """At TP 2 each rank holds half of every head, MLP and vocabulary shard: the cost model of a
+    rank prices half the weight bytes (norms and biases are what is not split)."""
+    half = qwen.shard(2)
+    assert (half.num_heads, half.num_kv_heads, half.intermediate, half.vocab) == (7, 1, 2432, 75968)
+    assert half.head_dim == qwen.head_dim and half.hidden == qwen.hidden
+    assert 0.49 < half.target_read_bytes / qwen.target_read_bytes < 0.51
+    assert 0.49 < half.draft_read_bytes / qwen.draft_read_bytes < 0.51
+    assert qwen.shard(1) is qwen
+    with pytest.raises(ValueError, match="does not divide"):
+        qwen.shard(3)
+
+
 def test_model_cost_group_rule_matches_quantizer():
     from sglang_er.gamma import model_cost
     from sglang_er.quant.quantizer import SUPPORTED_GROUP_SIZES, choose_group_size

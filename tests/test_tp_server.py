@@ -3,11 +3,14 @@ from its own shard of the target, and every rank commits rank 0's decisions.
 
 Against the shared plain single-rank server: greedy output token for token (prompts with radix
 hits), the sampled first-token distribution (T = 1, top-p) by a chi-square test that a planted
-accept-every-draft rule fails, and a weight update from disk after which the output follows the
-new weights and acceptance stays up (every rank re-quantized its drafter).
+accept-every-draft rule fails, and weight updates, from disk and broadcast by a trainer process
+(``update_weights_from_distributed`` over gloo), after which the output follows the new weights
+and acceptance stays up (every rank re-quantized its drafter).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import FP32, FaultSwitch, hf_greedy, joint_first3, same_distribution_pvalue, start_server
@@ -64,4 +67,61 @@ def test_weight_update_from_disk_requantizes_every_rank(eff_tp):
     assert after["requantizations"] == before["requantizations"] + 1
     m0, m1 = before["metrics"], after["metrics"]
     # a drafter left on the old weights on either rank would agree with the new policy almost never
+    assert (m1["accepted"] - m0["accepted"]) / (m1["drafted"] - m0["drafted"]) > 0.3
+
+
+def _broadcast_update(srv, named_tensors: dict, group: str = "er_trainer") -> None:
+    """What an RL trainer does (verl, slime): join a gloo group as rank 0 beside the engine's TP
+    ranks (1..tp), then broadcast each new tensor inside a begin/end weight-update session."""
+    import torch.distributed as dist
+    from sglang.srt.utils.common import init_custom_process_group  # the helper trainers copy
+
+    from sglang_er.launcher import free_port
+
+    port, tp = free_port(), 2
+    init = {
+        "master_address": "127.0.0.1",
+        "master_port": port,
+        "rank_offset": 1,
+        "world_size": 1 + tp,
+        "group_name": group,
+        "backend": "gloo",
+    }
+    with ThreadPoolExecutor(1) as ex:
+        joined = ex.submit(srv._checked, "/init_weights_update_group", init, 300)
+        pg = init_custom_process_group(
+            backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=1 + tp, rank=0, group_name=group
+        )
+        joined.result()
+        srv._checked("/begin_weight_update", {}, 300)
+        try:
+            body = {
+                "names": list(named_tensors),
+                "dtypes": [str(t.dtype).removeprefix("torch.") for t in named_tensors.values()],
+                "shapes": [list(t.shape) for t in named_tensors.values()],
+                "group_name": group,
+            }
+            received = ex.submit(srv._checked, "/update_weights_from_distributed", body, 300)
+            for t in named_tensors.values():
+                dist.broadcast(t.contiguous(), src=0, group=pg)
+            received.result()
+        finally:
+            srv._checked("/end_weight_update", {}, 300)
+    srv._checked("/destroy_weights_update_group", {"group_name": group}, 300)
+    dist.destroy_process_group(pg)
+
+
+def test_weight_update_from_distributed_requantizes_every_rank(eff_tp):
+    from safetensors.torch import load_file
+
+    from sglang_er.models.factory import build_model
+
+    new = build_model("tiny", seed=2)
+    before = eff_tp.effrollout_state()
+    _broadcast_update(eff_tp, load_file(str(new / "model.safetensors")))
+    out = eff_tp.generate(PROMPT, max_new_tokens=40, temperature=0, ignore_eos=True)
+    assert out["output_ids"] == hf_greedy(new, [PROMPT])[0]
+    after = eff_tp.effrollout_state()
+    assert after["requantizations"] == before["requantizations"] + 1
+    m0, m1 = before["metrics"], after["metrics"]
     assert (m1["accepted"] - m0["accepted"]) / (m1["drafted"] - m0["drafted"]) > 0.3

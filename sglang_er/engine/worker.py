@@ -100,6 +100,7 @@ class EffRolloutWorker(BaseSpecWorker):
                 min_gain=self.config.min_gain,
                 hysteresis=self.config.hysteresis,
                 explore_every=self.config.explore_every,
+                tp_size=self.ranks.size,
             )
         self.recorder = IterationRecorder(self.metrics, self.timeline, self.controller, self.device)
         logger.info(

@@ -47,6 +47,7 @@ class Controller:
         min_gain: float = 1.05,
         hysteresis: float = 0.02,
         explore_every: int = 32,
+        tp_size: int = 1,
     ):
         self.device = device
         profile = profile or default_profile(device)
@@ -55,7 +56,7 @@ class Controller:
             profile,
             ModelCost.from_config(
                 hf_config, w4_head=draft_head == "w4", w8_head=draft_head == "w8", draft_vocab=draft_vocab
-            ),
+            ).shard(tp_size),  # what one rank streams
             attention_backend=attention_backend,
             kv_read_rule=KV_READ_RULE.get(attention_backend, "per_request"),
         )

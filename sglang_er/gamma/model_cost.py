@@ -8,7 +8,7 @@ model can be built before any weight is loaded, and for a model on another machi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sglang_er.limits import SUPPORTED_GROUP_SIZES as _SUPPORTED_GROUPS
@@ -110,6 +110,27 @@ class ModelCost:
         }
         kw.update(overrides)
         return cls(**kw)
+
+    def shard(self, tp: int) -> ModelCost:
+        """One tensor-parallel rank's share, as SGLang shards it: attention heads, the MLP's
+        intermediate size and the vocabulary split ``tp`` ways, KV heads split too or replicated
+        when there are fewer than ``tp``. Each rank streams its share, so that is what a rank's
+        forward costs; the all-reduces between ranks are not priced (the live correction of the
+        measured phase times absorbs them)."""
+        if tp < 1 or self.num_heads % tp or self.intermediate % tp:
+            raise ValueError(
+                f"tensor parallel size {tp} does not divide {self.num_heads} heads and intermediate size "
+                f"{self.intermediate}"
+            )
+        if tp == 1:
+            return self
+        return replace(
+            self,
+            num_heads=self.num_heads // tp,
+            num_kv_heads=max(1, self.num_kv_heads // tp),
+            intermediate=self.intermediate // tp,
+            vocab=-(-self.vocab // tp),
+        )
 
     # ------------------------------------------------------------------ shapes
     def linear_shapes(self) -> list[tuple[int, int]]:
