@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) -m eval.bench_startup

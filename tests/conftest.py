@@ -20,27 +20,6 @@ if CHECKOUT_DATA.is_dir():
     os.environ.setdefault("SGLANG_ER_DATA", str(CHECKOUT_DATA))
 
 
-# The modules that take longest (their servers), run first: under ``pytest -n 2 --dist loadfile`` a
-# worker takes the next whole module when it is free, so a long one left for last would leave the
-# other worker idle.
-LONGEST_FIRST = (
-    "test_real_server.py",
-    "test_lossless_server.py",
-    "test_worker.py",
-    "test_tp_server.py",
-    "test_history_server.py",
-    "test_awq_server.py",
-    "test_constrained.py",
-    "test_hardening.py",
-    "test_router.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module keeps its order
-
-
 @pytest.fixture(scope="session")
 def tiny_model():
     from sglang_er.models.factory import build_model

@@ -48,7 +48,6 @@ def start_server(model_path, extra_args=(), faults: FaultSwitch | None = None, *
     from sglang_er.launcher import Server
 
     kw.setdefault("stop_grace", 1.0)  # nothing to drain: saves ~4 s per server
-    kw.setdefault("startup_timeout", 900.0)  # two test workers may be starting servers at once
     if faults is not None:
         kw["env"] = {**kw.get("env", {}), **faults.env}
     srv = Server(model_path, list(extra_args), **kw).start()
