@@ -55,21 +55,6 @@ def test_sampled_distribution_matches_plain_and_a_wrong_rule_is_caught(plain, ef
     assert p < 1e-4, f"accept-every-draft went undetected at TP 2 (p={p:.2e})"
 
 
-def test_weight_update_from_disk_requantizes_every_rank(eff_tp):
-    from sglang_er.models.factory import build_model
-
-    new = build_model("tiny", seed=1)  # same shapes and tokenizer, new weights
-    before = eff_tp.effrollout_state()
-    eff_tp.update_weights_from_disk(new)
-    out = eff_tp.generate(PROMPT, max_new_tokens=40, temperature=0, ignore_eos=True)
-    assert out["output_ids"] == hf_greedy(new, [PROMPT])[0]
-    after = eff_tp.effrollout_state()
-    assert after["requantizations"] == before["requantizations"] + 1
-    m0, m1 = before["metrics"], after["metrics"]
-    # a drafter left on the old weights on either rank would agree with the new policy almost never
-    assert (m1["accepted"] - m0["accepted"]) / (m1["drafted"] - m0["drafted"]) > 0.3
-
-
 def _broadcast_update(srv, named_tensors: dict, group: str = "er_trainer") -> None:
     """What an RL trainer does (verl, slime): join a gloo group as rank 0 beside the engine's TP
     ranks (1..tp), then broadcast each new tensor inside a begin/end weight-update session."""
@@ -111,17 +96,22 @@ def _broadcast_update(srv, named_tensors: dict, group: str = "er_trainer") -> No
     dist.destroy_process_group(pg)
 
 
-def test_weight_update_from_distributed_requantizes_every_rank(eff_tp):
+@pytest.mark.parametrize("path", ["disk", "distributed"])
+def test_weight_update_requantizes_every_rank(eff_tp, path):
     from safetensors.torch import load_file
 
     from sglang_er.models.factory import build_model
 
-    new = build_model("tiny", seed=2)
+    new = build_model("tiny", seed=1 if path == "disk" else 2)  # same shapes and tokenizer, new weights
     before = eff_tp.effrollout_state()
-    _broadcast_update(eff_tp, load_file(str(new / "model.safetensors")))
+    if path == "disk":
+        eff_tp.update_weights_from_disk(new)
+    else:
+        _broadcast_update(eff_tp, load_file(str(new / "model.safetensors")))
     out = eff_tp.generate(PROMPT, max_new_tokens=40, temperature=0, ignore_eos=True)
     assert out["output_ids"] == hf_greedy(new, [PROMPT])[0]
     after = eff_tp.effrollout_state()
     assert after["requantizations"] == before["requantizations"] + 1
     m0, m1 = before["metrics"], after["metrics"]
+    # a drafter left on the old weights on either rank would agree with the new policy almost never
     assert (m1["accepted"] - m0["accepted"]) / (m1["drafted"] - m0["drafted"]) > 0.3
