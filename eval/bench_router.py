@@ -23,7 +23,7 @@ from pathlib import Path
 
 import requests
 
-from eval.bench_spec import gsm8k_chat_prompts
+from eval.bench_spec import cpu_bind, gsm8k_chat_prompts
 from eval.provenance import header, provenance
 from eval.router import Router
 from sglang_er.launcher import Server
@@ -45,13 +45,6 @@ def run_once(url: str, prompts: list[str], max_new_tokens: int) -> float:
     with ThreadPoolExecutor(len(prompts)) as ex:
         tokens = sum(ex.map(one, prompts))
     return tokens / (time.monotonic() - t0)
-
-
-def core_of_its_own(i: int) -> dict[str, str]:
-    """Engine i's environment: on a CPU, its OpenMP threads bound to core i (none on a GPU)."""
-    import torch
-
-    return {} if torch.cuda.is_available() else {"SGLANG_CPU_OMP_THREADS_BIND": str(i)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, flags in kinds.items():
             engines[kind] = [
                 stack.enter_context(
-                    Server(path, flags, env=core_of_its_own(i), max_total_tokens=args.max_total_tokens, stop_grace=1.0)
+                    Server(path, flags, env=cpu_bind([i]), max_total_tokens=args.max_total_tokens, stop_grace=1.0)
                 )
                 for i in range(2)
             ]

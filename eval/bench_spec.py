@@ -179,14 +179,19 @@ def is_policy(name: str) -> bool:
     return name.split("/tp")[0] in POLICIES
 
 
-def tp_variant(configs: list, tp: int) -> list:
-    """The configurations at ``--tp-size tp``, named ``<name>/tp<tp>``. On CPU each rank gets a core
-    of its own (SGLang's CPU TP refuses to share one NUMA node's cores unbound)."""
-    if tp == 1:
-        return list(configs)
+def cpu_bind(cores) -> dict[str, str]:
+    """A server's environment that binds its rank r to CPU core ``cores[r]`` (SGLang's CPU TP refuses
+    to share one NUMA node's cores unbound); nothing on a GPU."""
     import torch
 
-    bind = {} if torch.cuda.is_available() else {"SGLANG_CPU_OMP_THREADS_BIND": "|".join(map(str, range(tp)))}
+    return {} if torch.cuda.is_available() else {"SGLANG_CPU_OMP_THREADS_BIND": "|".join(map(str, cores))}
+
+
+def tp_variant(configs: list, tp: int) -> list:
+    """The configurations at ``--tp-size tp``, named ``<name>/tp<tp>``, each rank on a core of its own."""
+    if tp == 1:
+        return list(configs)
+    bind = cpu_bind(range(tp))
     return [(f"{n}/tp{tp}", g, [*extra, "--tp-size", str(tp)], {**env, **bind}) for n, g, extra, env in configs]
 
 

@@ -24,13 +24,13 @@ WORKER = "sglang_er.engine.worker"
 FAULTS = ("accept_all", "accept_all_history", "no_residual", "stale_drafter")
 
 
-def _active(fault: str) -> bool:
-    """Whether ``fault`` is planted now."""
+def _planted() -> str:
+    """The fault planted now ('' for none): one read of the file per patched call."""
     with open(FAULT_FILE) as f:
         now = f.read().strip()
     if now and now not in FAULTS:
         raise ValueError(f"{FAULT_FILE} says {now!r}: use one of {', '.join(FAULTS)}")
-    return now == fault
+    return now
 
 
 def _plant(module) -> None:
@@ -42,7 +42,7 @@ def _plant(module) -> None:
     honest_update = module.EffRolloutWorker.on_weights_updated
 
     def keep_the_old_drafter(self):
-        if not _active("stale_drafter"):
+        if _planted() != "stale_drafter":
             return honest_update(self)
         self._kv = None
 
@@ -52,7 +52,7 @@ def _plant(module) -> None:
 
     def verify_without_residual(draft_tokens, q, p, generator=None):
         accept_len, tokens = honest_rule(draft_tokens, q, p, generator)
-        if not _active("no_residual"):
+        if _planted() != "no_residual":
             return accept_len, tokens
         rows = torch.nonzero(accept_len < draft_tokens.shape[1]).flatten()
         at = accept_len[rows]
@@ -64,10 +64,11 @@ def _plant(module) -> None:
     honest = module.EffRolloutWorker._commit
 
     def commit_accepting_all(self, batch, it, drafts, v, plan, clock):
-        if not (_active("accept_all") or _active("accept_all_history")):
+        fault = _planted()
+        if fault not in ("accept_all", "accept_all_history"):
             return honest(self, batch, it, drafts, v, plan, clock)
         rows = torch.ones_like(v.accept_len, dtype=torch.bool)
-        if _active("accept_all_history"):
+        if fault == "accept_all_history":
             history = [s in HISTORY_SOURCES for s in plan.source] if plan is not None else [False] * it.bs
             rows = torch.tensor(history, device=rows.device)
         p = sampler.target_probs(v.logits, it.params)
