@@ -5,6 +5,12 @@ detokenizer children with it (SGLang does not always exit on SIGTERM within seco
 it gets SIGTERM from the kernel if the process that started it dies (PR_SET_PDEATHSIG on
 Linux): a killed benchmark or demo leaves no server behind.
 The KV pool is always capped: SGLang's default takes most of a small machine's RAM.
+
+``fork_children=True`` (CPU only) starts ``python -m sglang_er.launcher`` instead: SGLang's own
+launch with its scheduler and detokenizer forked rather than spawned. SGLang spawns because a
+CUDA context cannot be forked; on a CPU a spawned child imports SGLang, torch and transformers
+again (~0.7 GB of private memory and ~25 s on 2 cores per child), a forked one shares the
+parent's. What the scheduler computes is the same either way.
 """
 
 from __future__ import annotations
@@ -62,15 +68,18 @@ class Server:
         log_path: str | Path | None = None,
         startup_timeout: float = 300.0,
         stop_grace: float = 5.0,
+        fork_children: bool = False,
     ):
         self._port_given = port is not None
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         extra = list(extra_args or [])
+        if fork_children and not _no_accelerator():
+            raise ValueError("fork_children is for CPU servers: a CUDA context cannot be forked; leave it off")
         self.args = [
             sys.executable,
             "-m",
-            "sglang.launch_server",
+            "sglang_er.launcher" if fork_children else "sglang.launch_server",
             "--model-path",
             str(model_path),
             "--host",
@@ -257,3 +266,23 @@ def _no_accelerator() -> bool:
     from sglang_er.engine.cpu.platform import accelerator_present
 
     return accelerator_present() is None
+
+
+def fork_children() -> None:
+    """Have SGLang fork its scheduler and detokenizer instead of spawning them (see the module
+    docstring): SGLang sets the ``spawn`` start method right before it starts them."""
+    import multiprocessing
+
+    set_start_method = multiprocessing.set_start_method
+
+    def fork_not_spawn(method, force=False):
+        return set_start_method("fork" if method == "spawn" else method, force=force)
+
+    multiprocessing.set_start_method = fork_not_spawn
+
+
+if __name__ == "__main__":  # python -m sglang_er.launcher ARGS: sglang.launch_server, children forked
+    import runpy
+
+    fork_children()
+    runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
