@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import FP32, FaultSwitch, greedy_all, start_server, tiny_prompts
+from helpers import FP32, HOOKS_ENV, FaultSwitch, greedy_all, start_servers, tiny_prompts
 
 from eval import CHECKOUT_DATA
 
@@ -18,6 +18,9 @@ os.environ.setdefault("SGLANG_ER_CACHE", os.path.expanduser("~/.cache/sglang-er"
 # installed package reads data only from SGLANG_ER_DATA.
 if CHECKOUT_DATA.is_dir():
     os.environ.setdefault("SGLANG_ER_DATA", str(CHECKOUT_DATA))
+# Every server the suite starts (fixtures, and the product's own commands run in process) forks its
+# scheduler; test_startup_errors.py starts servers as the product does (helpers.SPAWN_ENV).
+os.environ.update(HOOKS_ENV)
 
 
 @pytest.fixture(scope="session")
@@ -28,25 +31,28 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def plain(tiny_model):
-    """The reference: a plain SGLang server on the tiny model, shared by every module."""
-    srv = start_server(tiny_model, FP32)
-    yield srv
-    srv.stop()
+def tiny_servers(tiny_model):
+    """The two servers most modules use, started side by side: ``plain`` and ``eff3``."""
+    eff3 = [*FP32, "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "4"]
+    pair = start_servers(
+        (tiny_model, FP32), (tiny_model, eff3, {"env": {"SGLANG_ER_GAMMA": "3"}, "faults": FaultSwitch()})
+    )
+    yield pair
+    for srv in pair:
+        srv.stop()
 
 
 @pytest.fixture(scope="session")
-def eff3(tiny_model):
+def plain(tiny_servers):
+    """The reference: a plain SGLang server on the tiny model, shared by every module."""
+    return tiny_servers[0]
+
+
+@pytest.fixture(scope="session")
+def eff3(tiny_servers):
     """EFFROLLOUT at a fixed γ = 3 on the tiny model, shared by every module. Its planted wrong
     acceptance rule (``eff3.faults.planted(...)``) is off except inside a detection test."""
-    srv = start_server(
-        tiny_model,
-        [*FP32, "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "4"],
-        env={"SGLANG_ER_GAMMA": "3"},
-        faults=FaultSwitch(),
-    )
-    yield srv
-    srv.stop()
+    return tiny_servers[1]
 
 
 @pytest.fixture(scope="session")

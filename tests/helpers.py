@@ -20,8 +20,18 @@ import requests
 FP32 = ["--dtype", "float32"]
 
 
+# tests/hooks on the path of every process the suite starts (conftest.py): planted faults when a
+# server asks for them, and a forked (not spawned) scheduler, which starts without importing SGLang
+# again (tests/hooks/er_test_fork.py). SPAWN_ENV: a server started as the product starts it.
+HOOKS_ENV = {
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "hooks"), os.environ.get("PYTHONPATH")])),
+    "SGLANG_ER_TEST_FORK": "1",
+}
+SPAWN_ENV = {"SGLANG_ER_TEST_FORK": "0"}
+
+
 class FaultSwitch:
-    """A planted bug (``tests/faults/sitecustomize.py``: a wrong acceptance rule, or a drafter left
+    """A planted bug (``tests/hooks/er_test_faults.py``: a wrong acceptance rule, or a drafter left
     stale) to switch on and off in a running server: ``start_server(..., faults=FaultSwitch())``,
     then ``with srv.faults.planted("accept_all"): ...``. One server then serves both the honest
     runs and the proof that a test detects the bug, instead of a second server per bug."""
@@ -30,8 +40,7 @@ class FaultSwitch:
         fd, name = tempfile.mkstemp(prefix="sglang-er-fault-")
         os.close(fd)
         self.path = Path(name)
-        path = [str(Path(__file__).parent / "faults"), os.environ.get("PYTHONPATH", "")]
-        self.env = {"SGLANG_ER_TEST_FAULT_FILE": name, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+        self.env = {"SGLANG_ER_TEST_FAULT_FILE": name}
 
     @contextmanager
     def planted(self, fault: str) -> Iterator[None]:
@@ -53,6 +62,24 @@ def start_server(model_path, extra_args=(), faults: FaultSwitch | None = None, *
     srv = Server(model_path, list(extra_args), **kw).start()
     srv.faults = faults
     return srv
+
+
+def start_servers(*specs: tuple) -> list:
+    """Start servers side by side, ``(model_path, extra_args[, kwargs])`` each: a start is mostly
+    one process importing SGLang on one core, so two take about as long as one."""
+
+    def one(spec):
+        return start_server(spec[0], spec[1], **(spec[2] if len(spec) > 2 else {}))
+
+    with ThreadPoolExecutor(len(specs)) as ex:
+        futures = [ex.submit(one, spec) for spec in specs]
+    started = [f.result() for f in futures if f.exception() is None]
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:
+        for srv in started:
+            srv.stop()
+        raise failed[0]
+    return started
 
 
 def tiny_prompts(n=52):

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import FP32, same_distribution_pvalue, start_server
+from helpers import FP32, same_distribution_pvalue, start_servers
 
 MODEL = "smollm2-135m-instruct"
 EFF = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "4"]
@@ -116,19 +116,22 @@ def model_path():
 
 
 @pytest.fixture(scope="module")
-def plain_out(model_path):
-    srv = start_server(model_path, FP32)
-    try:
-        return {**_run(srv), "sampled": _sampled(srv)}
-    finally:
+def servers(model_path):
+    """Plain and EFFROLLOUT (γ = 3), started side by side."""
+    pair = start_servers((model_path, FP32), (model_path, [*FP32, *EFF], {"env": {"SGLANG_ER_GAMMA": "3"}}))
+    yield pair
+    for srv in pair:
         srv.stop()
 
 
 @pytest.fixture(scope="module")
-def eff(model_path):
-    srv = start_server(model_path, [*FP32, *EFF], env={"SGLANG_ER_GAMMA": "3"})
-    yield srv
-    srv.stop()
+def plain_out(servers):
+    return {**_run(servers[0]), "sampled": _sampled(servers[0])}
+
+
+@pytest.fixture(scope="module")
+def eff(servers):
+    return servers[1]
 
 
 def test_plain_outputs_obey_their_grammars(plain_out):

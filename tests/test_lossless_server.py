@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import FP32, FaultSwitch, greedy_all, same_distribution_pvalue, start_server, tiny_prompts
+from helpers import FP32, FaultSwitch, greedy_all, same_distribution_pvalue, start_servers, tiny_prompts
 
 EFF = ["--speculative-algorithm", "EFFROLLOUT"]
 EFF16 = [*EFF, "--speculative-num-draft-tokens", "17"]
@@ -70,17 +70,28 @@ def assert_follows_plain(srv, sampling: str, plain_positions, got: list[Counter]
 
 
 @pytest.fixture(scope="module")
-def eff16(tiny_model):
-    srv = start_server(tiny_model, [*FP32, *EFF16], env=ENV16)
-    yield srv
-    srv.stop()
+def servers(tiny_model):
+    """The module's four servers, started side by side: fixed γ = 16 and 8, auto with γmax 16, and
+    the planted one (γ = 16, a 16-token draft vocabulary, a planted rule switched on per test)."""
+    started = start_servers(
+        (tiny_model, [*FP32, *EFF16], {"env": ENV16}),
+        (tiny_model, [*FP32, *EFF8], {"env": ENV8}),
+        (tiny_model, [*FP32, *EFF16]),
+        (tiny_model, [*FP32, *EFF16], {"env": {**ENV16, "SGLANG_ER_DRAFT_VOCAB": "16"}, "faults": FaultSwitch()}),
+    )
+    yield dict(zip(("eff16", "eff8", "auto16", "planted16"), started))
+    for srv in started:
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
-def eff8(tiny_model):
-    srv = start_server(tiny_model, [*FP32, *EFF8], env=ENV8)
-    yield srv
-    srv.stop()
+def eff16(servers):
+    return servers["eff16"]
+
+
+@pytest.fixture(scope="module")
+def eff8(servers):
+    return servers["eff8"]
 
 
 @pytest.fixture(scope="module")
@@ -106,39 +117,35 @@ def test_every_draft_position_and_the_bonus_follow_plain(server, sampling, reque
     assert_follows_plain(srv, sampling, plain_positions, got, f"EFFROLLOUT γ = {server.removeprefix('eff')}")
 
 
-def test_every_position_follows_plain_when_the_auto_policy_chooses_gamma(tiny_model, plain_positions):
+def test_every_position_follows_plain_when_the_auto_policy_chooses_gamma(servers, plain_positions):
     """γmax = 16, γ chosen per iteration by the auto policy with its default settings: it
     speculates at some γs and decodes plainly at others within the same requests (on the tiny
     model, forced explorations alone speculate in every batch-size octave it has not run at), so
     the positions cover switches of γ between iterations. The sampled requests must have been
     decoded with several speculative iterations that accepted drafts."""
-    srv = start_server(tiny_model, [*FP32, *EFF16])
-    try:
-        st = srv.effrollout_state()
-        assert st["mode"] == "auto" and st["gamma_max"] == 16
-        last = max((r["iteration"] for r in st["timeline"]), default=-1)
-        got = positions(srv, **SAMPLINGS["t1"])
-        ran = [r for r in srv.effrollout_state()["timeline"] if r["iteration"] > last]
-        spec = [r for r in ran if r["gamma"] > 0]
-        print(f"auto: γ per iteration {[r['gamma'] for r in ran]}")
-        assert len(spec) >= 3 and sum(r["accepted"] for r in spec) > 0, [r["gamma"] for r in ran]
-        assert_follows_plain(srv, "t1", plain_positions, got, "EFFROLLOUT auto γ")
-    finally:
-        srv.stop()
+    srv = servers["auto16"]
+    st = srv.effrollout_state()
+    assert st["mode"] == "auto" and st["gamma_max"] == 16
+    last = max((r["iteration"] for r in st["timeline"]), default=-1)
+    got = positions(srv, **SAMPLINGS["t1"])
+    ran = [r for r in srv.effrollout_state()["timeline"] if r["iteration"] > last]
+    spec = [r for r in ran if r["gamma"] > 0]
+    print(f"auto: γ per iteration {[r['gamma'] for r in ran]}")
+    assert len(spec) >= 3 and sum(r["accepted"] for r in spec) > 0, [r["gamma"] for r in ran]
+    assert_follows_plain(srv, "t1", plain_positions, got, "EFFROLLOUT auto γ")
 
 
 @pytest.fixture(scope="module")
-def planted16(tiny_model):
+def planted16(servers):
     """γ = 16 with a drafter restricted to a 16-token vocabulary, a planted rule switched on per test.
     The restricted drafter is rejected often, and where it is accepted every draft it puts all of q
     on those tokens, so each planted bug moves the positions far enough that its detection does not
     ride on chance. Honest traffic first: the vocabulary starts as the lowest 16 ids, which a
     random model almost never samples, and follows the traffic after its first re-selection."""
-    srv = start_server(tiny_model, [*FP32, *EFF16], env={**ENV16, "SGLANG_ER_DRAFT_VOCAB": "16"}, faults=FaultSwitch())
+    srv = servers["planted16"]
     positions(srv, n=N // 4, **SAMPLINGS["t1"])
     assert srv.effrollout_state()["draft_vocab"]["selections"] >= 1
-    yield srv
-    srv.stop()
+    return srv
 
 
 def test_the_position_test_detects_accepting_every_draft_at_deep_positions(planted16, plain_positions):

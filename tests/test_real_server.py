@@ -11,7 +11,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import start_server
+from helpers import start_servers
 
 from sglang_er.evaluation.math_data import SAMPLE, load_problems
 
@@ -56,14 +56,20 @@ def real_model(request):
 
 
 @pytest.fixture(scope="module")
-def plain_outputs(real_model):
-    name, path = real_model
-    k, max_tokens = SIZES[name]
-    srv = start_server(path, ARGS)
-    try:
-        return _chat_greedy(srv, _questions(k), max_tokens)
-    finally:
+def servers(real_model):
+    """A plain and an EFFROLLOUT server on the model, started side by side."""
+    _, path = real_model
+    eff = [*ARGS, "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "5"]
+    pair = start_servers((path, ARGS), (path, eff, {"env": {"SGLANG_ER_GAMMA": "4"}}))
+    yield pair
+    for srv in pair:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(real_model, servers):
+    k, max_tokens = SIZES[real_model[0]]
+    return _chat_greedy(servers[0], _questions(k), max_tokens)
 
 
 def test_chat_template_applied(plain_outputs):
@@ -73,19 +79,11 @@ def test_chat_template_applied(plain_outputs):
     assert text.strip()
 
 
-def test_effrollout_greedy_identical_on_gsm8k(real_model, plain_outputs):
-    name, path = real_model
-    k, max_tokens = SIZES[name]
-    srv = start_server(
-        path,
-        [*ARGS, "--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", "5"],
-        env={"SGLANG_ER_GAMMA": "4"},
-    )
-    try:
-        got = _chat_greedy(srv, _questions(k), max_tokens)
-        meta = srv.generate("What is 12 * 7?", max_new_tokens=64, temperature=0, ignore_eos=True)["meta_info"]
-    finally:
-        srv.stop()
+def test_effrollout_greedy_identical_on_gsm8k(real_model, servers, plain_outputs):
+    k, max_tokens = SIZES[real_model[0]]
+    srv = servers[1]
+    got = _chat_greedy(srv, _questions(k), max_tokens)
+    meta = srv.generate("What is 12 * 7?", max_new_tokens=64, temperature=0, ignore_eos=True)["meta_info"]
     diff = [i for i, (a, b) in enumerate(zip(got, plain_outputs)) if a[0] != b[0]]
     assert not diff, f"{len(diff)} of {len(got)} GSM8K answers differ, e.g. #{diff[0]}"
     # a real model's W4 copy agrees with it most of the time

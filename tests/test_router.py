@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import FP32, hf_greedy, start_server
+from helpers import FP32, hf_greedy, start_servers
 
 from eval.router import Router
 
@@ -33,7 +33,7 @@ ENGINE = [*FP32, "--speculative-algorithm", "EFFROLLOUT", "--enable-metrics"]
 
 @pytest.fixture(scope="module")
 def fleet(tiny_model):
-    engines = [start_server(tiny_model, ENGINE, max_total_tokens=4096) for _ in range(2)]
+    engines = start_servers(*[(tiny_model, ENGINE, {"max_total_tokens": 4096})] * 2)
     router = None
     try:
         router = Router([e.url for e in engines], policy="round_robin").start()

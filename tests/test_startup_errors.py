@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
 import psutil
 import pytest
+from helpers import SPAWN_ENV
 
 from sglang_er.launcher import free_port
 
@@ -23,7 +25,10 @@ def _launch(args, timeout=180):
         "2048",
         *args,
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = {**os.environ, **SPAWN_ENV}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
@@ -84,7 +89,10 @@ def test_a_port_taken_during_startup_is_replaced(tiny_model, monkeypatch):
         busy = taken.getsockname()[1]
         ports = iter([busy])
         monkeypatch.setattr(launcher, "free_port", lambda: next(ports, None) or real())
-        srv = launcher.Server(tiny_model, ["--dtype", "float32"], stop_grace=1.0, startup_timeout=240).start()
+        # started as the product starts a server (spawned scheduler), unlike the suite's others
+        srv = launcher.Server(
+            tiny_model, ["--dtype", "float32"], env=SPAWN_ENV, stop_grace=1.0, startup_timeout=240
+        ).start()
         try:
             assert srv.port != busy
             assert srv.generate("Alice has", max_new_tokens=2, temperature=0)["meta_info"]["completion_tokens"] == 2

@@ -15,30 +15,32 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import FP32, joint_first3, same_distribution_pvalue, start_server
+from helpers import FP32, joint_first3, same_distribution_pvalue, start_server, start_servers
 from helpers import greedy_all as _greedy_all
 
 EFF = ["--speculative-algorithm", "EFFROLLOUT"]
 
 
 @pytest.fixture(scope="module")
-def eff_cycle(tiny_model):
-    srv = start_server(
-        tiny_model, [*FP32, *EFF, "--speculative-num-steps", "7"], env={"SGLANG_ER_GAMMA": "1,7,0,7,3,0"}
-    )
-    yield srv
-    srv.stop()
+def cycle_servers(tiny_model):
+    """γ cycling 1, 7, 0, 7, 3, 0 with the overlap scheduler (SGLang's default) and without it,
+    started side by side."""
+    cycle = [*FP32, *EFF, "--speculative-num-steps", "7"]
+    env = {"env": {"SGLANG_ER_GAMMA": "1,7,0,7,3,0"}}
+    pair = start_servers((tiny_model, cycle, env), (tiny_model, [*cycle, "--disable-overlap-schedule"], env))
+    yield pair
+    for srv in pair:
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
-def eff_cycle_sync(tiny_model):
-    srv = start_server(
-        tiny_model,
-        [*FP32, *EFF, "--speculative-num-steps", "7", "--disable-overlap-schedule"],
-        env={"SGLANG_ER_GAMMA": "1,7,0,7,3,0"},
-    )
-    yield srv
-    srv.stop()
+def eff_cycle(cycle_servers):
+    return cycle_servers[0]
+
+
+@pytest.fixture(scope="module")
+def eff_cycle_sync(cycle_servers):
+    return cycle_servers[1]
 
 
 def test_overlap_scheduler_on_by_default_and_off_on_request(eff_cycle, eff_cycle_sync):

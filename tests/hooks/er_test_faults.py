@@ -1,4 +1,4 @@
-"""Planted bugs for the distribution tests: on ``PYTHONPATH`` only for the test servers that want one.
+"""Planted bugs for the distribution tests, in the test servers that want one (``helpers.FaultSwitch``).
 
 ``SGLANG_ER_TEST_FAULT_FILE=path`` names a file holding the fault planted now, read at every call,
 empty for none, so a test switches a bug on and off in a running server (``helpers.FaultSwitch``)
@@ -8,8 +8,8 @@ drawn from p instead of norm(max(p - q, 0)) (the subtle bug: acceptance rates st
 lossless on purpose, so the distribution tests can show they detect a wrong rule. And
 ``stale_drafter``: weight updates leave the drafter on the weights it was built from (lossless,
 but it drafts the old policy).
-The product has no such setting: this file patches the worker as it is imported, in every process
-Python starts with this folder on its path (SGLang's scheduler included).
+The product has no such setting: this module patches the worker as it is imported, in every
+process Python starts with ``tests/hooks`` on its path (SGLang's scheduler included).
 """
 
 from __future__ import annotations
@@ -96,5 +96,6 @@ class _PatchWorkerOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if FAULT_FILE is not None:
-    sys.meta_path.insert(0, _PatchWorkerOnImport())
+def install() -> None:
+    if FAULT_FILE is not None:
+        sys.meta_path.insert(0, _PatchWorkerOnImport())
