@@ -714,13 +714,22 @@ def main() -> None:
                     + ")"
                 )
             say(f"T={temp:g} B={b:3d}  " + "\n              ".join(cells))
-    tp_pairs = [(c[0], c[0].rsplit("/tp", 1)[0]) for c in configs if "/tp" in c[0]]
-    if tp_pairs:
-        say("\nTP N vs TP 1, the same configuration (median of the per-round ratios, range in brackets)")
+    tp_names = [c[0] for c in configs if "/tp" in c[0]]
+    # TP N against TP 1 for each configuration, then each configuration against plain at its TP size
+    for title, pairs in (
+        ("TP N vs TP 1, the same configuration", [(n, n.rsplit("/tp", 1)[0]) for n in tp_names]),
+        (
+            "vs plain at the same TP size",
+            [(n, "plain/tp" + n.rsplit("/tp", 1)[1]) for n in tp_names if not n.startswith("plain")],
+        ),
+    ):
+        if not pairs:
+            continue
+        say(f"\n{title} (median of the per-round ratios, range in brackets)")
         for temp in args.temperatures:
             for b in args.batches:
                 cells = []
-                for name, base in tp_pairs:
+                for name, base in pairs:
                     rr = round_ratios(results, name, temp, b, base=base)
                     if rr:
                         cells.append(f"{name} vs {base}: {statistics.median(rr):4.2f}x [{min(rr):.2f}-{max(rr):.2f}]")
