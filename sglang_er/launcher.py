@@ -100,23 +100,14 @@ class Server:
         self.startup_seconds: float | None = None
 
     def start(self) -> Server:
-        """Start and wait until healthy. A port chosen here that SGLang's own processes took for
-        their internal sockets in the meantime (both draw from the free ports) is replaced, up to
-        twice; a port the caller chose is not."""
-        for attempt in range(3):
-            try:
-                return self._start_once()
-            except _PortTaken:
-                if self._port_given or attempt == 2:
-                    raise ServerError(f"port {self.port} is in use:\n{self.log_tail()}") from None
-                old, self.port = self.port, free_port()
-                self.url = f"http://127.0.0.1:{self.port}"
-                self.args[self.args.index("--port") + 1] = str(self.port)
-                logger.warning("port %d was taken during startup; retrying on %d", old, self.port)
-        raise AssertionError("unreachable")
+        """Start and wait until healthy (:meth:`launch`, then :meth:`wait_ready`)."""
+        return self.launch().wait_ready()
 
-    def _start_once(self) -> Server:
-        t0 = time.monotonic()
+    def launch(self) -> Server:
+        """Start the process and return at once. The kernel signals the server when the *thread*
+        that launched it ends (PR_SET_PDEATHSIG), so launch from a thread that outlives it: to
+        start several side by side, launch each, then wait for each."""
+        self._t0 = time.monotonic()
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             self.args,
@@ -126,6 +117,27 @@ class Server:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
+        return self
+
+    def wait_ready(self) -> Server:
+        """Wait until healthy. A port chosen here that SGLang's own processes took for their
+        internal sockets in the meantime (both draw from the free ports) is replaced, up to
+        twice; a port the caller chose is not."""
+        for attempt in range(3):
+            try:
+                return self._wait_once()
+            except _PortTaken:
+                if self._port_given or attempt == 2:
+                    raise ServerError(f"port {self.port} is in use:\n{self.log_tail()}") from None
+                old, self.port = self.port, free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+                self.args[self.args.index("--port") + 1] = str(self.port)
+                logger.warning("port %d was taken during startup; retrying on %d", old, self.port)
+                self.launch()
+        raise AssertionError("unreachable")
+
+    def _wait_once(self) -> Server:
+        t0 = self._t0
         while time.monotonic() - t0 < self.startup_timeout:
             if self.proc.poll() is not None:
                 self.stop()

@@ -51,35 +51,38 @@ class FaultSwitch:
             self.path.write_text("")
 
 
-def start_server(model_path, extra_args=(), faults: FaultSwitch | None = None, **kw):
-    """Start a server; the caller's fixture stops it (process group kill) when the module ends.
-    With ``faults``, the server's bug can be planted later as ``srv.faults.planted(name)``."""
+def _server(model_path, extra_args=(), faults: FaultSwitch | None = None, **kw):
     from sglang_er.launcher import Server
 
     kw.setdefault("stop_grace", 1.0)  # nothing to drain: saves ~4 s per server
     if faults is not None:
         kw["env"] = {**kw.get("env", {}), **faults.env}
-    srv = Server(model_path, list(extra_args), **kw).start()
+    srv = Server(model_path, list(extra_args), **kw)
     srv.faults = faults
     return srv
 
 
+def start_server(model_path, extra_args=(), faults: FaultSwitch | None = None, **kw):
+    """Start a server; the caller's fixture stops it (process group kill) when the module ends.
+    With ``faults``, the server's bug can be planted later as ``srv.faults.planted(name)``."""
+    return _server(model_path, extra_args, faults, **kw).start()
+
+
 def start_servers(*specs: tuple) -> list:
     """Start servers side by side, ``(model_path, extra_args[, kwargs])`` each: a start is mostly
-    one process importing SGLang on one core, so two take about as long as one."""
-
-    def one(spec):
-        return start_server(spec[0], spec[1], **(spec[2] if len(spec) > 2 else {}))
-
-    with ThreadPoolExecutor(len(specs)) as ex:
-        futures = [ex.submit(one, spec) for spec in specs]
-    started = [f.result() for f in futures if f.exception() is None]
-    failed = [f.exception() for f in futures if f.exception() is not None]
-    if failed:
-        for srv in started:
+    one process importing SGLang on one core, so two take about as long as one. All are launched
+    from this thread (a server dies with the thread that launched it), then waited for."""
+    servers = [_server(spec[0], spec[1], **(spec[2] if len(spec) > 2 else {})) for spec in specs]
+    try:
+        for srv in servers:
+            srv.launch()
+        for srv in servers:
+            srv.wait_ready()
+    except BaseException:
+        for srv in servers:
             srv.stop()
-        raise failed[0]
-    return started
+        raise
+    return servers
 
 
 def tiny_prompts(n=52):

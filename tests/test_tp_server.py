@@ -32,6 +32,19 @@ def eff_tp(tiny_model):
     srv.stop()
 
 
+def test_each_rank_runs_on_its_own_core(eff_tp):
+    """SGLANG_CPU_OMP_THREADS_BIND = "0|1": rank r on core r with one torch thread (SGLang applies
+    the variable only on AMX / arm64 CPUs; sglang_er.engine.cpu.threads elsewhere)."""
+    import psutil
+
+    ranks = [
+        (p.cpu_affinity(), p.num_threads())
+        for p in psutil.Process(eff_tp.proc.pid).children(recursive=True)
+        if p.name().startswith("sglang::schedul")
+    ]
+    assert sorted(cores for cores, _ in ranks) == [[0], [1]], ranks
+
+
 def _accept_rate(srv) -> float:
     m = srv.effrollout_state()["metrics"]
     return m["accepted"] / max(m["drafted"], 1)

@@ -80,6 +80,13 @@ HOOKS: tuple[Hook, ...] = (
         "cpu",
     ),
     Hook(
+        "sglang.srt.distributed.bootstrap._init_cpu_threads_env",
+        "around",
+        "sglang_er.engine.cpu.threads:bind_rank_threads",
+        "SGLANG_CPU_OMP_THREADS_BIND pins a rank to its cores only on AMX / arm64 CPUs; pin it everywhere",
+        "cpu",
+    ),
+    Hook(
         "sglang.srt.utils.common.get_device",
         "around",
         _OPS + "device_as_str",
