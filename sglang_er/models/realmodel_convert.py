@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,9 +40,39 @@ def _require_converters(m: RealModel) -> None:
         )
 
 
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers parses the whole GGUF three times (for the config, the weights and the
+    tokenizer), each time reading every vocabulary string one small slice at a time, and rebuilds
+    gguf's tensor-name table once per tensor: about a third of a conversion. Inside this block a
+    file is parsed once and its reader reused (readers only read), and each table built once."""
+    import functools
+
+    import gguf
+
+    real_reader, real_names, readers = gguf.GGUFReader, gguf.get_tensor_name_map, {}
+
+    def reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_names)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_names
+
+
 def convert(m: RealModel, gguf_path: Path, out: Path) -> None:
     """Dequantize ``gguf_path`` into an HF directory ``out`` (bf16 safetensors, config, tokenizer)."""
     _require_converters(m)
+    with _gguf_parsed_once():
+        _convert(m, gguf_path, out)
+
+
+def _convert(m: RealModel, gguf_path: Path, out: Path) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
