@@ -60,11 +60,12 @@ def min_adjusted_pvalue(a: list[Counter], b: list[Counter], first: int = 0) -> t
     return min(1.0, ps[t] * len(ps)), first + t
 
 
-def assert_follows_plain(srv, sampling: str, plain_positions, got: list[Counter], label: str, **draw) -> None:
+def assert_follows_plain(
+    srv, sampling: str, plain_positions, got: list[Counter], label: str, n: int = N, first: int = 0
+) -> None:
     """The decision of every test here: the positions follow plain SGLang's unless the adjusted
-    p-value is at most 0.01 twice, on ``got`` and on a fresh draw from ``srv`` (``draw``: its
-    ``n``, and ``first``, the first position the statistic looks at)."""
-    n, first = draw.get("n", N), draw.get("first", 0)
+    p-value is at most 0.01 twice, on ``got`` and on a fresh draw of ``n`` requests from ``srv``
+    (the statistic looks at positions ``first`` on)."""
     p, t = min_adjusted_pvalue(plain_positions[sampling], got, first)
     print(f"{label} {sampling}: adjusted p = {p:.2e} at position {t}")
     if p <= 0.01:  # a correct sampler lands here 1% of the time: one fresh draw decides

@@ -50,15 +50,8 @@ def _gguf_parsed_once() -> Iterator[None]:
 
     import gguf
 
-    real_reader, real_names, readers = gguf.GGUFReader, gguf.get_tensor_name_map, {}
-
-    def reader(path, mode="r"):
-        key = (str(path), mode)
-        if key not in readers:
-            readers[key] = real_reader(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_names)
+    real_reader, real_names = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(real_reader), functools.cache(real_names)
     try:
         yield
     finally:
