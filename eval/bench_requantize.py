@@ -14,8 +14,9 @@ import argparse
 import statistics
 from pathlib import Path
 
-from eval.bench_spec import AWQ_WARM, gsm8k_chat_prompts
+from eval.bench_spec import gsm8k_chat_prompts
 from eval.provenance import header, provenance
+from eval.spec_configs import AWQ_WARM
 from sglang_er.launcher import Server
 from sglang_er.models.factory import build_model
 

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import requests
 
-from eval.bench_spec import cpu_bind, gsm8k_chat_prompts
+from eval.bench_spec import gsm8k_chat_prompts
 from eval.provenance import header, provenance
 from eval.router import Router
+from eval.spec_configs import cpu_bind
 from sglang_er.launcher import Server
 from sglang_er.models.factory import build_model
 

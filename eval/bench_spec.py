@@ -17,11 +17,9 @@ E[L|γ] / (γ·r + v), r = T_D/T_T, v = T_V/T_T, is printed beside its measured 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import re
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +27,8 @@ from pathlib import Path
 import requests
 
 from eval.provenance import provenance
-from sglang_er.gamma import expected_lengths
+from eval.spec_configs import configurations, parser
+from eval.spec_report import dump, load, report
 from sglang_er.launcher import Server
 from sglang_er.models.factory import build_model
 
@@ -51,9 +50,6 @@ def scrape(url: str) -> dict:
 
 
 # Benchmarks measure the steady state: AWQ switches on after the warm-up, not mid-measurement.
-AWQ_WARM = {"SGLANG_ER_AWQ_MIN_TOKENS": "256", "SGLANG_ER_AWQ_SAMPLE_EVERY": "1"}
-
-
 def delta(after: dict, before: dict) -> dict:
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
@@ -171,133 +167,6 @@ def run_batch(
 
 
 # Configurations chosen per iteration; "auto-twin" (--twin) is a second, identical auto server
-POLICIES = ("auto", "hybrid", "auto-twin")
-
-
-def is_policy(name: str) -> bool:
-    """auto, hybrid or auto's twin, at any TP size (``auto/tp2``)."""
-    return name.split("/tp")[0] in POLICIES
-
-
-def cpu_bind(cores) -> dict[str, str]:
-    """A server's environment that binds its rank r to CPU core ``cores[r]`` (SGLang's CPU TP refuses
-    to share one NUMA node's cores unbound); nothing on a GPU."""
-    import torch
-
-    return {} if torch.cuda.is_available() else {"SGLANG_CPU_OMP_THREADS_BIND": "|".join(map(str, cores))}
-
-
-def tp_variant(configs: list, tp: int) -> list:
-    """The configurations at ``--tp-size tp``, named ``<name>/tp<tp>``, each rank on a core of its own."""
-    if tp == 1:
-        return list(configs)
-    bind = cpu_bind(range(tp))
-    return [(f"{n}/tp{tp}", g, [*extra, "--tp-size", str(tp)], {**env, **bind}) for n, g, extra, env in configs]
-
-
-def best_other(results: dict, names: list[str], temp: float, b: int) -> tuple[str, float]:
-    """The configuration auto is judged against at (T, B): the fastest that is neither a policy
-    (auto, hybrid, auto's twin) nor the γ = 0 timing server, and its tok/s."""
-    others = {n: results[(n, temp, b)]["tok_s"] for n in names if not is_policy(n) and n != "gamma=0"}
-    best = max(others, key=others.get)
-    return best, others[best]
-
-
-def paired_ratio(
-    results: dict, names: list[str], temp: float, b: int, of: str = "auto", against: str | None = None
-) -> float | None:
-    """Median over interleaved rounds of ``of``'s tok/s over the best other configuration's in
-    the same round (or ``against``'s): this machine's speed drifts by 10-15% over minutes, the
-    same for every server, so a ratio within one round is steadier than a ratio of medians.
-    Configurations measured once (the contender rule) are left out; None with under 3 rounds."""
-    mine = results[(of, temp, b)].get("tok_s_runs") or []
-    pool = [against] if against else [n for n in names if not is_policy(n) and n not in ("gamma=0", of)]
-    runs = [results[(n, temp, b)].get("tok_s_runs") or [] for n in pool]
-    runs = [r for r in runs if len(r) >= len(mine)]
-    if len(mine) < 3 or not runs:
-        return None
-    return statistics.median(m / max(r[i] for r in runs) for i, m in enumerate(mine))
-
-
-def markdown_table(results: dict, names: list[str], temp: float, batches: list[int]) -> str:
-    """One README table: plain tok/s, then each configuration's speed-up over plain with its
-    acceptance; for auto also the ratio to the best other configuration and its speculating share."""
-    cols = [n for n in names if n not in ("plain", "gamma=0")]
-    head = (
-        "| B | plain tok/s | " + " | ".join(cols) + (" | auto vs best | auto speculating |" if "auto" in cols else " |")
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for b in batches:
-        base = results[("plain", temp, b)]["tok_s"]
-        cells = []
-        for n in cols:
-            r = results[(n, temp, b)]
-            acc = f" (α {r['accept_rate']:.2f})" if r.get("accept_rate") is not None else ""
-            cells.append(f"{r['tok_s'] / base:.2f}x{acc}")
-        row = f"| {b} | {base:.1f} | " + " | ".join(cells) + " |"
-        if "auto" in cols:
-            a = results[("auto", temp, b)]
-            paired = paired_ratio(results, names, temp, b)
-            row += (
-                f" {a['tok_s'] / best_other(results, names, temp, b)[1]:.2f}x"
-                + (f" ({paired:.2f}x per round)" if paired else "")
-                + f" | {(a['spec_share'] or 0) * 100:.0f}% |"
-            )
-        lines.append(row)
-    return "\n".join(lines)
-
-
-def physics_bound(r: dict, t_t: float | None, gamma: int) -> float | None:
-    """E[L|γ] / (γ·r + v): the speed-up over the worker's own plain step that a fixed γ reaches
-    with no overhead beyond its draft steps and verify, from the cell's measured per-position
-    acceptance α_k, r = T_D/T_T and v = T_V/T_T. The gap to the measured speed-up is what the
-    scheduler, sampling and the acceptance bookkeeping cost."""
-    alphas = r.get("position_acceptance") or []
-    if (
-        not gamma
-        or not t_t
-        or not r.get("t_draft_step")
-        or not r.get("t_verify")
-        or len(alphas) < gamma
-        or any(a is None for a in alphas[:gamma])
-    ):
-        return None
-    e_len = expected_lengths(alphas[:gamma])[gamma]
-    return e_len / (gamma * r["t_draft_step"] / t_t + r["t_verify"] / t_t)
-
-
-def round_ratios(results: dict, name: str, temp: float, b: int, base: str = "plain") -> list[float]:
-    """``name``'s tok/s over ``base``'s in each interleaved round (the spread of a ratio)."""
-    mine, theirs = results[(name, temp, b)].get("tok_s_runs") or [], results[(base, temp, b)].get("tok_s_runs") or []
-    return [m / t for m, t in zip(mine, theirs)]
-
-
-def dump(path, results: dict, model_errors: dict, meta: dict | None = None) -> None:
-    """Write the results so far (after every cell, so a crash mid-sweep keeps what was measured)."""
-    if path:
-        with open(path, "w") as f:
-            json.dump(
-                {
-                    **({"meta": meta} if meta else {}),
-                    **{f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()},
-                    **{f"{k}|model_error": v for k, v in model_errors.items()},
-                },
-                f,
-                indent=1,
-            )
-
-
-def load(path) -> tuple[dict, dict]:
-    """The results and cost-model errors :func:`dump` wrote."""
-    raw = json.loads(Path(path).read_text())
-    results, errors = {}, {}
-    for key, v in raw.items():
-        parts = key.split("|")
-        if len(parts) == 3:
-            results[(parts[0], float(parts[1]), int(parts[2]))] = v
-        elif len(parts) == 2 and parts[1] == "model_error":
-            errors[parts[0]] = v
-    return results, errors
 
 
 def _warm(srv: Server, name: str, prompts) -> None:
@@ -444,152 +313,7 @@ def measure(configs: list, args, prompts, path) -> tuple[dict, dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="qwen2.5-0.5b-instruct")
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
-    p.add_argument(
-        "--gammas", nargs="*", type=int, default=[2, 3, 4, 6, 8], help="fixed γ configurations (none: pass none)"
-    )
-    p.add_argument(
-        "--gamma-max",
-        type=int,
-        help="γmax of every EFFROLLOUT server (--speculative-num-steps; default: the largest of --gammas)",
-    )
-    p.add_argument(
-        "--tp-sizes",
-        nargs="+",
-        type=int,
-        default=[1],
-        help="run every configuration at each of these --tp-size values (named <config>/tp<N>), "
-        "and report TP N against TP 1 per configuration",
-    )
-    p.add_argument(
-        "--off",
-        action="store_true",
-        help="also run EFFROLLOUT with SGLANG_ER_MODE=off (every iteration decodes plainly through the "
-        "worker): what switching speculation off costs against plain SGLang",
-    )
-    p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
-    p.add_argument(
-        "--new-tokens",
-        type=int,
-        default=256,
-        help="at most this many tokens per request; they end at the model's EOS unless --ignore-eos",
-    )
-    p.add_argument(
-        "--ignore-eos",
-        action="store_true",
-        help="generate exactly --new-tokens per request, past the model's EOS (labelled in the report; "
-        "such text is easy to predict, so acceptance and speed-ups read high)",
-    )
-    p.add_argument(
-        "--json-schema",
-        action="store_true",
-        help="constrained decoding: every request asks for, and is constrained to, a JSON object "
-        "with its reasoning and answer (labelled in the report)",
-    )
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument(
-        "--draft-vocabs",
-        nargs="+",
-        type=int,
-        default=[None],
-        help="draft head vocabularies (SGLANG_ER_DRAFT_VOCAB; 0: every token; default: the server's own): every "
-        "fixed γ runs with each, auto and hybrid with the first",
-    )
-    p.add_argument(
-        "--draft-heads",
-        nargs="+",
-        default=["auto"],
-        choices=["auto", "shared", "w8", "w4"],
-        help="drafter lm_head: the server's default (auto), the target's (shared), an int8 and/or a W4 copy",
-    )
-    p.add_argument(
-        "--quant",
-        nargs="+",
-        default=["awq"],
-        choices=["awq", "rtn"],
-        help="drafter quantizer(s); AWQ switches on after its live statistics are ready",
-    )
-    p.add_argument(
-        "--no-overlap-plain",
-        action="store_true",
-        help="also run plain SGLang with --disable-overlap-schedule: SGLang turns its overlap "
-        "scheduler off for a speculative algorithm that does not support it, so this is "
-        "the plain decoding an EFFROLLOUT server's γ = 0 iterations compare with",
-    )
-    p.add_argument(
-        "--skip-gamma0",
-        action="store_true",
-        help="skip the γ=0 EFFROLLOUT server (it only measures T_T for the T_D/T_T and T_V/T_T columns)",
-    )
-    p.add_argument("--auto", action="store_true", help="also run auto mode (γ chosen per iteration)")
-    p.add_argument(
-        "--hybrid",
-        action="store_true",
-        help="also run auto with history drafts (SGLANG_ER_HISTORY=all); implies --auto",
-    )
-    p.add_argument(
-        "--twin",
-        action="store_true",
-        help="also run a second, identical auto server (auto-twin): how far two servers of one "
-        "configuration differ here (each computes its own AWQ scales from its own traffic), "
-        "the yardstick for hybrid vs auto; implies --auto",
-    )
-    p.add_argument(
-        "--profile",
-        default=None,
-        help="hardware profile for auto/hybrid (SGLANG_ER_PROFILE; `sglang-er calibrate` writes one)",
-    )
-    p.add_argument(
-        "--prompts",
-        choices=["synthetic", "gsm8k"],
-        default="gsm8k",
-        help="gsm8k: GSM8K questions in the model's chat template; synthetic: one fixed text (random-weight models)",
-    )
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="measure every (B, T) cell this many times on its server and keep the median run "
-        "(this machine's throughput wanders by ±15%% between runs)",
-    )
-    p.add_argument(
-        "--repeat-batches",
-        nargs="+",
-        type=int,
-        default=None,
-        help="only these batch sizes get --repeats (default: all); the large batches take longest, "
-        "and there the configurations are far apart",
-    )
-    p.add_argument(
-        "--contender-ratio",
-        type=float,
-        default=0.8,
-        help="a fixed γ below this fraction of the best at the previous batch size gets one run "
-        "instead of --repeats (interleaved mode; 0: repeat every configuration)",
-    )
-    p.add_argument(
-        "--one-at-a-time",
-        action="store_true",
-        help="start the servers in turn instead of all at once (interleaved rounds need every "
-        "configuration's server in memory together)",
-    )
-    p.add_argument(
-        "--fork-children",
-        action="store_true",
-        help="CPU: every server forks its scheduler and detokenizer instead of spawning them "
-        "(sglang_er.launcher): ~0.7 GB less per child, so more servers fit side by side; the "
-        "scheduler computes the same",
-    )
-    p.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool of every server, in tokens")
-    p.add_argument("--json", default=None, help="also write the results here (and a markdown report beside them)")
-    p.add_argument(
-        "--from-json",
-        default=None,
-        help="measure nothing: print (and with --json write) the report of an earlier run's JSON; pass that "
-        "run's other arguments unchanged",
-    )
+    p = parser(__doc__)
     args = p.parse_args()
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -609,181 +333,13 @@ def main() -> None:
         eos_mode += "; every server's scheduler forked, not spawned (memory)"
     args.meta = provenance(f"{args.model} ({path.name})", rounds=args.repeats, eos=eos_mode, prompts=args.prompts)
     print(f"[bench_spec] {eos_mode}; {args.meta['command']} at {args.meta['commit']}", flush=True)
-    if args.tp_sizes[0] != 1:
-        raise SystemExit(f"--tp-sizes {args.tp_sizes}: start with 1, the reference every ratio is taken against")
-    if args.gamma_max is None and not args.gammas:
-        raise SystemExit("--gammas is empty: pass --gamma-max for the auto and off servers")
-    gmax = args.gamma_max if args.gamma_max is not None else max(args.gammas)
-    if any(g > gmax for g in args.gammas):
-        raise SystemExit(f"--gammas {args.gammas} exceed --gamma-max {gmax}: raise --gamma-max")
-    spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(gmax)]
-    configs = (
-        [("plain", 0, [], {})]
-        + ([("plain/no-overlap", 0, ["--disable-overlap-schedule"], {})] if args.no_overlap_plain else [])
-        + ([] if args.skip_gamma0 else [("gamma=0", 0, spec, {"SGLANG_ER_GAMMA": "0"})])
-        + ([("off", 0, spec, {"SGLANG_ER_MODE": "off"})] if args.off else [])
-        + [
-            (
-                f"gamma={g}"
-                + ("" if head == "auto" else f"/{head}")
-                + ("" if q == "awq" else f"/{q}")
-                + (f"/v{dv}" if dv else ""),
-                g,
-                spec,
-                {
-                    "SGLANG_ER_GAMMA": str(g),
-                    "SGLANG_ER_DRAFT_HEAD": head,
-                    "SGLANG_ER_QUANT": q,
-                    **({} if dv is None else {"SGLANG_ER_DRAFT_VOCAB": str(dv)}),
-                    **AWQ_WARM,
-                },
-            )
-            for q in args.quant
-            for head in args.draft_heads
-            for dv in args.draft_vocabs
-            for g in args.gammas
-        ]
-    )
-    args.auto = args.auto or args.hybrid or args.twin
-    prof = {"SGLANG_ER_PROFILE": str(Path(args.profile).resolve())} if args.profile else {}
-    if args.hybrid:
-        configs.append(
-            (
-                "hybrid",
-                0,
-                spec,
-                {
-                    "SGLANG_ER_MODE": "auto",
-                    "SGLANG_ER_HISTORY": "all",
-                    "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
-                    **({} if args.draft_vocabs[0] is None else {"SGLANG_ER_DRAFT_VOCAB": str(args.draft_vocabs[0])}),
-                    "SGLANG_ER_QUANT": args.quant[0],
-                    **AWQ_WARM,
-                    **prof,
-                },
-            )
-        )
-    if args.auto:
-        auto_env = {
-            "SGLANG_ER_MODE": "auto",
-            "SGLANG_ER_DRAFT_HEAD": args.draft_heads[0],
-            **({} if args.draft_vocabs[0] is None else {"SGLANG_ER_DRAFT_VOCAB": str(args.draft_vocabs[0])}),
-            "SGLANG_ER_QUANT": args.quant[0],
-            **AWQ_WARM,
-            **prof,
-        }
-        configs.append(("auto", 0, spec, auto_env))
-        if args.twin:
-            configs.append(("auto-twin", 0, spec, dict(auto_env)))
-    configs = [c for tp in args.tp_sizes for c in tp_variant(configs, tp)]
-    spec_configs = [c for c in configs if c[0] not in ("plain", "gamma=0", "plain/no-overlap")]
+    configs, spec_configs = configurations(args)
     if args.from_json:  # re-print the report of an earlier run of the same command
         results, model_errors = load(args.from_json)
         args.meta = json.loads(Path(args.from_json).read_text()).get("meta") or args.meta
     else:
         results, model_errors = measure(configs, args, prompts, path)
-    lines: list[str] = []
-
-    def say(text: str = "", **_print_kw) -> None:  # printed, and kept for the markdown report
-        print(text, flush=True)
-        lines.append(text)
-
-    say(
-        f"\nratios vs plain ({args.model}, {eos_mode}, same run; per-round range in brackets; "
-        "bound = E[L|γ]/(γ·r + v) from the measured α_k, r = T_D/T_T, v = T_V/T_T)"
-    )
-    for temp in args.temperatures:
-        for b in args.batches:
-            base = results[("plain", temp, b)]["tok_s"]
-            t_t = results.get(("gamma=0", temp, b), {}).get("t_plain")
-            cells = []
-            for name in [c[0] for c in spec_configs]:
-                r = results[(name, temp, b)]
-                rd = r["t_draft_step"] / t_t if r["t_draft_step"] and t_t else float("nan")
-                rv = r["t_verify"] / t_t if r["t_verify"] and t_t else float("nan")
-                gamma = next(c[1] for c in spec_configs if c[0] == name)
-                bound = physics_bound(r, t_t, gamma)
-                rr = round_ratios(results, name, temp, b)
-                cells.append(
-                    f"{name}: {r['tok_s'] / base:4.2f}x"
-                    + (f" [{min(rr):.2f}-{max(rr):.2f}]" if len(rr) > 1 else "")
-                    + f" (r {rd:.2f}, v {rv:.2f}, α {r['accept_rate'] or 0:.2f}"
-                    + (f", L {r['accept_length']:.2f}" if r.get("accept_length") else "")
-                    + (f", bound {bound:.2f}x" if bound else "")
-                    + (f", {r['tokens_past_eos']} of {r['tokens']} tokens past EOS" if args.ignore_eos else "")
-                    + ")"
-                )
-            say(f"T={temp:g} B={b:3d}  " + "\n              ".join(cells))
-    tp_names = [c[0] for c in configs if "/tp" in c[0]]
-    # TP N against TP 1 for each configuration, then each configuration against plain at its TP size
-    for title, pairs in (
-        ("TP N vs TP 1, the same configuration", [(n, n.rsplit("/tp", 1)[0]) for n in tp_names]),
-        (
-            "vs plain at the same TP size",
-            [(n, "plain/tp" + n.rsplit("/tp", 1)[1]) for n in tp_names if not n.startswith("plain")],
-        ),
-    ):
-        if not pairs:
-            continue
-        say(f"\n{title} (median of the per-round ratios, range in brackets)")
-        for temp in args.temperatures:
-            for b in args.batches:
-                cells = []
-                for name, base in pairs:
-                    rr = round_ratios(results, name, temp, b, base=base)
-                    if rr:
-                        cells.append(f"{name} vs {base}: {statistics.median(rr):4.2f}x [{min(rr):.2f}-{max(rr):.2f}]")
-                say(f"T={temp:g} B={b:3d}  " + "\n              ".join(cells))
-    if args.auto:
-        say("\nauto policy vs the best other configuration (same run)")
-        for temp in args.temperatures:
-            crossover = max(
-                (
-                    b
-                    for b in args.batches
-                    if any(
-                        results[(c[0], temp, b)]["tok_s"] > results[("plain", temp, b)]["tok_s"]
-                        for c in spec_configs
-                        if c[0] not in POLICIES
-                    )
-                ),
-                default=None,
-            )
-            for b in args.batches:
-                best, best_tok_s = best_other(results, [c[0] for c in configs], temp, b)
-                a = results[("auto", temp, b)]
-                paired = paired_ratio(results, [c[0] for c in configs], temp, b)
-                say(
-                    f"T={temp:g} B={b:3d}  auto {a['tok_s']:7.1f} tok/s = {a['tok_s'] / best_tok_s:4.2f}x best "
-                    f"({best}), {a['tok_s'] / results[('plain', temp, b)]['tok_s']:4.2f}x plain, speculating in "
-                    f"{(a['spec_share'] or 0) * 100:.0f}% of iterations"
-                    + (f"; per round {paired:4.2f}x the round's best" if paired else ""),
-                    flush=True,
-                )
-                for other, label in (("hybrid", "auto (W4 only)"), ("auto-twin", "auto (same configuration)")):
-                    if other in [c[0] for c in configs]:
-                        h = results[(other, temp, b)]
-                        hp = paired_ratio(results, [c[0] for c in configs], temp, b, of=other, against="auto")
-                        say(
-                            f"              {other} {h['tok_s']:7.1f} tok/s = {h['tok_s'] / a['tok_s']:4.2f}x {label}"
-                            + (f"; per round {hp:4.2f}x" if hp else ""),
-                            flush=True,
-                        )
-            say(f"T={temp:g} crossover: fixed γ beats plain up to B = {crossover}")
-    for temp in args.temperatures:
-        say(
-            f"\nT={temp:g}, speed-up over plain (acceptance α):\n"
-            + markdown_table(results, [c[0] for c in configs], temp, args.batches),
-            flush=True,
-        )
-    dump(args.json, results, model_errors, args.meta)
-    if args.json:  # the report a person reads, beside the data
-        from eval.provenance import header
-
-        md = Path(args.json).with_suffix(".md")
-        md.write_text(
-            f"# B sweep: EFFROLLOUT vs plain SGLang\n\n{header(args.meta)}\n\n```\n" + "\n".join(lines) + "\n```\n"
-        )
+    report(args, results, model_errors, configs, spec_configs, eos_mode)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def test_gamma_max_sets_the_ladder_of_auto_and_hybrid_only():
 
 
 def test_physics_bound_from_measured_acceptance_and_phase_times():
-    from eval.bench_spec import physics_bound
+    from eval.spec_report import physics_bound
 
     cell = {"position_acceptance": [0.9, 0.8, 0.5], "t_draft_step": 0.25, "t_verify": 1.2}
     # E[L|2] = 1 + 0.9 + 0.9 * 0.8 = 2.62; cost 2 * 0.25 + 1.2 = 1.7 plain steps
