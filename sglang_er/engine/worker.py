@@ -271,17 +271,7 @@ class EffRolloutWorker(BaseSpecWorker):
             res = self._target_worker.forward_batch_generation(batch)
         if self.vocab is not None:  # the prompts: what the answers will be written in
             self.vocab.observe(batch.input_ids)
-        ones = torch.ones(len(batch.reqs), dtype=torch.int32, device=self.device)
-        self._remember(batch, res.next_token_ids[:, None], ones)
-        return forwards.generation_result(
-            logits_output=res.logits_output,
-            next_token_ids=res.next_token_ids,
-            can_run_cuda_graph=res.can_run_cuda_graph,
-            accept_lens=ones,
-            new_seq_lens=batch.seq_lens,
-            next_draft_input=ChainDraftInput(bonus_tokens=res.next_token_ids),
-            speculative_num_draft_tokens=1,
-        )
+        return self._one_token_result(batch, res, new_seq_lens=batch.seq_lens)
 
     def _observed(self):
         """A target forward whose linear inputs may feed the AWQ statistics."""
@@ -290,7 +280,6 @@ class EffRolloutWorker(BaseSpecWorker):
     # ------------------------------------------------------------------ γ = 0
     def _plain_decode(self, batch):
         """One plain SGLang decode step (its sampler, its logprobs): the γ = 0 iteration."""
-        bs = len(batch.reqs)
         seq_lens = batch.seq_lens  # [B]
         want_logprob = batch.return_logprob  # decode_forward clears it on the batch
         clock = self.recorder.clock()
@@ -303,14 +292,18 @@ class EffRolloutWorker(BaseSpecWorker):
             forwards.spec_logprobs(batch, res.logits_output, res.next_token_ids, 1)
         clock.mark("plain")
         self.recorder.plain(batch.reqs, self._seq_list, clock)
-        ones = torch.ones(bs, dtype=torch.int32, device=self.device)
+        return self._one_token_result(batch, res, new_seq_lens=seq_lens + 1)
+
+    def _one_token_result(self, batch, res, new_seq_lens):
+        """The result of a forward that committed one token per request (a prefill, a plain step)."""
+        ones = torch.ones(len(batch.reqs), dtype=torch.int32, device=self.device)  # [B]
         self._remember(batch, res.next_token_ids[:, None], ones)
         return forwards.generation_result(
             logits_output=res.logits_output,
             next_token_ids=res.next_token_ids,
             can_run_cuda_graph=res.can_run_cuda_graph,
             accept_lens=ones,
-            new_seq_lens=seq_lens + 1,
+            new_seq_lens=new_seq_lens,
             next_draft_input=ChainDraftInput(bonus_tokens=res.next_token_ids),
             speculative_num_draft_tokens=1,
         )
