@@ -59,3 +59,13 @@ def eff3(tiny_servers):
 def plain_greedy(plain):
     prompts = tiny_prompts()
     return prompts, greedy_all(plain, prompts)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """The cost of a Qwen2.5-0.5B-shaped model (engine-free γ tests)."""
+    from gamma_helpers import QWEN2_05B
+
+    from sglang_er.gamma import ModelCost
+
+    return ModelCost.from_config(QWEN2_05B)

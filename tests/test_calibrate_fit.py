@@ -15,7 +15,7 @@ import json
 
 import numpy as np
 import pytest
-from test_policy import QWEN2_05B
+from gamma_helpers import QWEN2_05B
 
 from sglang_er.cli import main
 from sglang_er.cli.calibrate import REFUSED_EXIT, SweepRow, evaluate, write_sweep_csv

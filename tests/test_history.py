@@ -318,7 +318,7 @@ def test_controller_prices_a_verify_only_iteration_against_a_plain_step():
     from types import SimpleNamespace
 
     import torch
-    from test_policy import QWEN2_05B
+    from gamma_helpers import QWEN2_05B
 
     from sglang_er.engine.batch import prompt_key
     from sglang_er.gamma.builtin_profiles import builtin_profile

@@ -1,0 +1,173 @@
+"""The γ choice and its exploration (sglang_er.gamma.choice): engine-free, no SGLang."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+from gamma_helpers import accepted_run, chooser_for, crossover, fresh_choice
+
+from sglang_er.gamma import (
+    AcceptanceModel,
+    CostModel,
+    GammaChooser,
+)
+from sglang_er.gamma.builtin_profiles import builtin_profile
+
+
+def test_gamma_modules_do_not_import_sglang():
+    # The γ choice must be usable (and testable) without the engine, and light to import.
+    code = (
+        "import sys, sglang_er.gamma, sglang_er.gamma.builtin_profiles, sglang_er.gamma.calibration, "
+        "sglang_er.gamma.hardware_profile; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sglang', 'torch')); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_chooser_switches_with_batch_and_hardware(qwen):
+    cpu = chooser_for("cpu", qwen, explore_every=0)
+    d1 = fresh_choice(cpu, [512])
+    assert d1.gamma > 0 and d1.speedup > 1.2
+    assert set(d1.predicted_tokens_per_s) == {0, 1, 2, 3, 4} and d1.reason
+    assert fresh_choice(cpu, [512] * 256).gamma == 0
+    cross_cpu = crossover(cpu, 512)
+    h100 = chooser_for("h100", qwen, explore_every=0)
+    assert fresh_choice(h100, [512]).gamma > 0
+    cross_h100 = crossover(h100, 512)
+    assert cross_cpu is not None and cross_h100 is not None
+    assert 2 <= cross_cpu < cross_h100
+    # speculation at batch cross-1, none at cross
+    assert fresh_choice(cpu, [512] * (cross_cpu - 1)).gamma > 0
+    assert fresh_choice(cpu, [512] * cross_cpu).gamma == 0
+    # acceptance matters: a drafter that is always wrong is never worth running
+    assert chooser_for("cpu", qwen, alpha=0.05).choose([512]).gamma == 0
+
+
+def test_chooser_deterministic_with_hysteresis_gain_and_ladder(qwen):
+    lens = [random.Random(4).randint(10, 2000) for _ in range(5)]
+    a, b = chooser_for("cpu", qwen), chooser_for("cpu", qwen)
+    assert a.choose(lens) == b.choose(lens)
+    assert a.choose(lens) == a.choose(lens)
+
+    # Hysteresis: having chosen γ>0, a batch where plain is only slightly better keeps γ
+    pol = chooser_for("cpu", qwen, hysteresis=0.5)
+    g1 = pol.choose([512]).gamma
+    twin = chooser_for("cpu", qwen, hysteresis=0.5, explore_every=0)  # the same models, no memory
+    cross = crossover(twin, 512)
+    d = fresh_choice(twin, [512] * cross)
+    assert d.gamma == 0 and d.predicted_tokens_per_s[0] < 1.5 * d.predicted_tokens_per_s[g1]
+    kept = pol.choose([512] * cross)
+    assert kept.gamma == g1 and "hysteresis" in kept.reason
+    assert pol.choose([512] * 512).gamma == 0  # a large change still switches
+
+    # min_gain: demand a 10× gain -> never speculate
+    assert chooser_for("cpu", qwen, min_gain=10.0).choose([512]).gamma == 0
+    # the ladder restricts γ
+    d = chooser_for("cpu", qwen, ladder=[2]).choose([512])
+    assert d.gamma == 2 and set(d.predicted_tokens_per_s) == {0, 2}
+    with pytest.raises(ValueError, match="ladder"):
+        chooser_for("cpu", qwen, ladder=[1, 8])
+
+    # per-request acceptance feeds the decision
+    acc = AcceptanceModel(4, prior_alpha=0.8)
+    rng = random.Random(5)
+    for _ in range(125):
+        acc.observe(4, [accepted_run(rng, [0.8] * 4, 4) for _ in range(8)])
+    for _ in range(40):
+        acc.observe(4, [0], rids=["bad"])  # a request whose drafts are always rejected
+    pol = GammaChooser(CostModel(builtin_profile("cpu"), qwen), acc, explore_every=0)
+    assert fresh_choice(pol, [512], ["bad"]).gamma == 0
+    assert fresh_choice(pol, [512], ["new"]).gamma > 0
+
+
+def _python_calls_per_choice(qwen, batch, iterations=20):
+    """Python function calls made by each of ``iterations`` consecutive ``choose`` (one batch)."""
+    pol = chooser_for("cpu", qwen)
+    lens = list(range(100, 100 + batch))
+    counts = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            counts[-1] += 1
+
+    for _ in range(iterations):
+        counts.append(0)
+        sys.setprofile(profile)
+        try:
+            pol.choose(lens)
+        finally:
+            sys.setprofile(None)
+    return counts
+
+
+def test_chooser_decision_is_cheap(qwen):
+    # well under a forward: the batch is summarised by builtins (sum, max over the lengths), then the
+    # decision is O(candidates), so the Python work per iteration does not grow with the batch
+    # (the counts of two batch sizes differ by a call or two only where exploration branches differ)
+    small, large = _python_calls_per_choice(qwen, 16), _python_calls_per_choice(qwen, 1024)
+    assert max(large) <= max(small) + 4 and max(large) < 64, (small, large)  # a per-request loop: >= 1024
+
+
+def test_chooser_explores_when_a_low_acceptance_estimate_keeps_it_plain(qwen):
+    """A stale low α would keep γ = 0 for good (no speculation, no new measurement): the 4th
+    plain iteration in a batch-size octave where speculation never ran explores, then every
+    explore_every-th plain iteration does, unless clearly compute-bound (there only the
+    once-per-octave measurement); a better measured α then turns speculation back on. An
+    exploration is EXPLORE_RUN speculative iterations in a row (the first one runs cold)."""
+    from sglang_er.gamma import EXPLORE_RUN
+
+    assert EXPLORE_RUN == 2
+    acc = AcceptanceModel(4, prior_alpha=0.05)  # the estimate after a bad start
+    pol = GammaChooser(CostModel(builtin_profile("cpu"), qwen), acc, explore_every=8, explore_floor=0.5)
+    picks = [pol.choose([512]).gamma for _ in range(32)]
+    explored = [i for i, g in enumerate(picks) if g > 0]
+    assert explored == [3, 4, 12, 13, 21, 22, 30, 31], picks
+    big = [pol.choose([512] * 4096).gamma for _ in range(40)]
+    assert sum(g > 0 for g in big) == EXPLORE_RUN, big  # compute-bound: only the octave's one measurement
+    for _ in range(64):  # the exploratory iterations measured a good drafter
+        acc.observe(4, [4])
+    assert pol.choose([512]).gamma > 0
+    assert (
+        GammaChooser(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.05), explore_every=0)
+        .choose([512])
+        .gamma
+        == 0
+    )
+    acc.reset()  # a new drafter: back to the prior
+    assert acc.num_observations == 0 and acc.alphas() == pytest.approx([0.05] * 4)
+
+
+def test_chooser_times_the_plain_step_while_speculating(qwen):
+    """A profile that overestimates the plain step (its fixed overhead measured on a deeper
+    model) would keep speculation on for good: while speculating, every 4th iteration is plain
+    until plain has been timed, then every explore_every-th iteration; the first
+    measurement replaces the profile's guess, and a plain step measured fast turns speculation off."""
+    cm = CostModel(builtin_profile("cpu"), qwen)
+    pol = GammaChooser(cm, AcceptanceModel(4, prior_alpha=0.8), explore_every=8, explore_floor=0.3)
+    lens = [512] * 2
+    picks = [pol.choose(lens).gamma for _ in range(6)]
+    assert picks[:3] == [picks[0]] * 3 and picks[0] > 0 and picks[3] == 0 and picks[4] > 0, picks
+    cm.observe("plain", lens, 0, 0.2 * cm.t_plain(lens, corrected=False))  # plain is 5x cheaper than thought
+    assert cm.correction.multiplier["plain"] == pytest.approx(0.2)
+    assert pol.choose(lens).gamma == 0
+
+
+def test_chooser_measures_again_however_low_its_estimate(qwen):
+    """An estimate below the exploration floor (here: acceptance ~0) is still re-measured once
+    every FORCED_EXPLORE_PERIODS · explore_every plain iterations, after the batch-size octave's
+    first measurement (the 4th plain iteration)."""
+    from sglang_er.gamma import FORCED_EXPLORE_PERIODS
+
+    pol = GammaChooser(
+        CostModel(builtin_profile("cpu"), qwen),
+        AcceptanceModel(4, prior_alpha=0.001),
+        explore_every=4,
+        explore_floor=0.99,
+    )
+    n = FORCED_EXPLORE_PERIODS * 4 + 1  # + the exploration's second (timed) iteration
+    picks = [pol.choose([512]).gamma for _ in range(3 * n)]
+    assert [i for i, g in enumerate(picks) if g > 0] == [3, 4, 3 + n, 4 + n, 3 + 2 * n, 4 + 2 * n], picks
