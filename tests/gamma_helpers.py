@@ -11,16 +11,12 @@ from sglang_er.gamma import (
     batch_stats,
 )
 from sglang_er.gamma.builtin_profiles import builtin_profile
+from sglang_er.models.realmodel import QWEN25
 
+# Qwen2.5-0.5B's shapes as the registry model declares them, with a tied head (the base model's)
 QWEN2_05B = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
+    **QWEN25.shapes,
+    "architectures": [QWEN25.architecture],
     "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
 }
