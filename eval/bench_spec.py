@@ -49,7 +49,6 @@ def scrape(url: str) -> dict:
     return out
 
 
-# Benchmarks measure the steady state: AWQ switches on after the warm-up, not mid-measurement.
 def delta(after: dict, before: dict) -> dict:
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
@@ -164,9 +163,6 @@ def run_batch(
         ]
         or None,
     }
-
-
-# Configurations chosen per iteration; "auto-twin" (--twin) is a second, identical auto server
 
 
 def _warm(srv: Server, name: str, prompts) -> None:

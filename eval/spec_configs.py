@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# AWQ switches on after a short warm-up, so the measured rounds run the drafter a server keeps
+# Benchmarks measure the steady state: AWQ switches on after the warm-up, not mid-measurement.
 AWQ_WARM = {"SGLANG_ER_AWQ_MIN_TOKENS": "256", "SGLANG_ER_AWQ_SAMPLE_EVERY": "1"}
 
 

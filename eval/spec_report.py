@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sglang_er.gamma import expected_lengths
 
+# Configurations that choose γ per iteration; "auto-twin" (--twin) is a second, identical auto server
 POLICIES = ("auto", "hybrid", "auto-twin")
 
 
