@@ -40,6 +40,8 @@ from sglang_er.launcher import Server
 from sglang_er.models.factory import build_model
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# GSM8K chat prompts are ~120-250 tokens: room in the KV pool for the longest
+PROMPT_TOKENS_MAX = 384
 
 
 @dataclass
@@ -308,13 +310,20 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rollouts: list[Rollout] = []
+    # every sample of the rollout in the KV pool at once, as an RL framework sizes its engines
+    # (a smaller pool makes SGLang queue and retract, which is not what is measured here)
+    kv_tokens = max(32768, args.prompts * args.n * (args.max_tokens + PROMPT_TOKENS_MAX))
 
     def start(stack, label, server_args, env) -> Server:
         if args.profile and server_args:
             env = {**env, "SGLANG_ER_PROFILE": str(Path(args.profile).resolve())}
         srv = stack.enter_context(
             Server(
-                model_path, [*server_args, *args.server_args.split()], env=env, max_total_tokens=32768, stop_grace=1.0
+                model_path,
+                [*server_args, *args.server_args.split()],
+                env=env,
+                max_total_tokens=kv_tokens,
+                stop_grace=1.0,
             )
         )
         print(f"[rollout] {label}: server up in {srv.startup_seconds:.0f}s", flush=True)
