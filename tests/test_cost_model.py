@@ -139,8 +139,8 @@ def test_live_correction_follows_a_2x_slower_machine(qwen):
 
 def test_hot_path_iteration_times_equal_the_phase_predictions(qwen):
     """The inlined per-iteration predictions equal the phase methods (t_plain, or t_draft +
-    t_verify, plus the scheduler time), for both KV read rules and draft layouts, before and after
-    live correction (multiplier, then affine)."""
+    t_verify, plus the scheduler time; raw: the same uncorrected, without it), for both KV read
+    rules and draft layouts, before and after live correction (multiplier, then affine)."""
     lens = [300, 420, 510, 800, 64, 1000]
     st = shared_batch(lens, [(200, "a")] * 3 + [(60, "b")] * 2 + [(1000, "c")])
     gammas = [0, 1, 3, 7]
@@ -149,10 +149,17 @@ def test_hot_path_iteration_times_equal_the_phase_predictions(qwen):
             cm = CostModel(builtin_profile("cpu"), qwen, kv_read_rule=rule, draft_kv_layout=layout)
             outside = cm.correction.t_outside
             for step in range(6):  # step 0: profile only; then multipliers; then the affine fit
-                got = cm.iteration_times(st, gammas)
+                raw: dict = {}
+                got = cm.iteration_times(st, gammas, raw)
                 for g in gammas:
                     want = cm.t_draft(st, g) + cm.t_verify(st, g) if g else cm.t_plain(st)
                     assert got[g] == pytest.approx(want + outside(g, st.batch), rel=1e-12), (rule, layout, g)
+                    want_raw = (
+                        cm.t_draft(st, g, corrected=False) + cm.t_verify(st, g, corrected=False)
+                        if g
+                        else cm.t_plain(st, corrected=False)
+                    )
+                    assert raw[g] == pytest.approx(want_raw, rel=1e-12), (rule, layout, g)
                 cm.observe("plain", lens[: step + 1], 0, 0.01 * (step + 1))
                 cm.observe("draft", lens[: step + 1], 3, 0.004 * (step + 2))
                 cm.observe("verify", lens[: step + 1], 3, 0.012 * (step + 1))

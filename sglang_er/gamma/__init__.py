@@ -14,6 +14,7 @@ with ``.tolist()``), so the choice is testable and cheap to import. One module p
 * :mod:`~sglang_er.gamma.batch`: the O(1) batch summary the cost model prices;
 * :mod:`~sglang_er.gamma.cost_model`: predicted seconds per forward, from the profile;
 * :mod:`~sglang_er.gamma.correction`: what live measurements teach the cost model;
+* :mod:`~sglang_er.gamma.measured`: each γ's measured cost, preferred to the model where fresh;
 * :mod:`~sglang_er.gamma.acceptance`: per-position acceptance and E[L|γ];
 * :mod:`~sglang_er.gamma.choice`: γ* = argmax expected tokens/s, with hysteresis and exploration.
 

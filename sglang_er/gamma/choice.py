@@ -4,7 +4,9 @@
 verify over γ+1 tokens, committing E[L|γ] tokens per request. RL rollouts start with a large
 batch (compute-bound: speculation loses) and end in a long tail of few requests (memory- and
 overhead-bound: it wins), so γ must follow the batch. What is never chosen is never measured, so
-the choice also explores the option it rejects now and then (:meth:`GammaChooser._explore`).
+the choice also explores the option it rejects now and then (:meth:`GammaChooser._explore`), and
+where an option was measured lately its measured cost replaces the model's
+(:mod:`sglang_er.gamma.measured`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from sglang_er.gamma.acceptance import AcceptanceModel
 from sglang_er.gamma.batch import BatchStats, SeqLens, batch_stats
 from sglang_er.gamma.cost_model import CostModel
+from sglang_er.gamma.measured import MeasuredTimes
 
 __all__ = ["EXPLORE_RUN", "FORCED_EXPLORE_PERIODS", "RETIME_ITERATIONS", "Decision", "GammaChooser"]
 
@@ -106,6 +109,9 @@ class GammaChooser:
         self._explore_run, self._explore_gamma = 0, 0  # iterations left of a speculative exploration
         self._plain_timed: dict[int, int] = {}  # batch-size octave -> iteration plain last ran
         self._spec_timed: dict[int, int] = {}  # batch-size octave -> iteration speculation last ran
+        # measured forward costs per (octave, γ); an entry unrefreshed for this long is the model's again
+        self.measured = MeasuredTimes(FORCED_EXPLORE_PERIODS * self.explore_every or RETIME_ITERATIONS)
+        self._since_neighbour = 0  # speculative iterations since a neighbouring γ was measured
 
     def reset(self) -> None:
         self.last_gamma = None
@@ -115,7 +121,12 @@ class GammaChooser:
         cm, acc = self.cost_model, self.acceptance
         exp = acc.batch_expected_tokens(st.batch, rids)
         cands = [0, *self.ladder]
-        secs = cm.iteration_times(st, cands)
+        raw: dict[int, float] = {}
+        secs = cm.iteration_times(st, cands, raw)
+        for g in cands:  # measured lately in this octave: the measurement, scaled to this batch
+            r = self.measured.ratio(st.batch, g, self._iteration)
+            if r is not None:
+                secs[g] = r * raw[g] + cm.correction.t_outside(g, st.batch)
         toks = {g: exp[g] for g in cands}
         tps = {g: exp[g] / secs[g] for g in cands}
         return tps, secs, toks
@@ -129,11 +140,20 @@ class GammaChooser:
         """
         st = batch_stats(seq_lens)
         d = self._decide(st, rids, prev=self.last_gamma)
-        d = self._explore(d, st.batch)
-        self.last_gamma = d.gamma
+        e = self._explore(d, st.batch)
+        # a neighbouring γ measured in passing is not a choice to keep (hysteresis stays with d)
+        self.last_gamma = d.gamma if d.gamma and e.gamma else e.gamma
         self._iteration += 1
-        (self._spec_timed if d.gamma else self._plain_timed)[st.batch.bit_length()] = self._iteration
-        return d
+        (self._spec_timed if e.gamma else self._plain_timed)[st.batch.bit_length()] = self._iteration
+        return e
+
+    def observe_forwards(self, seq_lens: SeqLens | BatchStats, gamma: int, seconds: float) -> None:
+        """The forwards of the iteration just chosen for this batch took ``seconds`` (plain: the
+        target step; γ ≥ 1: every draft step and the verify): an entry of :attr:`measured`."""
+        st = batch_stats(seq_lens)
+        raw: dict[int, float] = {}
+        self.cost_model.iteration_times(st, [gamma], raw)
+        self.measured.observe(st.batch, gamma, seconds, raw[gamma], self._iteration)
 
     def _explore(self, d: Decision, batch: int) -> Decision:
         """What is never chosen is never measured, so a wrong estimate of it would stand for good.
@@ -176,6 +196,7 @@ class GammaChooser:
         if d.gamma:
             self._plain_streak = 0
             self._spec_streak += 1
+            self._since_neighbour += 1
             # a batch-size octave where plain was not timed lately: the correction's shape there
             # is a guess (fixed overhead vs per-request slope), so time it once whatever it predicts
             unseen = self._unseen(self._plain_timed, batch)
@@ -191,7 +212,7 @@ class GammaChooser:
                     d.predicted_iter_s,
                     d.expected_tokens,
                 )
-            return d
+            return self._explore_neighbour(d, batch)
         self._spec_streak = 0
         self._plain_streak += 1
         best = max(self.ladder, key=lambda g: (tps.get(g, 0.0), -g))
@@ -210,6 +231,31 @@ class GammaChooser:
                 d.expected_tokens,
             )
         return d
+
+    def _explore_neighbour(self, d: Decision, batch: int) -> Decision:
+        """While speculating at γ, measure γ − 1 or γ + 1 now and then, so that the choice between
+        neighbours rests on :attr:`measured` rather than on the model's slope over γ (see
+        :mod:`sglang_er.gamma.measured`). A neighbour not measured lately in this batch-size octave
+        runs after 4 speculative iterations, otherwise the one measured longest ago every
+        ``explore_every``; only where predicted within ``explore_floor`` of γ. One iteration each:
+        after speculative ones its drafter is warm and it is timed."""
+        g, tps = d.gamma, d.predicted_tokens_per_s
+        near = [n for n in (g - 1, g + 1) if n in tps and n and tps[n] >= self.explore_floor * tps[g]]
+        if not near:
+            return d
+        last = {n: self.measured.last_measured(batch, n) for n in near}
+        n = min(near, key=lambda n: -1 if last[n] is None else last[n])
+        unseen = not self.measured.fresh_at((self.measured.octave(batch), n), self._iteration)
+        if self._since_neighbour < (min(4, self.explore_every) if unseen else self.explore_every):
+            return d
+        self._since_neighbour = 0
+        return Decision(
+            n,
+            tps,
+            f"explore γ={n}: measure the neighbour of γ={g} at batch {batch} (predicted {tps[n] / tps[g]:.3f}× it)",
+            d.predicted_iter_s,
+            d.expected_tokens,
+        )
 
     def _unseen(self, timed: dict, batch: int) -> bool:
         """No iteration of that kind in this batch-size octave for RETIME_ITERATIONS iterations."""

@@ -121,6 +121,11 @@ class Controller:
                 self.cost.observe(phase, self._st, gamma, seconds)
             if draft_split is not None:
                 self.cost.correction.observe_draft_setup(*draft_split, gamma)
+            # the whole batch through the iteration's usual forwards (not a history-only verify)
+            if (phases.keys() == {"plain"} if gamma == 0 else phases.keys() == {"draft", "verify"}) and (
+                rows is None or len(rows) == self._st.batch
+            ):
+                self.chooser.observe_forwards(self._st, gamma, sum(phases.values()))
         if gamma > 0 and accept_lens is not None:
             lens, rids = accept_lens.tolist(), self._rids
             if rows is not None:

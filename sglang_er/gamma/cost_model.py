@@ -220,10 +220,14 @@ class CostModel:
         t = self._raw("verify", batch_stats(seq_lens), gamma)[0]
         return self.correction.correct("verify", t) if corrected else t
 
-    def iteration_times(self, st: BatchStats, gammas: Sequence[int]) -> dict[int, float]:
+    def iteration_times(
+        self, st: BatchStats, gammas: Sequence[int], raw: dict[int, float] | None = None
+    ) -> dict[int, float]:
         """Corrected seconds of one iteration for each γ in ``gammas`` (0 = plain), scheduler time
         included: :meth:`t_plain`, or :meth:`t_draft` + :meth:`t_verify`, plus
         :meth:`Correction.t_outside`, for a summarised batch without the argument checks.
+        ``raw``, when given, receives each γ's forwards as the profile alone prices them (no
+        correction, no κ, no scheduler time): what :mod:`sglang_er.gamma.measured` divides by.
 
         The γ choice's hot path (every decode iteration, every candidate γ), so the ``work_*`` /
         ``_seconds`` (:func:`sglang_er.gamma.roofline.roofline_seconds`) / ``Correction.correct``
@@ -254,18 +258,21 @@ class CostModel:
         for g in gammas:
             if g == 0:
                 byt = self._w_target + (P + B) * kv_tok * kvf + B * out_tok
-                raw = (
+                raw_g = (
                     max(byt / bw, (B * self._flops_tok + attn * (L + B)) / self._f_target)
                     + p.per_seq_s * B
                     + p.fixed_plain_s
                 )
                 a, b = a_plain, b_plain
-                out[g] = (raw * b if a is None else min(max(a + b * raw, lo * raw), hi * raw)) + out_plain
+                out[g] = (raw_g * b if a is None else min(max(a + b * raw_g, lo * raw_g), hi * raw_g)) + out_plain
+                if raw is not None:
+                    raw[g] = raw_g
                 continue
             q = g + 1
             byt = w_target + (P + B * q) * kv_tok * kvf + B * q * out_tok
             flops = B * q * flops_tok + attn * (q * L + B * q * (q + 1) / 2)
             t_v = max(byt / bw, flops / f_target) + seq_fixed_v
+            t_v_raw = t_v
             a, b = a_verify, b_verify
             t_v = t_v * b if a is None else min(max(a + b * t_v, lo * t_v), hi * t_v)
             if padded:  # every step reads [B, max L + γ]
@@ -273,6 +280,8 @@ class CostModel:
                 t_d = g * (max((d_bytes0 + ctx * d_kv) / bw, (d_flops0 + attn * ctx) / f_dl + d_head) + d_fixed)
             else:
                 t_d = sum(self._seconds(self.work_draft_step(st, j, g), "draft") for j in range(g))
+            if raw is not None:
+                raw[g] = t_d + t_v_raw
             a, b = a_draft, b_draft  # per effective step (see Correction.correct)
             u = t_d / g
             t_d = (g + kappa) * (u * b if a is None else min(max(a + b * u, lo * u), hi * u))
