@@ -36,6 +36,28 @@ def tail_share(requests: list[dict], frac: float = 0.25) -> float:
     return (done[-1] - start) / (done[-1] - t0) if done[-1] > t0 else 0.0
 
 
+# requests in flight, grouped as the γ choice sees batch sizes (octaves)
+BATCH_BUCKETS = ((1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, None))
+
+
+def time_by_batch(requests: list[dict]) -> dict[tuple[int, int | None], float]:
+    """Seconds of the rollout spent with a number of requests in flight in each bucket of
+    :data:`BATCH_BUCKETS`: where the makespan goes, head (many requests) or tail (a few)."""
+    events = sorted([(r["t_send"], 1) for r in requests] + [(r["t_done"], -1) for r in requests])
+    out = dict.fromkeys(BATCH_BUCKETS, 0.0)
+    active, prev = 0, events[0][0] if events else 0.0
+    for t, step in events:
+        if active:
+            bucket = next(b for b in BATCH_BUCKETS if active >= b[0] and (b[1] is None or active <= b[1]))
+            out[bucket] += t - prev
+        active, prev = active + step, t
+    return out
+
+
+def _bucket_name(b: tuple[int, int | None]) -> str:
+    return f"{b[0]}" if b[1] == b[0] else f"{b[0]}+" if b[1] is None else f"{b[0]}-{b[1]}"
+
+
 def length_summary(requests: list[dict]) -> str:
     toks = sorted(r["tokens"] for r in requests)
     pick = lambda q: toks[min(len(toks) - 1, int(q * len(toks)))]  # noqa: E731
@@ -224,6 +246,26 @@ def write_rollout_report(rollouts, out: Path, workload: str, meta: dict | None =
             lines.append(
                 f"| {r.config} | {r.step} | {r.epoch} | {rq} | {acc} | {r.makespan_s:.1f} | {r.tokens_per_s:.1f} |"
             )
+    by_batch = {c: dict.fromkeys(BATCH_BUCKETS, 0.0) for c in totals}
+    for r in rollouts:
+        for bucket, sec in time_by_batch(r.requests).items():
+            by_batch[r.config][bucket] += sec
+    lines += [
+        "\n## Where the makespan goes: seconds with this many requests in flight (all rollouts)\n",
+        "| config | " + " | ".join(_bucket_name(b) for b in BATCH_BUCKETS) + " |",
+        "|---|" + "---|" * len(BATCH_BUCKETS),
+    ]
+    for c, secs in by_batch.items():
+        cells = []
+        for bucket, sec in secs.items():
+            base_s = by_batch[base.config][bucket]
+            ratio = f" ({base_s / sec:.2f}x)" if c != base.config and sec > 0 and base_s > 0 else ""
+            cells.append(f"{sec:.1f}{ratio}")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines.append(
+        "\nRatios are plain's seconds in a bucket over the config's: how much faster it got through that "
+        "part of the rollout (its own draw of lengths, so a bucket can hold different amounts of work)."
+    )
     sourced = [r for r in rollouts if r.extra.get("by_source")]
     if sourced:
         lines += [

@@ -290,7 +290,20 @@ def main(argv=None) -> int:
         "a long ladder pays where acceptance is high and the batch small (the tail)",
     )
     p.add_argument("--out", default="eval/out/rollout")
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="write the report (and plots) of an earlier run's results.json to --out; runs nothing",
+    )
     args = p.parse_args(argv)
+    if args.from_json:
+        from eval.report import write_rollout_report
+
+        saved = json.loads(Path(args.from_json).read_text())
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        print(write_rollout_report([Rollout(**r) for r in saved["rollouts"]], out, saved["workload"], saved["meta"]))
+        return 0
     try:
         configs = [parse_config(c, args.gamma_max) for c in args.configs]
     except ValueError as e:

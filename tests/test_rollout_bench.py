@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from eval.report import active_over_time, length_summary, speedup_interval, tail_share
+from eval.report import active_over_time, length_summary, speedup_interval, tail_share, time_by_batch
 from eval.rollout_bench import main, parse_config
 
 
@@ -67,6 +67,13 @@ def test_rollout_bench_writes_a_consistent_report(tmp_path, tiny_model):
     assert f"| auto | {sum(graded) / len(graded):.3f} |" in report
     total = sum(r["makespan_s"] for r in rolls)  # the headline row is the total over the 4 rollouts
     assert f"| auto | {total:.1f} |" in report
+    # where the time went: seconds by requests in flight add up to the makespans
+    where = report.split("## Where the makespan goes")[1]
+    row = next(line for line in where.splitlines() if line.startswith("| auto | "))
+    assert sum(float(c) for c in row.split("|")[2:-1]) == pytest.approx(total, abs=0.1)
+    # the results file alone gives the same report again
+    assert main(["--from-json", str(out / "results.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.md").read_text() == report
 
 
 def test_same_lengths_replays_plains_draw(tmp_path, tiny_model):
@@ -160,6 +167,8 @@ def test_tail_share_and_lengths():
     ]
     assert tail_share(reqs) == pytest.approx(0.8)
     assert length_summary(reqs) == "output tokens median 14, p90 100, longest 100"
+    # in flight: 8 for 1 s, 6 for 0.5 s, 4 for 0.5 s, 2 for 2 s, 1 for 6 s
+    assert time_by_batch(reqs) == {(1, 1): 6.0, (2, 3): 2.0, (4, 7): 1.0, (8, 15): 1.0, (16, 31): 0.0, (32, None): 0.0}
 
 
 @pytest.mark.parametrize("bad", ["fixed:0", "fixed:x", "speculate", "fixed:99"])
