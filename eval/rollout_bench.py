@@ -319,6 +319,10 @@ def main(argv=None) -> int:
     if not (model_path / "config.json").exists():
         raise SystemExit(f"{model_path} is not a model directory (no config.json); pass --model-path DIR")
     prompts, references = chat_prompts(model_path, args.prompts)
+    from eval.provenance import provenance
+
+    # taken before the servers start: the commit is the code they run
+    meta = provenance(model_path.name, rounds=args.epochs * args.policy_steps)
     eos_tokens = eos_token_strings(model_path) if args.same_lengths else set()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -423,9 +427,6 @@ def main(argv=None) -> int:
             else "; every server up at once, the rollouts alternating between them in a rotated order"
         )
     )
-    from eval.provenance import provenance
-
-    meta = provenance(model_path.name, rounds=args.epochs * args.policy_steps)
     (out / "results.json").write_text(
         json.dumps({"meta": meta, "workload": workload, "rollouts": [asdict(r) for r in rollouts]})
     )
