@@ -205,6 +205,7 @@ def _settle(pol: GammaChooser, truth: CostModel, batch: int, alpha: float, itera
             for phase, s in phases.items():
                 pol.cost_model.observe(phase, st, g, s)
             pol.observe_forwards(st, g, sum(phases.values()))
+            pol.observe_outside(g, batch, 0.002 * batch * (1 + g))  # the scheduler's work per committed token
         picks.append(g)
     return picks
 

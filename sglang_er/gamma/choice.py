@@ -112,6 +112,7 @@ class GammaChooser:
         # measured forward costs per (octave, γ); an entry unrefreshed for this long is the model's again
         self.measured = MeasuredTimes(FORCED_EXPLORE_PERIODS * self.explore_every or RETIME_ITERATIONS)
         self._since_neighbour = 0  # speculative iterations since a neighbouring γ was measured
+        self._pending: tuple | None = None  # (batch, γ, forward seconds, raw) until its wall time is known
 
     def reset(self) -> None:
         self.last_gamma = None
@@ -126,7 +127,7 @@ class GammaChooser:
         for g in cands:  # measured lately in this octave: the measurement, scaled to this batch
             r = self.measured.ratio(st.batch, g, self._iteration)
             if r is not None:
-                secs[g] = r * raw[g] + cm.correction.t_outside(g, st.batch)
+                secs[g] = r * raw[g]
         toks = {g: exp[g] for g in cands}
         tps = {g: exp[g] / secs[g] for g in cands}
         return tps, secs, toks
@@ -149,11 +150,21 @@ class GammaChooser:
 
     def observe_forwards(self, seq_lens: SeqLens | BatchStats, gamma: int, seconds: float) -> None:
         """The forwards of the iteration just chosen for this batch took ``seconds`` (plain: the
-        target step; γ ≥ 1: every draft step and the verify): an entry of :attr:`measured`."""
+        target step; γ ≥ 1: every draft step and the verify). Held until :meth:`observe_outside`
+        completes the iteration's wall time."""
         st = batch_stats(seq_lens)
         raw: dict[int, float] = {}
         self.cost_model.iteration_times(st, [gamma], raw)
-        self.measured.observe(st.batch, gamma, seconds, raw[gamma], self._iteration)
+        self._pending = (st.batch, gamma, seconds, raw[gamma])
+
+    def observe_outside(self, gamma: int, batch: int, seconds: float) -> None:
+        """The scheduler's time around that iteration's forwards: with them, an entry of
+        :attr:`measured`. The whole iteration, because the work around the forwards grows with
+        the tokens an iteration commits (at 4 requests on 2 CPU cores: 13 ms at γ = 2, 40 ms at
+        γ = 4), which a per-mode fit of it does not see."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[:2] == (batch, gamma):
+            self.measured.observe(batch, gamma, pending[2] + seconds, pending[3], self._iteration)
 
     def _explore(self, d: Decision, batch: int) -> Decision:
         """What is never chosen is never measured, so a wrong estimate of it would stand for good.
@@ -237,8 +248,9 @@ class GammaChooser:
         neighbours rests on :attr:`measured` rather than on the model's slope over γ (see
         :mod:`sglang_er.gamma.measured`). A neighbour not measured lately in this batch-size octave
         runs after 4 speculative iterations, otherwise the one measured longest ago every
-        ``explore_every``; only where predicted within ``explore_floor`` of γ. One iteration each:
-        after speculative ones its drafter is warm and it is timed."""
+        ``explore_every`` / 4 (a neighbour costs a few percent at most, and a 128-token batch of
+        requests lasts some 30 iterations); only where predicted within ``explore_floor`` of γ.
+        One iteration each: after speculative ones its drafter is warm and it is timed."""
         g, tps = d.gamma, d.predicted_tokens_per_s
         near = [n for n in (g - 1, g + 1) if n in tps and n and tps[n] >= self.explore_floor * tps[g]]
         if not near:
@@ -246,7 +258,7 @@ class GammaChooser:
         last = {n: self.measured.last_measured(batch, n) for n in near}
         n = min(near, key=lambda n: -1 if last[n] is None else last[n])
         unseen = not self.measured.fresh_at((self.measured.octave(batch), n), self._iteration)
-        if self._since_neighbour < (min(4, self.explore_every) if unseen else self.explore_every):
+        if self._since_neighbour < (min(4, self.explore_every) if unseen else max(1, self.explore_every // 4)):
             return d
         self._since_neighbour = 0
         return Decision(

@@ -134,8 +134,10 @@ class Controller:
                 self.acceptance.observe(gamma, lens, rids)
 
     def observe_outside(self, gamma: int, batch: int, seconds: float) -> None:
-        """Scheduler time around the last iteration's forwards (see :meth:`Correction.observe_outside`)."""
+        """Scheduler time around the last iteration's forwards (see :meth:`Correction.observe_outside`
+        and :meth:`GammaChooser.observe_outside`)."""
         self.cost.correction.observe_outside(gamma, batch, seconds)
+        self.chooser.observe_outside(gamma, batch, seconds)
 
     def drafter_changed(self) -> None:
         """The drafter was re-quantized: its acceptance must be measured afresh."""

@@ -1,4 +1,4 @@
-"""Measured over modelled: what each γ's forwards really cost, per batch-size octave.
+"""Measured over modelled: what each γ's iterations really cost, per batch-size octave.
 
 The cost model's live correction (:mod:`sglang_er.gamma.correction`) is one factor per phase,
 learnt at the γ being run. Its error in the *slope* over γ stays: on 2 CPU cores at B = 8 the
@@ -6,12 +6,14 @@ profile priced a verify of 3 tokens per request 40% above one of 2, the measured
 the corrected model kept γ = 1 (1.2x plain) where γ = 2-3 ran 1.4x. Near the best γ the options
 differ by 5-20%, less than any profile's error, so the choice there must rest on measurements.
 
-:class:`MeasuredTimes` keeps, per (batch-size octave, γ), the ratio of the measured forward
-seconds to the profile's raw prediction for the same batch (an EMA). The raw prediction carries
-the batch size and lengths within the octave; the ratio, measured at that very γ, carries the
-rest. An entry goes stale after ``stale_after`` iterations without a measurement; the chooser
-then falls back to the model, and its exploration (:meth:`GammaChooser._explore`) measures the
-γ next to the one it runs, so the entries it compares are fresh.
+:class:`MeasuredTimes` keeps, per (batch-size octave, γ), the ratio of the measured iteration
+seconds (its forwards and the scheduler's work around them, entry to entry) to the profile's raw
+prediction of its forwards for the same batch (an EMA). The raw prediction carries the batch size
+and lengths within the octave; the ratio, measured at that very γ, carries the rest, including the
+scheduler's per-token work, which grows with the tokens an iteration commits. An entry goes stale
+after ``stale_after`` iterations without a measurement; the chooser then falls back to the model,
+and its exploration (:meth:`GammaChooser._explore`) measures the γ next to the one it runs, so the
+entries it compares are fresh.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class MeasuredTimes:
         return int(batch).bit_length()
 
     def observe(self, batch: int, gamma: int, measured_s: float, raw_s: float, iteration: int) -> None:
-        """One timed iteration at ``gamma``: its forwards took ``measured_s``; the profile said ``raw_s``."""
+        """One timed iteration at ``gamma`` took ``measured_s``; the profile priced its forwards at ``raw_s``."""
         if not (measured_s > 0.0 and raw_s > 0.0):
             return
         key, r = (self.octave(batch), int(gamma)), measured_s / raw_s
