@@ -113,6 +113,9 @@ class GammaChooser:
         self.measured = MeasuredTimes(FORCED_EXPLORE_PERIODS * self.explore_every or RETIME_ITERATIONS)
         self._since_neighbour = 0  # speculative iterations since a neighbouring γ was measured
         self._pending: tuple | None = None  # (batch, γ, forward seconds, raw) until its wall time is known
+        self._ran: int | None = None  # γ of the latest iteration, and whether it changed γ
+        self._switched = True
+        self._neighbour_left, self._neighbour_gamma = 0, 0  # iterations left of a neighbour's exploration
 
     def reset(self) -> None:
         self.last_gamma = None
@@ -144,6 +147,7 @@ class GammaChooser:
         e = self._explore(d, st.batch)
         # a neighbouring γ measured in passing is not a choice to keep (hysteresis stays with d)
         self.last_gamma = d.gamma if d.gamma and e.gamma else e.gamma
+        self._switched, self._ran = e.gamma != self._ran, e.gamma
         self._iteration += 1
         (self._spec_timed if e.gamma else self._plain_timed)[st.batch.bit_length()] = self._iteration
         return e
@@ -151,7 +155,12 @@ class GammaChooser:
     def observe_forwards(self, seq_lens: SeqLens | BatchStats, gamma: int, seconds: float) -> None:
         """The forwards of the iteration just chosen for this batch took ``seconds`` (plain: the
         target step; γ ≥ 1: every draft step and the verify). Held until :meth:`observe_outside`
-        completes the iteration's wall time."""
+        completes the iteration's wall time. An iteration that changed γ is not kept: on 2 CPU
+        cores one at γ = 2 took 0.25 s between γ = 6 ones and 0.21 s among γ = 2 ones, and that
+        toll, taken for the cost of γ, made every γ but the current one look slower than it is."""
+        if self._switched:
+            self._pending = None
+            return
         st = batch_stats(seq_lens)
         raw: dict[int, float] = {}
         self.cost_model.iteration_times(st, [gamma], raw)
@@ -248,19 +257,30 @@ class GammaChooser:
         neighbours rests on :attr:`measured` rather than on the model's slope over γ (see
         :mod:`sglang_er.gamma.measured`). A neighbour not measured lately in this batch-size octave
         runs after 4 speculative iterations, otherwise the one measured longest ago every
-        ``explore_every`` / 4 (a neighbour costs a few percent at most, and a 128-token batch of
-        requests lasts some 30 iterations); only where predicted within ``explore_floor`` of γ.
-        One iteration each: after speculative ones its drafter is warm and it is timed."""
+        ``explore_every``; only where predicted within ``explore_floor`` of γ. Two iterations each:
+        the first, a change of γ, is not timed (see :meth:`observe_forwards`)."""
         g, tps = d.gamma, d.predicted_tokens_per_s
+        if self._neighbour_left:
+            self._neighbour_left -= 1
+            n = self._neighbour_gamma
+            if n in tps:
+                return Decision(
+                    n,
+                    tps,
+                    f"explore γ={n}, continued (its first iteration is not timed)",
+                    d.predicted_iter_s,
+                    d.expected_tokens,
+                )
         near = [n for n in (g - 1, g + 1) if n in tps and n and tps[n] >= self.explore_floor * tps[g]]
         if not near:
             return d
         last = {n: self.measured.last_measured(batch, n) for n in near}
         n = min(near, key=lambda n: -1 if last[n] is None else last[n])
         unseen = not self.measured.fresh_at((self.measured.octave(batch), n), self._iteration)
-        if self._since_neighbour < (min(4, self.explore_every) if unseen else max(1, self.explore_every // 4)):
+        if self._since_neighbour < (min(4, self.explore_every) if unseen else self.explore_every):
             return d
         self._since_neighbour = 0
+        self._neighbour_left, self._neighbour_gamma = EXPLORE_RUN - 1, n
         return Decision(
             n,
             tps,
