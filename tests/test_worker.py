@@ -177,6 +177,34 @@ def test_logprobs_are_the_targets(plain, which, request):
         assert all(abs(x[0] - y[0]) < 1e-3 for x, y in zip(ra, rb))
 
 
+def test_sampled_logprobs_are_the_targets(plain, eff_cycle):
+    """At T = 1, through γ = 0 iterations too, every output logprob is the target's: a plain
+    server's prefill scores the same tokens alike. (At T > 0 SGLang's sampler overwrites the logits
+    in place with probabilities, so a plain step's logprobs recomputed from them came out near
+    −log V.) T = 1, because prefill logprobs are untempered."""
+    body = {"text": PROMPT, "return_logprob": True, "top_logprobs_num": 3}
+    out = eff_cycle.post("/generate", {**body, "sampling_params": {"max_new_tokens": 24, "temperature": 1.0}})
+    one = {"max_new_tokens": 1, "temperature": 0}
+    listed = plain.post("/generate", {**body, "sampling_params": one, "logprob_start_len": 0})["meta_info"]
+    prompt_ids = [t for _, t, _ in listed["input_token_logprobs"]]
+    scored = plain.post(
+        "/generate",
+        {
+            "input_ids": prompt_ids + out["output_ids"],
+            "sampling_params": one,
+            "return_logprob": True,
+            "top_logprobs_num": 3,
+            "logprob_start_len": len(prompt_ids) - 1,  # SGLang gives the first position no logprob
+        },
+    )["meta_info"]
+    want, got = scored["input_token_logprobs"][1:], out["meta_info"]["output_token_logprobs"]
+    assert [t for _, t, _ in want] == out["output_ids"] == [t for _, t, _ in got]
+    assert max(abs(a - b) for (a, _, _), (b, _, _) in zip(want, got)) < 1e-3
+    for ra, rb in zip(scored["input_top_logprobs"][1:], out["meta_info"]["output_top_logprobs"]):
+        assert [t for _, t, _ in ra] == [t for _, t, _ in rb]
+        assert all(abs(x[0] - y[0]) < 1e-3 for x, y in zip(ra, rb))
+
+
 def test_max_new_tokens_below_gamma(plain, eff3):
     for k in (1, 2, 3):
         a = plain.generate(PROMPT, max_new_tokens=k, temperature=0, ignore_eos=True)

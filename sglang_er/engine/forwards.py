@@ -94,9 +94,10 @@ def decode_forward(
 ):
     """A plain decode step through SGLang's sampler: the γ = 0 iteration.
 
-    ``batch.return_logprob`` is cleared (the scheduler restores it): a speculative server's result
-    processor reads per-request lists, which the worker fills with ``spec_logprobs``, so SGLang's
-    flat decode logprobs would be computed only to be thrown away.
+    Its logprobs are the sampler's own, exactly plain SGLang's. They cannot be recomputed from the
+    logits afterwards: at T > 0 the sampler overwrites the logits in place with the tempered
+    probabilities. A speculative server's result processor reads one list per request, so the
+    flat [B] token logprobs become [B, 1] (the top and token-id logprobs are per request already).
     """
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
@@ -108,8 +109,11 @@ def decode_forward(
         batch.seq_lens_cpu = batch.seq_lens_cpu + 1
         batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
     batch.spec_info = None
-    batch.return_logprob = False
-    return target_worker.forward_batch_generation(batch)
+    res = target_worker.forward_batch_generation(batch)
+    out = res.logits_output
+    if batch.return_logprob and out.next_token_logprobs is not None:
+        out.next_token_logprobs = out.next_token_logprobs.view(-1, 1)  # [B] -> [B, 1]
+    return res
 
 
 def spec_settings() -> tuple[int, int]:

@@ -281,15 +281,12 @@ class EffRolloutWorker(BaseSpecWorker):
     def _plain_decode(self, batch):
         """One plain SGLang decode step (its sampler, its logprobs): the γ = 0 iteration."""
         seq_lens = batch.seq_lens  # [B]
-        want_logprob = batch.return_logprob  # decode_forward clears it on the batch
         clock = self.recorder.clock()
         x0 = batch_view.last_tokens(batch, self.device)  # [B]
         slot = batch_view.slots(self.req_to_token_pool.req_to_token, batch, 1)[:, 0]  # [B]
-        res = forwards.decode_forward(self._target_worker, batch, x0, slot, seq_lens)
+        res = forwards.decode_forward(self._target_worker, batch, x0, slot, seq_lens)  # logprobs: the sampler's
         if self.vocab is not None:
             self.vocab.observe(res.next_token_ids)
-        if want_logprob:
-            forwards.spec_logprobs(batch, res.logits_output, res.next_token_ids, 1)
         clock.mark("plain")
         self.recorder.plain(batch.reqs, self._seq_list, clock)
         return self._one_token_result(batch, res, new_seq_lens=seq_lens + 1)
