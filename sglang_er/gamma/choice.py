@@ -29,10 +29,10 @@ RETIME_ITERATIONS = 2048
 # plain iterations (256 by default: at most 0.4% of iterations at a predicted loss), so an
 # estimate that a bad measurement pushed below the exploration floor is measured again.
 FORCED_EXPLORE_PERIODS = 8
-# An exploration of speculation runs this many iterations in a row: the first speculative
-# iteration after plain ones finds the drafter's weights out of cache and is not timed (see
-# Controller.observe), so a single one would teach the cost model nothing (cold draft steps ran
-# 1.5-2.5x warm ones on gsm8k-lm).
+# An exploration of speculation, or of a neighbouring γ, runs this many iterations in a row: the
+# first speculative iteration after plain ones finds the drafter's weights out of cache and is not
+# timed (see Controller.observe; cold draft steps ran 1.5-2.5x warm ones on gsm8k-lm), nor is any
+# iteration that changes γ (see GammaChooser.observe_forwards), so a single one would teach nothing.
 EXPLORE_RUN = 2
 
 
@@ -109,12 +109,12 @@ class GammaChooser:
         self._explore_run, self._explore_gamma = 0, 0  # iterations left of a speculative exploration
         self._plain_timed: dict[int, int] = {}  # batch-size octave -> iteration plain last ran
         self._spec_timed: dict[int, int] = {}  # batch-size octave -> iteration speculation last ran
-        # measured forward costs per (octave, γ); an entry unrefreshed for this long is the model's again
+        # measured iteration costs per (octave, γ); an entry unrefreshed for this long is the model's again
         self.measured = MeasuredTimes(FORCED_EXPLORE_PERIODS * self.explore_every or RETIME_ITERATIONS)
         self._since_neighbour = 0  # speculative iterations since a neighbouring γ was measured
         self._pending: tuple | None = None  # (batch, γ, forward seconds, raw) until its wall time is known
-        self._ran: int | None = None  # γ of the latest iteration, and whether it changed γ
-        self._switched = True
+        self._ran: int | None = None  # γ of the latest iteration
+        self._switched = True  # whether it changed γ (then it is not measured)
         self._neighbour_left, self._neighbour_gamma = 0, 0  # iterations left of a neighbour's exploration
 
     def reset(self) -> None:
