@@ -204,7 +204,7 @@ class EffRolloutWorker(BaseSpecWorker):
         """One scheduler step. ``on_publish(new_seq_lens)`` (overlap scheduler only) hands the
         committed lengths to SGLang's FutureMap; ``grammar_barrier`` is never passed (EFFROLLOUT
         leaves grammar batches on SGLang's synchronous path)."""
-        want_logprob = batch.return_logprob  # the forwards clear it; the scheduler's copy reads it
+        want_logprob = batch.return_logprob  # the verify forward clears it; the scheduler's copy reads it
         try:
             result = self._step(batch)
         finally:
