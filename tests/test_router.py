@@ -29,11 +29,15 @@ PROMPTS = [
     "Sam saves 3 dollars a week. After 10 weeks",
 ]
 ENGINE = [*FP32, "--speculative-algorithm", "EFFROLLOUT", "--enable-metrics"]
+# auto mode, as a fleet runs. The tiny model is overhead-bound: the γ choice measures plain decoding
+# faster and explores speculation only now and then. Exploring after every plain iteration
+# (forced after 8) makes each 32-token request speculate a few times, so its acceptance is measured.
+ENGINE_ENV = {"SGLANG_ER_EXPLORE_EVERY": "1"}
 
 
 @pytest.fixture(scope="module")
 def fleet(tiny_model):
-    engines = start_servers(*[(tiny_model, ENGINE, {"max_total_tokens": 4096})] * 2)
+    engines = start_servers(*[(tiny_model, ENGINE, {"max_total_tokens": 4096, "env": ENGINE_ENV})] * 2)
     router = None
     try:
         router = Router([e.url for e in engines], policy="round_robin").start()
@@ -135,5 +139,8 @@ def test_weight_update_reaches_and_requantizes_every_engine(fleet, tiny_model):
         outs = _greedy_ids(e.url, PROMPTS[:4], 32)
         assert [r["output_ids"] for r in outs] == expected
         # a drafter left on the old weights would agree with the new policy almost never
-        rates = [r["meta_info"]["spec_accept_rate"] for r in outs]
-        assert min(rates) > 0.2, rates
+        metas = [r["meta_info"] for r in outs]
+        assert all(m.get("spec_num_proposed_drafts", 0) > 0 for m in metas), metas  # each one speculated
+        # over the engine's four requests (~100 drafts): ~0.4 fresh, near 0 stale
+        rate = sum(m["spec_num_correct_drafts"] for m in metas) / sum(m["spec_num_proposed_drafts"] for m in metas)
+        assert rate > 0.2, metas
