@@ -154,7 +154,9 @@ def report(
                 cells.append(
                     f"{name}: {r['tok_s'] / base:4.2f}x"
                     + (f" [{min(rr):.2f}-{max(rr):.2f}]" if len(rr) > 1 else "")
-                    + f" (r {rd:.2f}, v {rv:.2f}, α {r['accept_rate'] or 0:.2f}"
+                    # r and v need T_T, which only the γ = 0 server times (not run with --skip-gamma0)
+                    + (f" (r {rd:.2f}, v {rv:.2f}, " if t_t else " (")
+                    + f"α {r['accept_rate'] or 0:.2f}"
                     + (f", L {r['accept_length']:.2f}" if r.get("accept_length") else "")
                     + (f", bound {bound:.2f}x" if bound else "")
                     + (f", {r['tokens_past_eos']} of {r['tokens']} tokens past EOS" if args.ignore_eos else "")
