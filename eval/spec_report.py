@@ -146,17 +146,17 @@ def report(
             cells = []
             for name in [c[0] for c in spec_configs]:
                 r = results[(name, temp, b)]
-                rd = r["t_draft_step"] / t_t if r["t_draft_step"] and t_t else float("nan")
-                rv = r["t_verify"] / t_t if r["t_verify"] and t_t else float("nan")
+                # r and v need T_T, which only the γ = 0 server times (not run with --skip-gamma0),
+                # and a draft step and a verify, which a config that never speculated did not run
+                phases = r["t_draft_step"] and r["t_verify"] and t_t
+                ratios = f"r {r['t_draft_step'] / t_t:.2f}, v {r['t_verify'] / t_t:.2f}, " if phases else ""
                 gamma = next(c[1] for c in spec_configs if c[0] == name)
                 bound = physics_bound(r, t_t, gamma)
                 rr = round_ratios(results, name, temp, b)
                 cells.append(
                     f"{name}: {r['tok_s'] / base:4.2f}x"
                     + (f" [{min(rr):.2f}-{max(rr):.2f}]" if len(rr) > 1 else "")
-                    # r and v need T_T, which only the γ = 0 server times (not run with --skip-gamma0)
-                    + (f" (r {rd:.2f}, v {rv:.2f}, " if t_t else " (")
-                    + f"α {r['accept_rate'] or 0:.2f}"
+                    + f" ({ratios}α {r['accept_rate'] or 0:.2f}"
                     + (f", L {r['accept_length']:.2f}" if r.get("accept_length") else "")
                     + (f", bound {bound:.2f}x" if bound else "")
                     + (f", {r['tokens_past_eos']} of {r['tokens']} tokens past EOS" if args.ignore_eos else "")
