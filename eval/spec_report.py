@@ -218,7 +218,10 @@ def report(
                             + (f"; per round {hp:4.2f}x" if hp else ""),
                             flush=True,
                         )
-            say(f"T={temp:g} crossover: fixed γ beats plain up to B = {crossover}")
+            if crossover is None:
+                say(f"T={temp:g} crossover: no fixed γ beat plain at B = {', '.join(map(str, args.batches))}")
+            else:
+                say(f"T={temp:g} crossover: fixed γ beats plain up to B = {crossover}")
     for temp in args.temperatures:
         say(
             f"\nT={temp:g}, speed-up over plain (acceptance α):\n"
