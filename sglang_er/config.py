@@ -26,9 +26,10 @@ have no SGLang flag are environment variables, read in every SGLang process alik
 - ``SGLANG_ER_MIN_GAIN``: predicted speed-up over plain decoding that speculation (W4 or a
   verify-only history iteration) must reach in ``auto`` mode (1.05: the live-corrected cost
   model is off by 7–10% per phase on a CPU, and a wrong "on" costs more than a missed 1.0x–1.05x);
-  ``SGLANG_ER_HYSTERESIS``: relative gain a new γ needs over the previous one (0.02).
+  ``SGLANG_ER_HYSTERESIS``: relative gain a new γ needs over the previous one (0.02);
+  ``SGLANG_ER_EXPLORE_EVERY``: iterations of one kind (plain, or speculating) after which auto
+  runs the other once to re-measure it (32; ``0``: never, every decision the cost model's).
 - ``SGLANG_ER_TIMELINE``: iterations kept in the timeline ``/get_server_info`` returns (2048).
-  after a weight update (shows the acceptance a stale drafter would have).
 """
 
 from __future__ import annotations
