@@ -125,6 +125,14 @@ def parser(description: str) -> argparse.ArgumentParser:
         "the yardstick for hybrid vs auto; implies --auto",
     )
     p.add_argument(
+        "--auto-gamma-max",
+        nargs="*",
+        type=int,
+        default=[],
+        help="also run auto with each of these γ max (named auto/gmax<N>), judged against auto at "
+        "--gamma-max round by round: which γ max a default should be; implies --auto",
+    )
+    p.add_argument(
         "--profile",
         default=None,
         help="hardware profile for auto/hybrid (SGLANG_ER_PROFILE; `sglang-er calibrate` writes one)",
@@ -218,7 +226,7 @@ def configurations(args: argparse.Namespace) -> tuple[list, list]:
             for g in args.gammas
         ]
     )
-    args.auto = args.auto or args.hybrid or args.twin
+    args.auto = args.auto or args.hybrid or args.twin or bool(args.auto_gamma_max)
     prof = {"SGLANG_ER_PROFILE": str(Path(args.profile).resolve())} if args.profile else {}
     if args.hybrid:
         configs.append(
@@ -249,6 +257,10 @@ def configurations(args: argparse.Namespace) -> tuple[list, list]:
         configs.append(("auto", 0, spec, auto_env))
         if args.twin:
             configs.append(("auto-twin", 0, spec, dict(auto_env)))
+        for g in args.auto_gamma_max:
+            if g < 1 or g == gmax:
+                raise SystemExit(f"--auto-gamma-max {g}: give γ max values >= 1 other than --gamma-max {gmax}")
+            configs.append((f"auto/gmax{g}", 0, [*spec[:-1], str(g)], dict(auto_env)))
     configs = [c for tp in args.tp_sizes for c in tp_variant(configs, tp)]
     spec_configs = [c for c in configs if c[0] not in ("plain", "gamma=0", "plain/no-overlap")]
     return configs, spec_configs

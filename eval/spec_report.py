@@ -16,8 +16,8 @@ POLICIES = ("auto", "hybrid", "auto-twin")
 
 
 def is_policy(name: str) -> bool:
-    """auto, hybrid or auto's twin, at any TP size (``auto/tp2``)."""
-    return name.split("/tp")[0] in POLICIES
+    """auto, hybrid, auto's twin or auto at another γ max (``auto/gmax8``), at any TP size (``auto/tp2``)."""
+    return name.split("/tp")[0] in POLICIES or name.startswith("auto/gmax")
 
 
 def best_other(results: dict, names: list[str], temp: float, b: int) -> tuple[str, float]:
@@ -209,7 +209,10 @@ def report(
                     + (f"; per round {paired:4.2f}x the round's best" if paired else ""),
                     flush=True,
                 )
-                for other, label in (("hybrid", "auto (W4 only)"), ("auto-twin", "auto (same configuration)")):
+                rivals = [("hybrid", "auto (W4 only)"), ("auto-twin", "auto (same configuration)")] + [
+                    (c[0], "auto") for c in configs if c[0].startswith("auto/gmax")
+                ]
+                for other, label in rivals:
                     if other in [c[0] for c in configs]:
                         h = results[(other, temp, b)]
                         hp = paired_ratio(results, [c[0] for c in configs], temp, b, of=other, against="auto")

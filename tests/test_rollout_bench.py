@@ -198,3 +198,24 @@ def test_physics_bound_from_measured_acceptance_and_phase_times():
     assert physics_bound(cell, 2.0, 3) == pytest.approx((2.62 + 0.36) / (3 * 0.125 + 0.6))
     assert physics_bound(cell, None, 2) is None  # no γ = 0 server: no T_T
     assert physics_bound({**cell, "position_acceptance": [0.9]}, 1.0, 2) is None
+
+
+def test_auto_at_other_gamma_max_is_a_policy_with_its_own_server_args():
+    from eval.spec_configs import configurations, parser
+    from eval.spec_report import best_other, is_policy
+
+    args = parser("t").parse_args(["--gammas", "2", "--gamma-max", "4", "--auto-gamma-max", "8", "--skip-gamma0"])
+    configs, spec = configurations(args)
+    by_name = {c[0]: c for c in configs}
+    assert set(by_name) == {"plain", "gamma=2", "auto", "auto/gmax8"}
+    assert by_name["auto"][2][-2:] == ["--speculative-num-steps", "4"]
+    assert by_name["auto/gmax8"][2][-2:] == ["--speculative-num-steps", "8"]
+    assert by_name["auto/gmax8"][3]["SGLANG_ER_MODE"] == "auto"
+    assert is_policy("auto/gmax8") and not is_policy("gamma=2")
+    # auto is judged against plain and the fixed γ, never against another auto
+    results = {
+        (n, 1.0, 1): {"tok_s": t} for n, t in [("plain", 1.0), ("gamma=2", 2.0), ("auto", 2.1), ("auto/gmax8", 3.0)]
+    }
+    assert best_other(results, list(by_name), 1.0, 1) == ("gamma=2", 2.0)
+    with pytest.raises(SystemExit, match="other than --gamma-max 4"):
+        configurations(parser("t").parse_args(["--gammas", "2", "--gamma-max", "4", "--auto-gamma-max", "4"]))
