@@ -57,7 +57,7 @@ _ENV = {
     "history_min_match": "SGLANG_ER_HISTORY_MIN_MATCH",
     "history_budget": "SGLANG_ER_HISTORY_BUDGET",
 }
-DEFAULT_GAMMA = 4
+DEFAULT_GAMMA = 8
 
 
 class EffRolloutConfig(BaseModel):
