@@ -139,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"[demo] building model {args.model!r} ...", flush=True)
     path = build_model(args.model)
     print(f"[demo] model at {path}")
-    spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-draft-tokens", str(args.gamma + 1)]
+    spec = ["--speculative-algorithm", "EFFROLLOUT"]
+    if args.gamma is not None:
+        spec += ["--speculative-num-draft-tokens", str(args.gamma + 1)]
     plain, _ = _rollout(path, [], args, "plain")
     eff, counters = _rollout(path, spec, args, "effrollout")
     sample = _first_sample(eff)
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=2, help="samples per question (GRPO group size)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=192)
-    p.add_argument("--gamma", type=int, default=4, help="draft length γ")
+    p.add_argument("--gamma", type=int, default=None, help="γ max (default: the server's, 8)")
     p.add_argument(
         "--concurrency",
         type=int,
