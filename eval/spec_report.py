@@ -193,7 +193,7 @@ def report(
                     if any(
                         results[(c[0], temp, b)]["tok_s"] > results[("plain", temp, b)]["tok_s"]
                         for c in spec_configs
-                        if c[0] not in POLICIES
+                        if not is_policy(c[0])
                     )
                 ),
                 default=None,
@@ -221,9 +221,10 @@ def report(
                             + (f"; per round {hp:4.2f}x" if hp else ""),
                             flush=True,
                         )
-            if crossover is None:
+            fixed = any(not is_policy(c[0]) for c in spec_configs)  # without a fixed γ, no crossover
+            if fixed and crossover is None:
                 say(f"T={temp:g} crossover: no fixed γ beat plain at B = {', '.join(map(str, args.batches))}")
-            else:
+            elif fixed:
                 say(f"T={temp:g} crossover: fixed γ beats plain up to B = {crossover}")
     for temp in args.temperatures:
         say(
