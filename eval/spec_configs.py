@@ -198,7 +198,11 @@ def configurations(args: argparse.Namespace) -> tuple[list, list]:
     gmax = args.gamma_max if args.gamma_max is not None else max(args.gammas)
     if any(g > gmax for g in args.gammas):
         raise SystemExit(f"--gammas {args.gammas} exceed --gamma-max {gmax}: raise --gamma-max")
-    spec = ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(gmax)]
+
+    def eff(g: int) -> list[str]:  # an EFFROLLOUT server at γ max g
+        return ["--speculative-algorithm", "EFFROLLOUT", "--speculative-num-steps", str(g)]
+
+    spec = eff(gmax)
     configs = (
         [("plain", 0, [], {})]
         + ([("plain/no-overlap", 0, ["--disable-overlap-schedule"], {})] if args.no_overlap_plain else [])
@@ -260,7 +264,7 @@ def configurations(args: argparse.Namespace) -> tuple[list, list]:
         for g in args.auto_gamma_max:
             if g < 1 or g == gmax:
                 raise SystemExit(f"--auto-gamma-max {g}: give γ max values >= 1 other than --gamma-max {gmax}")
-            configs.append((f"auto/gmax{g}", 0, [*spec[:-1], str(g)], dict(auto_env)))
+            configs.append((f"auto/gmax{g}", 0, eff(g), dict(auto_env)))
     configs = [c for tp in args.tp_sizes for c in tp_variant(configs, tp)]
     spec_configs = [c for c in configs if c[0] not in ("plain", "gamma=0", "plain/no-overlap")]
     return configs, spec_configs

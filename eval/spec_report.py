@@ -184,6 +184,7 @@ def report(
                         cells.append(f"{name} vs {base}: {statistics.median(rr):4.2f}x [{min(rr):.2f}-{max(rr):.2f}]")
                 say(f"T={temp:g} B={b:3d}  " + "\n              ".join(cells))
     if args.auto:
+        fixed = any(not is_policy(c[0]) for c in spec_configs)  # without a fixed γ, no crossover
         say("\nauto policy vs the best other configuration (same run)")
         for temp in args.temperatures:
             crossover = max(
@@ -221,7 +222,6 @@ def report(
                             + (f"; per round {hp:4.2f}x" if hp else ""),
                             flush=True,
                         )
-            fixed = any(not is_policy(c[0]) for c in spec_configs)  # without a fixed γ, no crossover
             if fixed and crossover is None:
                 say(f"T={temp:g} crossover: no fixed γ beat plain at B = {', '.join(map(str, args.batches))}")
             elif fixed:
