@@ -69,8 +69,10 @@ class Shape:
         }
 
 
-# From the models' public config.json (Qwen/Qwen2.5-1.5B-Instruct, Qwen/Qwen2.5-7B-Instruct).
+# From the models' public config.json (Qwen/Qwen2.5-0.5B-Instruct, -1.5B-Instruct, -7B-Instruct); 0.5B
+# is the shape of the model the CPU figures are measured on.
 MODELS = {
+    "qwen2.5-0.5b": Shape(896, 4864, 14, 2, 64, 24, 151936),
     "qwen2.5-1.5b": Shape(1536, 8960, 12, 2, 128, 28, 151936),
     "qwen2.5-7b": Shape(3584, 18944, 28, 4, 128, 28, 152064),
 }
@@ -86,8 +88,9 @@ def exactness_cases(dry: bool) -> list[tuple[str, int, int, bool]]:
         return [(f"tiny.{k}", *v, k in ("o", "down")) for k, v in lin.items()] + [
             ("tiny.lm_head", s.vocab, s.hidden, False)
         ]
-    a, b = MODELS["qwen2.5-1.5b"], MODELS["qwen2.5-7b"]
+    a, b, c = MODELS["qwen2.5-1.5b"], MODELS["qwen2.5-7b"], MODELS["qwen2.5-0.5b"]
     return [
+        ("qwen2.5-0.5b.qkv", *c.linears()["qkv"], False),  # the yardstick's own shape (N 1152, K 896)
         *[(f"qwen2.5-1.5b.{k}", *v, k in ("o", "down")) for k, v in a.linears().items()],
         ("qwen2.5-7b.down", *b.linears()["down"], True),
         ("qwen2.5-1.5b.lm_head", a.vocab, a.hidden, False),
