@@ -35,6 +35,12 @@ SAMPLINGS = {
 }
 # (server fixture, sampling) pairs of the per-position test on the fixed-γ servers
 FIXED_CASES = [("eff16", s) for s in SAMPLINGS] + [("eff8", "t1"), ("eff8", "min_p")]
+# The planted server's draft vocabulary. Counted traffic is the prompt's 17 distinct tokens (each once
+# per request) and the sampled ones: 48 holds the prompt and the outputs covering ~40 % of the target's
+# mass at each position, where a planted bug's shift, about m(1 - m) for covered mass m, is near its
+# peak. At 16 (prompt tokens only, m ~ 0.02) the no-residual bug escaped detection.
+PLANTED_VOCAB = 48
+PLANTED_ENV = {**ENV16, "SGLANG_ER_DRAFT_VOCAB": str(PLANTED_VOCAB)}
 DEEP = 9  # the planted accept-all bug is asserted on positions 9-17: drafts 9-16 of γ = 16 and the bonus
 
 
@@ -77,12 +83,12 @@ def assert_follows_plain(
 @pytest.fixture(scope="module")
 def servers(tiny_model):
     """The module's four servers, started side by side: fixed γ = 16 and 8, auto with γmax 16, and
-    the planted one (γ = 16, a 16-token draft vocabulary, a planted rule switched on per test)."""
+    the planted one (γ = 16, a restricted draft vocabulary, a planted rule switched on per test)."""
     started = start_servers(
         (tiny_model, [*FP32, *EFF16], {"env": ENV16}),
         (tiny_model, [*FP32, *EFF8], {"env": ENV8}),
         (tiny_model, [*FP32, *EFF16]),
-        (tiny_model, [*FP32, *EFF16], {"env": {**ENV16, "SGLANG_ER_DRAFT_VOCAB": "16"}, "faults": FaultSwitch()}),
+        (tiny_model, [*FP32, *EFF16], {"env": PLANTED_ENV, "faults": FaultSwitch()}),
     )
     yield dict(zip(("eff16", "eff8", "auto16", "planted16"), started))
     for srv in started:
@@ -142,10 +148,10 @@ def test_every_position_follows_plain_when_the_auto_policy_chooses_gamma(servers
 
 @pytest.fixture(scope="module")
 def planted16(servers):
-    """γ = 16 with a drafter restricted to a 16-token vocabulary, a planted rule switched on per test.
-    The restricted drafter is rejected often, and where it is accepted every draft it puts all of q
-    on those tokens, so each planted bug moves the positions far enough that its detection does not
-    ride on chance. Honest traffic first: the vocabulary starts as the lowest 16 ids, which a
+    """γ = 16 with a drafter restricted to :data:`PLANTED_VOCAB` tokens, a planted rule switched on
+    per test. The restricted drafter is rejected often, and where it is accepted every draft it puts
+    all of q on those tokens, so each planted bug moves the positions far enough that its detection
+    does not ride on chance. Honest traffic first: the vocabulary starts as the lowest ids, which a
     random model almost never samples, and follows the traffic after its first re-selection."""
     srv = servers["planted16"]
     positions(srv, n=N // 4, **SAMPLINGS["t1"])
