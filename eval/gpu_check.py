@@ -17,6 +17,9 @@ then takes Marlin if SGLang's kernels import, torch's own int4 kernel otherwise;
    CUDA events around one step (a CUDA graph replay unless ``--no-graphs``), target and draft
    interleaved, median over ``--reps`` after warm-up. With ``--layers`` below the model's depth the
    layer stack is scaled to the full depth (T = T_stack · L / L_used + T_head), which the report says.
+3. Re-quantization: what a weight update costs the drafter of each model's shape, through the
+   drafter's own ``DraftLayer.requantize`` over every layer (no head: on a GPU the drafter shares the
+   target's), with RTN, with AWQ's first search (whole β grid) and with its warm-started ones.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out``; exit status 1 on a failed check.
 """
@@ -31,11 +34,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from eval.provenance import header, provenance
+from sglang_er.draft.drafter import DraftLayer
+from sglang_er.quant.awq import AWQQuantizer
 from sglang_er.quant.w4linear import KERNELS, W4Linear
 
 # bf16 wherever the kernels are: output (~0.2 %), scale and float zero (~0.5 %), and on CUDA the
@@ -274,6 +280,74 @@ def time_model(shape: Shape, layers: int, device: torch.device, args, deadline: 
     return res
 
 
+# ----------------------------------------------------------------------------- re-quantization
+AWQ_TOKENS = 512  # activation rows AWQ observes per linear group before its search
+
+
+def _layer_view(shape: Shape, gen: torch.Generator, device: torch.device) -> SimpleNamespace:
+    """The tensors :class:`DraftLayer` reads from one target layer: random, trained-like bf16."""
+    lin = shape.linears()
+    ones = torch.ones(shape.hidden, dtype=torch.bfloat16, device=device)
+    return SimpleNamespace(
+        qkv_weight=_weight(*lin["qkv"], gen, device),
+        qkv_bias=(torch.randn(lin["qkv"][0], generator=gen, device=device) * 0.1).to(torch.bfloat16),
+        o_weight=_weight(*lin["o"], gen, device),
+        gate_up_weight=_weight(*lin["gate_up"], gen, device),
+        down_weight=_weight(*lin["down"], gen, device),
+        input_norm=ones,
+        post_norm=ones.clone(),
+    )
+
+
+def _seconds(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":  # pragma: no cover - CUDA only
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":  # pragma: no cover - CUDA only
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+@torch.inference_mode()
+def time_requantize(shape: Shape, device: torch.device, reps: int) -> dict:
+    """Seconds to re-quantize every layer of a drafter of this shape, as after a weight update."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    views = [_layer_view(shape, gen, device) for _ in range(shape.layers)]
+    awq = AWQQuantizer(min_tokens=AWQ_TOKENS)
+    for i, v in enumerate(views):
+        for group in ("qkv", "o", "gate_up", "down"):
+            k = getattr(v, f"{group}_weight").shape[1]
+            for _ in range(AWQ_TOKENS // 128):  # forwards of 128 rows, as traffic feeds it
+                x = torch.randn(128, k, generator=gen, device=device)
+                x[:, :: max(1, k // 13)] *= 10  # a few large input channels, what AWQ protects
+                awq.observe(i, group, x.to(torch.bfloat16))
+    searched = sum(awq.ready(i, g) for i in range(shape.layers) for g in ("qkv", "o", "gate_up", "down"))
+
+    def run(layers: list[DraftLayer]) -> Callable[[], None]:
+        def requantize_all() -> None:
+            for layer in layers:
+                layer.requantize()
+
+        return requantize_all
+
+    rtn = run([DraftLayer(v, i, None) for i, v in enumerate(views)])
+    rtn()  # warm-up: kernels and allocator
+    out = {
+        "layers": shape.layers,
+        "awq_groups_searched": searched,
+        "rtn_s": statistics.median(_seconds(rtn, device) for _ in range(reps)),
+    }
+    aw = run([DraftLayer(v, i, awq) for i, v in enumerate(views)])
+    out["awq_first_s"] = _seconds(aw, device)  # no earlier β: the whole grid
+    # the searches after it start from the last β; every 8th scans the whole grid again
+    out["awq_warm_s"] = statistics.median(_seconds(aw, device) for _ in range(reps))
+    del views, awq
+    if device.type == "cuda":  # pragma: no cover - CUDA only
+        torch.cuda.empty_cache()
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 def failures(result: dict) -> list[str]:
     """Why the check fails, one line per reason (empty: it passed)."""
@@ -294,6 +368,11 @@ def failures(result: dict) -> list[str]:
         for lin, (kernel, why) in t["kernels"].items():
             if kernel == "torch":
                 out[f"{model}.{lin}: no 4-bit kernel ({why})"] = None
+    for model, q in result.get("requantize", {}).items():
+        if "error" in q:
+            out[f"{model}: re-quantization failed ({q['error']})"] = None
+        elif q["awq_groups_searched"] < 4 * q["layers"]:
+            out[f"{model}: AWQ searched {q['awq_groups_searched']} of {4 * q['layers']} linear groups"] = None
     return list(out)
 
 
@@ -351,6 +430,26 @@ def markdown(result: dict) -> str:
         if t["skipped"]:
             lines.append(f"\nSkipped (time budget): B = {t['skipped']}")
         lines.append("")
+    if result.get("requantize"):
+        lines += [
+            "## Re-quantization after a weight update",
+            "",
+            f"Every layer's `DraftLayer.requantize` (no head), random weights; RTN and AWQ warm: median of "
+            f"{result['requantize_reps']}; AWQ first: the first search, over the whole β grid, after "
+            f"{AWQ_TOKENS} observed activation rows per linear group.",
+            "",
+            "| model | layers | AWQ groups searched | RTN s | AWQ first s | AWQ warm s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for model, q in result["requantize"].items():
+            if "error" in q:
+                lines.append(f"| {model} | failed: {q['error']} | | | | |")
+                continue
+            lines.append(
+                f"| {model} | {q['layers']} | {q['awq_groups_searched']} | {q['rtn_s']:.3f} | "
+                f"{q['awq_first_s']:.3f} | {q['awq_warm_s']:.3f} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -382,9 +481,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel", choices=KERNELS, default=None, help="force a W4 kernel (default: W4Linear's choice)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="time eager calls, not CUDA graphs")
     p.add_argument("--budget-s", type=float, default=200.0, help="stop timing new B values after this long")
+    p.add_argument(
+        "--requantize-reps", type=int, default=None, help="re-quantizations timed per model, 0: none (default 5; dry 1)"
+    )
     args = p.parse_args(argv)
     args.reps = args.reps or (3 if args.dry_run else 30)
     args.warmup = args.warmup or (1 if args.dry_run else 5)
+    if args.requantize_reps is None:
+        args.requantize_reps = 1 if args.dry_run else 5
     if args.dry_run:
         args.graphs = False
     return args
@@ -435,6 +539,14 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         write(args.out, {**result, "failures": failures(result)})
+    result["requantize"], result["requantize_reps"] = {}, args.requantize_reps
+    for name, shape in models.items() if args.requantize_reps else ():
+        try:
+            result["requantize"][name] = time_requantize(shape, device, args.requantize_reps)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: keep the other figures
+            result["requantize"][name] = {"error": f"{type(e).__name__}: {e}"}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     result["failures"] = failures(result)
     result["ok"] = not result["failures"]
     result["imports"] = loaded_modules()

@@ -61,6 +61,10 @@ def test_dry_run_writes_the_reports_with_sglang_absent(tmp_path):
         assert r["draft_step_ms"] == pytest.approx(2 * r["draft_layers_ms"] + r["draft_head_ms"])
         assert math.isfinite(r["r"]) and r["r"] == pytest.approx(r["draft_step_ms"] / r["target_step_ms"])
         assert f"| {r['B']} | {r['target_step_ms']:.3f} |" in md
+    q = res["requantize"]["tiny"]  # the drafter's own re-quantization, every layer, RTN and AWQ
+    assert q["layers"] == 4 and q["awq_groups_searched"] == 16
+    assert all(q[k] > 0 for k in ("rtn_s", "awq_first_s", "awq_warm_s"))
+    assert "## Re-quantization after a weight update" in md and f"| tiny | 4 | 16 | {q['rtn_s']:.3f} |" in md
     assert res["imports"]["sglang"] == []
     assert set(res["imports"]["sglang_er.engine"]) <= {"sglang_er.engine", "sglang_er.engine.kernels"}
 
