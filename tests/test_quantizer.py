@@ -84,7 +84,7 @@ def test_rtn_error_bound_and_dtypes():
 def test_rtn_blocked_rows_equal_one_shot(monkeypatch):
     w = _weight(300, 256, seed=3)
     whole = quantize_rtn(w, 64)
-    monkeypatch.setattr(qmod, "_BLOCK_ELEMS", 256 * 7)  # 7 rows per block, ragged tail
+    monkeypatch.setattr(qmod, "_BLOCK_ELEMS_CPU", 256 * 7)  # 7 rows per block, ragged tail
     blocked = quantize_rtn(w, 64)
     assert torch.equal(whole.q, blocked.q) and torch.equal(whole.scales, blocked.scales)
     assert torch.equal(whole.zeros, blocked.zeros)

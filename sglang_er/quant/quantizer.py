@@ -44,11 +44,18 @@ QMAX = 15
 # AutoAWQ stores output column ``8*c + AWQ_PACK_ORDER[p]`` in nibble ``p`` of int32 ``c``
 # (SGLang undoes it with the reverse order [0, 4, 1, 5, 2, 6, 3, 7]).
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-# Rows are processed in blocks of about this many elements: small enough that the several
-# elementwise passes of a block stay in cache (re-quantizing Qwen2-0.5B after every policy
-# update is memory-bound on a CPU: 3x faster than 64 MB blocks), and the peak memory stays
-# bounded for an lm_head (151936 x 896).
-_BLOCK_ELEMS = 1 << 18
+# Rows are processed in blocks of about this many elements. On a CPU, small enough that the
+# several elementwise passes of a block stay in cache (re-quantizing Qwen2-0.5B after every policy
+# update is memory-bound there: 3x faster than 64 MB blocks). On a GPU each pass of a block is one
+# kernel launch, so cache-sized blocks would cost ~25k launches per 7B update (5 s on an H200):
+# there a block is 64M elements, a few float32 temporaries of 256 MB. Both bound the peak memory
+# for an lm_head (151936 x 896).
+_BLOCK_ELEMS_CPU = 1 << 18
+_BLOCK_ELEMS_GPU = 1 << 26
+
+
+def _block_rows(w: torch.Tensor) -> int:
+    return max(1, (_BLOCK_ELEMS_CPU if w.device.type == "cpu" else _BLOCK_ELEMS_GPU) // w.shape[1])
 
 
 def choose_group_size(in_features: int, preferred: int = 128) -> int:
@@ -133,7 +140,7 @@ def quantize_rtn(w: torch.Tensor, group_size: int, col_scale: torch.Tensor | Non
     n, k = w.shape
     if col_scale is not None:
         col_scale = col_scale.to(w.device, torch.float32)
-    rows = max(1, _BLOCK_ELEMS // k)
+    rows = _block_rows(w)
     if n <= rows:
         q, s, z = _quantize_block(w, group_size, col_scale)
         return QuantizedTensor(q, s, z, group_size)
