@@ -120,6 +120,10 @@ def test_kv_capacity_unchanged_and_state_reported(plain, eff3):
     st = eff3.effrollout_state()
     assert st["mode"] == "fixed" and st["gamma_max"] == 3
     assert 0 < st["drafter_weight_bytes"]
+    # a float32 model has no 4-bit kernel: the drafter runs dequantized weights, and says so at start
+    assert st["w4_kernels"].keys() == {"torch"} and "float32" in st["w4_kernels"]["torch"]
+    log = eff3.log_path.read_text(errors="replace")
+    assert "EFFROLLOUT W4 kernel torch" in log and "speculation will rarely pay" in log
     last = st["timeline"][-1]
     assert last["gamma"] == 3 and last["batch_size"] >= 1 and last["verify_s"] > 0
     assert st["metrics"]["iterations_spec"] > 0

@@ -305,6 +305,16 @@ class Drafter:
             "mean_beta": sum(scaled) / len(scaled) if scaled else 0.0,
         }
 
+    def kernels(self) -> dict[str, str]:
+        """The W4 kernels the drafter's linears run on, each with why it was chosen (first reason)."""
+        lins = [lin for layer in self.layers for lin in layer.linears()]
+        if isinstance(self.head, W4Linear):
+            lins.append(self.head)
+        out: dict[str, str] = {}
+        for lin in lins:
+            out.setdefault(lin.kernel, lin.kernel_reason)
+        return out
+
     def weight_bytes(self) -> int:
         """Bytes the drafter adds to the target's: packed weights, scales, zeros, norm copies."""
         lins = [lin for layer in self.layers for lin in layer.linears()] + ([self.head] if self.head else [])

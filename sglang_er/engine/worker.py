@@ -44,6 +44,7 @@ from sglang_er.history.proposer import HistoryProposer
 from sglang_er.metrics import SpecMetrics, Timeline
 from sglang_er.quant.awq import AWQQuantizer
 from sglang_er.quant.live_stats import LiveStats
+from sglang_er.quant.w4linear import SLOW_KERNELS
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +104,17 @@ class EffRolloutWorker(BaseSpecWorker):
                 tp_size=self.ranks.size,
             )
         self.recorder = IterationRecorder(self.metrics, self.timeline, self.controller, self.device)
+        kernels = self.drafter.kernels()
         logger.info(
-            "EFFROLLOUT drafter ready: %d layers, W4 weights %.1f MB, γ max %d, schedule %s",
+            "EFFROLLOUT drafter ready: %d layers, W4 weights %.1f MB on %s, γ max %d, schedule %s",
             len(self.drafter.layers),
             self.drafter.weight_bytes() / 2**20,
+            ", ".join(kernels),
             self.speculative_num_steps,
             self.config.gamma_schedule or "fixed",
         )
+        for kernel in kernels.keys() & SLOW_KERNELS.keys():
+            logger.warning("EFFROLLOUT W4 kernel %s (%s): %s", kernel, kernels[kernel], SLOW_KERNELS[kernel])
 
     @property
     def draft_worker(self):
@@ -142,6 +147,7 @@ class EffRolloutWorker(BaseSpecWorker):
             "draft_head": self.drafter.head_kind,
             "quantizer": self._quantizer_state(),
             "drafter_weight_bytes": self.drafter.weight_bytes(),
+            "w4_kernels": self.drafter.kernels(),
             "requantizations": self.requantizations,
             "last_requantize_s": self.last_requantize_s,
             "metrics": self.metrics.snapshot(),

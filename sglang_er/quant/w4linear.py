@@ -47,7 +47,16 @@ from sglang_er.quant.quantizer import QuantizedTensor, choose_group_size, pack_a
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["W4Linear", "select_kernel", "marlin_padded_n", "cpu_int4pack_supports"]
+__all__ = ["W4Linear", "select_kernel", "marlin_padded_n", "cpu_int4pack_supports", "SLOW_KERNELS"]
+
+# Kernels that run exactly but make no fast drafter, and what to do about it (logged at start).
+SLOW_KERNELS = {
+    "cuda_int4pack": "torch's int4 CUDA kernel is no faster than bf16 below 7B-sized layers on an H200 "
+    "(eval/results/gpu-check-h200.md), so speculation will rarely pay; install SGLang with its CUDA "
+    "kernels (sgl_kernel) so that AWQ-Marlin is used",
+    "torch": "the drafter runs dequantized weights, as large and slow as the target's, so speculation "
+    "will rarely pay; a bf16 or fp16 model on a CPU or an sm80+ GPU gets a 4-bit kernel",
+}
 
 KERNELS = ("cpu_int4pack", "cuda_int4pack", "marlin", "torch")
 
