@@ -51,7 +51,7 @@ __all__ = ["W4Linear", "select_kernel", "marlin_padded_n", "cpu_int4pack_support
 
 # Kernels that run exactly but make no fast drafter, and what to do about it (logged at start).
 SLOW_KERNELS = {
-    "cuda_int4pack": "torch's int4 CUDA kernel is no faster than bf16 below 7B-sized layers on an H200 "
+    "cuda_int4pack": "torch's int4 CUDA kernel is at most 10 % faster than bf16 below 7B-sized layers on an H200 "
     "(eval/results/gpu-check-h200.md), so speculation will rarely pay; install SGLang with its CUDA "
     "kernels (sgl_kernel) so that AWQ-Marlin is used",
     "torch": "the drafter runs dequantized weights, as large and slow as the target's, so speculation "
