@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from eval.provenance import header, provenance
 from sglang_er.draft.drafter import DraftLayer
-from sglang_er.quant.awq import AWQQuantizer
+from sglang_er.quant.awq import LINEAR_GROUPS, AWQQuantizer
 from sglang_er.quant.w4linear import KERNELS, W4Linear
 
 # bf16 wherever the kernels are: output (~0.2 %), scale and float zero (~0.5 %), and on CUDA the
@@ -316,13 +316,13 @@ def time_requantize(shape: Shape, device: torch.device, reps: int) -> dict:
     views = [_layer_view(shape, gen, device) for _ in range(shape.layers)]
     awq = AWQQuantizer(min_tokens=AWQ_TOKENS)
     for i, v in enumerate(views):
-        for group in ("qkv", "o", "gate_up", "down"):
+        for group in LINEAR_GROUPS:
             k = getattr(v, f"{group}_weight").shape[1]
             for _ in range(AWQ_TOKENS // 128):  # forwards of 128 rows, as traffic feeds it
                 x = torch.randn(128, k, generator=gen, device=device)
                 x[:, :: max(1, k // 13)] *= 10  # a few large input channels, what AWQ protects
                 awq.observe(i, group, x.to(torch.bfloat16))
-    searched = sum(awq.ready(i, g) for i in range(shape.layers) for g in ("qkv", "o", "gate_up", "down"))
+    searched = sum(awq.ready(i, g) for i in range(shape.layers) for g in LINEAR_GROUPS)
 
     def run(layers: list[DraftLayer]) -> Callable[[], None]:
         def requantize_all() -> None:
@@ -371,8 +371,9 @@ def failures(result: dict) -> list[str]:
     for model, q in result.get("requantize", {}).items():
         if "error" in q:
             out[f"{model}: re-quantization failed ({q['error']})"] = None
-        elif q["awq_groups_searched"] < 4 * q["layers"]:
-            out[f"{model}: AWQ searched {q['awq_groups_searched']} of {4 * q['layers']} linear groups"] = None
+        elif q["awq_groups_searched"] < len(LINEAR_GROUPS) * q["layers"]:
+            total = len(LINEAR_GROUPS) * q["layers"]
+            out[f"{model}: AWQ searched {q['awq_groups_searched']} of {total} linear groups"] = None
     return list(out)
 
 

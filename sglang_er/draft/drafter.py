@@ -305,19 +305,21 @@ class Drafter:
             "mean_beta": sum(scaled) / len(scaled) if scaled else 0.0,
         }
 
+    def _linears(self) -> list[W4Linear | W8Linear]:
+        """Every quantized linear the drafter owns: each layer's four, then its own head if any."""
+        return [lin for layer in self.layers for lin in layer.linears()] + ([self.head] if self.head else [])
+
     def kernels(self) -> dict[str, str]:
         """The W4 kernels the drafter's linears run on, each with why it was chosen (first reason)."""
-        lins = [lin for layer in self.layers for lin in layer.linears()]
-        if isinstance(self.head, W4Linear):
-            lins.append(self.head)
         out: dict[str, str] = {}
-        for lin in lins:
-            out.setdefault(lin.kernel, lin.kernel_reason)
+        for lin in self._linears():
+            if isinstance(lin, W4Linear):
+                out.setdefault(lin.kernel, lin.kernel_reason)
         return out
 
     def weight_bytes(self) -> int:
         """Bytes the drafter adds to the target's: packed weights, scales, zeros, norm copies."""
-        lins = [lin for layer in self.layers for lin in layer.linears()] + ([self.head] if self.head else [])
+        lins = self._linears()
         norms = sum(2 * layer.input_norm.numel() * layer.input_norm.element_size() for layer in self.layers)
         return norms + sum(
             b.numel() * b.element_size()

@@ -104,7 +104,7 @@ class EffRolloutWorker(BaseSpecWorker):
                 tp_size=self.ranks.size,
             )
         self.recorder = IterationRecorder(self.metrics, self.timeline, self.controller, self.device)
-        kernels = self.drafter.kernels()
+        self.w4_kernels = kernels = self.drafter.kernels()  # fixed once built: re-quantization keeps them
         logger.info(
             "EFFROLLOUT drafter ready: %d layers, W4 weights %.1f MB on %s, γ max %d, schedule %s",
             len(self.drafter.layers),
@@ -147,7 +147,7 @@ class EffRolloutWorker(BaseSpecWorker):
             "draft_head": self.drafter.head_kind,
             "quantizer": self._quantizer_state(),
             "drafter_weight_bytes": self.drafter.weight_bytes(),
-            "w4_kernels": self.drafter.kernels(),
+            "w4_kernels": self.w4_kernels,
             "requantizations": self.requantizations,
             "last_requantize_s": self.last_requantize_s,
             "metrics": self.metrics.snapshot(),
