@@ -114,23 +114,32 @@ def test_chooser_decision_is_cheap(qwen):
 
 def test_chooser_explores_when_a_low_acceptance_estimate_keeps_it_plain(qwen):
     """A stale low α would keep γ = 0 for good (no speculation, no new measurement): the 4th
-    plain iteration in a batch-size octave where speculation never ran explores, then every
-    explore_every-th plain iteration does, unless clearly compute-bound (there only the
-    once-per-octave measurement); a better measured α then turns speculation back on. An
-    exploration is EXPLORE_RUN speculative iterations in a row (the first one runs cold)."""
-    from sglang_er.gamma import EXPLORE_RUN
+    plain iteration in a batch-size octave where speculation never ran explores, then the
+    explore_every-th plain iteration does, the wait doubling after each exploration that left
+    plain chosen, up to FORCED_EXPLORE_PERIODS periods; never where clearly compute-bound (there
+    only the once-per-octave measurement). A better measured α then turns speculation back on,
+    and the wait is explore_every again. An exploration is EXPLORE_RUN speculative iterations in
+    a row (the first one runs cold)."""
+    from sglang_er.gamma import EXPLORE_RUN, FORCED_EXPLORE_PERIODS
 
-    assert EXPLORE_RUN == 2
+    assert EXPLORE_RUN == 2 and FORCED_EXPLORE_PERIODS == 8
     acc = AcceptanceModel(4, prior_alpha=0.05)  # the estimate after a bad start
     pol = GammaChooser(CostModel(builtin_profile("cpu"), qwen), acc, explore_every=8, explore_floor=0.5)
-    picks = [pol.choose([512]).gamma for _ in range(32)]
+    picks = [pol.choose([512]).gamma for _ in range(200)]
     explored = [i for i, g in enumerate(picks) if g > 0]
-    assert explored == [3, 4, 12, 13, 21, 22, 30, 31], picks
+    # waits of 16, 32, 64 plain iterations, then 64 again (the forced period)
+    assert explored == [3, 4, 20, 21, 53, 54, 118, 119, 183, 184], picks
     big = [pol.choose([512] * 4096).gamma for _ in range(40)]
     assert sum(g > 0 for g in big) == EXPLORE_RUN, big  # compute-bound: only the octave's one measurement
     for _ in range(64):  # the exploratory iterations measured a good drafter
         acc.observe(4, [4])
     assert pol.choose([512]).gamma > 0
+    acc.reset()  # bad again (the prior): plain, explored after explore_every plain iterations
+    picks = [pol.choose([512]).gamma for _ in range(30)]
+    assert [i for i, g in enumerate(picks) if g > 0] == [7, 8, 24, 25], picks  # waits of 8, then 16
+    pol.reset()  # a new drafter: the wait is explore_every again (4 plain iterations already ran)
+    picks = [pol.choose([512]).gamma for _ in range(12)]
+    assert [i for i, g in enumerate(picks) if g > 0] == [3, 4], picks
     assert (
         GammaChooser(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(4, prior_alpha=0.05), explore_every=0)
         .choose([512])
