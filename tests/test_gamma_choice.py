@@ -219,6 +219,25 @@ def _settle(pol: GammaChooser, truth: CostModel, batch: int, alpha: float, itera
     return picks
 
 
+def test_a_gamma_not_measured_in_an_octave_is_priced_at_its_measured_neighbours_level(qwen):
+    """The correction learnt in one octave misprices another (at 16 requests on 2 CPU cores,
+    learnt at 8, every γ was predicted 1.05-1.2x plain and ran 0.8x): once one γ is measured in
+    the octave, the others are priced at its measured/raw ratio, not the model's."""
+    from sglang_er.gamma import BatchStats
+
+    pol = GammaChooser(CostModel(builtin_profile("cpu"), qwen), AcceptanceModel(8, prior_alpha=0.9), explore_every=0)
+    st = BatchStats.uniform(2, 300)
+    before = pol.choose(st)
+    raw: dict[int, float] = {}
+    pol.cost_model.iteration_times(st, list(range(9)), raw)
+    pol.measured.observe(2, 2, 3.0 * raw[2], raw[2], pol._iteration)  # γ = 2 ran 3x its raw price
+    after = pol.choose(st)
+    assert after.predicted_iter_s[3] == pytest.approx(3.0 * raw[3])  # γ = 3 borrows γ = 2's level
+    assert after.predicted_iter_s[3] > 2.0 * before.predicted_iter_s[3]
+    assert after.predicted_iter_s[0] == pytest.approx(before.predicted_iter_s[0])  # plain borrows nothing
+    assert before.gamma > 0 and after.gamma == 0
+
+
 @pytest.mark.parametrize("batch", [4, 8])
 @pytest.mark.parametrize("planted", [False, True])
 def test_measured_costs_settle_on_the_best_gamma_where_the_model_slope_is_wrong(qwen, batch, planted):
@@ -235,7 +254,7 @@ def test_measured_costs_settle_on_the_best_gamma_where_the_model_slope_is_wrong(
     prof, truth = _simulated_machine(qwen)
     pol = GammaChooser(CostModel(prof, qwen), AcceptanceModel(8, prior_alpha=alpha), min_gain=1.05)
     if planted:
-        pol.measured.ratio = lambda *a: None
+        pol.measured.ratio = pol.measured.nearest_ratio = lambda *a: None
     picks = _settle(pol, truth, batch, alpha)
     st = BatchStats.uniform(batch, 600)
 

@@ -28,3 +28,18 @@ def test_an_entry_goes_stale_and_a_fresh_measurement_replaces_it():
     assert m.ratio(4, 0, 31) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="stale_after"):
         MeasuredTimes(stale_after=0)
+
+
+def test_an_unmeasured_gamma_borrows_the_nearest_fresh_speculative_ratio_of_its_octave():
+    m = MeasuredTimes(stale_after=10)
+    assert m.nearest_ratio(16, 3, 0) is None  # nothing measured
+    m.observe(16, 0, 0.3, 0.1, iteration=1)  # plain's ratio is never lent to a γ
+    assert m.nearest_ratio(16, 3, 1) is None
+    m.observe(16, 1, 0.2, 0.1, iteration=2)
+    m.observe(20, 6, 0.5, 0.1, iteration=3)
+    m.observe(8, 3, 0.1, 0.1, iteration=3)  # another octave
+    assert m.nearest_ratio(16, 3, 3) == pytest.approx(2.0)  # γ = 1 is nearer than γ = 6
+    assert m.nearest_ratio(31, 5, 3) == pytest.approx(5.0)
+    assert m.nearest_ratio(16, 0, 3) is None  # plain borrows nothing
+    assert m.nearest_ratio(16, 3, 13) == pytest.approx(5.0)  # γ = 1 went stale, γ = 6 has not
+    assert m.nearest_ratio(16, 3, 14) is None

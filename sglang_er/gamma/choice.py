@@ -135,6 +135,8 @@ class GammaChooser:
         secs = cm.iteration_times(st, cands, raw)
         for g in cands:  # measured lately in this octave: the measurement, scaled to this batch
             r = self.measured.ratio(st.batch, g, self._iteration)
+            if r is None:  # a speculative γ not measured here lately: its nearest measured one's level
+                r = self.measured.nearest_ratio(st.batch, g, self._iteration)
             if r is not None:
                 secs[g] = r * raw[g]
         toks = {g: exp[g] for g in cands}
