@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_er.gamma.measured import MEASURED_EMA, MeasuredTimes
+from sglang_er.gamma.measured import MEASURED_EMA, MeasuredTimes, nearest_ratio
 
 
 def test_an_entry_is_the_smoothed_ratio_of_measured_to_raw_seconds_in_its_octave():
@@ -30,16 +30,8 @@ def test_an_entry_goes_stale_and_a_fresh_measurement_replaces_it():
         MeasuredTimes(stale_after=0)
 
 
-def test_an_unmeasured_gamma_borrows_the_nearest_fresh_speculative_ratio_of_its_octave():
-    m = MeasuredTimes(stale_after=10)
-    assert m.nearest_ratio(16, 3, 0) is None  # nothing measured
-    m.observe(16, 0, 0.3, 0.1, iteration=1)  # plain's ratio is never lent to a γ
-    assert m.nearest_ratio(16, 3, 1) is None
-    m.observe(16, 1, 0.2, 0.1, iteration=2)
-    m.observe(20, 6, 0.5, 0.1, iteration=3)
-    m.observe(8, 3, 0.1, 0.1, iteration=3)  # another octave
-    assert m.nearest_ratio(16, 3, 3) == pytest.approx(2.0)  # γ = 1 is nearer than γ = 6
-    assert m.nearest_ratio(31, 5, 3) == pytest.approx(5.0)
-    assert m.nearest_ratio(16, 0, 3) is None  # plain borrows nothing
-    assert m.nearest_ratio(16, 3, 13) == pytest.approx(5.0)  # γ = 1 went stale, γ = 6 has not
-    assert m.nearest_ratio(16, 3, 14) is None
+def test_an_unmeasured_gamma_borrows_the_nearest_measured_ratio():
+    assert nearest_ratio({}, 3) is None  # nothing measured in the octave
+    assert nearest_ratio({1: 2.0, 6: 5.0}, 3) == pytest.approx(2.0)  # γ = 1 is nearer than γ = 6
+    assert nearest_ratio({1: 2.0, 6: 5.0}, 5) == pytest.approx(5.0)
+    assert nearest_ratio({2: 2.0, 4: 4.0}, 3) == pytest.approx(2.0)  # a tie: the smaller γ

@@ -18,7 +18,7 @@ from typing import Any
 from sglang_er.gamma.acceptance import AcceptanceModel
 from sglang_er.gamma.batch import BatchStats, SeqLens, batch_stats
 from sglang_er.gamma.cost_model import CostModel
-from sglang_er.gamma.measured import MeasuredTimes
+from sglang_er.gamma.measured import MeasuredTimes, nearest_ratio
 
 __all__ = ["EXPLORE_RUN", "FORCED_EXPLORE_PERIODS", "RETIME_ITERATIONS", "Decision", "GammaChooser"]
 
@@ -133,10 +133,12 @@ class GammaChooser:
         cands = [0, *self.ladder]
         raw: dict[int, float] = {}
         secs = cm.iteration_times(st, cands, raw)
-        for g in cands:  # measured lately in this octave: the measurement, scaled to this batch
-            r = self.measured.ratio(st.batch, g, self._iteration)
-            if r is None:  # a speculative γ not measured here lately: its nearest measured one's level
-                r = self.measured.nearest_ratio(st.batch, g, self._iteration)
+        # measured lately in this octave: the measurement, scaled to this batch; a speculative γ
+        # not measured here lately: the level of its nearest measured one (see MeasuredTimes)
+        ratios = {g: self.measured.ratio(st.batch, g, self._iteration) for g in cands}
+        spec = {g: r for g, r in ratios.items() if g and r is not None}
+        for g in cands:
+            r = ratios[g] if ratios[g] is not None or not g else nearest_ratio(spec, g)
             if r is not None:
                 secs[g] = r * raw[g]
         toks = {g: exp[g] for g in cands}

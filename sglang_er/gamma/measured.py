@@ -19,7 +19,7 @@ entries it compares are fresh.
 
 from __future__ import annotations
 
-__all__ = ["MEASURED_EMA", "MeasuredTimes"]
+__all__ = ["MEASURED_EMA", "MeasuredTimes", "nearest_ratio"]
 
 # Weight of a new measurement in an entry: a few iterations settle it, one outlier (a GC pause)
 # moves it by less than a third.
@@ -61,17 +61,17 @@ class MeasuredTimes:
         key = (self.octave(batch), int(gamma))
         return self._ratio[key] if self.fresh_at(key, iteration) else None
 
-    def nearest_ratio(self, batch: int, gamma: int, iteration: int) -> float | None:
-        """For a γ ≥ 1 not measured lately: the fresh ratio of the nearest speculative γ measured in
-        ``batch``'s octave (ties: the smaller), else None. The profile's slope over γ errs by less
-        than its level does between octaves: at 16 requests on 2 CPU cores, with the correction
-        learnt at 8, unmeasured γ = 1-8 were each predicted 1.05-1.2x plain and each ran 0.8x."""
-        octave = self.octave(batch)
-        fresh = [g for (o, g) in self._ratio if o == octave and g > 0 and self.fresh_at((o, g), iteration)]
-        if gamma < 1 or not fresh:
-            return None
-        return self._ratio[(octave, min(fresh, key=lambda g: (abs(g - gamma), g)))]
-
     def last_measured(self, batch: int, gamma: int) -> int | None:
         """The iteration ``gamma`` was last measured in ``batch``'s octave (None: never)."""
         return self._when.get((self.octave(batch), int(gamma)))
+
+
+def nearest_ratio(ratios: dict[int, float], gamma: int) -> float | None:
+    """For a γ not measured lately in an octave: the ratio of the nearest γ that was (ties: the
+    smaller), from ``ratios`` {γ: fresh ratio} of that octave's speculative γs; None if none was.
+    The profile's slope over γ errs by less than its level does between octaves: at 16 requests
+    on 2 CPU cores, with the correction learnt at 8, unmeasured γ = 1-8 were each predicted
+    1.05-1.2x plain and each ran 0.8x."""
+    if not ratios:
+        return None
+    return ratios[min(ratios, key=lambda g: (abs(g - gamma), g))]
