@@ -29,10 +29,11 @@ RETIME_ITERATIONS = 2048
 # plain iterations (256 by default: at most 0.4% of iterations at a predicted loss), so an
 # estimate that a bad measurement pushed below the exploration floor is measured again.
 FORCED_EXPLORE_PERIODS = 8
-# An exploration of speculation, or of a neighbouring γ, runs this many iterations in a row: the
-# first speculative iteration after plain ones finds the drafter's weights out of cache and is not
-# timed (see Controller.observe; cold draft steps ran 1.5-2.5x warm ones on gsm8k-lm), nor is any
-# iteration that changes γ (see GammaChooser.observe_forwards), so a single one would teach nothing.
+# An exploration (of speculation, of plain, of a neighbouring γ) runs this many iterations in a row:
+# an iteration that changes γ is not timed (see GammaChooser.observe_forwards; a plain step right
+# after speculative ones took 125 ms against 105-113 ms among plain ones, Qwen2.5-0.5B at B = 8 on
+# 2 CPU cores), nor are the cold draft steps after plain ones (see Controller.observe; 1.5-2.5x warm
+# ones on gsm8k-lm), so a single one would teach nothing.
 EXPLORE_RUN = 2
 
 
@@ -106,7 +107,7 @@ class GammaChooser:
         self.last_gamma: int | None = None
         self._plain_streak = self._spec_streak = 0
         self._iteration = 0
-        self._explore_run, self._explore_gamma = 0, 0  # iterations left of a speculative exploration
+        self._explore_run, self._explore_gamma = 0, 0  # iterations left of an exploration, and its γ
         # batch-size octave -> how many explore_every periods of plain iterations the next speculative
         # exploration there waits (doubled each time one ends with plain still chosen; see _explore)
         self._backoff: dict[int, int] = {}
@@ -192,9 +193,13 @@ class GammaChooser:
         start, the RTN drafter before AWQ, an old policy) would keep speculation off. While
         speculating, the plain step is not timed: a profile that overestimates it (its fixed
         overhead was measured on a deeper model) would keep speculation on. So every
-        ``explore_every``-th consecutive iteration of one kind runs the other once -- the best
-        γ, or plain -- where that is predicted within ``explore_floor`` of the choice (never in a
-        clearly one-sided regime). Besides, plain runs once after 4 speculative iterations in
+        ``explore_every``-th consecutive iteration of one kind runs the other -- the best γ, or
+        plain, for EXPLORE_RUN iterations, the first of which is not timed -- where that is
+        predicted within ``explore_floor`` of the choice (never in a clearly one-sided regime).
+        Timed, plain's step teaches the correction and its measured cost replaces the model's,
+        as speculation's does; learnt from single plain steps between speculative ones alone,
+        each carrying the toll of a change of γ, the correction priced plain too high and could
+        keep speculation on where it lost. Besides, plain runs once after 4 speculative iterations in
         every batch-size octave where it has not been timed for ``RETIME_ITERATIONS``:
         as a rollout's batch shrinks, that gives the correction plain times across batch sizes
         (a handful of iterations per rollout). Likewise the best γ runs once after 4 plain
@@ -217,14 +222,14 @@ class GammaChooser:
         tps = d.predicted_tokens_per_s
         if self._explore_run:
             self._explore_run -= 1
-            if not d.gamma and self._explore_gamma in tps:  # the exploration's timed iteration(s)
-                self._spec_streak += 1
-                g = self._explore_gamma
+            g = self._explore_gamma
+            if bool(d.gamma) != bool(g) and g in tps:  # the exploration's timed iteration(s)
+                if g:
+                    self._spec_streak += 1
                 return Decision(
                     g,
                     tps,
-                    f"explore γ={g}, continued (the first speculative iteration "
-                    f"after plain runs cold and is not timed)",
+                    f"explore {f'γ={g}' if g else 'plain'}, continued (its first iteration changed γ and is not timed)",
                     d.predicted_iter_s,
                     d.expected_tokens,
                 )
@@ -246,6 +251,7 @@ class GammaChooser:
                 self._spec_streak >= self.explore_every and tps[0] >= self.explore_floor * tps[d.gamma]
             ):
                 self._spec_streak = 0
+                self._explore_run, self._explore_gamma = EXPLORE_RUN - 1, 0
                 return Decision(
                     0,
                     tps,
