@@ -28,8 +28,9 @@ have no SGLang flag are environment variables, read in every SGLang process alik
   model is off by 7–10% per phase on a CPU, and a wrong "on" costs more than a missed 1.0x–1.05x);
   ``SGLANG_ER_HYSTERESIS``: relative gain a new γ needs over the previous one (0.02);
   ``SGLANG_ER_EXPLORE_EVERY``: iterations of one kind (plain, or speculating) after which auto
-  runs the other for two iterations, the second timed, to re-measure it (32; doubled, up to 8x, after each exploration of
-  speculation that left plain chosen; ``0``: never, every decision the cost model's).
+  runs the other for two iterations, the second timed, to re-measure it (32; doubled, up to 8x,
+  after each exploration of speculation that left plain chosen; ``0``: never, every decision the
+  cost model's).
 - ``SGLANG_ER_TIMELINE``: iterations kept in the timeline ``/get_server_info`` returns (2048).
 """
 
