@@ -199,7 +199,7 @@ class GammaChooser:
         Timed, plain's step teaches the correction and its measured cost replaces the model's,
         as speculation's does; learnt from single plain steps between speculative ones alone,
         each carrying the toll of a change of γ, the correction priced plain too high and could
-        keep speculation on where it lost. Besides, plain runs once after 4 speculative iterations in
+        keep speculation on where it lost. Besides, plain runs after 4 speculative iterations in
         every batch-size octave where it has not been timed for ``RETIME_ITERATIONS``:
         as a rollout's batch shrinks, that gives the correction plain times across batch sizes
         (a handful of iterations per rollout). Likewise the best γ runs once after 4 plain
